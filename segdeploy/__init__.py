@@ -1,0 +1,3 @@
+"""segdeploy: from a segmentation recipe to a fast, verified deployment."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Datasets: layouts, mask decoding, splits, synthetic data and inspection."""

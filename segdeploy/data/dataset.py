@@ -1,0 +1,246 @@
+"""Dataset discovery (folders, list files, seeded ratios) and the torch Dataset."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from segdeploy.data.io import decode_mask, read_image, read_mask_raw
+from segdeploy.errors import DataError
+from segdeploy.recipe import AugmentConfig, ClassesConfig, DataConfig
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    image: Path
+    mask: Path
+
+
+def data_root(cfg: DataConfig, source: str = "the recipe") -> Path:
+    if cfg.root is None:
+        raise DataError(f"data.root is not set in {source}; pass --data DIR")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data directory {root} not found; pass --data DIR (make one with `segdeploy data synth DIR`)")
+    return root
+
+
+def _keys_in(directory: Path, suffix: str) -> dict[str, Path]:
+    if not directory.is_dir():
+        return {}
+    return {
+        p.name[: -len(suffix)]: p
+        for p in sorted(directory.iterdir())
+        if p.name.endswith(suffix) and p.is_file() and len(p.name) > len(suffix)
+    }
+
+
+def _pairs(root: Path, cfg: DataConfig, split_dir: str) -> tuple[list[Sample], list[Path]]:
+    """Paired samples, and image files whose mask is missing."""
+    image_dir = root / cfg.image_dir.format(split=split_dir)
+    mask_dir = root / cfg.mask_dir.format(split=split_dir)
+    images = _keys_in(image_dir, cfg.image_suffix)
+    samples, unpaired = [], []
+    for key, img in images.items():
+        mask = mask_dir / f"{key}{cfg.mask_suffix}"
+        if mask.is_file():
+            samples.append(Sample(key, img, mask))
+        else:
+            unpaired.append(img)
+    return samples, unpaired
+
+
+def discover(cfg: DataConfig, split: str, *, strict: bool = True) -> list[Sample]:
+    """Samples of one split. With `strict`, an image without a mask is an error."""
+    root = data_root(cfg)
+    mode = cfg.split.mode
+    if mode == "folders":
+        samples, unpaired = _pairs(root, cfg, split)
+        where = root / cfg.image_dir.format(split=split)
+    else:
+        samples, unpaired = _pairs(root, cfg, "")
+        where = root / cfg.image_dir.format(split="")
+        if mode == "lists":
+            if split not in cfg.split.lists:
+                raise DataError(f"no list file for split {split!r} in data.split.lists; add one")
+            keys = read_list(root / cfg.split.lists[split])
+            by_key = {s.key: s for s in samples}
+            missing = [k for k in keys if k not in by_key]
+            if missing:
+                raise DataError(
+                    f"{root / cfg.split.lists[split]} names {len(missing)} ids without an image+mask pair "
+                    f"(first: {missing[0]!r} expected {where / (missing[0] + cfg.image_suffix)})"
+                )
+            samples = [by_key[k] for k in keys]
+            unpaired = [p for p in unpaired if p.name[: -len(cfg.image_suffix)] in set(keys)]
+        else:
+            samples = ratio_split(samples, cfg.split.ratios, cfg.split.seed).get(split, [])
+    if strict and unpaired:
+        raise DataError(
+            f"image {unpaired[0]} has no mask {root / cfg.mask_dir.format(split=split if mode == 'folders' else '')}"
+            f"/{unpaired[0].name[: -len(cfg.image_suffix)]}{cfg.mask_suffix} ({len(unpaired)} unpaired); "
+            "add the masks or remove the images"
+        )
+    if not samples:
+        raise DataError(
+            f"split {split!r} is empty: no '*{cfg.image_suffix}' images with masks under {where}; "
+            "check data.root, data.image_dir and data.image_suffix"
+        )
+    return samples
+
+
+def read_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"split list {path} not found; fix data.split.lists")
+    keys = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [k.split()[0] for k in keys]
+
+
+def ratio_split(samples: list[Sample], ratios: dict[str, float], seed: int) -> dict[str, list[Sample]]:
+    """Seeded shuffle of keys, then contiguous slices; the same seed gives the same split."""
+    ordered = sorted(samples, key=lambda s: s.key)
+    random.Random(seed).shuffle(ordered)
+    out: dict[str, list[Sample]] = {}
+    start = 0
+    names = list(ratios)
+    for i, name in enumerate(names):
+        end = len(ordered) if i == len(names) - 1 else start + round(ratios[name] * len(ordered))
+        out[name] = ordered[start:end]
+        start = end
+    return out
+
+
+class RandomRot90(v2.Transform):
+    """Rotate image and mask together by the same random multiple of 90°."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        return {"k": int(torch.randint(4, ()))}
+
+    def transform(self, inpt, params):  # type: ignore[override]
+        if isinstance(inpt, tv_tensors.TVTensor):
+            return tv_tensors.wrap(torch.rot90(inpt, params["k"], dims=(-2, -1)), like=inpt)
+        return inpt
+
+
+def build_augment(aug: AugmentConfig, tile: int, ignore_index: int, bands: int) -> v2.Compose:
+    ops: list[v2.Transform] = []
+    if aug.crop:
+        ops.append(v2.RandomCrop(tile, pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index}))
+    if aug.hflip:
+        ops.append(v2.RandomHorizontalFlip(aug.hflip))
+    if aug.vflip:
+        ops.append(v2.RandomVerticalFlip(aug.vflip))
+    if aug.rot90:
+        ops.append(RandomRot90())
+    if (aug.brightness or aug.contrast) and bands in (1, 3):
+        ops.append(v2.ColorJitter(brightness=aug.brightness or None, contrast=aug.contrast or None))
+    return v2.Compose(ops)
+
+
+class SegmentationDataset(Dataset):
+    """Yields (float32 B×H×W normalised image, int64 H×W mask) pairs."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        data: DataConfig,
+        classes: ClassesConfig,
+        mean: list[float],
+        std: list[float],
+        augment: AugmentConfig | None = None,
+    ) -> None:
+        self.samples = samples
+        self.data = data
+        self.classes = classes
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.transform = (
+            build_augment(augment, data.tile_size, classes.ignore_index, data.bands) if augment else None
+        )
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw image (H×W×B, file dtype) and decoded mask (H×W int64)."""
+        if i in self._cache:
+            return self._cache[i]
+        s = self.samples[i]
+        image = read_image(s.image, self.data.bands)
+        mask = decode_mask(
+            read_mask_raw(s.mask),
+            s.mask,
+            self.data.mask_encoding,
+            self.classes.num_classes,
+            self.classes.ignore_index,
+            self.classes.palette,
+        )
+        if image.shape[:2] != mask.shape[:2]:
+            raise DataError(
+                f"image {s.image} is {image.shape[1]}×{image.shape[0]} but mask {s.mask} is "
+                f"{mask.shape[1]}×{mask.shape[0]}; they must match"
+            )
+        mask = mask.astype(np.uint8 if mask.max() < 256 else np.int64)
+        if self.data.cache:
+            self._cache[i] = (image, mask)
+        return image, mask
+
+    def to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32))
+        return x / self.data.max_pixel_value
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.load(i)
+        x = self.to_tensor(image)
+        y = torch.from_numpy(mask.astype(np.int64))
+        if self.transform is not None:
+            xi, ym = self.transform(tv_tensors.Image(x), tv_tensors.Mask(y))
+            x, y = xi.as_subclass(torch.Tensor), ym.as_subclass(torch.Tensor)
+        return self.normalize(x), y
+
+
+def band_stats(dataset: SegmentationDataset, limit: int = 256) -> tuple[list[float], list[float]]:
+    """Per-band mean/std (in [0, 1] units after max_pixel_value) over up to `limit` images."""
+    total = torch.zeros(dataset.data.bands, dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    count = 0
+    for i in range(min(len(dataset), limit)):
+        x = dataset.to_tensor(dataset.load(i)[0]).double()
+        total += x.sum((1, 2))
+        total_sq += (x * x).sum((1, 2))
+        count += x.shape[1] * x.shape[2]
+    mean = total / count
+    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
+    return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-6), 6) for v in std]
+
+
+def class_pixel_counts(dataset: SegmentationDataset) -> np.ndarray:
+    counts = np.zeros(dataset.classes.num_classes, dtype=np.int64)
+    for i in range(len(dataset)):
+        mask = dataset.load(i)[1]
+        counts += np.bincount(mask[mask < dataset.classes.num_classes].ravel(), minlength=len(counts))[: len(counts)]
+    return counts
+
+
+def suggested_class_weights(counts: np.ndarray) -> list[float]:
+    """Median-frequency balancing: w_c = median(freq) / freq_c, absent classes get 0."""
+    freq = counts / max(counts.sum(), 1)
+    present = freq > 0
+    if not present.any():
+        return [1.0] * len(counts)
+    med = float(np.median(freq[present]))
+    return [round(med / f, 4) if f > 0 else 0.0 for f in freq]

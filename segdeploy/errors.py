@@ -1,0 +1,44 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad file, a typo in a recipe, a missing dependency) is raised as
+a :class:`UserError`; the CLI prints its message as one line and exits non-zero, with the
+traceback only under ``--debug``. Everything else is a bug and is reported as such.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error caused by input the user controls; the message says what to fix."""
+
+    exit_code = 2
+
+
+class RecipeError(UserError):
+    """A recipe key is unknown, mistyped or out of range."""
+
+
+class DataError(UserError):
+    """A dataset file is missing, unreadable, or inconsistent with the recipe."""
+
+
+class ModelError(UserError):
+    """An architecture/encoder name is unknown or weights cannot be loaded."""
+
+
+class ArtifactError(UserError):
+    """A run directory, ONNX file or engine is missing, unfinished, corrupt or incompatible."""
+
+
+class ParityError(UserError):
+    """An exported model failed the accuracy gate; carries the report."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class BackendUnavailable(UserError):
+    """A runtime (TensorRT, CUDA, an onnxruntime provider) is not installed here."""

@@ -1,0 +1,165 @@
+"""Streaming confusion matrix and the segmentation metrics derived from it.
+
+Everything is computed from one C×C integer matrix (rows: truth, columns: prediction), so
+metrics over a whole split never hold more than that in memory, and coarser levels of a class
+hierarchy are the same matrix with rows and columns summed by ancestor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+class ConfusionMatrix:
+    def __init__(self, num_classes: int, ignore_index: int | None = 255) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        """Add a batch of predicted and true class-index maps of equal shape."""
+        pred_t = torch.as_tensor(pred).reshape(-1).long()
+        target_t = torch.as_tensor(target).reshape(-1).long().to(pred_t.device)
+        if pred_t.shape != target_t.shape:
+            raise ValueError(f"prediction has {pred_t.numel()} pixels, target {target_t.numel()}")
+        keep = (target_t >= 0) & (target_t < self.num_classes)
+        if self.ignore_index is not None:
+            keep &= target_t != self.ignore_index
+        idx = target_t[keep] * self.num_classes + pred_t[keep].clamp_(0, self.num_classes - 1)
+        counts = torch.bincount(idx, minlength=self.num_classes**2)
+        self.matrix += counts.cpu().numpy().reshape(self.num_classes, self.num_classes)
+
+    def merge(self, other: ConfusionMatrix) -> None:
+        self.matrix += other.matrix
+
+    def compute(self, names: list[str] | None = None, exclude_background: bool = False) -> SegMetrics:
+        return metrics_from_matrix(self.matrix, names, exclude_background)
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, a / np.maximum(b, 1), np.nan)
+
+
+@dataclass
+class SegMetrics:
+    """Per-class arrays hold NaN for a class absent from both truth and prediction."""
+
+    names: list[str]
+    iou: np.ndarray
+    dice: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    support: np.ndarray
+    pixel_accuracy: float
+    miou: float
+    mdice: float
+    matrix: np.ndarray
+    levels: dict[str, float] = field(default_factory=dict)
+
+    def per_class(self) -> list[dict[str, float | str | int]]:
+        def f(x: float) -> float | None:
+            return None if np.isnan(x) else round(float(x), 6)
+
+        return [
+            {
+                "class": n,
+                "iou": f(self.iou[i]),
+                "dice": f(self.dice[i]),
+                "precision": f(self.precision[i]),
+                "recall": f(self.recall[i]),
+                "f1": f(self.dice[i]),
+                "support": int(self.support[i]),
+            }
+            for i, n in enumerate(self.names)
+        ]
+
+    def to_dict(self) -> dict:
+        return {
+            "miou": round(self.miou, 6),
+            "mdice": round(self.mdice, 6),
+            "pixel_accuracy": round(self.pixel_accuracy, 6),
+            "per_class": self.per_class(),
+            "levels": {k: round(v, 6) for k, v in self.levels.items()},
+            "confusion_matrix": self.matrix.tolist(),
+        }
+
+
+def metrics_from_matrix(
+    matrix: np.ndarray, names: list[str] | None = None, exclude_background: bool = False
+) -> SegMetrics:
+    m = matrix.astype(np.float64)
+    tp = np.diag(m)
+    fp = m.sum(0) - tp
+    fn = m.sum(1) - tp
+    iou = _safe_div(tp, tp + fp + fn)
+    dice = _safe_div(2 * tp, 2 * tp + fp + fn)  # = F1
+    precision = _safe_div(tp, tp + fp)
+    recall = _safe_div(tp, tp + fn)
+    counted = slice(1, None) if exclude_background else slice(None)
+    total = m.sum()
+    nan_mean = lambda a: float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")  # noqa: E731
+    return SegMetrics(
+        names=names or [str(i) for i in range(len(m))],
+        iou=iou,
+        dice=dice,
+        precision=precision,
+        recall=recall,
+        support=m.sum(1).astype(np.int64),
+        pixel_accuracy=float(tp.sum() / total) if total else float("nan"),
+        miou=nan_mean(iou[counted]),
+        mdice=nan_mean(dice[counted]),
+        matrix=matrix.copy(),
+    )
+
+
+def hierarchy_levels(names: list[str], tree: dict[str, list[str]]) -> list[list[str]]:
+    """For each depth d≥1 (root's children first), the group name of every leaf class.
+
+    A leaf shallower than d keeps its own name. ``background → body → upper/lower → parts``
+    gives levels [[background, body, …], [background, upper_body, lower_body, …], [leaves]].
+    """
+    parent: dict[str, str] = {}
+    for p, children in tree.items():
+        for c in children:
+            if c in parent:
+                raise ValueError(f"classes.hierarchy: {c!r} has two parents")
+            parent[c] = p
+    for leaf in names:
+        if leaf in tree:
+            raise ValueError(f"classes.hierarchy: class {leaf!r} is a leaf and cannot have children")
+    known = set(names) | set(tree)
+    for c in parent:
+        if c not in known:
+            raise ValueError(f"classes.hierarchy: {c!r} is neither a class name nor a group")
+
+    def ancestry(leaf: str) -> list[str]:
+        chain = [leaf]
+        while chain[-1] in parent:
+            chain.append(parent[chain[-1]])
+            if len(chain) > len(known) + 1:
+                raise ValueError("classes.hierarchy has a cycle")
+        return chain[::-1]  # root-most first
+
+    chains = [ancestry(n) for n in names]
+    depth = max(len(c) for c in chains)
+    return [[c[min(d, len(c) - 1)] for c in chains] for d in range(depth)]
+
+
+def level_mious(
+    matrix: np.ndarray, names: list[str], tree: dict[str, list[str]], exclude_background: bool = False
+) -> dict[str, float]:
+    """mIoU at each depth of the hierarchy, from the leaf confusion matrix."""
+    out: dict[str, float] = {}
+    for d, groups in enumerate(hierarchy_levels(names, tree)):
+        labels = list(dict.fromkeys(groups))
+        onehot = np.zeros((len(names), len(labels)), dtype=np.int64)
+        for i, g in enumerate(groups):
+            onehot[i, labels.index(g)] = 1
+        merged = onehot.T @ matrix @ onehot
+        mets = metrics_from_matrix(merged, labels, exclude_background)
+        out[f"level{d} ({len(labels)} classes)"] = mets.miou
+    return out

@@ -1,0 +1,316 @@
+"""Model catalogue: every segmentation-models-pytorch architecture (with any smp encoder or any
+timm encoder as ``tu-<name>``), SegNet with pooling indices, a strided-conv U-Net, and a ViT
+segmenter on a timm backbone.
+
+Every builder takes (ModelConfig, in_channels, num_classes) and returns an nn.Module mapping a
+float32 N×B×H×W batch to N×C×H×W logits; H and W must be multiples of ``input_divisor(model)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segdeploy.errors import ModelError
+from segdeploy.recipe import ModelConfig
+from segdeploy.registry import Registry, did_you_mean
+
+Builder = Callable[[ModelConfig, int, int], nn.Module]
+ARCHITECTURES: Registry[Builder] = Registry("architecture")
+
+
+# ----------------------------------------------------------------------------- smp architectures
+
+
+def _smp_builder(arch: str) -> Builder:
+    def build(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+        import segmentation_models_pytorch as smp
+
+        check_encoder_name(cfg.encoder)
+        weights = "imagenet" if cfg.weights == "imagenet" else None
+        try:
+            model = smp.create_model(
+                arch, encoder_name=cfg.encoder, encoder_weights=weights, in_channels=in_channels,
+                classes=num_classes, **cfg.kwargs,
+            )
+        except TypeError as exc:
+            raise ModelError(f"model.kwargs do not fit {arch}: {exc}") from None
+        except (OSError, ConnectionError) as exc:
+            raise _offline_error(cfg.encoder, exc) from None
+        except Exception as exc:
+            if _looks_like_download_failure(exc):
+                raise _offline_error(cfg.encoder, exc) from None
+            raise
+        return model
+
+    return build
+
+
+def _register_smp() -> None:
+    import segmentation_models_pytorch as smp
+
+    for arch in smp.MODEL_ARCHITECTURES_MAPPING:
+        ARCHITECTURES.add(arch, _smp_builder(arch))
+
+
+def check_encoder_name(name: str) -> None:
+    if name.startswith("tu-"):
+        import timm
+
+        base = name[3:]
+        if not timm.is_model(base):
+            raise ModelError(
+                f"unknown timm encoder {base!r} in model.encoder{did_you_mean(base, timm.list_models())}"
+            )
+        return
+    import segmentation_models_pytorch as smp
+
+    names = smp.encoders.get_encoder_names()
+    if name not in names:
+        raise ModelError(
+            f"unknown encoder {name!r} in model.encoder{did_you_mean(name, names)}; "
+            "any timm model works as 'tu-<name>'"
+        )
+
+
+def _looks_like_download_failure(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(w in text for w in ("connect", "offline", "resolve", "urlopen", "hub", "network", "timed out",
+                                   "localentrynotfound", "cannot find the requested files"))
+
+
+def _offline_error(encoder: str, exc: BaseException) -> ModelError:
+    return ModelError(
+        f"could not download imagenet weights for encoder {encoder!r} ({type(exc).__name__}); "
+        "offline? download them once elsewhere and set model.weights: /path/to/encoder.safetensors (or .pth)"
+    )
+
+
+# ----------------------------------------------------------------------------- custom architectures
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SegNet(nn.Module):
+    """SegNet (Badrinarayanan et al.): the decoder upsamples with the encoder's max-pool indices."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (64, 128, 256, 512, 512),
+                 convs: int = 2) -> None:
+        super().__init__()
+        self.enc = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        cin = in_channels
+        for w in widths:
+            self.enc.append(nn.Sequential(*[_conv_bn_relu(cin if i == 0 else w, w) for i in range(convs)]))
+            cin = w
+        outs = list(widths[-2::-1]) + [widths[0]]
+        for w, wo in zip(widths[::-1], outs, strict=True):
+            self.dec.append(nn.Sequential(*[_conv_bn_relu(w, w if i < convs - 1 else wo) for i in range(convs)]))
+        self.pool = nn.MaxPool2d(2, 2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2, 2)
+        self.head = nn.Conv2d(widths[0], num_classes, 3, padding=1)
+        self.input_divisor = 2 ** len(widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        indices = []
+        for block in self.enc:
+            x, idx = self.pool(block(x))
+            indices.append(idx)
+        for block, idx in zip(self.dec, reversed(indices), strict=True):
+            x = block(self.unpool(x, idx))
+        return self.head(x)
+
+
+class StridedUNet(nn.Module):
+    """U-Net whose encoder downsamples with stride-2 convolutions and whose decoder upsamples
+    with transposed convolutions (no pooling, no interpolation)."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 128, 256, 512)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(_conv_bn_relu(in_channels, widths[0]), _conv_bn_relu(widths[0], widths[0]))
+        self.down = nn.ModuleList(
+            nn.Sequential(_conv_bn_relu(a, b, stride=2), _conv_bn_relu(b, b)) for a, b in zip(widths, widths[1:])
+        )
+        self.up = nn.ModuleList(nn.ConvTranspose2d(b, a, 2, stride=2) for a, b in zip(widths, widths[1:]))
+        self.fuse = nn.ModuleList(
+            nn.Sequential(_conv_bn_relu(2 * a, a), _conv_bn_relu(a, a)) for a in widths[:-1]
+        )
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+        self.input_divisor = 2 ** (len(widths) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.stem(x)]
+        for d in self.down:
+            skips.append(d(skips[-1]))
+        x = skips.pop()
+        for up, fuse in zip(reversed(self.up), reversed(self.fuse), strict=True):
+            x = fuse(torch.cat([up(x), skips.pop()], 1))
+        return self.head(x)
+
+
+class ViTSegmenter(nn.Module):
+    """Segmenter-style linear decoder on a timm ViT: patch tokens -> class logits -> upsample.
+
+    The positional embedding is learnt for one input size (``img_size``), so exported models of
+    this kind are static at that size.
+    """
+
+    def __init__(self, backbone: str, in_channels: int, num_classes: int, img_size: int, pretrained: bool) -> None:
+        super().__init__()
+        import timm
+
+        self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, in_chans=in_channels,
+                                          img_size=img_size)
+        self.patch = self.backbone.patch_embed.patch_size[0]
+        self.prefix = getattr(self.backbone, "num_prefix_tokens", 1)
+        dim = self.backbone.num_features
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.input_divisor = self.patch
+        self.static_size = img_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        tokens = self.backbone.forward_features(x)[:, self.prefix :]
+        logits = self.head(self.norm(tokens))  # N × (h/p·w/p) × C
+        gh, gw = h // self.patch, w // self.patch
+        logits = logits.transpose(1, 2).reshape(n, -1, gh, gw)
+        return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+
+
+@ARCHITECTURES.register("segnet")
+def _segnet(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    kw = dict(cfg.kwargs)
+    if "widths" in kw:
+        kw["widths"] = tuple(kw["widths"])
+    return SegNet(in_channels, num_classes, **kw)
+
+
+@ARCHITECTURES.register("unet_strided")
+def _unet_strided(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    kw = dict(cfg.kwargs)
+    if "widths" in kw:
+        kw["widths"] = tuple(kw["widths"])
+    return StridedUNet(in_channels, num_classes, **kw)
+
+
+@ARCHITECTURES.register("vit_segmenter")
+def _vit(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    import timm
+
+    name = cfg.encoder.removeprefix("tu-")
+    if not timm.is_model(name):
+        raise ModelError(f"unknown timm ViT {name!r} in model.encoder{did_you_mean(name, timm.list_models('*vit*'))}")
+    kw = dict(cfg.kwargs)
+    img_size = int(kw.pop("img_size", 224))
+    if kw:
+        raise ModelError(f"model.kwargs {sorted(kw)} are not used by vit_segmenter (only img_size)")
+    try:
+        return ViTSegmenter(name, in_channels, num_classes, img_size, pretrained=cfg.weights == "imagenet")
+    except Exception as exc:
+        if cfg.weights == "imagenet" and _looks_like_download_failure(exc):
+            raise _offline_error(cfg.encoder, exc) from None
+        raise
+
+
+_register_smp()
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    builder = ARCHITECTURES.get(cfg.arch, where="model.arch")
+    model = builder(cfg, in_channels, num_classes)
+    if cfg.weights not in (None, "imagenet"):
+        load_encoder_weights(model, Path(cfg.weights))
+    return model
+
+
+def input_divisor(model: nn.Module) -> int:
+    """Spatial sizes must be multiples of this (encoder output stride, patch size, …)."""
+    if hasattr(model, "input_divisor"):
+        return int(model.input_divisor)
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and hasattr(encoder, "output_stride"):
+        return int(encoder.output_stride)
+    return 32
+
+
+def static_size(model: nn.Module) -> int | None:
+    """The one input size the model accepts, or None when any multiple of the divisor works."""
+    return getattr(model, "static_size", None)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load tensors only: safetensors, or torch files with ``weights_only=True`` (no unpickling)."""
+    if not path.is_file():
+        raise ModelError(f"weights file {path} not found; fix model.weights")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure is the file's
+        raise ModelError(f"cannot load weights {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ModelError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def load_encoder_weights(model: nn.Module, path: Path) -> None:
+    """Load a local encoder (or whole-model) state dict, e.g. imagenet weights fetched elsewhere."""
+    state = read_state_dict(path)
+    target = getattr(model, "encoder", None) or getattr(model, "backbone", None) or model
+    own = target.state_dict()
+    for prefix in ("", "encoder.", "backbone.", "model."):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        matched = {k: v for k, v in sub.items() if k in own and own[k].shape == v.shape}
+        if len(matched) >= 0.5 * len(own):
+            target.load_state_dict(matched, strict=False)
+            return
+    sample = difflib.get_close_matches(next(iter(own), ""), list(state)[:500], n=1)
+    raise ModelError(
+        f"weights {path} do not fit the {type(target).__name__} encoder (fewer than half the tensors match"
+        f"{'; e.g. ' + sample[0] if sample else ''}); use weights for model.encoder"
+    )
+
+
+def freeze_encoder(model: nn.Module, trainable_stages: int | None) -> list[nn.Module]:
+    """Freeze the encoder except its last `trainable_stages` stages; returns the frozen modules
+    (their BatchNorm layers must stay in eval mode while training)."""
+    if trainable_stages is None:
+        return []
+    encoder = getattr(model, "encoder", None) or getattr(model, "backbone", None)
+    if encoder is None:
+        raise ModelError(f"model.trainable_encoder_stages needs an encoder; {type(model).__name__} has none")
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    if trainable_stages > 0:
+        stages = encoder.get_stages() if hasattr(encoder, "get_stages") else None
+        if not stages:
+            raise ModelError(f"{type(encoder).__name__} does not expose stages; use trainable_encoder_stages: null")
+        ordered = [stages[k] for k in sorted(stages)] if isinstance(stages, dict) else list(stages)
+        if trainable_stages > len(ordered):
+            raise ModelError(
+                f"model.trainable_encoder_stages={trainable_stages} but the encoder exposes only its last "
+                f"{len(ordered)} stages; use ≤ {len(ordered)} or null (all)"
+            )
+        for stage in ordered[-trainable_stages:]:
+            modules = stage if isinstance(stage, (list, tuple)) else [stage]
+            for m in modules:
+                for p in m.parameters():
+                    p.requires_grad_(True)
+    return [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not any(p.requires_grad for p in m.parameters())]

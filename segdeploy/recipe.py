@@ -1,0 +1,346 @@
+"""The recipe: one typed schema for a whole run, serialised as YAML.
+
+CLI flags (``--set a.b=c``, ``--data``) override it; the resolved recipe is saved with every run,
+so a run directory can always be reproduced and every later verb knows what it is looking at.
+Errors speak in the user's words: ``train.lr must be > 0 (got -1) in recipe.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from segdeploy.errors import RecipeError
+from segdeploy.registry import did_you_mean
+
+RGB = tuple[int, int, int]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClassesConfig(Strict):
+    """Class names in label order; palette colours for RGB masks and for display."""
+
+    names: list[str] = Field(min_length=2)
+    palette: list[RGB] | None = None
+    # parent -> children; leaves are entries of `names`. Metrics are reported per depth.
+    hierarchy: dict[str, list[str]] | None = None
+    ignore_index: int = 255
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassesConfig:
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("classes.names has duplicates")
+        if self.palette is not None:
+            if len(self.palette) != len(self.names):
+                raise ValueError(
+                    f"classes.palette has {len(self.palette)} colours for {len(self.names)} names"
+                )
+            if len(set(self.palette)) != len(self.palette):
+                raise ValueError("classes.palette has duplicate colours")
+            for c in self.palette:
+                if any(not 0 <= v <= 255 for v in c):
+                    raise ValueError(f"classes.palette colour {list(c)} is outside 0..255")
+        if 0 <= self.ignore_index < len(self.names):
+            raise ValueError(
+                f"classes.ignore_index {self.ignore_index} collides with class {self.names[self.ignore_index]!r}"
+            )
+        if self.hierarchy:
+            from segdeploy.metrics import hierarchy_levels
+
+            hierarchy_levels(self.names, self.hierarchy)  # raises ValueError on a bad tree
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def display_palette(self) -> list[RGB]:
+        if self.palette is not None:
+            return [tuple(c) for c in self.palette]  # type: ignore[misc]
+        from matplotlib import colormaps
+
+        cmap = colormaps["tab20"]
+        return [tuple(int(255 * v) for v in cmap(i % 20)[:3]) for i in range(self.num_classes)]  # type: ignore[misc]
+
+
+class SplitConfig(Strict):
+    """Where the train/val/test split comes from."""
+
+    mode: Literal["folders", "lists", "ratio"] = "folders"
+    # split -> list file (one key per line), relative to data.root; for mode=lists
+    lists: dict[str, str] = Field(default_factory=dict)
+    # split -> fraction; for mode=ratio (seeded, stable across runs)
+    ratios: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        if self.mode == "lists" and "train" not in self.lists:
+            raise ValueError("data.split.lists must name a 'train' list file when mode is 'lists'")
+        if self.mode == "ratio" and abs(sum(self.ratios.values()) - 1.0) > 1e-6:
+            raise ValueError(f"data.split.ratios must sum to 1 (got {sum(self.ratios.values()):g})")
+        return self
+
+
+class DataConfig(Strict):
+    """Files are paired by key: image = image_dir/KEY+image_suffix, mask = mask_dir/KEY+mask_suffix.
+
+    ``{split}`` in a directory is replaced by the split name (mmseg's img_dir/train layout).
+    """
+
+    root: str | None = None
+    image_dir: str = "images/{split}"
+    mask_dir: str = "masks/{split}"
+    image_suffix: str = ".png"
+    mask_suffix: str = ".png"
+    mask_encoding: Literal["index", "palette", "binary"] = "index"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    bands: int = Field(3, ge=1, le=64)
+    max_pixel_value: float = Field(255.0, gt=0)
+    mean: list[float] | Literal["auto"] = Field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] | Literal["auto"] = Field(default_factory=lambda: list(IMAGENET_STD))
+    tile_size: int = Field(256, ge=16, description="training crop and default inference tile")
+    cache: bool = Field(True, description="keep decoded samples in memory (small datasets)")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if isinstance(v, list) and len(v) != self.bands:
+                raise ValueError(f"data.{name} has {len(v)} values for {self.bands} bands")
+        if isinstance(self.std, list) and any(s <= 0 for s in self.std):
+            raise ValueError("data.std values must be > 0")
+        return self
+
+
+class ModelConfig(Strict):
+    arch: str = "unet"
+    encoder: str = "resnet18"
+    # None: random init; "imagenet": download (online); a path: local .safetensors/.pth state dict
+    weights: str | None = None
+    # None: whole encoder trains; N: only the last N encoder stages train (0 freezes it all)
+    trainable_encoder_stages: int | None = Field(None, ge=0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class LossTerm(Strict):
+    name: str
+    weight: float = Field(1.0, gt=0)
+    class_weights: list[float] | Literal["auto"] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["none", "cosine", "cosine_restarts", "poly", "onecycle"] = "cosine"
+    min_lr: float = Field(0.0, ge=0)
+    restart_epochs: int = Field(10, ge=1, description="cosine_restarts: epochs in the first cycle")
+    restart_mult: int = Field(1, ge=1)
+    power: float = Field(0.9, gt=0, description="poly exponent")
+
+
+class AugmentConfig(Strict):
+    hflip: float = Field(0.5, ge=0, le=1)
+    vflip: float = Field(0.0, ge=0, le=1)
+    rot90: bool = False
+    crop: bool = Field(True, description="random crops of data.tile_size (padded with ignore_index)")
+    brightness: float = Field(0.0, ge=0, le=1)
+    contrast: float = Field(0.0, ge=0, le=1)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    num_workers: int | Literal["auto"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="mixed precision on CUDA")
+    channels_last: bool = Field(True, description="channels-last memory format on CUDA")
+    grad_clip: float | None = Field(None, gt=0)
+    early_stopping: int | None = Field(None, ge=1, description="patience in epochs")
+    max_minutes: float | None = Field(None, gt=0, description="stop after this wall time")
+    seed: int = 0
+
+
+class EvalConfig(Strict):
+    exclude_background: bool = False
+    overlays: int = Field(4, ge=0)
+
+
+class ParityConfig(Strict):
+    """Thresholds of the export gate (fractions of pixels; IoU drop in points)."""
+
+    fp32_agreement: float = Field(0.9999, gt=0, le=1)
+    fp16_agreement: float = Field(0.999, gt=0, le=1)
+    max_class_iou_drop: float = Field(0.5, ge=0)
+    samples: int = Field(16, ge=1)
+
+
+class Recipe(Strict):
+    name: str = "run"
+    description: str = ""
+    data: DataConfig = Field(default_factory=DataConfig)
+    classes: ClassesConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="ce")])
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    parity: ParityConfig = Field(default_factory=ParityConfig)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss_shorthand(cls, v: Any) -> Any:
+        """``loss: dice`` and ``loss: [ce, dice]`` are shorthands for ``[{name: ...}]``."""
+        if isinstance(v, (str, dict)):
+            v = [v]
+        if isinstance(v, list):
+            return [{"name": t} if isinstance(t, str) else t for t in v]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.data.mask_encoding == "palette" and self.classes.palette is None:
+            raise ValueError("classes.palette is required when data.mask_encoding is 'palette'")
+        if self.data.mask_encoding == "binary" and self.classes.num_classes != 2:
+            raise ValueError("data.mask_encoding 'binary' needs exactly 2 classes.names")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def digest(self) -> str:
+        """Stable hash of what determines the model's behaviour (not paths or epochs)."""
+        d = self.model_dump(mode="json", include={"data", "classes", "model"})
+        d["data"].pop("root", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, overrides and error wording
+
+
+def _field_names_at(loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the schema object that `loc` points into (for did-you-mean)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        model = _inner_model(field.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _inner_model(ann: Any) -> Any:
+    """The BaseModel inside Optional[...]/list[...] annotations, else the annotation."""
+    args = getattr(ann, "__args__", None)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in args or ():
+        m = _inner_model(a)
+        if isinstance(m, type) and issubclass(m, BaseModel):
+            return m
+    return ann
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    dotted = ".".join(str(p) for p in loc) or "recipe"
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        hint = did_you_mean(key, _field_names_at(loc[:-1]))
+        return f"unknown key {dotted!r} in {source}{hint}"
+    if kind == "missing":
+        return f"{dotted} is required in {source}"
+    if kind == "value_error":
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        return f"{msg} in {source}"
+    got = e.get("input")
+    got_s = json.dumps(got) if isinstance(got, (int, float, str, bool, type(None))) else type(got).__name__
+    msg = str(e["msg"])
+    msg = msg[0].lower() + msg[1:]
+    return f"{dotted}: {msg} (got {got_s}) in {source}"
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r} must look like key.path=value")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            try:
+                node = node[int(part)]
+                continue
+            except (ValueError, IndexError):
+                raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a valid list index")
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, (dict, list)):
+            raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = nxt
+    parsed = yaml.safe_load(value) if value.strip() else None
+    if isinstance(node, list):
+        node[int(parts[-1])] = parsed
+    else:
+        node[parts[-1]] = parsed
+
+
+def validate(raw: dict[str, Any], source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_error(err, source)) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found; pass a YAML file (see recipes/ for examples)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} must be a YAML mapping of recipe sections")
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), data_root: str | Path | None = None) -> Recipe:
+    """Read a recipe file, apply ``--set`` overrides and ``--data``, validate."""
+    path = Path(path)
+    raw = read_yaml(path)
+    validate(raw, str(path))  # errors in the file itself are reported against the file
+    raw = copy.deepcopy(raw)
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    if data_root is not None:
+        raw.setdefault("data", {})["root"] = str(data_root)
+    return validate(raw, f"--set overrides of {path}" if overrides else str(path))

@@ -1,0 +1,40 @@
+"""Artifact -> backend. Adding a backend is one module and one entry in `_BACKENDS`."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from segdeploy.errors import ArtifactError
+from segdeploy.runtime.base import Backend
+
+# backend name -> (module, class); imported on first use so heavy runtimes load only when chosen
+_BACKENDS = {
+    "torch": ("segdeploy.runtime.torch", "TorchBackend"),
+    "onnxruntime": ("segdeploy.runtime.onnxruntime", "OrtBackend"),
+    "tensorrt": ("segdeploy.runtime.tensorrt", "TensorRTBackend"),
+}
+_SUFFIX = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}
+
+
+def backend_for(path: Path) -> str:
+    if path.is_dir():
+        return "torch"
+    if path.suffix in _SUFFIX:
+        return _SUFFIX[path.suffix]
+    raise ArtifactError(
+        f"{path} is not a model artifact: expected a run directory, a .onnx file or a .engine file"
+    )
+
+
+def backend_class(name: str) -> type[Backend]:
+    module, cls = _BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_backend(path: str | Path, **options: object) -> Backend:
+    """Load any artifact (run dir | .onnx | .engine) with the backend its type calls for."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"model {path} not found; pass a run directory, .onnx or .engine")
+    return backend_class(backend_for(path)).load(path, **options)
