@@ -8,7 +8,6 @@ float32 N×B×H×W batch to N×C×H×W logits; H and W must be multiples of ``in
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -226,11 +225,18 @@ _register_smp()
 # ----------------------------------------------------------------------------- public entry points
 
 
+def check_model_names(cfg: ModelConfig) -> None:
+    """Fail fast on an unknown architecture or encoder name, before data or weights load."""
+    ARCHITECTURES.get(cfg.arch, where="model.arch")
+    if cfg.arch in ARCHITECTURES and cfg.arch not in ("segnet", "unet_strided", "vit_segmenter"):
+        check_encoder_name(cfg.encoder)
+
+
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     builder = ARCHITECTURES.get(cfg.arch, where="model.arch")
     model = builder(cfg, in_channels, num_classes)
     if cfg.weights not in (None, "imagenet"):
-        load_encoder_weights(model, Path(cfg.weights))
+        load_encoder_weights(model, Path(cfg.weights), cfg.encoder)
     return model
 
 
@@ -269,21 +275,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_encoder_weights(model: nn.Module, path: Path) -> None:
+def load_encoder_weights(model: nn.Module, path: Path, encoder_name: str = "") -> None:
     """Load a local encoder (or whole-model) state dict, e.g. imagenet weights fetched elsewhere."""
     state = read_state_dict(path)
     target = getattr(model, "encoder", None) or getattr(model, "backbone", None) or model
-    own = target.state_dict()
+    own = {k: v for k, v in target.state_dict().items() if not k.endswith("num_batches_tracked")}
+    best = 0
     for prefix in ("", "encoder.", "backbone.", "model."):
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         matched = {k: v for k, v in sub.items() if k in own and own[k].shape == v.shape}
-        if len(matched) >= 0.5 * len(own):
+        if len(matched) == len(own):  # every encoder tensor must come from the file
             target.load_state_dict(matched, strict=False)
             return
-    sample = difflib.get_close_matches(next(iter(own), ""), list(state)[:500], n=1)
+        best = max(best, len(matched))
     raise ModelError(
-        f"weights {path} do not fit the {type(target).__name__} encoder (fewer than half the tensors match"
-        f"{'; e.g. ' + sample[0] if sample else ''}); use weights for model.encoder"
+        f"weights {path} do not fit the {type(target).__name__} of model.encoder={encoder_name!r} "
+        f"(only {best} of its {len(own)} tensors found with matching shapes); use weights for that encoder"
     )
 
 

@@ -8,6 +8,7 @@ Errors speak in the user's words: ``train.lr must be > 0 (got -1) in recipe.yaml
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -17,7 +18,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segdeploy.errors import RecipeError
-from segdeploy.registry import did_you_mean
 
 RGB = tuple[int, int, int]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -272,7 +272,12 @@ def _format_error(err: ValidationError, source: str) -> str:
     kind = e["type"]
     if kind == "extra_forbidden":
         key = str(loc[-1])
-        hint = did_you_mean(key, _field_names_at(loc[:-1]))
+        prefix = ".".join(str(p) for p in loc[:-1])
+        close = difflib.get_close_matches(key, _field_names_at(loc[:-1]), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(repr(f'{prefix}.{c}' if prefix else c) for c in close)}?)" if close else ""
+        if not hint:  # a right key in the wrong section: train.lr -> optimizer.lr
+            homes = [f"{sec}.{key}" for sec in Recipe.model_fields if key in _field_names_at((sec,))]
+            hint = f" (did you mean {', '.join(repr(h) for h in homes)}?)" if homes else ""
         return f"unknown key {dotted!r} in {source}{hint}"
     if kind == "missing":
         return f"{dotted} is required in {source}"
@@ -333,10 +338,31 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), data_root: str | Path | None = None) -> Recipe:
-    """Read a recipe file, apply ``--set`` overrides and ``--data``, validate."""
-    path = Path(path)
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The file's mapping with ``extends: base.yaml`` (relative to the file) merged underneath."""
     raw = read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base_path = (path.parent / str(parent)).resolve()
+    if base_path in _seen:
+        raise RecipeError(f"{path}: 'extends' forms a cycle through {base_path}")
+    if not base_path.is_file():
+        raise RecipeError(f"{path}: extends {parent!r} but {base_path} does not exist")
+    return _deep_merge(read_recipe_raw(base_path, (*_seen, base_path)), raw)
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), data_root: str | Path | None = None) -> Recipe:
+    """Read a recipe file (and what it extends), apply ``--set`` overrides and ``--data``, validate."""
+    path = Path(path)
+    raw = read_recipe_raw(path)
     validate(raw, str(path))  # errors in the file itself are reported against the file
     raw = copy.deepcopy(raw)
     for assignment in overrides:

@@ -30,7 +30,7 @@ from segdeploy.data.dataset import (
 from segdeploy.errors import ArtifactError
 from segdeploy.losses import build_loss
 from segdeploy.metrics import ConfusionMatrix, level_mious
-from segdeploy.models import build_model, freeze_encoder, input_divisor, static_size
+from segdeploy.models import build_model, check_model_names, freeze_encoder, input_divisor, static_size
 from segdeploy.recipe import Recipe
 from segdeploy.tiling import pad_to_multiple
 from segdeploy.utils import atomic_path, pick_device, versions, write_json
@@ -132,6 +132,7 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
         raise ArtifactError(f"nothing to resume in {out} (no {art.LAST_CKPT}); drop --resume to start fresh")
 
     device = pick_device(rec.train.device)
+    check_model_names(rec.model)  # a typo in model.* fails before any data is read
     torch.manual_seed(rec.train.seed)
     cls = rec.classes
 
@@ -190,7 +191,16 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt.get("scheduler"):
-            scheduler.load_state_dict(ckpt["scheduler"])
+            if int(ckpt.get("epochs", rec.train.epochs)) == rec.train.epochs:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            else:  # train.epochs changed: re-plan the schedule for the new length, then fast-forward
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for _ in range(int(ckpt["epoch"]) * steps):
+                        scheduler.step()
+                console.print(f"schedule re-planned for {rec.train.epochs} epochs")
         start_epoch, best_miou, best_epoch = int(ckpt["epoch"]) + 1, float(ckpt["best_miou"]), int(ckpt["best_epoch"])
         history = _read_history(out / "history.csv")
         console.print(f"resuming {out} at epoch {start_epoch}")
@@ -253,7 +263,8 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
             console.print(f"epoch {epoch:>3}  loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
                           f"val mIoU {mets.miou:.4f}  mDice {mets.mdice:.4f}{'  *best' if improved else ''}")
             _write_history(out / "history.csv", history)
-            _save_last(out / art.LAST_CKPT, model, opt, scheduler, epoch, best_miou, best_epoch, rec.digest())
+            _save_last(out / art.LAST_CKPT, model, opt, scheduler, epoch, rec.train.epochs, best_miou, best_epoch,
+                       rec.digest())
             if rec.train.early_stopping and epoch - best_epoch >= rec.train.early_stopping:
                 stopped = f"no val mIoU gain for {rec.train.early_stopping} epochs"
                 break
@@ -289,10 +300,12 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
     model.load_state_dict(load_file(str(path)))
 
 
-def _save_last(path: Path, model, opt, scheduler, epoch: int, best_miou: float, best_epoch: int, digest: str) -> None:  # noqa: ANN001
+def _save_last(path: Path, model, opt, scheduler, epoch: int, epochs: int, best_miou: float, best_epoch: int,  # noqa: ANN001
+               digest: str) -> None:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "epoch": epoch, "best_miou": best_miou, "best_epoch": best_epoch, "recipe_digest": digest}
+             "epoch": epoch, "epochs": epochs, "best_miou": best_miou, "best_epoch": best_epoch,
+             "recipe_digest": digest}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

@@ -1,0 +1,92 @@
+"""The root Typer app, global options, and the error guard every verb runs under."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from segdeploy import __version__
+from segdeploy.errors import UserError
+
+app = typer.Typer(
+    name="segdeploy",
+    help="Train segmentation models, export them to ONNX/TensorRT behind an accuracy gate, "
+    "and run them on huge rasters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+data_app = typer.Typer(help="Make and check datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True, highlight=False)
+STATE = {"debug": False}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"segdeploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    STATE["debug"] = debug
+
+
+def one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def guarded(fn: F) -> F:
+    """Turn user errors into one line on stderr and a non-zero exit (tracebacks only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except UserError as exc:
+            if STATE["debug"]:
+                raise
+            typer.echo(f"error: {one_line(str(exc))}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - a bug; still one line unless --debug
+            if STATE["debug"]:
+                raise
+            typer.echo(f"error: unexpected {type(exc).__name__}: {one_line(str(exc))[:300]} "
+                       "(rerun with --debug for the traceback)", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(obj: Any, target: Path | None) -> None:
+    """Write `obj` as JSON to a file (atomically), or to stdout for '-'."""
+    if target is None:
+        return
+    if str(target) == "-":
+        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+        return
+    from segdeploy.utils import write_json
+
+    try:
+        write_json(target, obj)
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror}; choose a writable --json path") from None

@@ -1,0 +1,35 @@
+"""`segdeploy train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from segdeploy.cli.app import app, console, emit_json, guarded
+
+
+@app.command("train")
+@guarded
+def train_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    data: Path = typer.Option(None, "--data", help="Dataset directory (overrides data.root)."),
+    out: Path = typer.Option(None, "--out", help="Run directory (default: runs/<recipe name>)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.epochs=5 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+    json_out: Path = typer.Option(None, "--json", help="Write the result summary as JSON ('-' for stdout)."),
+) -> None:
+    """Train a model from a recipe into a self-contained run directory."""
+    from segdeploy import recipe as recipe_mod
+    from segdeploy.train import fit
+
+    rec = recipe_mod.load(recipe, set_, data)
+    out = out or Path("runs") / rec.name
+    result = fit(rec, out, resume=resume, overwrite=overwrite, progress=progress, console=console)
+    console.print(f"[bold green]done[/] best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} "
+                  f"in {result.seconds:.0f}s ({result.train_images_per_s:.1f} img/s) → {out}")
+    emit_json({"run_dir": str(out), "best_val_miou": result.best_miou, "best_epoch": result.best_epoch,
+               "epochs_run": result.epochs_run, "seconds": round(result.seconds, 2),
+               "train_images_per_s": result.train_images_per_s, "stopped_early": result.stopped_early}, json_out)

@@ -1,0 +1,192 @@
+"""Metrics of any artifact (run dir, .onnx, .engine) over a dataset split, with plots."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segdeploy import recipe as recipe_mod
+from segdeploy.artifact import RECIPE_FILE
+from segdeploy.data.dataset import SegmentationDataset, discover
+from segdeploy.errors import ArtifactError
+from segdeploy.metrics import ConfusionMatrix, SegMetrics, level_mious
+from segdeploy.recipe import Recipe
+from segdeploy.runtime import load_backend
+from segdeploy.runtime.base import Backend
+from segdeploy.tiling import forward_padded
+from segdeploy.utils import atomic_path, write_json
+
+
+@dataclass
+class EvalReport:
+    model: str
+    backend: str
+    split: str
+    images: int
+    metrics: SegMetrics
+    seconds: float
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "backend": self.backend, "split": self.split, "images": self.images,
+                "seconds": round(self.seconds, 3), **self.metrics.to_dict(),
+                "files": [str(p) for p in self.files]}
+
+
+def run_dir_of(model_path: Path) -> Path | None:
+    """The run directory an artifact belongs to: itself, or RUN/export/model.onnx -> RUN."""
+    for cand in (model_path, model_path.parent, model_path.parent.parent):
+        if cand.is_dir() and (cand / RECIPE_FILE).is_file():
+            return cand
+    return None
+
+
+def recipe_for(model_path: Path, recipe_path: Path | None = None, data_root: Path | None = None) -> Recipe:
+    if recipe_path is not None:
+        return recipe_mod.load(recipe_path, data_root=data_root)
+    run = run_dir_of(model_path)
+    if run is None:
+        raise ArtifactError(f"cannot find the recipe for {model_path}; pass --recipe RECIPE.yaml")
+    rec = recipe_mod.validate(recipe_mod.read_yaml(run / RECIPE_FILE), str(run / RECIPE_FILE))
+    if data_root is not None:
+        rec = rec.model_copy(update={"data": rec.data.model_copy(update={"root": str(data_root)})})
+    return rec
+
+
+def evaluate(
+    model_path: Path,
+    split: str = "val",
+    *,
+    recipe_path: Path | None = None,
+    data_root: Path | None = None,
+    out_dir: Path | None = None,
+    backend: Backend | None = None,
+    batch_size: int = 8,
+    overlays: int | None = None,
+    plots: bool = True,
+) -> EvalReport:
+    model_path = Path(model_path)
+    backend = backend or load_backend(model_path)
+    rec = recipe_for(model_path, recipe_path, data_root)
+    meta = backend.meta
+    if meta.num_classes != rec.classes.num_classes:
+        raise ArtifactError(f"{model_path} predicts {meta.num_classes} classes but the recipe has "
+                            f"{rec.classes.num_classes}; evaluate with the recipe it was trained on")
+    if meta.bands != rec.data.bands:
+        raise ArtifactError(f"{model_path} expects {meta.bands} bands but the data has {rec.data.bands}")
+    samples = discover(rec.data, split)
+    ds = SegmentationDataset(samples, rec.data, rec.classes, meta.mean, meta.std)
+    cm = ConfusionMatrix(meta.num_classes, meta.ignore_index)
+    n_overlays = rec.eval.overlays if overlays is None else overlays
+    keep: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    t0 = time.perf_counter()
+    i = 0
+    max_batch = backend.max_batch or batch_size
+    while i < len(ds):
+        # batch images of equal size together (sizes may vary within a split)
+        first = ds[i][0].shape
+        xs, ys = [], []
+        while i < len(ds) and len(xs) < min(batch_size, max_batch):
+            x, y = ds[i]
+            if x.shape != first:
+                break
+            xs.append(x)
+            ys.append(y)
+            i += 1
+        pred = forward_padded(backend, torch.stack(xs)).argmax(1).cpu()
+        y = torch.stack(ys)
+        cm.update(pred, y)
+        for j in range(len(xs)):
+            if len(keep) < n_overlays:
+                keep.append((ds.load(i - len(xs) + j)[0], y[j].numpy(), pred[j].numpy()))
+    seconds = time.perf_counter() - t0
+    mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
+    if meta.hierarchy:
+        mets.levels = level_mious(cm.matrix, rec.classes.names, meta.hierarchy, rec.eval.exclude_background)
+    if out_dir is None:
+        base = model_path if model_path.is_dir() else model_path.parent
+        tag = "" if model_path.is_dir() else f"{model_path.name}-"
+        out_dir = base / "eval" / f"{tag}{split}"
+    report = EvalReport(str(model_path), backend.describe(), split, len(ds), mets, seconds, Path(out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plots:
+        report.files.append(plot_confusion(mets, out_dir / "confusion_matrix.png"))
+        palette = [tuple(c) for c in meta.palette]
+        for k, (img, truth, pred) in enumerate(keep):
+            report.files.append(save_overlay(img, truth, pred, palette, meta.max_pixel_value, meta.ignore_index,
+                                             out_dir / f"overlay_{k:02d}.png"))
+    metrics_path = out_dir / "metrics.json"
+    report.files.insert(0, metrics_path)
+    write_json(metrics_path, report.to_dict())
+    return report
+
+
+def display_rgb(image: np.ndarray, max_value: float) -> np.ndarray:
+    """First three bands (or the single band) as uint8 RGB; high-bit-depth data is stretched."""
+    img = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, -1)
+    img = img.astype(np.float32)
+    if max_value > 255 or img.dtype.kind == "f":
+        lo, hi = np.percentile(img, 2), np.percentile(img, 98)
+        img = (img - lo) / max(hi - lo, 1e-6) * 255
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def colorize_classes(mask: np.ndarray, palette: list[tuple[int, int, int]], ignore_index: int) -> np.ndarray:
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    m = mask.astype(np.int64)
+    out = lut[np.clip(m, 0, 255)]
+    out[m == ignore_index] = 0
+    return out
+
+
+def save_overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, palette: list[tuple[int, int, int]],
+                 max_value: float, ignore_index: int, path: Path) -> Path:
+    """image | truth | prediction, side by side, with a 4 px gutter."""
+    from PIL import Image
+
+    rgb = display_rgb(image, max_value)
+    t = colorize_classes(truth, palette, ignore_index)
+    p = colorize_classes(pred, palette, ignore_index)
+    gutter = np.full((rgb.shape[0], 4, 3), 255, dtype=np.uint8)
+    strip = np.concatenate([rgb, gutter, t, gutter, p], axis=1)
+    with atomic_path(path) as tmp:
+        Image.fromarray(strip).save(tmp, format="PNG")
+    return path
+
+
+def plot_confusion(mets: SegMetrics, path: Path) -> Path:
+    """Row-normalised confusion matrix (recall on the diagonal) with pixel counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = mets.matrix.astype(np.float64)
+    rows = m.sum(1, keepdims=True)
+    norm = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    n = len(mets.names)
+    size = max(4.0, 0.6 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=100)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), mets.names, rotation=45, ha="right")
+    ax.set_yticks(range(n), mets.names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        for r in range(n):
+            for c in range(n):
+                ax.text(c, r, f"{norm[r, c]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if norm[r, c] > 0.5 else "black")
+    ax.set_title(f"confusion (row-normalised), mIoU {mets.miou:.3f}")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

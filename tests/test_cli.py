@@ -1,0 +1,99 @@
+"""The CLI contract: verb names, one-line errors with exit codes, JSON output, quickstart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from segdeploy.cli import app
+from tests.conftest import RECIPES
+
+runner = CliRunner()
+
+
+def run(*args: str):  # noqa: ANN201
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_every_verb() -> None:
+    out = run("--help").output
+    for verb in ("train", "eval", "export", "predict", "bench", "data", "quickstart"):
+        assert verb in out
+    data_help = run("data", "--help").output
+    assert "synth" in data_help and "inspect" in data_help
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "missing.yaml"], "error: recipe missing.yaml not found"),
+        (["train", RECIPES / "demo.yaml", "--set", "train.lr=1"], "did you mean 'optimizer.lr'"),
+        (["train", RECIPES / "demo.yaml", "--set", "model.arch=unett"], "unknown architecture 'unett' in model.arch"),
+        (["train", RECIPES / "demo.yaml", "--set", "model.encoder=resnt18"], "did you mean 'resnet18'"),
+        (["train", RECIPES / "demo.yaml"], "data.root is not set"),
+        (["eval", "nowhere"], "model nowhere not found"),
+        (["eval", "model.pt"], "not found"),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_without_traceback(args: list, message: str) -> None:
+    result = run(*args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_debug_shows_the_traceback() -> None:
+    result = run("--debug", "train", "missing.yaml")
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_unknown_palette_colour_fails_train_naming_file_and_colour(synth_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "d"
+    shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("scene"))
+    m = np.asarray(Image.open(data / "train/train0003_mask.png")).copy()
+    m[0, 0] = (7, 7, 7)
+    Image.fromarray(m).save(data / "train/train0003_mask.png")
+    result = run("train", RECIPES / "demo.yaml", "--data", data, "--out", tmp_path / "run", "--set", "train.epochs=1",
+                 "--set", "data.tile_size=64", "--no-progress")
+    assert result.exit_code == 2
+    assert "train0003_mask.png has colour [7, 7, 7]" in result.output
+    meta = tmp_path / "run" / "meta.json"
+    assert not meta.exists() or json.loads(meta.read_text())["status"] != "complete"
+
+
+def test_data_inspect_json_and_chart(synth_dir: Path, tmp_path: Path) -> None:
+    result = run("data", "inspect", synth_dir, "--json", tmp_path / "r.json", "--plot", tmp_path / "c.png")
+    assert result.exit_code == 0, result.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["ok"] and rep["splits"]["train"] == 24 and len(rep["suggested_class_weights"]) == 5
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_eval_json_has_per_class_and_confusion(tiny_run: Path, tmp_path: Path) -> None:
+    result = run("eval", tiny_run, "--split", "test", "--json", tmp_path / "e.json")
+    assert result.exit_code == 0, result.output
+    rep = json.loads((tmp_path / "e.json").read_text())
+    assert rep["split"] == "test" and rep["images"] == 8
+    assert [c["class"] for c in rep["per_class"]] == ["field", "forest", "water", "road", "building"]
+    assert {"iou", "dice", "precision", "recall", "f1"} <= set(rep["per_class"][0])
+    assert len(rep["confusion_matrix"]) == 5 and 0 <= rep["miou"] <= 1
+    assert "IoU" in result.output and "building" in result.output
+
+
+def test_quickstart_trains_the_demo_to_real_accuracy(tmp_path: Path) -> None:
+    """The README's promise: the demo recipe learns (test mIoU ≥ 0.75) on 2 CPU cores."""
+    result = run("quickstart", tmp_path / "qs", "--scene-size", "512", "--no-progress", "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["test_miou"] >= 0.75 and summary["best_val_miou"] >= 0.75
+    for path in summary["artifacts"].values():
+        assert Path(path).exists()
