@@ -117,13 +117,36 @@ class SegNet(nn.Module):
         self.head = nn.Conv2d(widths[0], num_classes, 3, padding=1)
         self.input_divisor = 2 ** len(widths)
 
+    # With `export_friendly`, pooling indices become a one-hot over each 2×2 window (first maximum,
+    # exactly like MaxPool2d's indices) and unpooling multiplies by it. Same numbers, but only
+    # Reshape/ArgMax/Equal/Mul in ONNX: TensorRT has no MaxUnpool and no MaxPool indices output.
+    export_friendly = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.export_friendly:
+            return self._forward_onehot(x)
         indices = []
         for block in self.enc:
             x, idx = self.pool(block(x))
             indices.append(idx)
         for block, idx in zip(self.dec, reversed(indices), strict=True):
             x = block(self.unpool(x, idx))
+        return self.head(x)
+
+    def _forward_onehot(self, x: torch.Tensor) -> torch.Tensor:
+        switches = []
+        for block in self.enc:
+            x = block(x)
+            n, c, h, w = x.shape
+            win = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+            first = win.argmax(-1, keepdim=True)  # first maximum, as MaxPool2d picks
+            onehot = (first == torch.arange(4, device=x.device)).to(x.dtype)
+            switches.append(onehot)
+            x = win.amax(-1)
+        for block, onehot in zip(self.dec, reversed(switches), strict=True):
+            n, c, h, w = x.shape
+            up = (x.unsqueeze(-1) * onehot).reshape(n, c, h, w, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * h, 2 * w)
+            x = block(up)
         return self.head(x)
 
 

@@ -1,15 +1,41 @@
-"""`segdeploy export` (placeholder until its issue lands)."""
+"""`segdeploy export`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from segdeploy.cli.app import app, guarded
-from segdeploy.errors import UserError
+from segdeploy.cli.app import app, console, emit_json, guarded
 
 
-@app.command("export", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("export")
 @guarded
-def export_cmd(ctx: typer.Context) -> None:
-    """(not built yet)"""
-    raise UserError("segdeploy export is not built yet in this version")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write model.fp16.onnx (mixed precision, FP32 I/O)."),
+    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT FP16 engine (implies --fp16; needs TensorRT + GPU)."),
+    opset: int = typer.Option(17, help="ONNX opset (≥ 17)."),
+    tile: int = typer.Option(None, help="Tile size prediction will use (default: the recipe's data.tile_size)."),
+    batch: str = typer.Option("1:4:8", help="TensorRT batch profile MIN:OPT:MAX."),
+    workspace: float = typer.Option(4.0, help="TensorRT workspace limit in GiB."),
+    set_: list[str] = typer.Option([], "--set", help="Override a gate threshold: --set parity.fp16_agreement=0.9995."),
+    data: Path = typer.Option(None, "--data", help="Dataset for the parity gate (default: the run's data.root)."),
+    json_out: Path = typer.Option(None, "--json", help="Write the export report as JSON ('-' for stdout)."),
+) -> None:
+    """ONNX (FP32), mixed-precision FP16 ONNX and a TensorRT engine, each behind the parity gate."""
+    from segdeploy.errors import ParityError
+    from segdeploy.export.pipeline import ExportOptions, export_run
+
+    opts = ExportOptions(fp16=fp16 or trt, trt=trt, opset=opset, tile=tile, batch=batch, workspace_gib=workspace,
+                         data_root=data, parity_overrides=set_)
+    try:
+        report = export_run(run_dir, opts, log=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False))
+    except ParityError as exc:
+        if json_out is not None and exc.report is not None:
+            emit_json({"passed": False, "error": str(exc), "parity": exc.report.to_dict()}, json_out)
+        raise
+    for key, path in report.files.items():
+        console.print(f"  {key:<15} {path}")
+    console.print(f"[bold green]export passed the parity gate[/] in {report.seconds:.1f}s")
+    emit_json(report.to_dict(), json_out)

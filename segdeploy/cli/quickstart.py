@@ -22,38 +22,47 @@ def quickstart_cmd(
     progress: bool = typer.Option(True, help="Show progress bars."),
     json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON ('-' for stdout)."),
 ) -> None:
-    """synth data → train the demo recipe → eval on the test split, then a summary."""
+    """synth data → train the demo recipe → eval on the test split → export ONNX + FP16 behind the gate."""
     from segdeploy import recipe as recipe_mod
     from segdeploy.cli.render import metrics_table
     from segdeploy.data.synth import synth
     from segdeploy.evaluate import evaluate
+    from segdeploy.export.pipeline import ExportOptions, export_run
     from segdeploy.train import fit
 
     if not DEMO_RECIPE.is_file():
         raise UserError(f"demo recipe {DEMO_RECIPE} not found; run quickstart from a source checkout (pip install -e .)")
     t0 = time.perf_counter()
     data_dir, run_dir = out / "data", out / "run"
-    console.rule("1/3 synthetic data")
+    console.rule("1/4 synthetic data")
     info = synth(data_dir, scene_size=scene_size)
     console.print(f"{sum(info['splits'].values())} images + {scene_size}² scene in {data_dir}")
-    console.rule("2/3 train recipes/demo.yaml")
+    console.rule("2/4 train recipes/demo.yaml")
     overrides = [f"train.epochs={epochs}"] if epochs else []
     rec = recipe_mod.load(DEMO_RECIPE, overrides, data_dir)
     result = fit(rec, run_dir, overwrite=True, progress=progress, console=console)
-    console.rule("3/3 evaluate on the test split")
+    console.rule("3/4 evaluate on the test split")
     report = evaluate(run_dir, "test")
     console.print(metrics_table(report.metrics, f"test · {report.images} images"))
+    console.rule("4/4 export ONNX FP32 + FP16, gated against PyTorch")
+    exported = export_run(run_dir, ExportOptions(fp16=True),
+                          log=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False))
     summary = {
         "seconds": round(time.perf_counter() - t0, 1),
         "data": str(data_dir),
         "run_dir": str(run_dir),
         "best_val_miou": round(result.best_miou, 4),
         "test_miou": round(report.metrics.miou, 4),
+        "parity": {k: {"agreement": round(r.agreement, 6), "worst_iou_drop_points": round(r.worst_drop, 3),
+                       "passed": r.passed} for k, r in exported.parity.items()},
         "artifacts": {
             "weights": str(run_dir / "model.safetensors"),
             "history": str(run_dir / "history.csv"),
             "curves": str(run_dir / "plots"),
             "eval": str(report.out_dir),
+            "onnx": exported.files["onnx"],
+            "onnx_fp16": exported.files["onnx_fp16"],
+            "parity": exported.files["parity_summary"],
             "scene": info["scene"],
         },
     }

@@ -1,0 +1,246 @@
+"""torch -> ONNX: preflight (rewrite what TensorRT lacks, decide dynamic vs static), export,
+check, simplify, and embed the model's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from segdeploy.artifact import ModelMeta
+from segdeploy.errors import ArtifactError, UserError
+from segdeploy.utils import atomic_path
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+META_KEY = "segdeploy"
+
+
+@dataclass
+class Finding:
+    """A construct that breaks or drifts in TensorRT, and what export did about it."""
+
+    construct: str
+    where: str
+    action: str  # rewritten | static | gated | error
+
+    def __str__(self) -> str:
+        return f"{self.construct} at {self.where}: {self.action}"
+
+
+@dataclass
+class ExportPlan:
+    dynamic: bool
+    tile: int
+    findings: list[Finding] = field(default_factory=list)
+    static_reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"dynamic": self.dynamic, "tile": self.tile, "static_reasons": self.static_reasons,
+                "findings": [asdict(f) for f in self.findings]}
+
+
+class FixedAdaptiveAvgPool2d(nn.Module):
+    """AdaptiveAvgPool2d for one known input size, as two matrix products with PyTorch's bin edges.
+
+    Exact for any (non-divisible) size, and only MatMul in ONNX — TensorRT's adaptive pooling
+    support is limited to divisible sizes.
+    """
+
+    def __init__(self, output_size: tuple[int, int], input_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("rows", _bin_matrix(output_size[0], input_size[0]))
+        self.register_buffer("cols", _bin_matrix(output_size[1], input_size[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows @ x @ self.cols.T
+
+
+def _bin_matrix(out: int, size: int) -> torch.Tensor:
+    m = torch.zeros(out, size)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)  # floor, ceil
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def _pair(v: int | tuple[int | None, int | None] | None, like: tuple[int, int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    return (v[0] or like[0], v[1] or like[1])  # type: ignore[index]
+
+
+def preflight(model: nn.Module, meta: ModelMeta, tile: int) -> ExportPlan:
+    """Rewrite TensorRT-hostile constructs in place and decide static vs dynamic shapes."""
+    from segdeploy.models import SegNet
+
+    if tile % meta.input_divisor:
+        raise UserError(f"--tile {tile} is not a multiple of the model's input divisor {meta.input_divisor}; "
+                        f"use {tile - tile % meta.input_divisor or meta.input_divisor}")
+    plan = ExportPlan(dynamic=True, tile=tile)
+    if meta.static_size:
+        plan.dynamic = False
+        if tile != meta.static_size:
+            plan.static_reasons.append(f"the model accepts only {meta.static_size}×{meta.static_size}; tile set to it")
+            plan.tile = meta.static_size
+        plan.static_reasons.append("learnt positional embeddings fix the input size")
+    for name, mod in model.named_modules():
+        if isinstance(mod, SegNet):
+            mod.export_friendly = True
+            plan.findings.append(Finding("MaxPool indices + MaxUnpool (no TensorRT equivalent)", name or "model",
+                                         "rewritten as first-max one-hot switches (exact)"))
+    # adaptive pooling to more than one bin: measure each input size at the tile, then rewrite
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, tuple(i[0].shape[-2:])))
+             for n, m in model.named_modules() if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))]
+    if hooks:
+        with torch.inference_mode():
+            model(torch.zeros(1, meta.bands, plan.tile, plan.tile))
+        for h in hooks:
+            h.remove()
+    for name, size in sizes.items():
+        mod = model.get_submodule(name)
+        out = _pair(mod.output_size, size)
+        if out == (1, 1):
+            continue  # global pooling: ReduceMean, fine everywhere
+        if isinstance(mod, nn.AdaptiveMaxPool2d):
+            raise UserError(f"adaptive max pooling to {out} at {name} cannot be exported for TensorRT; "
+                            "use average pooling in this architecture")
+        divisible = size[0] % out[0] == 0 and size[1] % out[1] == 0
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, FixedAdaptiveAvgPool2d(out, size))
+        plan.dynamic = False
+        plan.findings.append(Finding(
+            f"adaptive average pooling {size[0]}×{size[1]} → {out[0]}×{out[1]}"
+            + ("" if divisible else " (non-divisible)"), name, f"rewritten as fixed bin averaging, static at {plan.tile}"))
+    if any(f.action.startswith("rewritten as fixed") for f in plan.findings):
+        plan.static_reasons.append("adaptive pooling bins depend on the input size")
+    return plan
+
+
+def graph_findings(model_proto) -> list[Finding]:  # noqa: ANN001 - onnx.ModelProto
+    """Ops in the exported graph that TensorRT lacks (error) or that may drift (gated)."""
+    out: list[Finding] = []
+    for node in model_proto.graph.node:
+        where = node.name or node.op_type
+        if node.op_type == "MaxUnpool":
+            out.append(Finding("MaxUnpool", where, "error: TensorRT has no MaxUnpool; rewrite the model"))
+        elif node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
+            out.append(Finding("MaxPool with indices output", where, "error: TensorRT cannot return pooling indices"))
+        elif node.op_type == "Resize":
+            mode = next((a.s.decode() for a in node.attribute if a.name == "coordinate_transformation_mode"), "half_pixel")
+            if mode == "align_corners":
+                out.append(Finding("Resize with align_corners", where, "gated: supported by TensorRT; drift is caught by the parity gate"))
+    return out
+
+
+def export_onnx(model: nn.Module, meta: ModelMeta, path: Path, plan: ExportPlan, opset: int = 17,
+                max_batch: int = 8) -> list[str]:
+    """Export, check, simplify and annotate; returns notes (e.g. the exporter used). Atomic."""
+    import onnx
+
+    if opset < 17:
+        raise UserError(f"--opset {opset} is too old: ≥ 17 keeps LayerNorm as one op")
+    model = model.eval().cpu()
+    x = torch.zeros(2, meta.bands, plan.tile, plan.tile)
+    notes: list[str] = []
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            _export_dynamo(model, x, tmp, plan, opset, max_batch)
+            notes.append("exporter: torch.export (dynamo)")
+        except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter
+            notes.append(f"exporter: TorchScript (dynamo failed: {type(exc).__name__})")
+            _export_torchscript(model, x, tmp, plan, opset)
+        proto = onnx.load(str(tmp))
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ArtifactError(f"exported ONNX failed onnx.checker: {exc}") from None
+        proto = simplify(proto, notes)
+        name_nodes(proto)
+        set_metadata(proto, meta, {"export": plan.to_dict()})
+        onnx.save(proto, str(tmp))
+    return notes
+
+
+def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, plan: ExportPlan, opset: int, max_batch: int) -> None:
+    from torch.export import Dim
+
+    shapes = {0: Dim("batch", min=1, max=max(max_batch, 2) * 64)}
+    if plan.dynamic:
+        shapes.update({2: Dim.DYNAMIC, 3: Dim.DYNAMIC})
+    torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      opset_version=max(opset, 18), dynamo=True, dynamic_shapes=({**shapes},), external_data=False,
+                      verbose=False, report=False)
+    import onnx
+
+    proto = onnx.load(str(path))
+    if proto.opset_import[0].version < 17:
+        raise RuntimeError("opset too low")
+
+
+def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, plan: ExportPlan, opset: int) -> None:
+    axes = {0: "batch"}
+    if plan.dynamic:
+        axes.update({2: "height", 3: "width"})
+    torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      opset_version=opset, dynamo=False, dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes})
+
+
+def simplify(proto, notes: list[str]):  # noqa: ANN001, ANN201
+    """onnxslim: constant folding and dead-node removal; keep the original if it fails."""
+    try:
+        import onnxslim
+
+        slim = onnxslim.slim(proto)
+        before, after = len(proto.graph.node), len(slim.graph.node)
+        notes.append(f"onnxslim: {before} → {after} nodes")
+        return slim
+    except Exception as exc:  # noqa: BLE001 - simplification is an optimisation, not a requirement
+        notes.append(f"onnxslim skipped ({type(exc).__name__})")
+        return proto
+
+
+def name_nodes(proto) -> None:  # noqa: ANN001
+    """Give every node a unique name: the FP16 fallback reports and blocks nodes by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(proto.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def set_metadata(proto, meta: ModelMeta, extra: dict | None = None) -> None:  # noqa: ANN001
+    """The whole ModelMeta as JSON under 'segdeploy', plus readable top-level keys for other tools."""
+    readable = {
+        "classes": json.dumps(meta.classes), "palette": json.dumps(meta.palette), "mean": json.dumps(meta.mean),
+        "std": json.dumps(meta.std), "max_pixel_value": str(meta.max_pixel_value), "bands": str(meta.bands),
+        "input_divisor": str(meta.input_divisor), "tile_size": str(meta.tile_size),
+        "recipe_digest": meta.recipe_digest, "segdeploy_version": meta.versions.get("segdeploy", ""),
+    }
+    doc = meta.to_dict()
+    doc["extra"] = {**doc.get("extra", {}), **(extra or {})}
+    readable[META_KEY] = json.dumps(doc)
+    del proto.metadata_props[:]
+    for k, v in readable.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def read_metadata(path: Path) -> ModelMeta:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); re-export it with "
+                            "`segdeploy export`") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if META_KEY not in props:
+        raise ArtifactError(f"{path} has no segdeploy metadata; export it with `segdeploy export RUN_DIR`")
+    return ModelMeta.from_dict(json.loads(props[META_KEY]), str(path))

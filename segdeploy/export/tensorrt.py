@@ -1,0 +1,195 @@
+"""Mixed-precision ONNX -> strongly typed TensorRT engine.
+
+TensorRT 11 removed `BuilderFlag.FP16` and weak typing: the precision is whatever the ONNX
+graph says (our FP16 ONNX from export/fp16.py). TensorRT 10.12+ builds the same way when the
+network is created with the STRONGLY_TYPED flag; 11.x accepts and ignores that flag.
+
+Everything here except `build_engine` and `current_device` is plain Python and tested on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from segdeploy.errors import ArtifactError, BackendUnavailable, UserError
+from segdeploy.utils import atomic_path, write_json
+
+MIN_TRT = (10, 12)
+
+
+def import_tensorrt():  # noqa: ANN201
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # noqa: BLE001
+        raise BackendUnavailable(
+            f"TensorRT is not installed ({type(exc).__name__}); install it on a machine with an NVIDIA GPU: "
+            "pip install 'segdeploy[trt]'"
+        ) from None
+    if parse_version(trt.__version__)[:2] < MIN_TRT:
+        raise BackendUnavailable(f"TensorRT {trt.__version__} is too old; segdeploy needs ≥ 10.12 (strongly typed FP16)")
+    return trt
+
+
+def parse_version(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", v)[:3])
+
+
+def network_flags(trt_version: str, strongly_typed_flag: int) -> int:
+    """TensorRT 10.x must be asked for a strongly typed network; 11.x always is (flag ignored)."""
+    return 0 if parse_version(trt_version)[0] >= 11 else 1 << strongly_typed_flag
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimisation profile: N×B×H×W shapes for min / opt / max."""
+
+    min: tuple[int, int, int, int]
+    opt: tuple[int, int, int, int]
+    max: tuple[int, int, int, int]
+
+
+def parse_batch(spec: str) -> tuple[int, int, int]:
+    """'1:4:8' -> (1, 4, 8); '8' -> (1, 8, 8)."""
+    try:
+        parts = [int(p) for p in spec.split(":")]
+    except ValueError:
+        raise UserError(f"--batch {spec!r} must be MIN:OPT:MAX (e.g. 1:4:8) or one number") from None
+    if len(parts) == 1:
+        parts = [1, parts[0], parts[0]]
+    if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2]):
+        raise UserError(f"--batch {spec!r} must be MIN:OPT:MAX with 1 ≤ MIN ≤ OPT ≤ MAX")
+    return parts[0], parts[1], parts[2]
+
+
+def derive_profile(batch: tuple[int, int, int], tile: int, bands: int, divisor: int, dynamic: bool) -> Profile:
+    """The profile predict/bench will use: batches of tiles of `tile`², and for dynamic models also
+    smaller images down to one divisor block (a whole small image is sent untiled)."""
+    if tile % divisor:
+        raise UserError(f"tile {tile} is not a multiple of the model's input divisor {divisor}")
+    b0, b1, b2 = batch
+    smallest = divisor if dynamic else tile
+    return Profile(min=(b0, bands, smallest, smallest), opt=(b1, bands, tile, tile), max=(b2, bands, tile, tile))
+
+
+def timing_cache_path(cache_dir: Path, gpu_name: str, compute_capability: str, trt_version: str) -> Path:
+    """One timing cache per GPU model, compute capability and TensorRT version (caches do not transfer)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower()
+    return cache_dir / f"timing-{slug}-sm{compute_capability.replace('.', '')}-trt{trt_version}.cache"
+
+
+@dataclass
+class DeviceInfo:
+    gpu_name: str
+    compute_capability: str
+    cuda_version: str
+    trt_version: str
+
+
+def current_device() -> DeviceInfo:
+    import torch
+
+    trt = import_tensorrt()
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("TensorRT needs a CUDA GPU and none is visible")
+    major, minor = torch.cuda.get_device_capability()
+    return DeviceInfo(torch.cuda.get_device_name(), f"{major}.{minor}", str(torch.version.cuda), trt.__version__)
+
+
+def check_engine_compat(engine_meta: dict, here: DeviceInfo, path: Path) -> None:
+    """Refuse an engine built for another GPU or TensorRT version with the command that fixes it."""
+    built = engine_meta.get("device", {})
+    problems = []
+    if built.get("trt_version") != here.trt_version:
+        problems.append(f"TensorRT {built.get('trt_version')} (here {here.trt_version})")
+    if built.get("compute_capability") != here.compute_capability or built.get("gpu_name") != here.gpu_name:
+        problems.append(f"{built.get('gpu_name')} sm{built.get('compute_capability')} "
+                        f"(here {here.gpu_name} sm{here.compute_capability})")
+    if problems:
+        run = path.parent.parent if path.parent.name == "export" else path.parent
+        raise ArtifactError(f"engine {path} was built for {' and '.join(problems)}; "
+                            f"rebuild with `segdeploy export {run} --trt`")
+
+
+def sidecar(engine_path: Path) -> Path:
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, model_meta: dict, *,
+                 workspace_gib: float = 4.0, cache_dir: Path | None = None, log=print) -> dict:  # noqa: ANN001
+    """Build a strongly typed engine from the mixed-precision ONNX; write engine + sidecar atomically."""
+    trt = import_tensorrt()
+    device = current_device()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt.__version__, int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ArtifactError(f"TensorRT cannot parse {onnx_path}: {errors[:400]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    opt_profile = builder.create_optimization_profile()
+    opt_profile.set_shape(network.get_input(0).name, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(opt_profile)
+
+    cache_file = timing_cache_path(cache_dir or engine_path.parent, device.gpu_name, device.compute_capability,
+                                   device.trt_version)
+    blob = cache_file.read_bytes() if cache_file.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    config.progress_monitor = _progress_monitor(trt, log)
+
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ArtifactError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+    build_s = time.perf_counter() - t0
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(bytes(plan))
+    with atomic_path(cache_file) as tmp:
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    meta = {
+        "model_meta": model_meta,
+        "device": asdict(device),
+        "profiles": [asdict(profile)],
+        "precision": "fp16 (strongly typed, from the mixed-precision ONNX)",
+        "onnx": str(onnx_path.name),
+        "onnx_sha256": sha256(onnx_path),
+        "build_seconds": round(build_s, 2),
+        "engine_bytes": engine_path.stat().st_size,
+        "timing_cache": str(cache_file),
+    }
+    write_json(sidecar(engine_path), meta)
+    return meta
+
+
+def _progress_monitor(trt, log):  # noqa: ANN001, ANN202
+    """TensorRT's IProgressMonitor printing phase starts/ends (the builder can take minutes)."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            if parent_phase is None:
+                log(f"TensorRT: {phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return True  # never cancel
+
+        def phase_finish(self, phase_name: str) -> None:
+            pass
+
+    return Monitor()

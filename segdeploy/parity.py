@@ -1,0 +1,151 @@
+"""The accuracy gate: an exported model against a fresh PyTorch FP32 run, on real tiles.
+
+Two-sided and per class: agreement with the reference's argmax, and each class's IoU against
+ground truth may not drop by more than a set number of points. A failure is a typed error with
+the numbers, never a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from segdeploy.artifact import ModelMeta
+from segdeploy.data.dataset import SegmentationDataset, discover
+from segdeploy.errors import DataError, ParityError
+from segdeploy.metrics import ConfusionMatrix
+from segdeploy.recipe import ParityConfig, Recipe
+from segdeploy.runtime.base import Backend
+
+
+@dataclass
+class ParityReport:
+    backend: str
+    precision: str
+    tiles: int
+    tile: int
+    max_abs: float
+    median_abs: float
+    p99_abs: float
+    cosine: float
+    agreement: float
+    min_agreement: float
+    max_class_iou_drop: float
+    per_class: list[dict] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    fp32_nodes: list[str] = field(default_factory=list)
+    fallback_rounds: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def worst_drop(self) -> float:
+        drops = [c["iou_drop_points"] for c in self.per_class if c["iou_drop_points"] is not None]
+        return max(drops, default=0.0)
+
+    def worst_classes(self, n: int = 3) -> list[dict]:
+        rows = [c for c in self.per_class if c["iou_drop_points"] is not None]
+        return sorted(rows, key=lambda c: -c["iou_drop_points"])[:n]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def summary(self) -> str:
+        worst = ", ".join(f"{c['class']} {c['iou_drop_points']:+.2f}" for c in self.worst_classes()) or "-"
+        return (f"{self.backend} {self.precision}: agreement {self.agreement:.4%} (≥ {self.min_agreement:.2%}), "
+                f"worst IoU drop {self.worst_drop:.2f} pt (≤ {self.max_class_iou_drop}) [{worst}], "
+                f"max |Δlogit| {self.max_abs:.3g}, cosine {self.cosine:.6f} — {'PASS' if self.passed else 'FAIL'}")
+
+
+def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised tiles of `tile`² from real images, the way predict will feed them: windows that
+    run past the image edge are padded (reflect), their labels padded with ignore_index."""
+    try:
+        items = discover(rec.data, split)
+    except DataError:
+        items = discover(rec.data, "train")
+    ds = SegmentationDataset(items, rec.data, rec.classes, meta.mean, meta.std)
+    xs, ys = [], []
+    for i in range(len(ds)):
+        x, y = ds[i]
+        h, w = x.shape[-2:]
+        for top in range(0, max(h - tile, 0) + 1, tile) if h >= tile else [0]:
+            for left in range(0, max(w - tile, 0) + 1, tile) if w >= tile else [0]:
+                xt, yt = x[:, top : top + tile, left : left + tile], y[top : top + tile, left : left + tile]
+                ph, pw = tile - xt.shape[-2], tile - xt.shape[-1]
+                if ph or pw:
+                    mode = "reflect" if ph < xt.shape[-2] and pw < xt.shape[-1] else "replicate"
+                    xt = torch.nn.functional.pad(xt[None], (0, pw, 0, ph), mode=mode)[0]
+                    yt = torch.nn.functional.pad(yt, (0, pw, 0, ph), value=meta.ignore_index)
+                xs.append(xt)
+                ys.append(yt)
+                if len(xs) >= samples:
+                    return torch.stack(xs), torch.stack(ys)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def run_batched(backend: Backend, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    limit = min(batch, backend.max_batch or batch)
+    return torch.cat([backend(x[i : i + limit]).float().cpu() for i in range(0, len(x), limit)])
+
+
+def compare(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, meta: ModelMeta, cfg: ParityConfig,
+            backend: str, precision: str) -> ParityReport:
+    if ref.shape != cand.shape:
+        raise ParityError(f"{backend} {precision} output shape {tuple(cand.shape)} differs from PyTorch's "
+                          f"{tuple(ref.shape)}; re-export the model")
+    diff = (ref - cand).abs().flatten()
+    q = torch.quantile(diff[:: max(1, len(diff) // 1_000_000)], torch.tensor([0.5, 0.99]))
+    cos = torch.nn.functional.cosine_similarity(ref.flatten(1).double(), cand.flatten(1).double(), dim=1).min()
+    pr, pc = ref.argmax(1), cand.argmax(1)
+    valid = target != meta.ignore_index  # padded borders do not count
+    agreement = float((pr[valid] == pc[valid]).float().mean()) if valid.any() else 1.0
+    c = meta.num_classes
+    cm_ref, cm_cand, cm_vs = (ConfusionMatrix(c, meta.ignore_index) for _ in range(3))
+    cm_ref.update(pr, target)
+    cm_cand.update(pc, target)
+    cm_vs.update(pc, torch.where(valid, pr, torch.full_like(pr, meta.ignore_index)))
+    m_ref, m_cand, m_vs = cm_ref.compute(meta.classes), cm_cand.compute(meta.classes), cm_vs.compute(meta.classes)
+    min_agree = cfg.fp16_agreement if precision == "fp16" else cfg.fp32_agreement
+    per_class = []
+    for i, name in enumerate(meta.classes):
+        drop = (m_ref.iou[i] - m_cand.iou[i]) * 100 if not math.isnan(m_ref.iou[i]) else float("nan")
+        f = lambda v: None if math.isnan(v) else round(float(v), 6)  # noqa: E731
+        per_class.append({"class": name, "iou_gt_reference": f(m_ref.iou[i]), "iou_gt": f(m_cand.iou[i]),
+                          "dice_gt": f(m_cand.dice[i]), "iou_drop_points": f(drop),
+                          "iou_vs_reference": f(m_vs.iou[i]), "dice_vs_reference": f(m_vs.dice[i])})
+    report = ParityReport(
+        backend=backend, precision=precision, tiles=len(ref), tile=int(ref.shape[-1]), max_abs=float(diff.max()),
+        median_abs=float(q[0]), p99_abs=float(q[1]), cosine=float(cos), agreement=agreement,
+        min_agreement=min_agree, max_class_iou_drop=cfg.max_class_iou_drop, per_class=per_class)
+    if agreement < min_agree:
+        report.failures.append(f"argmax agreement {agreement:.4%} < {min_agree:.2%}")
+    for row in report.worst_classes(c):
+        if row["iou_drop_points"] > cfg.max_class_iou_drop:
+            report.failures.append(f"class {row['class']!r} IoU drops {row['iou_drop_points']:.2f} pt "
+                                   f"(> {cfg.max_class_iou_drop})")
+    return report
+
+
+def gate(report: ParityReport) -> None:
+    """Raise ParityError naming the worst classes when the report failed."""
+    if report.passed:
+        return
+    worst = ", ".join(f"{c['class']} {c['iou_drop_points']:+.2f} pt" for c in report.worst_classes())
+    raise ParityError(f"parity gate failed for {report.backend} {report.precision}: {'; '.join(report.failures)} "
+                      f"(worst classes by IoU drop: {worst}); see parity.json", report)
+
+
+def reference_logits(ref_backend: Backend, x: torch.Tensor) -> torch.Tensor:
+    return run_batched(ref_backend, x)
+
+
+def as_numpy_batches(x: torch.Tensor, batch: int = 8) -> list[np.ndarray]:
+    return [x[i : i + batch].numpy() for i in range(0, len(x), batch)]

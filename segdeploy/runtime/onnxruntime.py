@@ -1,0 +1,70 @@
+"""onnxruntime backend for .onnx artifacts (CPU; CUDA and TensorRT providers when installed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segdeploy.errors import ArtifactError, BackendUnavailable
+from segdeploy.runtime.base import Backend
+
+PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        from segdeploy.export.onnx import read_metadata
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ArtifactError(f"ONNX file {self.path} not found")
+        self.meta = read_metadata(self.path)
+        available = ort.get_available_providers()
+        if providers:
+            missing = [p for p in providers if p not in available]
+            if missing:
+                raise BackendUnavailable(f"onnxruntime provider(s) {missing} not installed here (available: {available})")
+        else:
+            providers = [p for p in PREFERRED if p in available and p != "TensorrtExecutionProvider"]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as exc:  # noqa: BLE001
+            raise ArtifactError(f"onnxruntime cannot load {self.path}: {str(exc).splitlines()[0][:200]}; "
+                                "re-export it with `segdeploy export`") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.precision = "fp16" if ".fp16." in self.path.name else "fp32"
+        self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
+        self.providers = self.session.get_providers()
+        self.threads = opts.intra_op_num_threads
+        b = inp.shape[1]
+        if isinstance(b, int) and b != self.meta.bands:
+            raise ArtifactError(f"{self.path} takes {b} bands but its metadata says {self.meta.bands}; re-export it")
+
+    @classmethod
+    def load(cls, path: Path, providers: list[str] | None = None, threads: int | None = None,
+             **_: object) -> OrtBackend:
+        return cls(Path(path), providers, threads)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.detach().to("cpu", torch.float32).numpy()
+        if x.shape[1] != self.meta.bands:
+            raise ArtifactError(f"{self.path} expects {self.meta.bands} bands, got an image with {x.shape[1]}")
+        static = self.static_shape
+        if static and tuple(x.shape[-2:]) != static:
+            raise ArtifactError(f"{self.path} is static at {static[0]}×{static[1]}; got {x.shape[-2]}×{x.shape[-1]}")
+        (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
+        return torch.from_numpy(out.astype(np.float32, copy=False))
+
+    def describe(self) -> str:
+        return f"onnxruntime {self.precision} on {self.providers[0].removesuffix('ExecutionProvider')} ({self.path})"

@@ -1,0 +1,73 @@
+"""TensorRT backend for .engine artifacts: device buffers are torch CUDA tensors (no pycuda)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from segdeploy.artifact import ModelMeta
+from segdeploy.errors import ArtifactError
+from segdeploy.export.tensorrt import check_engine_compat, current_device, import_tensorrt, sidecar
+from segdeploy.runtime.base import Backend
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    precision = "fp16"
+    device = "cuda"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        side = sidecar(self.path)
+        if not self.path.is_file():
+            raise ArtifactError(f"engine {self.path} not found; build one with `segdeploy export RUN_DIR --trt`")
+        if not side.is_file():
+            raise ArtifactError(f"engine {self.path} has no {side.name} metadata; rebuild it with `segdeploy export --trt`")
+        try:
+            self.engine_meta = json.loads(side.read_text())
+        except json.JSONDecodeError:
+            raise ArtifactError(f"{side} is corrupt; rebuild with `segdeploy export --trt`") from None
+        self.meta = ModelMeta.from_dict(self.engine_meta["model_meta"], str(side))
+        trt = import_tensorrt()
+        check_engine_compat(self.engine_meta, current_device(), self.path)
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise ArtifactError(f"engine {self.path} is corrupt or truncated; rebuild with `segdeploy export --trt`")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        prof = self.engine_meta["profiles"][0]
+        self._min, self._max = tuple(prof["min"]), tuple(prof["max"])
+        self.stream = torch.cuda.Stream()
+
+    @classmethod
+    def load(cls, path: Path, **_: object) -> TensorRTBackend:
+        return cls(Path(path))
+
+    @property
+    def max_batch(self) -> int:
+        return int(self._max[0])
+
+    @property
+    def static_shape(self) -> tuple[int, int] | None:
+        return (self._max[2], self._max[3]) if self._min[2:] == self._max[2:] else None
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = batch.shape
+        if n > self._max[0] or h > self._max[2] or w > self._max[3] or h < self._min[2] or w < self._min[3]:
+            raise ArtifactError(f"batch {tuple(batch.shape)} is outside the engine's profile {self._min}..{self._max}; "
+                                "rebuild with a matching `segdeploy export --trt --tile/--batch`")
+        x = batch.to("cuda", torch.float32, non_blocking=True).contiguous()
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), device="cuda", dtype=torch.float32)
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise ArtifactError(f"TensorRT execution failed for {self.path}")
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out

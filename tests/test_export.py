@@ -1,0 +1,224 @@
+"""ONNX / FP16 export, the parity gate and its fallback, TensorRT profile and compatibility logic.
+
+Everything here runs on CPU through onnxruntime; the engine build itself is in test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from segdeploy import recipe
+from segdeploy.errors import ArtifactError, ParityError, UserError
+from segdeploy.evaluate import evaluate
+from segdeploy.export.onnx import FixedAdaptiveAvgPool2d, graph_findings, read_metadata
+from segdeploy.export.pipeline import ExportOptions, export_run
+from segdeploy.export.tensorrt import (
+    DeviceInfo,
+    Profile,
+    check_engine_compat,
+    derive_profile,
+    network_flags,
+    parse_batch,
+    timing_cache_path,
+)
+from segdeploy.runtime import load_backend
+from segdeploy.train import fit
+from tests.conftest import RECIPES, demo_overrides
+
+QUIET = lambda m: None  # noqa: E731
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("export", "eval"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = copy_run(tiny_run, tmp_path_factory.mktemp("exp"))
+    export_run(run, ExportOptions(fp16=True), log=QUIET)
+    return run
+
+
+def test_export_writes_gated_onnx_pair_with_metadata(exported: Path) -> None:
+    out = exported / "export"
+    assert {"model.onnx", "model.fp16.onnx", "parity.json", "parity.md"} <= {p.name for p in out.iterdir()}
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"]
+    fp32, fp16 = parity["reports"]["onnxruntime_fp32"], parity["reports"]["onnxruntime_fp16"]
+    assert fp32["agreement"] >= 0.9999 and fp16["agreement"] >= 0.999
+    assert fp32["max_abs"] < 1e-3 and fp16["cosine"] > 0.999
+    assert len(fp16["per_class"]) == 5 and {"iou_gt", "dice_gt", "iou_vs_reference", "iou_drop_points"} <= set(fp16["per_class"][0])
+    meta = read_metadata(out / "model.onnx")
+    run_meta = json.loads((exported / "meta.json").read_text())["model_meta"]
+    assert meta.classes == run_meta["classes"] and meta.palette == run_meta["palette"]
+    assert meta.mean == run_meta["mean"] and meta.recipe_digest == run_meta["recipe_digest"]
+    assert meta.versions["segdeploy"] and meta.tile_size == 64 and meta.static_size is None
+    proto = onnx.load(str(out / "model.onnx"))
+    assert proto.opset_import[0].version >= 17
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert not dims[0].HasField("dim_value") and not dims[2].HasField("dim_value")  # dynamic batch and size
+    props = {p.key for p in proto.metadata_props}
+    assert {"classes", "palette", "mean", "std", "input_divisor", "tile_size", "bands", "recipe_digest"} <= props
+    p16 = onnx.load(str(out / "model.fp16.onnx"))
+    assert p16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # I/O stays FP32
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in p16.graph.initializer)
+
+
+def test_onnx_backend_runs_dynamic_shapes_and_eval_matches_the_run(exported: Path) -> None:
+    backend = load_backend(exported / "export/model.onnx")
+    for shape in ((1, 3, 64, 64), (3, 3, 96, 160)):
+        assert backend(torch.randn(*shape)).shape == (shape[0], 5, *shape[2:])
+    ref = evaluate(exported, "test", plots=False).metrics
+    for name in ("model.onnx", "model.fp16.onnx"):
+        got = evaluate(exported / "export" / name, "test", plots=False).metrics
+        assert got.miou == pytest.approx(ref.miou, abs=2e-3)
+        np.testing.assert_allclose(got.iou, ref.iou, atol=5e-3)
+
+
+def test_fp16_fallback_keeps_more_nodes_fp32_until_a_strict_gate_passes(tiny_run: Path, tmp_path: Path) -> None:
+    run = copy_run(tiny_run, tmp_path)
+    strict = ["parity.fp16_agreement=1.0", "parity.max_class_iou_drop=0.0", "parity.samples=4"]
+    logs: list[str] = []
+    report = export_run(run, ExportOptions(fp16=True, parity_overrides=strict, max_fallback_rounds=8), log=logs.append)
+    rep = report.parity["onnxruntime_fp16"]
+    assert rep.passed and rep.agreement == 1.0
+    assert rep.fallback_rounds >= 1 and any("fallback round 1" in line for line in logs)
+    graph_nodes = {n.name for n in onnx.load(str(run / "export/model.onnx")).graph.node}
+    assert rep.fp32_nodes and set(rep.fp32_nodes) <= graph_nodes  # reported by ONNX node name
+    saved = read_metadata(run / "export/model.fp16.onnx").extra["fp32_nodes"]
+    assert saved == rep.fp32_nodes
+
+
+def test_fp16_gate_failure_names_worst_classes_and_leaves_no_fp16_model(tiny_run: Path, tmp_path: Path) -> None:
+    run = copy_run(tiny_run, tmp_path)
+    impossible = ["parity.fp16_agreement=1.0", "parity.max_class_iou_drop=0.0", "parity.samples=4"]
+    with pytest.raises(ParityError, match=r"parity gate failed for onnxruntime fp16: .*worst classes by IoU drop: ") as err:
+        export_run(run, ExportOptions(fp16=True, parity_overrides=impossible, max_fallback_rounds=0), log=QUIET)
+    assert err.value.report is not None and not err.value.report.passed
+    assert not (run / "export/model.fp16.onnx").exists()
+    assert (run / "export/model.onnx").exists()  # the FP32 model passed its own gate
+    assert json.loads((run / "export/parity.json").read_text())["passed"] is False
+    with pytest.raises(UserError, match="only parity"):
+        export_run(run, ExportOptions(parity_overrides=["train.epochs=3"]), log=QUIET)
+
+
+@pytest.mark.parametrize(("arch", "encoder", "kwargs", "static", "finding"), [
+    ("pspnet", "resnet18", {}, True, "non-divisible"),
+    ("segnet", "unused", {"widths": [8, 16, 16]}, False, "MaxUnpool"),
+    ("vit_segmenter", "test_vit", {"img_size": 64}, True, None),
+])
+def test_trt_hostile_architectures_export_after_preflight(arch: str, encoder: str, kwargs: dict, static: bool,
+                                                           finding: str | None, synth_dir: Path, tmp_path: Path) -> None:
+    over = demo_overrides(**{"train.epochs": 1, "model.arch": arch, "model.encoder": encoder,
+                             "model.kwargs": json.dumps(kwargs), "parity.samples": 4})
+    rec = recipe.load(RECIPES / "demo.yaml", over, synth_dir)
+    fit(rec, tmp_path / "run", progress=False)
+    report = export_run(tmp_path / "run", ExportOptions(), log=QUIET)
+    assert report.parity["onnxruntime_fp32"].passed
+    assert report.plan.dynamic is (not static)
+    if finding:
+        assert any(finding in f.construct for f in report.plan.findings)
+    proto = onnx.load(str(tmp_path / "run/export/model.onnx"))
+    ops = {n.op_type for n in proto.graph.node}
+    assert "MaxUnpool" not in ops and not any(n.op_type == "MaxPool" and len(n.output) > 1 for n in proto.graph.node)
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert (dims[2:] == [64, 64]) is static
+    if static:
+        assert read_metadata(tmp_path / "run/export/model.onnx").static_size == 64
+
+
+@pytest.mark.parametrize(("size", "out"), [((16, 16), (3, 3)), ((13, 20), (6, 4)), ((8, 8), (2, 2)), ((7, 9), (7, 9))])
+def test_fixed_adaptive_pool_rewrite_is_exact(size: tuple[int, int], out: tuple[int, int]) -> None:
+    x = torch.randn(2, 4, *size)
+    torch.testing.assert_close(FixedAdaptiveAvgPool2d(out, size)(x), nn.AdaptiveAvgPool2d(out)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_graph_findings_flag_maxunpool_and_align_corners() -> None:
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("MaxPool", ["x"], ["p", "idx"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("MaxUnpool", ["p", "idx"], ["u"], name="unpool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Resize", ["u", "", "scales"], ["y"], name="up", mode="linear",
+                         coordinate_transformation_mode="align_corners"),
+        helper.make_node("Resize", ["y", "", "scales"], ["z"], name="fine", mode="linear"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                              [helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])])
+    findings = graph_findings(helper.make_model(graph))
+    assert {(f.where, f.action.split(":")[0]) for f in findings} == {("pool", "error"), ("unpool", "error"), ("up", "gated")}
+
+
+def test_batch_profile_and_trt_version_logic() -> None:
+    assert parse_batch("1:4:8") == (1, 4, 8) and parse_batch("8") == (1, 8, 8)
+    for bad in ("0:1:2", "4:2:8", "x", "1:2"):
+        with pytest.raises(UserError, match="--batch"):
+            parse_batch(bad)
+    assert derive_profile((1, 4, 8), 512, 3, 32, dynamic=True) == Profile((1, 3, 32, 32), (4, 3, 512, 512), (8, 3, 512, 512))
+    assert derive_profile((1, 2, 2), 224, 4, 16, dynamic=False).min == (1, 4, 224, 224)
+    with pytest.raises(UserError, match="not a multiple"):
+        derive_profile((1, 1, 1), 500, 3, 32, dynamic=True)
+    assert network_flags("10.13.0", 1) == 2 and network_flags("11.2.0", 1) == 0
+    p = timing_cache_path(Path("/c"), "NVIDIA H100 80GB HBM3", "9.0", "10.13.0")
+    assert p.name == "timing-nvidia-h100-80gb-hbm3-sm90-trt10.13.0.cache"
+
+
+def test_engine_from_another_gpu_or_tensorrt_is_refused_with_the_rebuild_command() -> None:
+    built = {"device": {"gpu_name": "NVIDIA A10", "compute_capability": "8.6", "trt_version": "10.13.0"}}
+    here = DeviceInfo("NVIDIA H100 80GB HBM3", "9.0", "12.8", "10.13.0")
+    path = Path("runs/demo/export/model.engine")
+    with pytest.raises(ArtifactError, match=r"built for NVIDIA A10 sm8.6 .* rebuild with `segdeploy export runs/demo --trt`"):
+        check_engine_compat(built, here, path)
+    with pytest.raises(ArtifactError, match=r"TensorRT 10.13.0 \(here 11.1.0\)"):
+        check_engine_compat({**built, "device": {**built["device"], "gpu_name": here.gpu_name,
+                                                  "compute_capability": "9.0"}},
+                            DeviceInfo(here.gpu_name, "9.0", "12.8", "11.1.0"), path)
+    check_engine_compat({"device": {"gpu_name": here.gpu_name, "compute_capability": "9.0", "trt_version": "10.13.0"}},
+                        here, path)
+
+
+def test_bad_artifacts_are_one_line_errors(exported: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "bad.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ArtifactError, match="bad.onnx"):
+        load_backend(corrupt)
+    eng = tmp_path / "model.engine"
+    eng.write_bytes(b"x")
+    with pytest.raises(ArtifactError, match=r"no model.engine.json metadata; rebuild"):
+        load_backend(eng)
+    with pytest.raises(ArtifactError, match="not a model artifact"):
+        load_backend(tmp_path / "bad.onnx.txt") if (tmp_path / "bad.onnx.txt").write_text("x") else None
+    backend = load_backend(exported / "export/model.onnx")
+    with pytest.raises(ArtifactError, match="expects 3 bands, got an image with 4"):
+        backend(torch.zeros(1, 4, 64, 64))
+
+
+def test_trt_export_without_tensorrt_does_everything_else_then_says_what_is_missing(exported: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here; test_gpu.py covers the real build")
+    except ImportError:
+        pass
+    from typer.testing import CliRunner
+
+    from segdeploy.cli import app
+
+    run = copy_run(exported, tmp_path)
+    result = CliRunner().invoke(app, ["export", str(run), "--trt"])
+    assert result.exit_code == 2
+    assert "TensorRT is not installed" in result.output and "pip install 'segdeploy[trt]'" in result.output
+    assert (run / "export/model.onnx").exists() and (run / "export/model.fp16.onnx").exists()
+    assert not (run / "export/model.engine").exists()

@@ -1,0 +1,55 @@
+"""Tests that need a CUDA GPU (`gpu`) or TensorRT (`trt`). They skip with the reason when those are
+absent (conftest.py) and exercise the real thing when present."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from segdeploy import recipe
+from segdeploy.errors import ArtifactError
+from segdeploy.export.pipeline import ExportOptions, export_run
+from segdeploy.parity import compare, parity_tiles, run_batched
+from segdeploy.runtime import load_backend
+from segdeploy.runtime.torch import TorchBackend
+from segdeploy.train import fit
+from tests.conftest import RECIPES, demo_overrides
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_with_amp_and_channels_last(synth_dir: Path, tmp_path: Path) -> None:
+    rec = recipe.load(RECIPES / "demo.yaml", demo_overrides(**{"train.epochs": 2, "train.device": "cuda"}), synth_dir)
+    result = fit(rec, tmp_path / "run", progress=False)
+    assert result.epochs_run == 2 and result.best_miou > 0.2
+
+
+@pytest.mark.gpu
+def test_torch_fp16_autocast_matches_fp32_on_cuda(tiny_run: Path) -> None:
+    rec = recipe.load(tiny_run / "recipe.yaml")
+    fp32 = TorchBackend.load(tiny_run, device="cuda")
+    fp16 = TorchBackend.load(tiny_run, device="cuda", precision="fp16")
+    x, y = parity_tiles(rec, fp32.meta, 64, 8)
+    rep = compare(run_batched(fp32, x), run_batched(fp16, x), y, fp32.meta, rec.parity, "torch", "fp16")
+    assert rep.agreement >= 0.999, rep.summary()
+
+
+@pytest.mark.trt
+def test_tensorrt_engine_builds_passes_the_gate_and_describes_itself(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export"))
+    report = export_run(run, ExportOptions(trt=True, batch="1:2:4"), log=print)
+    assert report.parity["tensorrt_fp16"].passed
+    side = json.loads((run / "export/model.engine.json").read_text())
+    assert side["device"]["gpu_name"] == torch.cuda.get_device_name()
+    assert side["profiles"][0]["max"][0] == 4 and side["onnx_sha256"] and side["parity_passed"]
+    assert Path(side["timing_cache"]).is_file()
+    engine = load_backend(run / "export/model.engine")
+    assert engine(torch.randn(2, 3, 64, 64)).shape == (2, 5, 64, 64)
+    side["device"]["gpu_name"] = "Some Other GPU"
+    (run / "export/model.engine.json").write_text(json.dumps(side))
+    with pytest.raises(ArtifactError, match="rebuild with `segdeploy export"):
+        load_backend(run / "export/model.engine")
