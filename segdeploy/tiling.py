@@ -37,3 +37,161 @@ def forward_padded(backend, batch: torch.Tensor) -> torch.Tensor:  # noqa: ANN00
     else:
         x, _ = pad_to_multiple(batch, backend.meta.input_divisor)
     return backend(x)[..., :h, :w]
+
+
+# --------------------------------------------------------------------------- window grid
+
+
+def window_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of windows of `tile` along an axis of `size`, stepping tile - overlap.
+
+    The last window is not shifted inward: it runs past the edge and is padded, so every
+    window keeps the same stride and no border pixel is counted twice by accident.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap {overlap} must be in [0, tile={tile})")
+    stride = tile - overlap
+    n = 1 if size <= tile else 1 + math.ceil((size - tile) / stride)
+    return [i * stride for i in range(n)]
+
+
+# --------------------------------------------------------------------------- blend weights
+
+BLENDS = ("gaussian", "hann", "pyramid", "crop")
+MIN_WEIGHT = 1e-3  # weights stay > 0: a border pixel covered by one tile's edge is still defined
+
+
+def blend_weights(tile: int, kind: str = "gaussian", overlap: int = 0) -> torch.Tensor:
+    """tile×tile float32 weights in (0, 1], largest in the centre.
+
+    Built as the outer product of a 1-D profile clamped to MIN_WEIGHT: always positive, and the
+    ratio between two tiles that overlap along one axis depends only on that axis — so at the
+    scene's edges, where only one axis overlaps, the better-placed tile still wins.
+    """
+    if kind not in BLENDS:
+        raise ValueError(f"unknown blend {kind!r}; choose one of {', '.join(BLENDS)}")
+    pos = torch.arange(tile, dtype=torch.float64) + 0.5
+    if kind == "gaussian":  # sigma = tile/8, as MONAI's sliding-window default
+        line = torch.exp(-0.5 * ((pos - tile / 2) / (tile / 8)) ** 2)
+    elif kind == "hann":
+        line = torch.sin(math.pi * pos / tile) ** 2
+    elif kind == "pyramid":
+        line = torch.minimum(pos, tile - pos) / (tile / 2)
+    else:  # crop: only the centre counts; the half-overlap margin is all but ignored
+        margin = overlap // 2
+        line = torch.zeros(tile, dtype=torch.float64)
+        line[margin : tile - margin] = 1.0
+    # crop wants its margins ignored as far as positivity allows
+    line = (line / line.max()).clamp_min(MIN_WEIGHT if kind != "crop" else MIN_WEIGHT**2)
+    return (line[:, None] * line[None, :]).float()
+
+
+# --------------------------------------------------------------------------- stitching
+
+
+class StripAccumulator:
+    """Blends tile probabilities row of tiles by row of tiles, holding only what a later tile can
+    still touch: the overlap band below the current row (C × overlap × width) and the current
+    tile. Final pixels are handed on as soon as no later tile covers them.
+
+    Feed tiles in row-major order with `add(row, col, probs)`; each finished row of tiles
+    returns the final class map (and confidence) of its `stride` rows (all remaining rows for the
+    last row of tiles), cropped to the image.
+    """
+
+    def __init__(self, height: int, width: int, classes: int, tile: int, overlap: int, weights: torch.Tensor) -> None:
+        self.h, self.w, self.c, self.tile, self.ov = height, width, classes, tile, overlap
+        self.stride = tile - overlap
+        self.rows = window_starts(height, tile, overlap)
+        self.cols = window_starts(width, tile, overlap)
+        self.padded_w = self.cols[-1] + tile
+        self.weights = weights
+        # contributions of the previous row of tiles to the first `overlap` rows of this one
+        self.carry = torch.zeros(classes, overlap, self.padded_w)
+        self.carry_w = torch.zeros(overlap, self.padded_w)
+        self._reset_row()
+
+    def _reset_row(self) -> None:
+        self.next_carry = torch.zeros_like(self.carry)
+        self.next_carry_w = torch.zeros_like(self.carry_w)
+        self.left = torch.zeros(self.c, self.tile, self.ov)  # right margin of the previous tile
+        self.left_w = torch.zeros(self.tile, self.ov)
+        self.row_labels = torch.full((self._row_height(), self.w), -1, dtype=torch.int64)
+        self.row_conf = torch.zeros(self._row_height(), self.w)
+        self.expected_col = 0
+
+    def start_at(self, row: int) -> None:
+        """Begin at row of tiles `row` (resume): its top overlap band is then incomplete, so that
+        row must be replayed without emitting; rows after it are exact when overlap ≤ tile/2."""
+        self._row = row
+        self._reset_row()
+
+    @property
+    def row_index(self) -> int:
+        return getattr(self, "_row", 0)
+
+    def _row_height(self) -> int:
+        r = getattr(self, "_row", 0)
+        last = r == len(self.rows) - 1
+        top = self.rows[r]
+        bottom = self.h if last else top + self.stride
+        return max(0, min(bottom, self.h) - top)
+
+    def add(self, row: int, col: int, probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Blend one tile (C×tile×tile probabilities, or None for a skipped tile).
+
+        Returns (labels, confidence) for the finished rows when `col` is the row's last tile."""
+        if row != self.row_index or col != self.expected_col:
+            raise ValueError(f"tiles must arrive in row-major order: expected ({self.row_index}, {self.expected_col}), "
+                             f"got ({row}, {col})")
+        t, ov, s = self.tile, self.ov, self.stride
+        x0 = self.cols[col]
+        acc = torch.zeros(self.c, t, t)
+        wsum = torch.zeros(t, t)
+        if ov:
+            acc[:, :, :ov] += self.left
+            wsum[:, :ov] += self.left_w
+            # the previous row's band; where `left` already brought it (col > 0), skip those columns
+            start = ov if col > 0 else 0
+            acc[:, :ov, start:] += self.carry[:, :, x0 + start : x0 + t]
+            wsum[:ov, start:] += self.carry_w[:, x0 + start : x0 + t]
+        if probs is not None:
+            acc += probs * self.weights
+            wsum += self.weights
+        last_col = col == len(self.cols) - 1
+        last_row = self.row_index == len(self.rows) - 1
+        done_w = t if last_col else s  # columns no later tile of this row touches
+        done_h = t if last_row else s
+        # final block: rows [0, done_h) × cols [0, done_w) of this tile
+        y_keep = min(done_h, self._row_height())
+        x_end = min(x0 + done_w, self.w)
+        if y_keep > 0 and x_end > x0:
+            block = acc[:, :y_keep, : x_end - x0]
+            bw = wsum[:y_keep, : x_end - x0]
+            probs_final = block / bw.clamp_min(1e-12)
+            conf, labels = probs_final.max(0)
+            labels[bw <= 0] = -1  # covered by skipped (all-nodata) tiles only
+            self.row_labels[:y_keep, x0:x_end] = labels
+            self.row_conf[:y_keep, x0:x_end] = conf
+        if ov:
+            # bottom overlap band goes to the next row of tiles; the right margin to the next tile
+            self.next_carry[:, :, x0 : x0 + done_w] = acc[:, s:, :done_w]
+            self.next_carry_w[:, x0 : x0 + done_w] = wsum[s:, :done_w]
+            if not last_col:
+                self.left = acc[:, :, s:].clone()
+                self.left_w = wsum[:, s:].clone()
+        self.expected_col += 1
+        if not last_col:
+            return None
+        out = (self.row_labels, self.row_conf)
+        self.carry, self.carry_w = self.next_carry, self.next_carry_w
+        self._row = self.row_index + 1
+        if self._row < len(self.rows):
+            self._reset_row()
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held between tiles (what must not grow with the scene's height)."""
+        tensors = [self.carry, self.carry_w, self.next_carry, self.next_carry_w, self.left, self.left_w,
+                   self.row_labels, self.row_conf]
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,15 +1,96 @@
-"""`segdeploy predict` (placeholder until its issue lands)."""
+"""`segdeploy predict`."""
 
 from __future__ import annotations
 
+import time
+import warnings
+from pathlib import Path
+
 import typer
 
-from segdeploy.cli.app import app, guarded
-from segdeploy.errors import UserError
+from segdeploy.cli.app import app, console, emit_json, guarded
 
 
-@app.command("predict", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("predict")
 @guarded
-def predict_cmd(ctx: typer.Context) -> None:
-    """(not built yet)"""
-    raise UserError("segdeploy predict is not built yet in this version")
+def predict_cmd(
+    model: Path = typer.Argument(..., help="Run directory, .onnx or .engine."),
+    inputs: list[Path] = typer.Argument(..., help="GeoTIFF / PNG / JPEG files, directories or globs."),
+    out: Path = typer.Option(..., "--out", help="Output file (one input) or directory (several)."),
+    tile: int = typer.Option(None, help="Tile size (default: the model's tile size)."),
+    overlap: int = typer.Option(64, help="Overlap between tiles in pixels (≤ tile/2)."),
+    batch: int = typer.Option(8, help="Tiles per inference batch."),
+    blend: str = typer.Option("gaussian", help="Blend window: gaussian, hann, pyramid or crop."),
+    probs: bool = typer.Option(False, "--probs", help="Also write a confidence raster (max softmax, percent)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted prediction."),
+    device: str = typer.Option("auto", help="torch backend device: auto, cpu or cuda."),
+    threads: int = typer.Option(None, help="CPU threads for the backend."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+    json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON ('-' for stdout)."),
+) -> None:
+    """Tiled inference on scenes of any size with bounded memory; georeference kept."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from segdeploy.predict import PredictOptions, expand_inputs, output_for, predict_file
+    from segdeploy.runtime import backend_for, load_backend
+    from segdeploy.utils import pick_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    files = expand_inputs(inputs)
+    options: dict = {"threads": threads} if threads else {}
+    if backend_for(model) == "torch":
+        options = {"device": pick_device(device)}
+    backend = load_backend(model, **options)
+    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume)
+    many = len(files) > 1 or out.is_dir()
+    results = []
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tiles"),
+               TextColumn("{task.fields[mps]:.2f} MP/s"), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        for src in files:
+            task = bar.add_task(src.name, total=None, mps=0.0)
+            t0 = time.perf_counter()
+
+            def update(done: int, total: int, task=task) -> None:  # noqa: ANN001
+                fields = bar.tasks[task].fields
+                fields["mps"] = fields.get("px", 0) / 1e6 / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, completed=done, total=total)
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                dst = output_for(src, out, many)
+                info = _dimensions(src)
+                bar.tasks[task].fields["px"] = 0
+
+                def progress_cb(done: int, total: int) -> None:
+                    bar.tasks[task].fields["px"] = info * done / max(total, 1)
+                    update(done, total)
+
+                result = predict_file(backend, src, dst, opts, progress=progress_cb)
+            for w in caught:
+                if "georeference" in str(w.message):
+                    console.print(f"[yellow]warning:[/] {w.message}")
+            results.append(result)
+    for r in results:
+        console.print(f"{r.input} → {', '.join(r.files)}: {r.width}×{r.height} px, {r.tiles} tiles "
+                      f"({r.skipped_tiles} all-nodata skipped) in {r.seconds:.1f}s = {r.megapixels_per_s:.2f} MP/s, "
+                      f"peak RSS {r.peak_rss_mb:.0f} MB")
+    emit_json({"backend": backend.describe(), "results": [r.to_dict() for r in results]}, json_out)
+
+
+def _dimensions(path: Path) -> float:
+    """Pixels in the image (for the MP/s column); 0 when unknown."""
+    try:
+        if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return float(im.width * im.height)
+        import rasterio
+
+        with rasterio.open(path) as src:
+            return float(src.width * src.height)
+    except Exception:  # noqa: BLE001
+        return 0.0

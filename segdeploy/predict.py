@@ -1,0 +1,483 @@
+"""Tiled inference on rasters of any size with bounded memory.
+
+reader thread ──(bounded queue of tile batches)──► inference (caller's thread) ──(bounded queue)──►
+writer thread: StripAccumulator blends tiles row by row, final rows are written as soon as no
+later tile touches them. Nothing scene-sized is ever allocated: the accumulators hold the overlap
+band below the current row of tiles and the current tile; the writer holds at most one output
+block row.
+
+Output goes to a hidden temporary file beside OUT and is renamed onto OUT only when complete. A
+JSON state file records how many rows are on disk, so `--resume` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segdeploy.errors import DataError, UserError
+from segdeploy.runtime.base import Backend
+from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, window_starts
+from segdeploy.utils import atomic_path, peak_rss_mb, write_json
+
+RASTER = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
+PICTURE = {".png", ".jpg", ".jpeg", ".bmp"}
+SUPPORTED_DTYPES = {"uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
+
+
+@dataclass
+class PredictOptions:
+    tile: int | None = None
+    overlap: int = 64
+    batch: int = 8
+    blend: str = "gaussian"
+    probs: bool = False
+    resume: bool = False
+    pad: str = "reflect"
+
+
+@dataclass
+class PredictResult:
+    input: str
+    output: str
+    width: int
+    height: int
+    tiles: int
+    skipped_tiles: int
+    seconds: float
+    megapixels_per_s: float
+    peak_rss_mb: float
+    files: list[str] = field(default_factory=list)
+    resumed_from_row: int = 0
+    accumulator_mb: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------- readers
+
+
+class SceneReader:
+    """Windowed reads with padding past the edge; nodata-aware. GeoTIFF via rasterio, pictures via PIL."""
+
+    def __init__(self, path: Path, bands: int) -> None:
+        self.path = path
+        if not path.exists():
+            raise DataError(f"input {path} not found")
+        self.profile: dict = {}
+        self.array: np.ndarray | None = None
+        self.georeferenced = False
+        suffix = path.suffix.lower()
+        if suffix in PICTURE:
+            from segdeploy.data.io import read_image
+
+            self.array = read_image(path, bands)
+            self.height, self.width, self.count = self.array.shape
+            self.dtype = str(self.array.dtype)
+            self.nodata = None
+        else:
+            import rasterio
+            from rasterio.errors import RasterioIOError
+
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.src = rasterio.open(path)
+            except RasterioIOError as exc:
+                raise DataError(f"cannot open raster {path}: {exc} (corrupt, truncated or not a raster?)") from None
+            self.height, self.width, self.count = self.src.height, self.src.width, self.src.count
+            self.dtype = self.src.dtypes[0]
+            self.nodata = self.src.nodata
+            self.profile = self.src.profile.copy()
+            self.georeferenced = self.src.crs is not None and not self.src.transform.is_identity
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise DataError(f"{path} has pixel type {self.dtype}; supported: {', '.join(sorted(SUPPORTED_DTYPES))}")
+        if self.count != bands:
+            raise DataError(f"{path} has {self.count} bands but the model expects {bands}; "
+                            "use an image with the bands the model was trained on")
+
+    def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(H×W×B pixels, H×W valid mask) for the in-image part of a window."""
+        h, w = min(h, self.height - y), min(w, self.width - x)
+        if self.array is not None:
+            img = self.array[y : y + h, x : x + w]
+            return img, np.ones((h, w), dtype=bool)
+        from rasterio.windows import Window
+
+        win = Window(x, y, w, h)
+        try:
+            img = np.moveaxis(self.src.read(window=win), 0, -1)
+        except Exception as exc:  # noqa: BLE001 - GDAL errors on truncated files surface here
+            raise DataError(f"cannot read {self.path} at rows {y}..{y + h}: {str(exc)[:200]} "
+                            "(truncated or corrupt file)") from None
+        return img, self.valid(y, x, h, w)
+
+    def valid(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """H×W mask, False where every band is nodata (GDAL's dataset mask; 1 byte per pixel)."""
+        h, w = min(h, self.height - y), min(w, self.width - x)
+        if self.array is not None or self.nodata is None:
+            return np.ones((h, w), dtype=bool)
+        from rasterio.windows import Window
+
+        return self.src.dataset_mask(window=Window(x, y, w, h)) > 0
+
+    def close(self) -> None:
+        if self.array is None:
+            self.src.close()
+
+
+def pad_tile(img: np.ndarray, tile: int, mode: str) -> np.ndarray:
+    ph, pw = tile - img.shape[0], tile - img.shape[1]
+    if not ph and not pw:
+        return img
+    if mode == "reflect" and (ph >= img.shape[0] or pw >= img.shape[1]):
+        mode = "symmetric" if ph <= img.shape[0] and pw <= img.shape[1] else "edge"
+    return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode=mode)
+
+
+# --------------------------------------------------------------------------------------- writers
+
+
+class ClassRasterWriter:
+    """Class-index GeoTIFF (uint8 while classes fit), tiled, compressed, BigTIFF when needed,
+    georeference and nodata copied, palette as colormap; written by whole block rows."""
+
+    def __init__(self, tmp: Path, reader: SceneReader, classes: int, palette: list[list[int]], block: int,
+                 probs_tmp: Path | None, resume: bool) -> None:
+        import rasterio
+
+        self.dtype = "uint8" if classes < 255 else "uint16"
+        self.nodata = 255 if self.dtype == "uint8" else 65535
+        self.block = block
+        self.paths = [tmp] + ([probs_tmp] if probs_tmp else [])
+        profile = {
+            "driver": "GTiff", "width": reader.width, "height": reader.height, "count": 1,
+            "crs": reader.profile.get("crs"), "transform": reader.profile.get("transform"),
+            "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate", "predictor": 2,
+            "BIGTIFF": "IF_SAFER",
+        }
+        if not resume:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with rasterio.open(tmp, "w", dtype=self.dtype, nodata=self.nodata, **profile) as dst:
+                    if self.dtype == "uint8":
+                        dst.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(palette[:255])})
+                    dst.update_tags(segdeploy="incomplete")
+                if probs_tmp:
+                    with rasterio.open(probs_tmp, "w", dtype="uint8", nodata=255, **profile) as dst:
+                        dst.update_tags(segdeploy="incomplete", scale="percent confidence (max softmax × 100)")
+
+    def write_rows(self, y: int, labels: np.ndarray, conf: np.ndarray | None) -> None:
+        """Write full-width rows starting at `y` (the file is reopened so each call is on disk)."""
+        import rasterio
+        from rasterio.windows import Window
+
+        win = Window(0, y, labels.shape[1], labels.shape[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(self.paths[0], "r+") as dst:
+                dst.write(labels.astype(self.dtype)[None], window=win)
+            if conf is not None and len(self.paths) > 1:
+                with rasterio.open(self.paths[1], "r+") as dst:
+                    dst.write(conf[None], window=win)
+
+    def finish(self) -> None:
+        import rasterio
+
+        for p in self.paths:
+            with rasterio.open(p, "r+") as dst:
+                dst.update_tags(segdeploy="complete")
+
+
+# --------------------------------------------------------------------------------------- pipeline
+
+
+def _put(q: queue.Queue, item: object, stop: threading.Event, force: bool = False) -> None:
+    """put() that gives up when the pipeline is stopping (a dead consumer must not hang us)."""
+    while True:
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            if stop.is_set():
+                if not force:
+                    return
+                try:  # make room for the end marker
+                    q.get_nowait()
+                except queue.Empty:
+                    pass
+
+
+def _tiles(reader: SceneReader, rows: list[int], cols: list[int], tile: int, pad: str,
+           start_row: int) -> Iterator[tuple[int, int, np.ndarray | None]]:
+    for r in range(start_row, len(rows)):
+        for c in range(len(cols)):
+            img, valid = reader.read(rows[r], cols[c], tile, tile)
+            if not valid.any():
+                yield r, c, None  # all nodata: skipped, never blended
+                continue
+            yield r, c, pad_tile(img, tile, pad)
+
+
+def predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
+                 progress: Callable[[int, int], None] | None = None,
+                 stop_after_rows: int | None = None) -> PredictResult:
+    """Predict one image into `out` (GeoTIFF for rasters; PNG + overlay for pictures)."""
+    meta = backend.meta
+    t0 = time.perf_counter()
+    reader = SceneReader(src, meta.bands)
+    tile = opts.tile or meta.tile_size
+    if backend.static_shape and (tile, tile) != backend.static_shape:
+        tile = backend.static_shape[0]
+    if tile % meta.input_divisor:
+        raise UserError(f"--tile {tile} must be a multiple of the model's input divisor {meta.input_divisor}")
+    if not 0 <= opts.overlap <= tile // 2:
+        raise UserError(f"--overlap {opts.overlap} must be between 0 and half the tile ({tile // 2})")
+    if opts.blend not in BLENDS:
+        raise UserError(f"--blend {opts.blend!r} is unknown; choose one of {', '.join(BLENDS)}")
+    batch = min(opts.batch, backend.max_batch or opts.batch)
+    is_picture = reader.array is not None
+    if not is_picture and not reader.georeferenced:
+        warnings.warn(f"{src} has no georeference; the output will not have one either", stacklevel=2)
+    rows, cols = window_starts(reader.height, tile, opts.overlap), window_starts(reader.width, tile, opts.overlap)
+    stride = tile - opts.overlap
+    total_tiles = len(rows) * len(cols)
+
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {out.parent}: {exc.strerror}") from None
+    state_path = out.with_name(out.name + ".partial.json")
+    tmp = out.with_name(f".{out.stem}.partial{'.tif' if not is_picture else '.npy'}")
+    probs_tmp = out.with_name(f".{out.stem}.probs.partial.tif") if opts.probs and not is_picture else None
+    settings = {"input": str(src.resolve()), "model": str(backend.path), "tile": tile, "overlap": opts.overlap,
+                "blend": opts.blend, "probs": opts.probs}
+    start_row, rows_on_disk = 0, 0
+    if opts.resume and state_path.is_file() and not is_picture:
+        state = json.loads(state_path.read_text())
+        if state.get("settings") != settings:
+            raise UserError(f"{state_path} was written with other settings {state.get('settings')}; "
+                            "rerun without --resume or with the same options")
+        rows_on_disk = int(state["rows_on_disk"])
+        start_row = rows_on_disk // stride  # tile rows whose output is not fully on disk yet
+    elif opts.resume and not state_path.is_file():
+        raise UserError(f"nothing to resume for {out} (no {state_path.name}); drop --resume")
+    if not _writable(out.parent):
+        raise UserError(f"output directory {out.parent} is not writable; choose another --out")
+
+    weights = blend_weights(tile, opts.blend, opts.overlap)
+    acc = StripAccumulator(reader.height, reader.width, meta.num_classes, tile, opts.overlap, weights)
+    # rebuild the overlap band of the row before `start_row` by recomputing that row (output not re-emitted)
+    replay_from = max(start_row - 1, 0)
+    if replay_from:
+        acc.start_at(replay_from)
+    block = 512 if min(reader.height, reader.width) >= 512 else 256
+    writer = None
+    labels_buf: list[np.ndarray] = []
+    conf_buf: list[np.ndarray] = []
+    picture_rows: list[tuple[np.ndarray, np.ndarray]] = []
+    if not is_picture:
+        writer = ClassRasterWriter(tmp, reader, meta.num_classes, meta.palette, block, probs_tmp, resume=start_row > 0)
+
+    written = {"rows": rows_on_disk if start_row > 0 else 0, "buffered_from": 0}
+    next_emit_row = rows[start_row] if start_row < len(rows) else reader.height
+    written["buffered_from"] = next_emit_row
+
+    def flush(final: bool) -> None:
+        if not labels_buf:
+            return
+        lab = np.concatenate(labels_buf)
+        conf = np.concatenate(conf_buf) if conf_buf else None
+        y0 = written["buffered_from"]
+        n = len(lab) if final else ((y0 + len(lab)) // block) * block - y0
+        if n <= 0:
+            return
+        if writer is not None:
+            writer.write_rows(y0, lab[:n], conf[:n] if conf is not None else None)
+            write_json(state_path, {"settings": settings, "rows_on_disk": y0 + n, "height": reader.height})
+        else:
+            picture_rows.append((lab[:n], conf[:n] if conf is not None else None))
+        labels_buf[:] = [lab[n:]] if n < len(lab) else []
+        conf_buf[:] = [conf[n:]] if conf is not None and n < len(lab) else []
+        written["buffered_from"] = y0 + n
+        written["rows"] = y0 + n
+
+    work: queue.Queue = queue.Queue(maxsize=2)
+    results: queue.Queue = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    skipped = [0]
+    done_tiles = [0]
+
+    def read_loop() -> None:
+        try:
+            items: list[tuple[int, int, np.ndarray | None]] = []
+            for item in _tiles(reader, rows, cols, tile, opts.pad, replay_from):
+                if stop.is_set():
+                    return
+                items.append(item)
+                if sum(1 for _, _, a in items if a is not None) >= batch or len(items) >= 4 * batch:
+                    _put(work, items, stop)
+                    items = []
+            if items:
+                _put(work, items, stop)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+            stop.set()
+        finally:
+            _put(work, None, stop, force=True)
+
+    def write_loop() -> None:
+        try:
+            while True:
+                got = results.get()
+                if got is None:
+                    return
+                for r, c, probs in got:
+                    res = acc.add(r, c, probs)
+                    done_tiles[0] += 1
+                    if progress:
+                        progress(done_tiles[0], total_tiles)
+                    if res is None or r < start_row:
+                        continue
+                    lab, conf = res
+                    valid = reader.valid(rows[r], 0, lab.shape[0], reader.width)
+                    lab_np = lab.numpy()
+                    nodata_px = (~valid) | (lab_np < 0)
+                    lab_np = np.where(nodata_px, writer.nodata if writer else 255, lab_np)
+                    labels_buf.append(lab_np.astype(np.uint16 if meta.num_classes >= 255 else np.uint8))
+                    if opts.probs:
+                        cf = np.clip(np.round(conf.numpy() * 100), 0, 100).astype(np.uint8)
+                        conf_buf.append(np.where(nodata_px, 255, cf).astype(np.uint8))
+                    flush(final=False)
+                    if stop_after_rows is not None and r + 1 >= stop_after_rows:
+                        raise KeyboardInterrupt
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+            stop.set()
+
+    mean = torch.tensor(meta.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(meta.std, dtype=torch.float32).view(1, -1, 1, 1)
+    reader_t = threading.Thread(target=read_loop, daemon=True, name="segdeploy-reader")
+    writer_t = threading.Thread(target=write_loop, daemon=True, name="segdeploy-writer")
+    reader_t.start()
+    writer_t.start()
+    try:
+        while not stop.is_set():
+            items = work.get()
+            if items is None:
+                break
+            arrays = [a for _, _, a in items if a is not None]
+            probs_iter: Iterator[torch.Tensor] = iter(())
+            if arrays:
+                x = torch.from_numpy(np.stack(arrays).astype(np.float32)).permute(0, 3, 1, 2)
+                x = (x / meta.max_pixel_value - mean) / std
+                pin = backend.device.startswith("cuda")
+                if pin:
+                    x = x.pin_memory()
+                probs = torch.softmax(backend(x).float(), dim=1).cpu()
+                probs_iter = iter(probs)
+            packed = [(r, c, next(probs_iter) if a is not None else None) for r, c, a in items]
+            skipped[0] += sum(1 for _, _, a in items if a is None)
+            _put(results, packed, stop)
+    except BaseException as exc:  # noqa: BLE001 - an inference error: stop the threads, then raise
+        errors.append(exc)
+        stop.set()
+    finally:
+        _put(results, None, stop, force=True)
+        writer_t.join()
+        stop.set()
+        while reader_t.is_alive():  # unblock the reader if it waits on a full queue
+            try:
+                work.get_nowait()
+            except queue.Empty:
+                time.sleep(0.01)
+        reader.close()
+    if errors:
+        raise errors[0]
+    flush(final=True)
+
+    files = []
+    if writer is not None:
+        writer.finish()
+        import os
+
+        os.replace(tmp, out)
+        files.append(str(out))
+        if probs_tmp:
+            probs_out = out.with_name(f"{out.stem}.probs.tif")
+            os.replace(probs_tmp, probs_out)
+            files.append(str(probs_out))
+        state_path.unlink(missing_ok=True)
+    else:
+        files += _write_picture_outputs(reader, picture_rows, meta, out)
+    seconds = time.perf_counter() - t0
+    mp = reader.width * reader.height / 1e6
+    return PredictResult(str(src), str(out), reader.width, reader.height, total_tiles, skipped[0], round(seconds, 3),
+                         round(mp / seconds, 3), round(peak_rss_mb(), 1), files, rows_on_disk,
+                         round(acc.nbytes() / 2**20, 2))
+
+
+def _write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.ndarray | None]], meta, out: Path) -> list[str]:  # noqa: ANN001
+    """Class PNG (palette mode) and a colourised overlay beside it."""
+    from PIL import Image
+
+    from segdeploy.evaluate import colorize_classes, display_rgb
+
+    labels = np.concatenate([r[0] for r in rows]).astype(np.uint8)
+    png = out if out.suffix.lower() == ".png" else out.with_suffix(".png")
+    im = Image.fromarray(labels, mode="P")
+    flat = [v for c in meta.palette for v in c][: 256 * 3]
+    im.putpalette(flat + [0] * (768 - len(flat)))
+    with atomic_path(png) as tmp:
+        im.save(tmp, format="PNG")
+    rgb = display_rgb(reader.array, meta.max_pixel_value).astype(np.float32)
+    colour = colorize_classes(labels, [tuple(c) for c in meta.palette], 255).astype(np.float32)
+    overlay = (0.55 * rgb + 0.45 * colour).astype(np.uint8)
+    ov_path = png.with_name(f"{png.stem}_overlay.png")
+    with atomic_path(ov_path) as tmp:
+        Image.fromarray(overlay).save(tmp, format="PNG")
+    return [str(png), str(ov_path)]
+
+
+def _writable(directory: Path) -> bool:
+    import os
+
+    return os.access(directory, os.W_OK)
+
+
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    """Files, directories (their images) and globs -> sorted list of image files."""
+    import glob
+
+    found: list[Path] = []
+    for item in inputs:
+        s = str(item)
+        if any(ch in s for ch in "*?["):
+            found += [Path(p) for p in sorted(glob.glob(s))]
+        elif item.is_dir():
+            found += sorted(p for p in item.iterdir() if p.suffix.lower() in RASTER | PICTURE)
+        else:
+            found.append(item)
+    if not found:
+        raise DataError(f"no input images found in {', '.join(map(str, inputs))}")
+    return found
+
+
+def output_for(src: Path, out: Path, many: bool) -> Path:
+    if not many:
+        return out
+    suffix = ".tif" if src.suffix.lower() in RASTER else ".png"
+    return out / f"{src.stem}_pred{suffix}"
+
