@@ -207,20 +207,21 @@ class ViTSegmenter(nn.Module):
         return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
 
 
-@ARCHITECTURES.register("segnet")
-def _segnet(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+def _widths_kwargs(cfg: ModelConfig) -> dict:
     kw = dict(cfg.kwargs)
     if "widths" in kw:
         kw["widths"] = tuple(kw["widths"])
-    return SegNet(in_channels, num_classes, **kw)
+    return kw
+
+
+@ARCHITECTURES.register("segnet")
+def _segnet(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    return SegNet(in_channels, num_classes, **_widths_kwargs(cfg))
 
 
 @ARCHITECTURES.register("unet_strided")
 def _unet_strided(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    kw = dict(cfg.kwargs)
-    if "widths" in kw:
-        kw["widths"] = tuple(kw["widths"])
-    return StridedUNet(in_channels, num_classes, **kw)
+    return StridedUNet(in_channels, num_classes, **_widths_kwargs(cfg))
 
 
 @ARCHITECTURES.register("vit_segmenter")

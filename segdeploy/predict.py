@@ -131,6 +131,19 @@ class SceneReader:
 
         return self.src.dataset_mask(window=Window(x, y, w, h)) > 0
 
+    def second_handle(self) -> SceneReader:
+        """The same raster opened again: a GDAL dataset must not be read from two threads at once."""
+        if self.array is not None:
+            return self
+        import rasterio
+
+        twin = object.__new__(SceneReader)
+        twin.__dict__.update(self.__dict__)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            twin.src = rasterio.open(self.path)
+        return twin
+
     def close(self) -> None:
         if self.array is None:
             self.src.close()
@@ -229,10 +242,27 @@ def _tiles(reader: SceneReader, rows: list[int], cols: list[int], tile: int, pad
             yield r, c, pad_tile(img, tile, pad)
 
 
+def gdal_cache_bytes() -> int:
+    """GDAL's block cache for predict. GDAL's default (5% of RAM) fills with input blocks on a
+    wide scene and is what made peak memory grow with the scene; a row of 512² input blocks across
+    a 20k-pixel scene is ~31 MB. Override with SEGDEPLOY_GDAL_CACHE_MB."""
+    import os
+
+    return int(float(os.environ.get("SEGDEPLOY_GDAL_CACHE_MB", 64)) * 2**20)
+
+
 def predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
                  progress: Callable[[int, int], None] | None = None,
                  stop_after_rows: int | None = None) -> PredictResult:
     """Predict one image into `out` (GeoTIFF for rasters; PNG + overlay for pictures)."""
+    import rasterio
+
+    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes()):
+        return _predict_file(backend, src, out, opts, progress, stop_after_rows)
+
+
+def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
+                  progress: Callable[[int, int], None] | None, stop_after_rows: int | None) -> PredictResult:
     meta = backend.meta
     t0 = time.perf_counter()
     reader = SceneReader(src, meta.bands)
@@ -269,6 +299,8 @@ def predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
         if state.get("settings") != settings:
             raise UserError(f"{state_path} was written with other settings {state.get('settings')}; "
                             "rerun without --resume or with the same options")
+        if not tmp.is_file():
+            raise UserError(f"cannot resume {out}: its partial output {tmp.name} is gone; rerun without --resume")
         rows_on_disk = int(state["rows_on_disk"])
         start_row = rows_on_disk // stride  # tile rows whose output is not fully on disk yet
     elif opts.resume and not state_path.is_file():
@@ -276,8 +308,10 @@ def predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
     if not _writable(out.parent):
         raise UserError(f"output directory {out.parent} is not writable; choose another --out")
 
+    mask_reader = reader.second_handle()  # for the writer thread
     weights = blend_weights(tile, opts.blend, opts.overlap)
-    acc = StripAccumulator(reader.height, reader.width, meta.num_classes, tile, opts.overlap, weights)
+    acc = StripAccumulator(reader.height, reader.width, meta.num_classes, tile, opts.overlap, weights,
+                           keep_confidence=opts.probs or is_picture)
     # rebuild the overlap band of the row before `start_row` by recomputing that row (output not re-emitted)
     replay_from = max(start_row - 1, 0)
     if replay_from:
@@ -352,14 +386,17 @@ def predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
                     if res is None or r < start_row:
                         continue
                     lab, conf = res
-                    valid = reader.valid(rows[r], 0, lab.shape[0], reader.width)
+                    valid = mask_reader.valid(rows[r], 0, lab.shape[0], reader.width)
                     lab_np = lab.numpy()
                     nodata_px = (~valid) | (lab_np < 0)
-                    lab_np = np.where(nodata_px, writer.nodata if writer else 255, lab_np)
-                    labels_buf.append(lab_np.astype(np.uint16 if meta.num_classes >= 255 else np.uint8))
+                    out_dtype = np.uint16 if meta.num_classes >= 255 else np.uint8
+                    lab_np = lab_np.astype(out_dtype)
+                    lab_np[nodata_px] = writer.nodata if writer else 255
+                    labels_buf.append(lab_np)
                     if opts.probs:
-                        cf = np.clip(np.round(conf.numpy() * 100), 0, 100).astype(np.uint8)
-                        conf_buf.append(np.where(nodata_px, 255, cf).astype(np.uint8))
+                        cf = np.clip(np.round(conf.numpy().astype(np.float32) * 100), 0, 100).astype(np.uint8)
+                        cf[nodata_px] = 255
+                        conf_buf.append(cf)
                     flush(final=False)
                     if stop_after_rows is not None and r + 1 >= stop_after_rows:
                         raise KeyboardInterrupt
@@ -404,6 +441,8 @@ def predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
             except queue.Empty:
                 time.sleep(0.01)
         reader.close()
+        if mask_reader is not reader:
+            mask_reader.close()
     if errors:
         raise errors[0]
     flush(final=True)

@@ -99,25 +99,27 @@ class StripAccumulator:
     last row of tiles), cropped to the image.
     """
 
-    def __init__(self, height: int, width: int, classes: int, tile: int, overlap: int, weights: torch.Tensor) -> None:
+    def __init__(self, height: int, width: int, classes: int, tile: int, overlap: int, weights: torch.Tensor,
+                 keep_confidence: bool = True) -> None:
         self.h, self.w, self.c, self.tile, self.ov = height, width, classes, tile, overlap
+        self.keep_confidence = keep_confidence
         self.stride = tile - overlap
         self.rows = window_starts(height, tile, overlap)
         self.cols = window_starts(width, tile, overlap)
         self.padded_w = self.cols[-1] + tile
         self.weights = weights
-        # contributions of the previous row of tiles to the first `overlap` rows of this one
+        # contributions of the previous row of tiles to the first `overlap` rows of this one. It is
+        # updated in place: tile c reads carry columns [x0, x0+tile) and then overwrites only
+        # [x0, x0+stride), which no later tile of the row reads (they start at x0+tile).
         self.carry = torch.zeros(classes, overlap, self.padded_w)
         self.carry_w = torch.zeros(overlap, self.padded_w)
         self._reset_row()
 
     def _reset_row(self) -> None:
-        self.next_carry = torch.zeros_like(self.carry)
-        self.next_carry_w = torch.zeros_like(self.carry_w)
         self.left = torch.zeros(self.c, self.tile, self.ov)  # right margin of the previous tile
         self.left_w = torch.zeros(self.tile, self.ov)
-        self.row_labels = torch.full((self._row_height(), self.w), -1, dtype=torch.int64)
-        self.row_conf = torch.zeros(self._row_height(), self.w)
+        self.row_labels = torch.full((self._row_height(), self.w), -1, dtype=torch.int16)
+        self.row_conf = torch.zeros(self._row_height() if self.keep_confidence else 0, self.w, dtype=torch.float16)
         self.expected_col = 0
 
     def start_at(self, row: int) -> None:
@@ -171,12 +173,13 @@ class StripAccumulator:
             probs_final = block / bw.clamp_min(1e-12)
             conf, labels = probs_final.max(0)
             labels[bw <= 0] = -1  # covered by skipped (all-nodata) tiles only
-            self.row_labels[:y_keep, x0:x_end] = labels
-            self.row_conf[:y_keep, x0:x_end] = conf
+            self.row_labels[:y_keep, x0:x_end] = labels.to(torch.int16)
+            if self.keep_confidence:
+                self.row_conf[:y_keep, x0:x_end] = conf.to(torch.float16)
         if ov:
             # bottom overlap band goes to the next row of tiles; the right margin to the next tile
-            self.next_carry[:, :, x0 : x0 + done_w] = acc[:, s:, :done_w]
-            self.next_carry_w[:, x0 : x0 + done_w] = wsum[s:, :done_w]
+            self.carry[:, :, x0 : x0 + done_w] = acc[:, s:, :done_w]
+            self.carry_w[:, x0 : x0 + done_w] = wsum[s:, :done_w]
             if not last_col:
                 self.left = acc[:, :, s:].clone()
                 self.left_w = wsum[:, s:].clone()
@@ -184,7 +187,6 @@ class StripAccumulator:
         if not last_col:
             return None
         out = (self.row_labels, self.row_conf)
-        self.carry, self.carry_w = self.next_carry, self.next_carry_w
         self._row = self.row_index + 1
         if self._row < len(self.rows):
             self._reset_row()
@@ -192,6 +194,5 @@ class StripAccumulator:
 
     def nbytes(self) -> int:
         """Bytes held between tiles (what must not grow with the scene's height)."""
-        tensors = [self.carry, self.carry_w, self.next_carry, self.next_carry_w, self.left, self.left_w,
-                   self.row_labels, self.row_conf]
+        tensors = [self.carry, self.carry_w, self.left, self.left_w, self.row_labels, self.row_conf]
         return sum(t.numel() * t.element_size() for t in tensors)

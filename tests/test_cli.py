@@ -99,3 +99,4 @@ def test_quickstart_trains_the_demo_to_real_accuracy(tmp_path: Path) -> None:
         assert Path(path).exists()
     assert summary["parity"]["onnxruntime_fp32"]["passed"] and summary["parity"]["onnxruntime_fp16"]["passed"]
     assert summary["parity"]["onnxruntime_fp16"]["agreement"] >= 0.999
+    assert summary["scene_prediction"]["pixel_accuracy"] >= 0.9

@@ -68,7 +68,7 @@ def test_stitcher_reproduces_a_probability_field_exactly(h: int, w: int, tile: i
                 labels.append(out[0])
                 conf.append(out[1])
     assert torch.equal(torch.cat(labels), field.argmax(0))
-    torch.testing.assert_close(torch.cat(conf), field.max(0).values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(conf).float(), field.max(0).values, atol=1e-3, rtol=0)  # kept as float16
 
 
 def test_accumulator_memory_does_not_grow_with_height() -> None:
@@ -78,7 +78,7 @@ def test_accumulator_memory_does_not_grow_with_height() -> None:
     assert short == tall
     # and with width only by the overlap band: C × overlap × W floats (+ one row of tiles' labels)
     wide = StripAccumulator(200, 10_000, 10, 64, 16, w).nbytes()
-    assert wide - short < 2.2 * (10 * 16 * 5000 * 4) + 2 * 48 * 5000 * 12
+    assert wide - short <= (10 * 16 * 5000 * 4 + 16 * 5000 * 4) + 48 * 5000 * 4  # carry + weights + one label/conf row
 
 
 # ------------------------------------------------------------------------------ end to end with echo models
@@ -246,3 +246,18 @@ def test_bad_inputs_are_clear_and_leave_nothing_that_looks_finished(tmp_path: Pa
     (tmp_path / "afile").write_text("x")
     with pytest.raises(UserError, match="cannot create output directory"):
         predict_file(backend, tmp_path / "big.tif", tmp_path / "afile" / "o.tif", PredictOptions(tile=32, overlap=8))
+
+
+def test_writer_thread_reads_masks_through_its_own_gdal_handle(tmp_path: Path) -> None:
+    """GDAL datasets are not thread-safe: the mask reads of the writer thread once collided with
+    the reader thread's tile reads on a 20000² scene ("Read failed")."""
+    from segdeploy.predict import SceneReader
+
+    write_tif(tmp_path / "n.tif", np.ones((64, 64), np.uint8), nodata=0)
+    reader = SceneReader(tmp_path / "n.tif", 1)
+    twin = reader.second_handle()
+    try:
+        assert twin.src is not reader.src and twin.valid(0, 0, 8, 8).all()
+    finally:
+        twin.close()
+        reader.close()

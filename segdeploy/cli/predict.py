@@ -19,7 +19,8 @@ def predict_cmd(
     out: Path = typer.Option(..., "--out", help="Output file (one input) or directory (several)."),
     tile: int = typer.Option(None, help="Tile size (default: the model's tile size)."),
     overlap: int = typer.Option(64, help="Overlap between tiles in pixels (≤ tile/2)."),
-    batch: int = typer.Option(8, help="Tiles per inference batch."),
+    batch: int = typer.Option(None, help="Tiles per inference batch (default: 8 on a GPU, 2 on CPU, where larger "
+                              "batches cost memory and gain no speed)."),
     blend: str = typer.Option("gaussian", help="Blend window: gaussian, hann, pyramid or crop."),
     probs: bool = typer.Option(False, "--probs", help="Also write a confidence raster (max softmax, percent)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted prediction."),
@@ -43,6 +44,7 @@ def predict_cmd(
     if backend_for(model) == "torch":
         options = {"device": pick_device(device)}
     backend = load_backend(model, **options)
+    batch = batch or (8 if backend.device.startswith("cuda") else 2)
     opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume)
     many = len(files) > 1 or out.is_dir()
     results = []
@@ -51,28 +53,18 @@ def predict_cmd(
     with Progress(*columns, console=console, disable=not progress) as bar:
         for src in files:
             task = bar.add_task(src.name, total=None, mps=0.0)
-            t0 = time.perf_counter()
+            pixels, t0 = _dimensions(src), time.perf_counter()
 
-            def update(done: int, total: int, task=task) -> None:  # noqa: ANN001
-                fields = bar.tasks[task].fields
-                fields["mps"] = fields.get("px", 0) / 1e6 / max(time.perf_counter() - t0, 1e-9)
-                bar.update(task, completed=done, total=total)
+            def on_tile(done: int, total: int, task=task, pixels=pixels, t0=t0) -> None:  # noqa: ANN001
+                rate = pixels * done / max(total, 1) / 1e6 / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, completed=done, total=total, mps=rate)
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                dst = output_for(src, out, many)
-                info = _dimensions(src)
-                bar.tasks[task].fields["px"] = 0
-
-                def progress_cb(done: int, total: int) -> None:
-                    bar.tasks[task].fields["px"] = info * done / max(total, 1)
-                    update(done, total)
-
-                result = predict_file(backend, src, dst, opts, progress=progress_cb)
+                results.append(predict_file(backend, src, output_for(src, out, many), opts, progress=on_tile))
             for w in caught:
                 if "georeference" in str(w.message):
                     console.print(f"[yellow]warning:[/] {w.message}")
-            results.append(result)
     for r in results:
         console.print(f"{r.input} → {', '.join(r.files)}: {r.width}×{r.height} px, {r.tiles} tiles "
                       f"({r.skipped_tiles} all-nodata skipped) in {r.seconds:.1f}s = {r.megapixels_per_s:.2f} MP/s, "

@@ -22,7 +22,7 @@ def quickstart_cmd(
     progress: bool = typer.Option(True, help="Show progress bars."),
     json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON ('-' for stdout)."),
 ) -> None:
-    """synth data → train the demo recipe → eval on the test split → export ONNX + FP16 behind the gate."""
+    """synth data → train the demo recipe → eval → export ONNX + FP16 behind the gate → tiled predict → bench."""
     from segdeploy import recipe as recipe_mod
     from segdeploy.cli.render import metrics_table
     from segdeploy.data.synth import synth
@@ -34,25 +34,46 @@ def quickstart_cmd(
         raise UserError(f"demo recipe {DEMO_RECIPE} not found; run quickstart from a source checkout (pip install -e .)")
     t0 = time.perf_counter()
     data_dir, run_dir = out / "data", out / "run"
-    console.rule("1/4 synthetic data")
+    console.rule("1/6 synthetic data")
     info = synth(data_dir, scene_size=scene_size)
     console.print(f"{sum(info['splits'].values())} images + {scene_size}² scene in {data_dir}")
-    console.rule("2/4 train recipes/demo.yaml")
+    console.rule("2/6 train recipes/demo.yaml")
     overrides = [f"train.epochs={epochs}"] if epochs else []
     rec = recipe_mod.load(DEMO_RECIPE, overrides, data_dir)
     result = fit(rec, run_dir, overwrite=True, progress=progress, console=console)
-    console.rule("3/4 evaluate on the test split")
+    console.rule("3/6 evaluate on the test split")
     report = evaluate(run_dir, "test")
     console.print(metrics_table(report.metrics, f"test · {report.images} images"))
-    console.rule("4/4 export ONNX FP32 + FP16, gated against PyTorch")
+    console.rule("4/6 export ONNX FP32 + FP16, gated against PyTorch")
     exported = export_run(run_dir, ExportOptions(fp16=True),
                           log=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False))
+    console.rule("5/6 tiled prediction of the georeferenced scene with the FP16 ONNX")
+    from segdeploy.predict import PredictOptions, predict_file
+    from segdeploy.runtime import load_backend
+
+    pred_path = out / "scene_pred.tif"
+    pred = predict_file(load_backend(exported.files["onnx_fp16"]), Path(info["scene"]), pred_path,
+                        PredictOptions(tile=256, overlap=32, batch=4))
+    scene_acc = _agreement(pred_path, Path(info["scene_labels"]))
+    console.print(f"{pred.width}×{pred.height} px in {pred.seconds:.1f}s = {pred.megapixels_per_s:.2f} MP/s, "
+                  f"peak RSS {pred.peak_rss_mb:.0f} MB, pixel accuracy vs scene labels {scene_acc:.4f}")
+    console.rule("6/6 bench: every backend available here, batch 1")
+    from segdeploy.bench import BenchOptions, bench
+    from segdeploy.cli.bench import render
+
+    bench_report = bench([run_dir], BenchOptions(batches=(1,), size=rec.data.tile_size, min_iters=10, min_seconds=1.0),
+                         log=lambda m: None)
+    console.print(render(bench_report))
     summary = {
         "seconds": round(time.perf_counter() - t0, 1),
         "data": str(data_dir),
         "run_dir": str(run_dir),
         "best_val_miou": round(result.best_miou, 4),
         "test_miou": round(report.metrics.miou, 4),
+        "scene_prediction": {"megapixels_per_s": pred.megapixels_per_s, "seconds": pred.seconds,
+                             "peak_rss_mb": pred.peak_rss_mb, "pixel_accuracy": round(scene_acc, 4)},
+        "bench": [{"backend": r.backend, "precision": r.precision, "status": r.status, "p50_ms": r.p50_ms,
+                   "reason": r.reason} for r in bench_report.rows],
         "parity": {k: {"agreement": round(r.agreement, 6), "worst_iou_drop_points": round(r.worst_drop, 3),
                        "passed": r.passed} for k, r in exported.parity.items()},
         "artifacts": {
@@ -64,12 +85,30 @@ def quickstart_cmd(
             "onnx_fp16": exported.files["onnx_fp16"],
             "parity": exported.files["parity_summary"],
             "scene": info["scene"],
+            "scene_prediction": str(pred_path),
         },
     }
     console.rule("summary")
     console.print(f"test mIoU [bold]{summary['test_miou']:.4f}[/] (val {summary['best_val_miou']:.4f}) "
                   f"in {summary['seconds']:.0f}s")
     for k, v in summary["artifacts"].items():
-        console.print(f"  {k:<8} {v}")
+        console.print(f"  {k:<17} {v}")
     console.print(f"next: segdeploy eval {run_dir} --split test --json -")
     emit_json(summary, json_out)
+
+
+def _agreement(pred: Path, labels: Path) -> float:
+    """Pixel accuracy of a class raster against a label raster, read block row by block row."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    hit = total = 0
+    with rasterio.open(pred) as p, rasterio.open(labels) as t:
+        for y in range(0, p.height, 512):
+            win = Window(0, y, p.width, min(512, p.height - y))
+            a, b = p.read(1, window=win), t.read(1, window=win)
+            valid = b != t.nodata
+            hit += int((a[valid] == b[valid]).sum())
+            total += int(valid.sum())
+    return hit / max(total, 1)

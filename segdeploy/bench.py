@@ -1,0 +1,447 @@
+"""`segdeploy bench`: latency, throughput, memory and accuracy of every backend in one table.
+
+What is timed: the backend's forward alone — a normalised float32 N×B×S×S batch in, logits out
+(pre- and post-processing excluded; `--tiled` measures the whole predict pipeline separately).
+Each row: warm-up, then at least `min_iters` runs and `min_seconds` of them; CUDA events on
+GPU, `perf_counter` on CPU; the same seeded input and the same stated thread count for every
+CPU backend. Accuracy comes from the parity machinery on real tiles: mIoU/Dice against ground
+truth and argmax agreement against PyTorch FP32.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from segdeploy.errors import UserError
+from segdeploy.runtime import backend_for, load_backend
+from segdeploy.runtime.base import Backend
+
+OK, GATE_FAIL, UNAVAILABLE = "✅", "⚠️", "❌"
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass
+class Candidate:
+    model: str  # what the user passed
+    backend: str
+    precision: str
+    artifact: Path | None  # None: not available for this model
+    reason: str = ""
+
+
+@dataclass
+class BenchRow:
+    model: str
+    backend: str
+    precision: str
+    batch: int
+    size: int
+    status: str
+    reason: str = ""
+    device: str = ""
+    threads: int | None = None
+    iterations: int = 0
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    std_ms: float | None = None
+    images_per_s: float | None = None
+    megapixels_per_s: float | None = None
+    tflops: float | None = None
+    peak_rss_mb: float | None = None
+    peak_gpu_mb: float | None = None
+    build_s: float | None = None
+    engine_mb: float | None = None
+    miou: float | None = None
+    mdice: float | None = None
+    agreement: float | None = None
+    tiled_mp_per_s: float | None = None
+    tiled_peak_rss_mb: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BenchOptions:
+    backends: tuple[str, ...] = BACKENDS
+    precisions: tuple[str, ...] = PRECISIONS
+    batches: tuple[int, ...] = (1, 8)
+    size: int = 512
+    threads: int | None = None
+    data: Path | None = None
+    tiled: Path | None = None
+    min_iters: int = 20
+    min_seconds: float = 2.0
+    warmup: int = 3
+    accuracy: bool = True
+
+
+@dataclass
+class BenchReport:
+    rows: list[BenchRow] = field(default_factory=list)
+    threads: int = 0
+    machine: dict = field(default_factory=dict)
+    note: str = ("latency = backend forward only (normalised float32 in, logits out); "
+                 "pre/post-processing excluded")
+
+    @property
+    def measured(self) -> int:
+        return sum(1 for r in self.rows if r.p50_ms is not None)
+
+    def to_dict(self) -> dict:
+        return {"note": self.note, "threads": self.threads, "machine": self.machine,
+                "rows": [r.to_dict() for r in self.rows]}
+
+
+# ------------------------------------------------------------------------------------ candidates
+
+
+def candidates(model: Path, opts: BenchOptions) -> list[Candidate]:
+    """Every (backend, precision) this model has an artifact for, plus those it could have."""
+    model = Path(model)
+    if not model.exists():
+        return [Candidate(str(model), "?", "?", None, f"{model} not found")]
+    found: dict[tuple[str, str], Path] = {}
+    try:
+        kind = backend_for(model)
+    except UserError as exc:
+        return [Candidate(str(model), "?", "?", None, str(exc))]
+    if kind == "torch":
+        found[("torch", "fp32")] = model
+        found[("torch", "fp16")] = model
+        export = model / "export"
+        for name, key in (("model.onnx", ("onnxruntime", "fp32")), ("model.fp16.onnx", ("onnxruntime", "fp16")),
+                          ("model.engine", ("tensorrt", "fp16"))):
+            if (export / name).is_file():
+                found[key] = export / name
+    elif kind == "onnxruntime":
+        found[("onnxruntime", "fp16" if ".fp16." in model.name else "fp32")] = model
+    else:
+        found[("tensorrt", "fp16")] = model
+    out = []
+    for backend in opts.backends:
+        for precision in opts.precisions:
+            if backend == "tensorrt" and precision == "fp32":
+                continue  # engines are built from the mixed-precision ONNX only
+            art = found.get((backend, precision))
+            reason = ""
+            if art is None:
+                if kind != "torch" and (backend, precision) not in found:
+                    continue  # a single artifact: only its own backend is relevant
+                reason = {"onnxruntime": "not exported: run `segdeploy export RUN --fp16`",
+                          "tensorrt": "no engine: run `segdeploy export RUN --trt`"}.get(backend, "not available")
+            out.append(Candidate(str(model), backend, precision, art, reason))
+    return out
+
+
+def availability(c: Candidate) -> str:
+    """'' when the backend can run here, else why not."""
+    if c.artifact is None:
+        return c.reason
+    if c.backend == "torch" and c.precision == "fp16" and not torch.cuda.is_available():
+        return "torch fp16 needs a CUDA GPU"
+    if c.backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "TensorRT not installed (pip install 'segdeploy[trt]', NVIDIA GPU)"
+        if not torch.cuda.is_available():
+            return "TensorRT needs a CUDA GPU"
+    return ""
+
+
+def load(c: Candidate, threads: int) -> Backend:
+    if c.backend == "torch":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return load_backend(c.artifact, device=device, precision=c.precision)  # type: ignore[arg-type]
+    if c.backend == "onnxruntime":
+        return load_backend(c.artifact, threads=threads)  # type: ignore[arg-type]
+    return load_backend(c.artifact)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+class RssSampler:
+    """Peak resident memory of this process while a block runs (sampled every 10 ms)."""
+
+    def __enter__(self) -> RssSampler:
+        self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    from segdeploy.utils import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+def time_backend(backend: Backend, x: torch.Tensor, opts: BenchOptions) -> dict:
+    cuda = backend.device.startswith("cuda")
+    if cuda:
+        x = x.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(opts.warmup):
+        backend(x)
+    times: list[float] = []
+    start = time.perf_counter()
+    with RssSampler() as rss:
+        while len(times) < opts.min_iters or (time.perf_counter() - start < opts.min_seconds and len(times) < 1000):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                backend(x)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                backend(x)
+                times.append((time.perf_counter() - t0) * 1000)
+    arr = np.asarray(times)
+    mean_s = arr.mean() / 1000
+    return {"iterations": len(arr), "p50_ms": float(np.percentile(arr, 50)), "p90_ms": float(np.percentile(arr, 90)),
+            "p99_ms": float(np.percentile(arr, 99)), "std_ms": float(arr.std()),
+            "images_per_s": len(x) / mean_s, "peak_rss_mb": rss.peak,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
+
+
+def count_flops(run_dir: Path | None, bands: int, size: int) -> float | None:
+    """FLOPs of one image through the PyTorch model (torch.utils.flop_counter), or None."""
+    if run_dir is None:
+        return None
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from segdeploy.runtime.torch import load_run_model
+
+        model, _ = load_run_model(run_dir)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, bands, size, size))
+        return float(counter.get_total_flops())
+    except Exception:  # noqa: BLE001 - FLOPs are a column, not a reason to fail
+        return None
+
+
+def run_dir_for(model: Path) -> Path | None:
+    from segdeploy.evaluate import run_dir_of
+
+    return run_dir_of(Path(model))
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def bench(models: list[Path], opts: BenchOptions, log=print) -> BenchReport:  # noqa: ANN001
+    threads = opts.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    report = BenchReport(threads=threads, machine=_machine())
+    for model in models:
+        run = run_dir_for(Path(model))
+        flops: dict[int, float | None] = {}
+        reference: dict[str, object] = {}
+        for cand in candidates(Path(model), opts):
+            why = availability(cand)
+            if why:
+                report.rows.append(BenchRow(cand.model, cand.backend, cand.precision, 0, opts.size, UNAVAILABLE, why))
+                continue
+            try:
+                backend = load(cand, threads)
+            except Exception as exc:  # noqa: BLE001 - the row says why; the table goes on
+                report.rows.append(BenchRow(cand.model, cand.backend, cand.precision, 0, opts.size, UNAVAILABLE,
+                                            _one_line(exc)))
+                continue
+            meta = backend.meta
+            acc = _accuracy(cand, backend, run, opts, reference, log) if opts.accuracy else {}
+            gate_failure = acc.pop("_failed", None)
+            tiled = _tiled(backend, opts) if opts.tiled else {}
+            extra = _engine_facts(cand)
+            for batch in opts.batches:
+                row = BenchRow(cand.model, cand.backend, cand.precision, batch, opts.size, OK, device=backend.device,
+                               threads=threads if backend.device == "cpu" else None, **acc, **tiled, **extra)
+                static = backend.static_shape
+                if static and static != (opts.size, opts.size):
+                    row.status, row.reason = UNAVAILABLE, f"static model: {static[0]}×{static[1]} only (use --size {static[0]})"
+                elif backend.max_batch and batch > backend.max_batch:
+                    row.status, row.reason = UNAVAILABLE, f"engine profile allows batch ≤ {backend.max_batch}"
+                elif opts.size % meta.input_divisor:
+                    row.status, row.reason = UNAVAILABLE, f"--size must be a multiple of {meta.input_divisor}"
+                else:
+                    g = torch.Generator().manual_seed(0)
+                    x = torch.randn(batch, meta.bands, opts.size, opts.size, generator=g)
+                    try:
+                        t = time_backend(backend, x, opts)
+                    except Exception as exc:  # noqa: BLE001
+                        row.status, row.reason = UNAVAILABLE, _one_line(exc)
+                    else:
+                        for k, v in t.items():
+                            setattr(row, k, _round(v))
+                        row.megapixels_per_s = _round(t["images_per_s"] * opts.size**2 / 1e6)
+                        if opts.size not in flops:
+                            flops[opts.size] = count_flops(run, meta.bands, opts.size)
+                        if flops[opts.size]:
+                            row.tflops = _round(flops[opts.size] * t["images_per_s"] / 1e12, 4)
+                        if gate_failure:
+                            row.status, row.reason = GATE_FAIL, gate_failure
+                log(f"{cand.backend} {cand.precision} batch {batch}: {row.status} "
+                    f"{'' if row.p50_ms is None else f'{row.p50_ms:.1f} ms p50'} {row.reason}")
+                report.rows.append(row)
+    return report
+
+
+def _accuracy(cand: Candidate, backend: Backend, run: Path | None, opts: BenchOptions, reference: dict,
+              log) -> dict:  # noqa: ANN001
+    """mIoU / mDice vs ground truth and agreement vs PyTorch FP32, on parity tiles."""
+    if run is None:
+        return {}
+    try:
+        from segdeploy import recipe as recipe_mod
+        from segdeploy.artifact import RECIPE_FILE
+        from segdeploy.parity import compare, parity_tiles, run_batched
+        from segdeploy.runtime.torch import TorchBackend
+
+        rec = recipe_mod.validate(recipe_mod.read_yaml(run / RECIPE_FILE), str(run / RECIPE_FILE))
+        if opts.data is not None:
+            rec = rec.model_copy(update={"data": rec.data.model_copy(update={"root": str(opts.data)})})
+        tile = backend.static_shape[0] if backend.static_shape else backend.meta.tile_size
+        if "x" not in reference:
+            ref_backend = TorchBackend.load(run)
+            x, y = parity_tiles(rec, ref_backend.meta, tile, rec.parity.samples)
+            reference.update(x=x, y=y, logits=run_batched(ref_backend, x), rec=rec)
+        cand_logits = run_batched(backend, reference["x"])  # type: ignore[arg-type]
+        rep = compare(reference["logits"], cand_logits, reference["y"], backend.meta, rec.parity,  # type: ignore[arg-type]
+                      cand.backend, cand.precision)
+        from segdeploy.metrics import ConfusionMatrix
+
+        cm = ConfusionMatrix(backend.meta.num_classes, backend.meta.ignore_index)
+        cm.update(cand_logits.argmax(1), reference["y"])  # type: ignore[arg-type]
+        m = cm.compute(backend.meta.classes)
+        out = {"miou": _round(m.miou, 4), "mdice": _round(m.mdice, 4), "agreement": _round(rep.agreement, 6)}
+        if not rep.passed:
+            out["_failed"] = "fails the parity gate: " + "; ".join(rep.failures)
+        return out
+    except Exception as exc:  # noqa: BLE001 - no data here: accuracy columns stay empty
+        log(f"accuracy skipped for {cand.backend} {cand.precision}: {_one_line(exc)}")
+        return {}
+
+
+def _tiled(backend: Backend, opts: BenchOptions) -> dict:
+    import tempfile
+
+    from segdeploy.predict import PredictOptions, predict_file
+
+    with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
+        res = predict_file(backend, Path(opts.tiled), Path(tmp) / "pred.tif",  # type: ignore[arg-type]
+                           PredictOptions(tile=backend.meta.tile_size, overlap=min(64, backend.meta.tile_size // 4),
+                                          batch=8 if backend.device.startswith("cuda") else 2))
+    return {"tiled_mp_per_s": _round(res.megapixels_per_s), "tiled_peak_rss_mb": _round(rss.peak)}
+
+
+def _engine_facts(c: Candidate) -> dict:
+    if c.backend != "tensorrt" or c.artifact is None:
+        return {}
+    import json
+
+    from segdeploy.export.tensorrt import sidecar
+
+    side = json.loads(sidecar(c.artifact).read_text())
+    return {"build_s": side.get("build_seconds"), "engine_mb": _round(c.artifact.stat().st_size / 2**20)}
+
+
+def _round(v: float | None, digits: int = 3) -> float | None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return round(float(v), digits)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    from segdeploy.utils import versions
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": gpu, **versions()}
+
+
+# ------------------------------------------------------------------------------------ outputs
+
+CSV_FIELDS = list(BenchRow.__dataclass_fields__)
+
+
+def write_csv(report: BenchReport, path: Path) -> None:
+    from segdeploy.utils import atomic_path
+
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, CSV_FIELDS)
+        w.writeheader()
+        for r in report.rows:
+            w.writerow(r.to_dict())
+
+
+def plot(report: BenchReport, path: Path) -> Path:
+    """Latency (p50, with p90 whiskers) against batch size, one line per backend/precision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from segdeploy.utils import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    series: dict[str, list[BenchRow]] = {}
+    for r in report.rows:
+        if r.p50_ms is not None:
+            series.setdefault(f"{Path(r.model).name}: {r.backend} {r.precision}", []).append(r)
+    for label, rows in series.items():
+        rows.sort(key=lambda r: r.batch)
+        b = [r.batch for r in rows]
+        p50 = np.array([r.p50_ms for r in rows])
+        p90 = np.array([r.p90_ms for r in rows])
+        ax.errorbar(b, p50, yerr=[np.zeros_like(p50), p90 - p50], marker="o", capsize=3, label=label)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("latency per batch, ms (p50, whisker to p90)")
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"segdeploy bench · {report.rows[0].size if report.rows else ''} px · {report.threads} CPU threads")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

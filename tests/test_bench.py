@@ -1,0 +1,80 @@
+"""`segdeploy bench`: rows per backend/precision/batch, honest skips, accuracy columns, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from segdeploy.bench import OK, UNAVAILABLE, BenchOptions, bench, candidates
+from segdeploy.cli import app
+from segdeploy.export.pipeline import ExportOptions, export_run
+
+FAST = dict(min_iters=3, min_seconds=0.0, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def exported_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("bench") / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export", "eval"))
+    export_run(run, ExportOptions(fp16=True), log=lambda m: None)
+    return run
+
+
+def test_every_backend_gets_a_row_and_unavailable_ones_say_why(exported_run: Path) -> None:
+    report = bench([exported_run], BenchOptions(batches=(1, 2), size=64, threads=1, **FAST), log=lambda m: None)
+    rows = {(r.backend, r.precision, r.batch): r for r in report.rows}
+    for key in (("torch", "fp32", 1), ("torch", "fp32", 2), ("onnxruntime", "fp32", 1), ("onnxruntime", "fp16", 2)):
+        r = rows[key]
+        assert r.status == OK and r.p50_ms > 0 and r.p50_ms <= r.p90_ms <= r.p99_ms
+        assert r.iterations >= 3 and r.images_per_s > 0 and r.peak_rss_mb > 0 and r.threads == 1
+        assert r.megapixels_per_s == pytest.approx(r.images_per_s * 64 * 64 / 1e6, rel=1e-2)
+        assert r.miou is not None and 0 <= r.miou <= 1 and r.agreement >= 0.999
+    assert rows[("torch", "fp32", 1)].agreement == 1.0
+    assert rows[("torch", "fp32", 1)].tflops > 0  # from counted FLOPs
+    import torch
+
+    if not torch.cuda.is_available():
+        assert rows[("torch", "fp16", 0)].status == UNAVAILABLE and "CUDA" in rows[("torch", "fp16", 0)].reason
+    trt = rows[("tensorrt", "fp16", 0)]
+    assert trt.status == UNAVAILABLE and ("TensorRT" in trt.reason or "no engine" in trt.reason)
+
+
+def test_candidates_for_a_single_artifact_and_missing_exports(exported_run: Path, tiny_run: Path) -> None:
+    only = candidates(exported_run / "export/model.fp16.onnx", BenchOptions())
+    assert [(c.backend, c.precision) for c in only] == [("onnxruntime", "fp16")]
+    bare = {(c.backend, c.precision): c for c in candidates(tiny_run, BenchOptions())}
+    assert bare[("onnxruntime", "fp32")].artifact is None and "segdeploy export" in bare[("onnxruntime", "fp32")].reason
+
+
+def test_cli_writes_json_csv_plot_and_keeps_going_past_bad_models(exported_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "broken.onnx").write_bytes(b"junk")
+    result = CliRunner().invoke(app, [
+        "bench", str(exported_run), str(tmp_path / "broken.onnx"), "--backend", "torch,onnxruntime",
+        "--precision", "fp32", "--batch", "1", "--size", "64", "--iters", "3", "--seconds", "0", "--threads", "1",
+        "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path / "b.png")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    broken = [r for r in rows if r["model"].endswith("broken.onnx")]
+    assert broken and broken[0]["status"] == UNAVAILABLE and "broken.onnx" in broken[0]["reason"]
+    assert {r["backend"] for r in rows if r["status"] == OK} == {"torch", "onnxruntime"}
+    assert len(list(csv.DictReader((tmp_path / "b.csv").open()))) == len(rows)
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    assert "✅" in result.output and "forward only" in result.output
+
+
+def test_static_size_mismatch_is_a_row_not_a_crash_and_nothing_measured_exits_nonzero(tmp_path: Path) -> None:
+    (tmp_path / "broken.onnx").write_bytes(b"junk")
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "broken.onnx"), "--size", "64"])
+    assert result.exit_code == 1 and "❌" in result.output
+
+
+def test_tiled_column_measures_predict_end_to_end(exported_run: Path, synth_dir: Path) -> None:
+    report = bench([exported_run / "export/model.onnx"], BenchOptions(batches=(1,), size=64, threads=1,
+                   tiled=synth_dir / "scene/scene.tif", accuracy=False, **FAST), log=lambda m: None)
+    (row,) = report.rows
+    assert row.status == OK and row.tiled_mp_per_s > 0 and row.tiled_peak_rss_mb > 0
