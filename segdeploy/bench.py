@@ -145,16 +145,17 @@ def candidates(model: Path, opts: BenchOptions) -> list[Candidate]:
 
 
 def availability(c: Candidate) -> str:
-    """'' when the backend can run here, else why not."""
-    if c.artifact is None:
-        return c.reason
-    if c.backend == "torch" and c.precision == "fp16" and not torch.cuda.is_available():
-        return "torch fp16 needs a CUDA GPU"
+    """'' when the backend can run here, else why not (the most fundamental reason first)."""
     if c.backend == "tensorrt":
         try:
             import tensorrt  # noqa: F401
         except ImportError:
             return "TensorRT not installed (pip install 'segdeploy[trt]', NVIDIA GPU)"
+    if c.artifact is None:
+        return c.reason
+    if c.backend == "torch" and c.precision == "fp16" and not torch.cuda.is_available():
+        return "torch fp16 needs a CUDA GPU"
+    if c.backend == "tensorrt":
         if not torch.cuda.is_available():
             return "TensorRT needs a CUDA GPU"
     return ""

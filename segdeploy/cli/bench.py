@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from segdeploy.cli.app import app, console, emit_json, guarded
@@ -52,7 +54,8 @@ def bench_cmd(
     opts = BenchOptions(backends=backends, precisions=precisions, batches=batches, size=size, threads=threads,
                         data=data, tiled=tiled, min_iters=iters, min_seconds=seconds, accuracy=accuracy)
     report = bench(models, opts, log=lambda m: console.print(m, markup=False, highlight=False))
-    console.print(render(report))
+    wide = console if console.is_terminal else Console(stderr=True, width=160, highlight=False)
+    wide.print(render(report))
     emit_json(report.to_dict(), json_out)
     if csv_out:
         write_csv(report, csv_out)
@@ -64,20 +67,33 @@ def bench_cmd(
 
 
 def render(report) -> Table:  # noqa: ANN001
+    """One row per backend × precision × batch; reasons as numbered notes under the table."""
+
     def f(v: float | None, d: int = 1) -> str:
         return "-" if v is None else f"{v:.{d}f}"
 
-    t = Table(title=f"segdeploy bench · {report.threads} CPU threads · {report.machine.get('gpu') or 'no GPU'}",
-              title_justify="left")
-    for col in ("", "model", "backend", "prec", "batch", "p50 ms", "p90 ms", "p99 ms", "±std", "img/s", "MP/s",
-                "TFLOP/s", "RSS MB", "GPU MB", "mIoU", "agree", "tiled MP/s", "note"):
-        t.add_column(col, justify="left" if col in ("", "model", "backend", "prec", "note") else "right")
+    models = {r.model for r in report.rows}
+    t = Table(title=f"segdeploy bench · {', '.join(Path(m).name for m in models)} · {report.threads} CPU threads · "
+                    f"{report.machine.get('gpu') or 'no GPU'}", title_justify="left")
+    for col in ("", "backend", "batch", "p50 ms ±std", "p90 / p99 ms", "img/s", "MP/s", "TFLOP/s", "RSS MB",
+                "GPU MB", "mIoU", "agree", "tiled MP/s"):
+        t.add_column(col, justify="left" if col in ("", "backend") else "right", no_wrap=True)
+    notes: list[str] = []
     for r in report.rows:
-        t.add_row(r.status, Path(r.model).name, r.backend, r.precision, str(r.batch or "-"), f(r.p50_ms), f(r.p90_ms),
-                  f(r.p99_ms), f(r.std_ms), f(r.images_per_s), f(r.megapixels_per_s, 2), f(r.tflops, 3),
-                  f(r.peak_rss_mb, 0), f(r.peak_gpu_mb, 0), f(r.miou, 4),
-                  "-" if r.agreement is None else f"{r.agreement:.4%}", f(r.tiled_mp_per_s, 2),
-                  r.reason or (f"engine {r.engine_mb:.0f} MB, built in {r.build_s:.0f}s" if r.engine_mb else ""))
-    t.caption = (f"{report.note}. ✅ works · ⚠️ works but fails the parity gate · ❌ unavailable or failed "
-                 "(reason in the note column)")
+        mark = r.status
+        note = r.reason or (f"engine {r.engine_mb:.0f} MB, built in {r.build_s:.0f} s" if r.engine_mb else "")
+        if note:
+            if note not in notes:
+                notes.append(note)
+            mark += escape(f" [{notes.index(note) + 1}]")
+        name = f"{r.backend} {r.precision}" if len(models) == 1 else f"{Path(r.model).name}: {r.backend} {r.precision}"
+        t.add_row(mark, name, str(r.batch or "-"),
+                  "-" if r.p50_ms is None else f"{r.p50_ms:.1f} ±{r.std_ms:.1f}",
+                  "-" if r.p90_ms is None else f"{r.p90_ms:.1f} / {r.p99_ms:.1f}",
+                  f(r.images_per_s), f(r.megapixels_per_s, 2), f(r.tflops, 3), f(r.peak_rss_mb, 0),
+                  f(r.peak_gpu_mb, 0), f(r.miou, 4), "-" if r.agreement is None else f"{r.agreement:.3%}",
+                  f(r.tiled_mp_per_s, 2))
+    t.caption = "\n".join([escape(f"[{i + 1}] {n}") for i, n in enumerate(notes)] + [
+        f"{report.note}. ✅ works · ⚠️ works but fails the parity gate · ❌ unavailable or failed"])
+    t.caption_justify = "left"
     return t
