@@ -291,7 +291,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{dotted}: {msg} (got {got_s}) in {source}"
 
 
-def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r} must look like key.path=value")
     key, value = assignment.split("=", 1)
@@ -366,7 +366,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), data_roo
     validate(raw, str(path))  # errors in the file itself are reported against the file
     raw = copy.deepcopy(raw)
     for assignment in overrides:
-        _apply_override(raw, assignment)
+        apply_override(raw, assignment)
     if data_root is not None:
         raw.setdefault("data", {})["root"] = str(data_root)
     return validate(raw, f"--set overrides of {path}" if overrides else str(path))

@@ -101,6 +101,8 @@ def test_fp16_fallback_keeps_more_nodes_fp32_until_a_strict_gate_passes(tiny_run
 
 def test_fp16_gate_failure_names_worst_classes_and_leaves_no_fp16_model(tiny_run: Path, tmp_path: Path) -> None:
     run = copy_run(tiny_run, tmp_path)
+    (run / "export").mkdir()
+    (run / "export/model.fp16.onnx").write_bytes(b"an older export")  # must not survive as if current
     impossible = ["parity.fp16_agreement=1.0", "parity.max_class_iou_drop=0.0", "parity.samples=4"]
     with pytest.raises(ParityError, match=r"parity gate failed for onnxruntime fp16: .*worst classes by IoU drop: ") as err:
         export_run(run, ExportOptions(fp16=True, parity_overrides=impossible, max_fallback_rounds=0), log=QUIET)

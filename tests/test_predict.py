@@ -98,7 +98,7 @@ class EchoBackend(Backend):
 
     @classmethod
     def load(cls, path: Path, **options: object) -> EchoBackend:
-        raise NotImplementedError
+        return cls(int(options.get("classes", 3)))  # type: ignore[arg-type]
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         self.calls += 1

@@ -67,7 +67,7 @@ def export_run(run_dir: Path, opts: ExportOptions, log: Callable[[str], None] = 
     for assignment in opts.parity_overrides:
         if not assignment.startswith("parity."):
             raise UserError(f"export --set {assignment!r}: only parity.* thresholds can change after training")
-        recipe_mod._apply_override(raw, assignment)
+        recipe_mod.apply_override(raw, assignment)
     rec = recipe_mod.validate(raw, f"--set overrides of {run_dir / RECIPE_FILE}")
     if opts.data_root is not None:
         rec = rec.model_copy(update={"data": rec.data.model_copy(update={"root": str(opts.data_root)})})
@@ -109,6 +109,8 @@ def export_run(run_dir: Path, opts: ExportOptions, log: Callable[[str], None] = 
             raise UserError(f"cannot build for TensorRT: {blocking[0]}")
         rep = gated(cand, "onnxruntime_fp32", "fp32", lambda p: OrtBackend(p))
         _write_parity(report)
+        if not rep.passed:
+            _drop_stale(out, FP32_ONNX, FP16_ONNX, ENGINE)
         gate(rep)
     report.files["onnx"] = str(fp32_path)
 
@@ -136,6 +138,7 @@ def export_run(run_dir: Path, opts: ExportOptions, log: Callable[[str], None] = 
             except _Rejected:
                 if round_ == opts.max_fallback_rounds or len(keep) >= total:
                     _write_parity(report)
+                    _drop_stale(out, FP16_ONNX, ENGINE)
                     gate(rep)
                 errs = fp16_mod.local_errors(proto32, proto16, calib[:2])
                 ranked = [n for n in sorted(errs, key=lambda n: -errs[n]) if n not in keep]
@@ -168,6 +171,14 @@ def export_run(run_dir: Path, opts: ExportOptions, log: Callable[[str], None] = 
     report.seconds = time.perf_counter() - t0
     report.files.update(_write_parity(report))
     return report
+
+
+def _drop_stale(out: Path, *names: str) -> None:
+    """After a failed gate, artifacts of an earlier export would no longer match model.onnx:
+    remove them rather than leave a stale model that looks current."""
+    for name in names:
+        for p in (out / name, out / f"{name}.json"):
+            p.unlink(missing_ok=True)
 
 
 class _Rejected(Exception):
