@@ -507,6 +507,8 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
             found += [Path(p) for p in sorted(glob.glob(s))]
         elif item.is_dir():
             found += sorted(p for p in item.iterdir() if p.suffix.lower() in RASTER | PICTURE)
+        elif not item.exists():
+            raise DataError(f"input {item} not found")
         else:
             found.append(item)
     if not found:

@@ -32,7 +32,10 @@ def forward_padded(backend, batch: torch.Tensor) -> torch.Tensor:  # noqa: ANN00
     h, w = batch.shape[-2:]
     if static is not None:
         if h > static[0] or w > static[1]:
-            raise ValueError(f"image {h}×{w} is larger than the static model size {static}; use tiled predict")
+            from segdeploy.errors import ArtifactError
+
+            raise ArtifactError(f"image {h}×{w} is larger than the model's static size {static[0]}×{static[1]}; "
+                                "use `segdeploy predict` (tiles) or evaluate the run directory")
         x = F.pad(batch, (0, static[1] - w, 0, static[0] - h), mode="replicate")
     else:
         x, _ = pad_to_multiple(batch, backend.meta.input_divisor)

@@ -100,3 +100,28 @@ def test_quickstart_trains_the_demo_to_real_accuracy(tmp_path: Path) -> None:
     assert summary["parity"]["onnxruntime_fp32"]["passed"] and summary["parity"]["onnxruntime_fp16"]["passed"]
     assert summary["parity"]["onnxruntime_fp16"]["agreement"] >= 0.999
     assert summary["scene_prediction"]["pixel_accuracy"] >= 0.9
+
+
+def test_predict_cli_writes_geotiff_and_json_and_fails_in_one_line(tiny_run: Path, synth_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred.tif"
+    result = run("predict", tiny_run, synth_dir / "scene/scene.tif", "--out", out, "--tile", "64", "--overlap", "16",
+                 "--no-progress", "--json", tmp_path / "p.json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "p.json").read_text())["results"][0]
+    assert summary["width"] == 256 and summary["tiles"] == 25 and summary["megapixels_per_s"] > 0
+    assert out.exists() and not (tmp_path / "pred.tif.partial.json").exists()
+    bad = run("predict", tiny_run, tmp_path / "nope.tif", "--out", tmp_path / "x.tif")
+    assert bad.exit_code == 2 and "error: input" in bad.output and "not found" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+    odd = run("predict", tiny_run, synth_dir / "scene/scene.tif", "--out", tmp_path / "y.tif", "--tile", "50")
+    assert odd.exit_code == 2 and "multiple of the model's input divisor 32" in odd.output
+
+
+def test_data_synth_cli(tmp_path: Path) -> None:
+    result = run("data", "synth", tmp_path / "s", "--tile", "32", "--scene-size", "64", "--train", "3", "--val", "2",
+                 "--test", "1", "--json", tmp_path / "s.json")
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "s.json").read_text())
+    assert info["splits"] == {"train": 3, "val": 2, "test": 1}
+    assert len(list((tmp_path / "s/train").glob("*_sat.png"))) == 3 and Path(info["scene"]).exists()
+    assert (tmp_path / "s/dataset.yaml").exists()
