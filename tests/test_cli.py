@@ -125,3 +125,17 @@ def test_data_synth_cli(tmp_path: Path) -> None:
     assert info["splits"] == {"train": 3, "val": 2, "test": 1}
     assert len(list((tmp_path / "s/train").glob("*_sat.png"))) == 3 and Path(info["scene"]).exists()
     assert (tmp_path / "s/dataset.yaml").exists()
+
+
+def test_eval_several_runs_prints_a_comparison_table(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("eval", "export"))
+    result = runner.invoke(app, ["eval", str(tiny_run), str(other), "--json", str(tmp_path / "c.json")],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "model comparison" in result.output
+    rep = json.loads((tmp_path / "c.json").read_text())
+    assert [m["model"] for m in rep["models"]] == [str(tiny_run), str(other)]
+    assert rep["models"][0]["miou"] == rep["models"][1]["miou"]  # same weights, same numbers
