@@ -146,8 +146,17 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
         mean = auto_mean if mean == "auto" else mean
         std = auto_std if std == "auto" else std
     auto_weights = None
+    counts = class_pixel_counts(probe) if rec.data.cache else None  # decoded once; training reuses the cache
+    if counts is not None:
+        frac = counts / max(counts.sum(), 1)
+        console.print("train class pixels: " + ", ".join(f"{n} {f:.1%}" for n, f in zip(cls.names, frac, strict=True)),
+                      highlight=False, soft_wrap=True)
+        absent = [n for n, c in zip(cls.names, counts, strict=True) if c == 0]
+        if absent:
+            console.print(f"[yellow]warning:[/] classes {absent} have no pixels in the training split; "
+                          "their IoU cannot be learnt (check the masks or the split)")
     if any(t.class_weights == "auto" for t in rec.loss):
-        auto_weights = suggested_class_weights(class_pixel_counts(probe))
+        auto_weights = suggested_class_weights(counts if counts is not None else class_pixel_counts(probe))
     train_ds = SegmentationDataset(train_samples, rec.data, cls, mean, std, augment=rec.augment)
     val_ds = SegmentationDataset(val_samples, rec.data, cls, mean, std)
     if rec.data.cache:  # share decoded arrays between the probe and the real datasets
