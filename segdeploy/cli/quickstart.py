@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from rich.markup import escape
+
 from segdeploy.cli.app import app, console, emit_json, guarded
 from segdeploy.errors import UserError
 
@@ -58,12 +60,22 @@ def quickstart_cmd(
     console.print(f"{pred.width}×{pred.height} px in {pred.seconds:.1f}s = {pred.megapixels_per_s:.2f} MP/s, "
                   f"peak RSS {pred.peak_rss_mb:.0f} MB, pixel accuracy vs scene labels {scene_acc:.4f}")
     console.rule("6/6 bench: every backend available here, batch 1")
+    from rich.table import Table
+
     from segdeploy.bench import BenchOptions, bench
-    from segdeploy.cli.bench import render
 
     bench_report = bench([run_dir], BenchOptions(batches=(1,), size=rec.data.tile_size, min_iters=10, min_seconds=1.0),
                          log=lambda m: None)
-    console.print(render(bench_report))
+    compact = Table(title=f"batch 1 · {rec.data.tile_size}² · full table: segdeploy bench {run_dir}", title_justify="left")
+    for col in ("", "backend", "p50 ms", "img/s", "mIoU", "agreement", "note"):
+        compact.add_column(col, justify="right" if col in ("p50 ms", "img/s", "mIoU", "agreement") else "left",
+                           no_wrap=col != "note")
+    for r in bench_report.rows:
+        compact.add_row(r.status, f"{r.backend} {r.precision}", "-" if r.p50_ms is None else f"{r.p50_ms:.1f}",
+                        "-" if r.images_per_s is None else f"{r.images_per_s:.1f}",
+                        "-" if r.miou is None else f"{r.miou:.4f}",
+                        "-" if r.agreement is None else f"{r.agreement:.3%}", escape(r.reason))
+    console.print(compact)
     summary = {
         "seconds": round(time.perf_counter() - t0, 1),
         "data": str(data_dir),
