@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from segdeploy.errors import UserError
+from segdeploy.evaluate import run_dir_of
 from segdeploy.runtime import backend_for, load_backend
 from segdeploy.runtime.base import Backend
 
@@ -254,12 +255,6 @@ def count_flops(run_dir: Path | None, bands: int, size: int) -> float | None:
         return None
 
 
-def run_dir_for(model: Path) -> Path | None:
-    from segdeploy.evaluate import run_dir_of
-
-    return run_dir_of(Path(model))
-
-
 # ------------------------------------------------------------------------------------ driver
 
 
@@ -268,7 +263,7 @@ def bench(models: list[Path], opts: BenchOptions, log=print) -> BenchReport:  # 
     torch.set_num_threads(threads)
     report = BenchReport(threads=threads, machine=_machine())
     for model in models:
-        run = run_dir_for(Path(model))
+        run = run_dir_of(Path(model))
         flops: dict[int, float | None] = {}
         reference: dict[str, object] = {}
         for cand in candidates(Path(model), opts):
@@ -331,9 +326,7 @@ def _accuracy(cand: Candidate, backend: Backend, run: Path | None, opts: BenchOp
         from segdeploy.parity import compare, parity_tiles, run_batched
         from segdeploy.runtime.torch import TorchBackend
 
-        rec = recipe_mod.validate(recipe_mod.read_yaml(run / RECIPE_FILE), str(run / RECIPE_FILE))
-        if opts.data is not None:
-            rec = rec.model_copy(update={"data": rec.data.model_copy(update={"root": str(opts.data)})})
+        rec = recipe_mod.load(run / RECIPE_FILE, data_root=opts.data)
         tile = backend.static_shape[0] if backend.static_shape else backend.meta.tile_size
         if "x" not in reference:
             ref_backend = TorchBackend.load(run)

@@ -52,10 +52,7 @@ def recipe_for(model_path: Path, recipe_path: Path | None = None, data_root: Pat
     run = run_dir_of(model_path)
     if run is None:
         raise ArtifactError(f"cannot find the recipe for {model_path}; pass --recipe RECIPE.yaml")
-    rec = recipe_mod.validate(recipe_mod.read_yaml(run / RECIPE_FILE), str(run / RECIPE_FILE))
-    if data_root is not None:
-        rec = rec.model_copy(update={"data": rec.data.model_copy(update={"root": str(data_root)})})
-    return rec
+    return recipe_mod.load(run / RECIPE_FILE, data_root=data_root)
 
 
 def evaluate(

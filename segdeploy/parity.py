@@ -143,9 +143,5 @@ def gate(report: ParityReport) -> None:
                       f"(worst classes by IoU drop: {worst}); see parity.json", report)
 
 
-def reference_logits(ref_backend: Backend, x: torch.Tensor) -> torch.Tensor:
-    return run_batched(ref_backend, x)
-
-
 def as_numpy_batches(x: torch.Tensor, batch: int = 8) -> list[np.ndarray]:
     return [x[i : i + batch].numpy() for i in range(0, len(x), batch)]

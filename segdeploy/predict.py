@@ -289,7 +289,7 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
     except OSError as exc:
         raise UserError(f"cannot create output directory {out.parent}: {exc.strerror}") from None
     state_path = out.with_name(out.name + ".partial.json")
-    tmp = out.with_name(f".{out.stem}.partial{'.tif' if not is_picture else '.npy'}")
+    tmp = out.with_name(f".{out.stem}.partial.tif")  # rasters only; pictures are written whole at the end
     probs_tmp = out.with_name(f".{out.stem}.probs.partial.tif") if opts.probs and not is_picture else None
     settings = {"input": str(src.resolve()), "model": str(backend.path), "tile": tile, "overlap": opts.overlap,
                 "blend": opts.blend, "probs": opts.probs}
@@ -324,9 +324,8 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
     if not is_picture:
         writer = ClassRasterWriter(tmp, reader, meta.num_classes, meta.palette, block, probs_tmp, resume=start_row > 0)
 
-    written = {"rows": rows_on_disk if start_row > 0 else 0, "buffered_from": 0}
-    next_emit_row = rows[start_row] if start_row < len(rows) else reader.height
-    written["buffered_from"] = next_emit_row
+    # first image row held in labels_buf (the emitting rows start at the first tile row not on disk)
+    written = {"buffered_from": rows[start_row] if start_row < len(rows) else reader.height}
 
     def flush(final: bool) -> None:
         if not labels_buf:
@@ -345,7 +344,6 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
         labels_buf[:] = [lab[n:]] if n < len(lab) else []
         conf_buf[:] = [conf[n:]] if conf is not None and n < len(lab) else []
         written["buffered_from"] = y0 + n
-        written["rows"] = y0 + n
 
     work: queue.Queue = queue.Queue(maxsize=2)
     results: queue.Queue = queue.Queue(maxsize=2)

@@ -78,12 +78,6 @@ def _smooth(a: np.ndarray, r: int) -> np.ndarray:
     return a / (a.std() + 1e-6)
 
 
-def colorize(mask: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(palette)] = np.array(palette, dtype=np.uint8)
-    return lut[mask]
-
-
 def dataset_description() -> dict:
     """The `data` and `classes` sections a recipe needs for a synth directory."""
     return {
@@ -100,6 +94,8 @@ def dataset_description() -> dict:
 
 def write_dataset(out: Path, tile: int = 128, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, int]:
     """DeepGlobe-style `{split}/{key}_sat.png` + `{key}_mask.png` and a dataset.yaml."""
+    from segdeploy.evaluate import colorize_classes
+
     sizes = sizes or SPLIT_SIZES
     out.mkdir(parents=True, exist_ok=True)
     offset = {"train": 0, "val": 100_000, "test": 200_000}
@@ -110,7 +106,7 @@ def write_dataset(out: Path, tile: int = 128, sizes: dict[str, int] | None = Non
             img, mask = synth_tile(seed * 1_000_003 + offset[split] + i, tile)
             key = f"{split}{i:04d}"
             Image.fromarray(img).save(d / f"{key}_sat.png")
-            Image.fromarray(colorize(mask, PALETTE)).save(d / f"{key}_mask.png")
+            Image.fromarray(colorize_classes(mask, PALETTE, 255)).save(d / f"{key}_mask.png")
     with atomic_path(out / "dataset.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(dataset_description(), sort_keys=False))
     return dict(sizes)

@@ -63,14 +63,10 @@ def export_run(run_dir: Path, opts: ExportOptions, log: Callable[[str], None] = 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     require_finished(run_dir)
-    raw = recipe_mod.read_yaml(run_dir / RECIPE_FILE)
     for assignment in opts.parity_overrides:
         if not assignment.startswith("parity."):
             raise UserError(f"export --set {assignment!r}: only parity.* thresholds can change after training")
-        recipe_mod.apply_override(raw, assignment)
-    rec = recipe_mod.validate(raw, f"--set overrides of {run_dir / RECIPE_FILE}")
-    if opts.data_root is not None:
-        rec = rec.model_copy(update={"data": rec.data.model_copy(update={"root": str(opts.data_root)})})
+    rec = recipe_mod.load(run_dir / RECIPE_FILE, opts.parity_overrides, opts.data_root)
     reference = TorchBackend.load(run_dir)  # fresh PyTorch FP32 run: the yardstick
     model, meta = load_run_model(run_dir)  # a second copy: preflight rewrites it in place
     plan = preflight(model, meta, opts.tile or meta.tile_size)

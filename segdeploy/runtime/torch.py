@@ -20,7 +20,7 @@ def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, ModelMeta]:
 
     info = require_finished(run_dir)
     meta = ModelMeta.from_dict(info["model_meta"], str(run_dir))
-    rec = recipe_mod.validate(recipe_mod.read_yaml(run_dir / RECIPE_FILE), str(run_dir / RECIPE_FILE))
+    rec = recipe_mod.load(run_dir / RECIPE_FILE)
     model_cfg = rec.model.model_copy(update={"weights": None})  # weights come from the run
     model = build_model(model_cfg, meta.bands, meta.num_classes)
     try:
