@@ -18,6 +18,10 @@ class RecipeError(UserError):
     """A recipe key is unknown, mistyped or out of range."""
 
 
+class UnknownNameError(RecipeError):
+    """A registered name (architecture, loss…) is misspelt; the message lists close matches."""
+
+
 class DataError(UserError):
     """A dataset file is missing, unreadable, or inconsistent with the recipe."""
 
@@ -38,6 +42,10 @@ class ParityError(UserError):
     def __init__(self, message: str, report: object | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class OutputError(UserError):
+    """An output cannot be written: read-only or full file system, permission denied, bad path."""
 
 
 class BackendUnavailable(UserError):

@@ -8,7 +8,8 @@ float32 N×B×H×W batch to N×C×H×W logits; H and W must be multiples of ``in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -81,6 +82,48 @@ def _looks_like_download_failure(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return any(w in text for w in ("connect", "offline", "resolve", "urlopen", "hub", "network", "timed out",
                                    "localentrynotfound", "cannot find the requested files"))
+
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One short connection attempt to the weights hub (no retries)."""
+    import socket
+
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def fail_fast_when_offline(weights: str | None) -> Iterator[None]:
+    """Downloading `imagenet` weights with no network otherwise retries for ~45 s. When the hub
+    does not answer one short connection attempt, switch the hub client to offline mode (weights
+    already in its cache still load) and give urllib-based downloads a short timeout."""
+    import os
+    import socket
+
+    if weights != "imagenet" or os.environ.get("HF_HUB_OFFLINE") or hub_reachable():
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm/smp depend on it
+        constants = None
+    saved = constants.HF_HUB_OFFLINE if constants is not None else None
+    old_timeout = socket.getdefaulttimeout()
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    socket.setdefaulttimeout(3.0)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = saved
 
 
 def _offline_error(encoder: str, exc: BaseException) -> ModelError:
@@ -258,7 +301,8 @@ def check_model_names(cfg: ModelConfig) -> None:
 
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     builder = ARCHITECTURES.get(cfg.arch, where="model.arch")
-    model = builder(cfg, in_channels, num_classes)
+    with fail_fast_when_offline(cfg.weights):
+        model = builder(cfg, in_channels, num_classes)
     if cfg.weights not in (None, "imagenet"):
         load_encoder_weights(model, Path(cfg.weights), cfg.encoder)
     return model

@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from segdeploy.errors import UserError
+from segdeploy.errors import UnknownNameError
 
 T = TypeVar("T")
 
@@ -38,7 +38,7 @@ class Registry(Generic[T]):
         key = name.lower()
         if key not in self._items:
             loc = f" in {where}" if where else ""
-            raise UserError(
+            raise UnknownNameError(
                 f"unknown {self.kind} {name!r}{loc}{did_you_mean(key, self._items)}; "
                 f"valid: {', '.join(sorted(self._items))}"
             )

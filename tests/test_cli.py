@@ -47,8 +47,16 @@ def test_bad_input_is_one_line_nonzero_without_traceback(args: list, message: st
 
 
 def test_debug_shows_the_traceback() -> None:
+    import traceback
+
+    from segdeploy.errors import RecipeError
+
+    plain = run("train", "missing.yaml")
+    assert isinstance(plain.exception, SystemExit) and "Traceback" not in plain.output
     result = run("--debug", "train", "missing.yaml")
-    assert result.exit_code != 0 and result.exception is not None
+    assert result.exit_code != 0 and isinstance(result.exception, RecipeError)
+    shown = "".join(traceback.format_exception(*result.exc_info))
+    assert shown.startswith("Traceback") and "recipe.py" in shown and "RecipeError: recipe missing.yaml not found" in shown
 
 
 def test_unknown_palette_colour_fails_train_naming_file_and_colour(synth_dir: Path, tmp_path: Path) -> None:
@@ -91,7 +99,8 @@ def test_eval_json_has_per_class_and_confusion(tiny_run: Path, tmp_path: Path) -
 
 def test_quickstart_trains_the_demo_to_real_accuracy(tmp_path: Path) -> None:
     """The README's promise: the demo recipe learns (test mIoU ≥ 0.75) on 2 CPU cores."""
-    result = run("quickstart", tmp_path / "qs", "--scene-size", "512", "--no-progress", "--json", tmp_path / "s.json")
+    result = run("quickstart", tmp_path / "qs", "--scene-size", "512", "--epochs", "6", "--no-progress",
+                 "--json", tmp_path / "s.json")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["test_miou"] >= 0.75 and summary["best_val_miou"] >= 0.75

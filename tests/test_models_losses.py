@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from segdeploy.errors import ModelError, RecipeError
+from segdeploy.errors import ModelError, RecipeError, UnknownNameError
 from segdeploy.losses import build_loss
 from segdeploy.models import build_model, freeze_encoder, read_state_dict
 from segdeploy.recipe import LossTerm, ModelConfig
@@ -96,5 +96,5 @@ def test_weighted_sum_and_class_weights() -> None:
     assert float(w) == pytest.approx(float(ref), rel=1e-5)
     with pytest.raises(RecipeError, match="class_weights has 2 values for 3 classes"):
         build_loss([LossTerm(name="ce", class_weights=[1, 1])], 3, 255)
-    with pytest.raises(Exception, match=r"unknown loss 'dise'.*did you mean 'dice'"):
+    with pytest.raises(UnknownNameError, match=r"unknown loss 'dise'.*did you mean 'dice'"):
         build_loss([LossTerm(name="dise")], 3, 255)

@@ -44,6 +44,10 @@ def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     STATE["debug"] = debug
+    if not debug:  # GDAL's own messages (e.g. libtiff's write errors) would add lines to one-line errors
+        import logging
+
+        logging.getLogger("rasterio").setLevel(logging.CRITICAL)
 
 
 def one_line(text: str) -> str:
@@ -56,6 +60,7 @@ def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_report_targets(kwargs)
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
@@ -67,6 +72,14 @@ def guarded(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # a file system refusal the verb did not word itself: still one line
+            if STATE["debug"]:
+                raise
+            from segdeploy.utils import describe_write_error
+
+            where = exc.filename or "a file"
+            typer.echo(f"error: {describe_write_error(where, exc, action='access')}", err=True)
+            raise typer.Exit(2) from None
         except Exception as exc:  # noqa: BLE001 - a bug; still one line unless --debug
             if STATE["debug"]:
                 raise
@@ -75,6 +88,19 @@ def guarded(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+REPORT_OPTIONS = ("json_out", "csv_out", "plot_out")
+
+
+def _check_report_targets(kwargs: dict[str, Any]) -> None:
+    """--json/--csv/--plot files that cannot be written fail before the work, not after it."""
+    from segdeploy.utils import writable_location
+
+    for key in REPORT_OPTIONS:
+        target = kwargs.get(key)
+        if target is not None and str(target) != "-":
+            writable_location(Path(target))
 
 
 def emit_json(obj: Any, target: Path | None) -> None:
