@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# a second run refuses to replace the first one's results: make quickstart ARGS=--overwrite
 quickstart: $(STAMP)
-	$(BIN)/segdeploy quickstart quickstart
+	$(BIN)/segdeploy quickstart quickstart $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

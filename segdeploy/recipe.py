@@ -190,6 +190,8 @@ class ParityConfig(Strict):
     fp16_agreement: float = Field(0.999, gt=0, le=1)
     max_class_iou_drop: float = Field(0.5, ge=0)
     samples: int = Field(16, ge=1)
+    min_fp16_share: float = Field(0.5, ge=0, le=1, description="least fraction of FLOPs an FP16 export must run "
+                                  "in FP16 after the fallback; below it export fails instead of shipping a mostly-FP32 model")
 
 
 class Recipe(Strict):
@@ -345,9 +347,20 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _anchor_data_root(raw: dict[str, Any], base: Path) -> None:
+    """A relative ``data.root`` means relative to `base` (the recipe file's folder, or the working
+    directory for ``--data``/``--set``): store it absolute so the run works from anywhere."""
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("root"), str) and data["root"].strip():
+        root = Path(data["root"]).expanduser()
+        data["root"] = str(root if root.is_absolute() else (base / root).resolve())
+
+
 def read_recipe_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The file's mapping with ``extends: base.yaml`` (relative to the file) merged underneath."""
+    """The file's mapping with ``extends: base.yaml`` (relative to the file) merged underneath;
+    a relative ``data.root`` resolves against the file that sets it, like ``extends``."""
     raw = read_yaml(path)
+    _anchor_data_root(raw, path.resolve().parent)
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
@@ -369,4 +382,5 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), data_roo
         apply_override(raw, assignment)
     if data_root is not None:
         raw.setdefault("data", {})["root"] = str(data_root)
+    _anchor_data_root(raw, Path.cwd())
     return validate(raw, f"--set overrides of {path}" if overrides else str(path))

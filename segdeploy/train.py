@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +24,30 @@ from torch.utils.data import DataLoader
 
 from segdeploy import artifact as art
 from segdeploy.data.dataset import (
+    PixelFormatCheck,
     SegmentationDataset,
     band_stats,
     class_pixel_counts,
     discover,
+    keys_in_several_splits,
+    split_defined,
     suggested_class_weights,
 )
-from segdeploy.errors import ArtifactError
+from segdeploy.errors import ArtifactError, DataError, OutputError, UserError
 from segdeploy.losses import build_loss
 from segdeploy.metrics import ConfusionMatrix, level_mious
 from segdeploy.models import build_model, check_model_names, freeze_encoder, input_divisor, static_size
 from segdeploy.recipe import Recipe
 from segdeploy.tiling import pad_to_multiple
-from segdeploy.utils import atomic_path, pick_device, versions, write_json
+from segdeploy.utils import (
+    atomic_path,
+    current_umask,
+    live_progress,
+    pick_device,
+    versions,
+    writable_location,
+    write_json,
+)
 
 HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_miou", "val_mdice", "lr", "seconds", "images_per_s"]
 
@@ -119,50 +133,164 @@ def validate(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Modul
     return total / max(n, 1), cm
 
 
-def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-        console: Console | None = None) -> TrainResult:
-    console = console or Console(stderr=True)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise ArtifactError(f"run directory {out} already exists; pass --resume to continue it, "
-                                "--overwrite to replace it, or another --out")
-        shutil.rmtree(out)
-    if resume and not (out / art.LAST_CKPT).is_file():
-        raise ArtifactError(f"nothing to resume in {out} (no {art.LAST_CKPT}); drop --resume to start fresh")
+@dataclass
+class TrainingData:
+    """Every split found and every file read once, before anything is written."""
 
-    device = pick_device(rec.train.device)
-    check_model_names(rec.model)  # a typo in model.* fails before any data is read
-    torch.manual_seed(rec.train.seed)
-    cls = rec.classes
+    train: SegmentationDataset
+    val: SegmentationDataset
+    splits: dict[str, list[str]]
+    mean: list[float]
+    std: list[float]
+    input_dtype: str
+    class_counts: np.ndarray | None
 
-    # ---- data (validated before anything is written)
-    train_samples = discover(rec.data, "train")
-    val_samples = discover(rec.data, "val")
-    probe = SegmentationDataset(train_samples, rec.data, cls, [0.0] * rec.data.bands, [1.0] * rec.data.bands)
+
+def prepare_data(rec: Recipe, console: Console) -> TrainingData:
+    """Pairing, decoding, mask values and one pixel format that fits ``data.max_pixel_value``,
+    checked for every file of every split: a bad file fails here, not after an epoch."""
+    cls, bands = rec.classes, rec.data.bands
+    samples = {split: discover(rec.data, split) for split in ("train", "val")}
+    if split_defined(rec.data, "test"):
+        try:
+            samples["test"] = discover(rec.data, "test")
+        except DataError as exc:
+            if "is empty" not in str(exc):
+                raise
+            console.print(f"[yellow]warning:[/] {exc}")
+    leaked = keys_in_several_splits(samples)
+    if leaked:
+        key, where = next(iter(leaked.items()))
+        raise DataError(f"key {key!r} is in the {' and '.join(where)} splits ({len(leaked)} such keys): a score on a "
+                        "split that shares images with training means nothing; fix the split lists or folders")
+    zeros, ones = [0.0] * bands, [1.0] * bands
+    train_ds = SegmentationDataset(samples["train"], rec.data, cls, zeros, ones, augment=rec.augment)
+    val_ds = SegmentationDataset(samples["val"], rec.data, cls, zeros, ones)
+    checked = [train_ds, val_ds]
+    if "test" in samples:  # read to be checked, not kept
+        checked.append(SegmentationDataset(samples["test"], rec.data.model_copy(update={"cache": False}), cls, zeros, ones))
+    pixel_format = PixelFormatCheck(rec.data)
+    for ds in checked:
+        for i, sample in enumerate(ds.samples):
+            problem = pixel_format.problem(sample.image, ds.load(i)[0])
+            if problem:
+                raise DataError(problem)
     mean, std = rec.data.mean, rec.data.std
     if mean == "auto" or std == "auto":
-        auto_mean, auto_std = band_stats(probe)
+        auto_mean, auto_std = band_stats(train_ds)
         mean = auto_mean if mean == "auto" else mean
         std = auto_std if std == "auto" else std
-    auto_weights = None
-    counts = class_pixel_counts(probe) if rec.data.cache else None  # decoded once; training reuses the cache
-    if counts is not None:
-        frac = counts / max(counts.sum(), 1)
-        console.print("train class pixels: " + ", ".join(f"{n} {f:.1%}" for n, f in zip(cls.names, frac, strict=True)),
-                      highlight=False, soft_wrap=True)
-        absent = [n for n, c in zip(cls.names, counts, strict=True) if c == 0]
-        if absent:
-            console.print(f"[yellow]warning:[/] classes {absent} have no pixels in the training split; "
-                          "their IoU cannot be learnt (check the masks or the split)")
-    if any(t.class_weights == "auto" for t in rec.loss):
-        auto_weights = suggested_class_weights(counts if counts is not None else class_pixel_counts(probe))
-    train_ds = SegmentationDataset(train_samples, rec.data, cls, mean, std, augment=rec.augment)
-    val_ds = SegmentationDataset(val_samples, rec.data, cls, mean, std)
-    if rec.data.cache:  # share decoded arrays between the probe and the real datasets
-        train_ds._cache = probe._cache
+    needs_counts = rec.data.cache or any(t.class_weights == "auto" for t in rec.loss)
+    counts = class_pixel_counts(train_ds) if needs_counts else None
+    train_ds.set_normalization(mean, std)
+    val_ds.set_normalization(mean, std)
+    splits = {name: [s.key for s in items] for name, items in samples.items()}
+    return TrainingData(train_ds, val_ds, splits, list(mean), list(std), pixel_format.dtype or "uint8", counts)
 
-    # ---- model
+
+def _report_class_balance(names: list[str], counts: np.ndarray, console: Console) -> None:
+    frac = counts / max(counts.sum(), 1)
+    console.print("train class pixels: " + ", ".join(f"{n} {f:.1%}" for n, f in zip(names, frac, strict=True)),
+                  highlight=False, soft_wrap=True)
+    absent = [n for n, c in zip(names, counts, strict=True) if c == 0]
+    if absent:
+        console.print(f"[yellow]warning:[/] classes {absent} have no pixels in the training split; "
+                      "their IoU cannot be learnt (check the masks or the split)")
+
+
+def plan_output(out: Path, resume: bool, overwrite: bool) -> str:
+    """What training does with `out`: 'new', 'resume' or 'replace'. Refuses, with the one flag
+    that fits, anything that would lose or mix up earlier work; nothing is written here."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one of them")
+    state = art.run_state(out)
+    if state == "foreign":
+        raise ArtifactError(f"{out} exists and is not a segdeploy run directory; choose another --out "
+                            "(segdeploy never deletes files it did not write)")
+    if state in ("absent", "empty"):
+        if resume:
+            raise ArtifactError(f"nothing to resume in {out} (no run there); drop --resume to start it")
+        return "new"
+    if resume:
+        if state == "unstarted":
+            raise ArtifactError(f"{out} stopped before its first epoch ended, so there is nothing to resume; "
+                                "start it again with --overwrite")
+        return "resume"
+    if overwrite:
+        return "replace"
+    if state == "complete":
+        raise ArtifactError(f"{out} already holds a finished run; pass --overwrite to replace it (the old run is "
+                            "kept until the new one completes), --resume to train it further, or another --out")
+    hint = "continue it with --resume, or replace it with --overwrite" if state == "unfinished" else \
+        "it stopped before its first epoch ended; start it again with --overwrite"
+    raise ArtifactError(f"run directory {out} already exists and is unfinished; {hint}")
+
+
+def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        console: Console | None = None) -> TrainResult:
+    """Train `rec` into `out`. Everything is validated before anything is written; an overwrite
+    trains into a hidden sibling and replaces `out` only once the new run is complete."""
+    console = console or Console(stderr=True)
+    out = Path(out)
+    mode = plan_output(out, resume, overwrite)
+    writable_location(out.parent if mode == "replace" else out)
+    device = pick_device(rec.train.device)
+    check_model_names(rec.model)  # a typo in model.* fails before any data is read
+    data = prepare_data(rec, console)
+    if mode != "replace":
+        return _train(rec, out, data, device, resume=mode == "resume", progress=progress, console=console)
+    for stale in out.parent.glob(f".{out.name}.new-*"):  # left by a killed earlier overwrite
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    try:
+        result = _train(rec, work, data, device, resume=False, progress=progress, console=console)
+        _swap_in(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return replace(result, run_dir=out)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put the finished `new` run where `out` was; the old run goes only after that succeeded."""
+    os.chmod(new, 0o777 & ~current_umask())  # mkdtemp made it 0700
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class _Setup:
+    model: torch.nn.Module
+    divisor: int
+    frozen_bn: list[torch.nn.Module]
+    loss_fn: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    train_loader: DataLoader
+    val_loader: DataLoader
+    amp: bool
+    scaler: torch.amp.GradScaler
+    meta: art.ModelMeta
+
+
+def _setup(rec: Recipe, data: TrainingData, device: str, console: Console) -> _Setup:
+    cls = rec.classes
+    if data.class_counts is not None:
+        _report_class_balance(cls.names, data.class_counts, console)
+    auto_weights = None
+    if any(t.class_weights == "auto" for t in rec.loss):
+        auto_weights = suggested_class_weights(data.class_counts)
+        console.print(f"class weights (auto, median frequency): {auto_weights}", highlight=False)
+    if rec.model.trainable_encoder_stages is not None and rec.model.weights is None:
+        console.print(f"[yellow]warning:[/] model.trainable_encoder_stages={rec.model.trainable_encoder_stages} "
+                      "freezes a randomly initialised encoder, whose frozen stages will stay random; set model.weights "
+                      "(imagenet or a local file) or model.trainable_encoder_stages: null")
     model = build_model(rec.model, rec.data.bands, cls.num_classes)
     divisor = input_divisor(model)
     frozen_bn = freeze_encoder(model, rec.model.trainable_encoder_stages)
@@ -170,129 +298,151 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
     cuda = device == "cuda"
     if cuda and rec.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    amp = cuda and rec.train.amp
     loss_fn = build_loss(rec.loss, cls.num_classes, cls.ignore_index, auto_weights).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(params, rec)
     workers = _num_workers(rec.train.num_workers, device)
     collate = pad_collate(divisor, cls.ignore_index)
-    train_loader = DataLoader(train_ds, rec.train.batch_size, shuffle=True, drop_last=len(train_ds) > rec.train.batch_size,
-                              num_workers=workers, collate_fn=collate, pin_memory=cuda, persistent_workers=workers > 0)
-    val_loader = DataLoader(val_ds, rec.train.batch_size, num_workers=workers, collate_fn=collate, pin_memory=cuda)
-    steps = len(train_loader)
-    scheduler = _scheduler(opt, rec, steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-
+    train_loader = DataLoader(data.train, rec.train.batch_size, shuffle=True,
+                              drop_last=len(data.train) > rec.train.batch_size, num_workers=workers,
+                              collate_fn=collate, pin_memory=cuda, persistent_workers=workers > 0)
+    val_loader = DataLoader(data.val, rec.train.batch_size, num_workers=workers, collate_fn=collate, pin_memory=cuda)
     meta = art.ModelMeta(
-        classes=cls.names, palette=[list(c) for c in cls.display_palette()], mean=list(mean), std=list(std),
+        classes=cls.names, palette=[list(c) for c in cls.display_palette()], mean=data.mean, std=data.std,
         max_pixel_value=rec.data.max_pixel_value, bands=rec.data.bands, input_divisor=divisor,
         tile_size=rec.data.tile_size, ignore_index=cls.ignore_index, static_size=static_size(model),
         hierarchy=cls.hierarchy, arch=rec.model.arch, encoder=rec.model.encoder, recipe_digest=rec.digest(),
-        versions=versions(),
+        input_dtype=data.input_dtype, versions=versions(),
     )
+    amp = cuda and rec.train.amp
+    return _Setup(model, divisor, frozen_bn, loss_fn, params, opt, _scheduler(opt, rec, len(train_loader)),
+                  train_loader, val_loader, amp, torch.amp.GradScaler("cuda", enabled=amp), meta)
 
+
+def _restore(out: Path, rec: Recipe, st: _Setup, console: Console) -> tuple[int, float, int, list[dict]]:
+    """Load last.ckpt into the model/optimizer/schedule: (next epoch, best mIoU, best epoch, history)."""
+    ckpt = torch.load(out / art.LAST_CKPT, map_location="cpu", weights_only=True)
+    if ckpt["recipe_digest"] != rec.digest():
+        raise ArtifactError(f"{out} was trained with a different recipe (data/classes/model differ); "
+                            "resume with the same recipe or start a new --out")
+    st.model.load_state_dict(ckpt["model"])
+    st.opt.load_state_dict(ckpt["optimizer"])
+    if st.scheduler is not None and ckpt.get("scheduler"):
+        if int(ckpt.get("epochs", rec.train.epochs)) == rec.train.epochs:
+            st.scheduler.load_state_dict(ckpt["scheduler"])
+        else:  # train.epochs changed: re-plan the schedule for the new length, then fast-forward
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(int(ckpt["epoch"]) * len(st.train_loader)):
+                    st.scheduler.step()
+            console.print(f"schedule re-planned for {rec.train.epochs} epochs")
+    console.print(f"resuming {out} at epoch {int(ckpt['epoch']) + 1}")
+    return int(ckpt["epoch"]) + 1, float(ckpt["best_miou"]), int(ckpt["best_epoch"]), _read_history(out / "history.csv")
+
+
+def _train_epoch(rec: Recipe, st: _Setup, device: str, on_batch: Callable[[float], None]) -> tuple[float, int, float]:
+    """One pass over the training split: (mean loss, images, seconds)."""
+    cuda = device == "cuda"
+    st.model.train()
+    for m in st.frozen_bn:
+        m.eval()
+    scaler = st.scaler
+    e0, running, seen = time.perf_counter(), 0.0, 0
+    for x, y in st.train_loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cuda and rec.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", enabled=st.amp):
+            loss = st.loss_fn(st.model(x), y)
+        st.opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if rec.train.grad_clip:
+            scaler.unscale_(st.opt)
+            torch.nn.utils.clip_grad_norm_(st.params, rec.train.grad_clip)
+        scaler.step(st.opt)
+        scaler.update()
+        if st.scheduler is not None:
+            st.scheduler.step()
+        running += float(loss.detach()) * len(x)
+        seen += len(x)
+        on_batch(running / seen)
+    return running / max(seen, 1), seen, time.perf_counter() - e0
+
+
+def _train(rec: Recipe, out: Path, data: TrainingData, device: str, *, resume: bool, progress: bool,
+           console: Console) -> TrainResult:
+    st = _setup(rec, data, device, console)
     start_epoch, best_miou, best_epoch, history = 1, -1.0, 0, []
     if resume:
-        ckpt = torch.load(out / art.LAST_CKPT, map_location="cpu", weights_only=True)
-        if ckpt["recipe_digest"] != rec.digest():
-            raise ArtifactError(f"{out} was trained with a different recipe (data/classes/model differ); "
-                                "resume with the same recipe or start a new --out")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler"):
-            if int(ckpt.get("epochs", rec.train.epochs)) == rec.train.epochs:
-                scheduler.load_state_dict(ckpt["scheduler"])
-            else:  # train.epochs changed: re-plan the schedule for the new length, then fast-forward
-                import warnings
-
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    for _ in range(int(ckpt["epoch"]) * steps):
-                        scheduler.step()
-                console.print(f"schedule re-planned for {rec.train.epochs} epochs")
-        start_epoch, best_miou, best_epoch = int(ckpt["epoch"]) + 1, float(ckpt["best_miou"]), int(ckpt["best_epoch"])
-        history = _read_history(out / "history.csv")
-        console.print(f"resuming {out} at epoch {start_epoch}")
+        start_epoch, best_miou, best_epoch, history = _restore(out, rec, st, console)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / art.RECIPE_FILE) as tmp:
         tmp.write_text(rec.to_yaml())
-    write_json(out / art.META_FILE, {"status": "training", "model_meta": meta.to_dict()})
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+    write_json(out / art.SPLITS_FILE, data.splits)
+    write_json(out / art.META_FILE, {"status": "training", "epochs_done": start_epoch - 1,
+                                     "model_meta": st.meta.to_dict()})
     t0 = time.perf_counter()
-    train_time, train_images = 0.0, 0
-    stopped = None
-    epoch = start_epoch - 1
-    columns = [TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  val mIoU {task.fields[miou]}"), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+    train_time, train_images, stopped, epoch = 0.0, 0, None, start_epoch - 1
+    steps = len(st.train_loader)
+    with live_progress(_progress_bar(console, progress)) as bar:
         task = bar.add_task("train", total=(rec.train.epochs - start_epoch + 1) * steps, epoch=start_epoch,
-                            epochs=rec.train.epochs, loss=float("nan"),
-                            miou=f"{best_miou:.3f}" if best_miou >= 0 else "-")
+                            epochs=rec.train.epochs, loss="…", miou=f"{best_miou:.3f}" if best_miou >= 0 else "-")
         for epoch in range(start_epoch, rec.train.epochs + 1):
             torch.manual_seed(rec.train.seed + epoch)  # resumable: each epoch's shuffling/augmentation is fixed
-            model.train()
-            for m in frozen_bn:
-                m.eval()
-            e0, running, seen = time.perf_counter(), 0.0, 0
-            for x, y in train_loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if cuda and rec.train.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", enabled=amp):
-                    loss = loss_fn(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if rec.train.grad_clip:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, rec.train.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                if scheduler is not None:
-                    scheduler.step()
-                running += float(loss.detach()) * len(x)
-                seen += len(x)
-                bar.update(task, advance=1, loss=running / seen, epoch=epoch)
-            epoch_train = time.perf_counter() - e0
-            train_time += epoch_train
-            train_images += seen
-            val_loss, cm = validate(model, val_loader, loss_fn, rec, device, divisor, amp)
-            mets = cm.compute(cls.names, rec.eval.exclude_background)
-            row = {"epoch": epoch, "train_loss": running / max(seen, 1), "val_loss": val_loss, "val_miou": mets.miou,
-                   "val_mdice": mets.mdice, "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - e0, 2),
-                   "images_per_s": round(seen / epoch_train, 2) if epoch_train else 0.0}
-            history.append(row)
+            loss, seen, seconds = _train_epoch(
+                rec, st, device, lambda running: bar.update(task, advance=1, loss=f"{running:.4f}", epoch=epoch))
+            train_time, train_images = train_time + seconds, train_images + seen
+            val_loss, cm = validate(st.model, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp)
+            mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
+            history.append({"epoch": epoch, "train_loss": loss, "val_loss": val_loss, "val_miou": mets.miou,
+                            "val_mdice": mets.mdice, "lr": st.opt.param_groups[0]["lr"],
+                            "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 2) if seconds else 0.0})
             improved = mets.miou > best_miou
             if improved:
                 best_miou, best_epoch = mets.miou, epoch
-                _save_weights(model, out / art.WEIGHTS_FILE)
+                _save_weights(st.model, out / art.WEIGHTS_FILE)
             bar.update(task, miou=f"{mets.miou:.3f}")
-            console.print(f"epoch {epoch:>3}  loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
+            console.print(f"epoch {epoch:>3}  loss {loss:.4f}  val loss {val_loss:.4f}  "
                           f"val mIoU {mets.miou:.4f}  mDice {mets.mdice:.4f}{'  *best' if improved else ''}")
             _write_history(out / "history.csv", history)
-            _save_last(out / art.LAST_CKPT, model, opt, scheduler, epoch, rec.train.epochs, best_miou, best_epoch,
-                       rec.digest())
-            if rec.train.early_stopping and epoch - best_epoch >= rec.train.early_stopping:
-                stopped = f"no val mIoU gain for {rec.train.early_stopping} epochs"
+            _save_last(out / art.LAST_CKPT, st.model, st.opt, st.scheduler, epoch, rec.train.epochs, best_miou,
+                       best_epoch, rec.digest())
+            write_json(out / art.META_FILE, {"status": "training", "epochs_done": epoch, "model_meta": st.meta.to_dict()})
+            stopped = _stop_reason(rec, epoch, best_epoch, t0)
+            if stopped:
                 break
-            if rec.train.max_minutes and (time.perf_counter() - t0) / 60 > rec.train.max_minutes:
-                stopped = f"train.max_minutes={rec.train.max_minutes} reached"
-                break
-
     if stopped:
         console.print(f"stopped early after epoch {epoch}: {stopped}")
     plot_history(history, out / "plots")
-    final = {"status": "complete", "model_meta": meta.to_dict(), "best_epoch": best_epoch, "best_val_miou": best_miou,
-             "epochs_run": epoch, "stopped_early": stopped, "train_images_per_s": round(train_images / max(train_time, 1e-9), 2)}
-    if cls.hierarchy:
-        # per-level mIoU of the best weights
-        _load_weights(model, out / art.WEIGHTS_FILE)
-        _, cm = validate(model, val_loader, loss_fn, rec, device, divisor, amp)
-        final["best_val_levels"] = level_mious(cm.matrix, cls.names, cls.hierarchy, rec.eval.exclude_background)
+    final = {"status": "complete", "model_meta": st.meta.to_dict(), "best_epoch": best_epoch,
+             "best_val_miou": best_miou, "epochs_run": epoch, "stopped_early": stopped,
+             "train_images_per_s": round(train_images / max(train_time, 1e-9), 2)}
+    if rec.classes.hierarchy:  # per-level mIoU of the best weights
+        _load_weights(st.model, out / art.WEIGHTS_FILE)
+        _, cm = validate(st.model, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp)
+        final["best_val_levels"] = level_mious(cm.matrix, rec.classes.names, rec.classes.hierarchy,
+                                               rec.eval.exclude_background)
     write_json(out / art.META_FILE, final)
     return TrainResult(out, best_miou, best_epoch, epoch, time.perf_counter() - t0, final["train_images_per_s"], stopped)
+
+
+def _stop_reason(rec: Recipe, epoch: int, best_epoch: int, t0: float) -> str | None:
+    if rec.train.early_stopping and epoch - best_epoch >= rec.train.early_stopping:
+        return f"no val mIoU gain for {rec.train.early_stopping} epochs"
+    if rec.train.max_minutes and (time.perf_counter() - t0) / 60 > rec.train.max_minutes:
+        return f"train.max_minutes={rec.train.max_minutes} reached"
+    return None
+
+
+def _progress_bar(console: Console, enabled: bool):  # noqa: ANN202 - rich.progress.Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}  val mIoU {task.fields[miou]}"), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn()]
+    return Progress(*columns, console=console, disable=not enabled, transient=False)
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -316,7 +466,13 @@ def _save_last(path: Path, model, opt, scheduler, epoch: int, epochs: int, best_
              "epoch": epoch, "epochs": epochs, "best_miou": best_miou, "best_epoch": best_epoch,
              "recipe_digest": digest}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch reports a failed write (disk full) as RuntimeError
+            if "writ" not in str(exc).lower():
+                raise
+            raise OutputError(f"cannot write {path}: {str(exc).splitlines()[0][:120]} (disk full?); "
+                              "free space or train into another --out") from None
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from segdeploy import recipe
-from segdeploy.errors import ArtifactError
+from segdeploy.errors import ArtifactError, DataError
 from segdeploy.evaluate import evaluate
 from segdeploy.train import fit
 from tests.conftest import RECIPES, demo_overrides
@@ -46,7 +46,7 @@ def test_resume_continues_where_it_stopped(synth_dir: Path, tiny_run: Path, tmp_
     other = recipe.load(RECIPES / "demo.yaml", demo_overrides(**{"model.encoder": "resnet34"}), synth_dir)
     with pytest.raises(ArtifactError, match="different recipe"):
         fit(other, run, resume=True, progress=False)
-    with pytest.raises(ArtifactError, match="already exists; pass --resume"):
+    with pytest.raises(ArtifactError, match="already holds a finished run; pass --overwrite .* --resume"):
         fit(rec, run, progress=False)
 
 
@@ -65,7 +65,7 @@ def test_bad_data_fails_before_anything_is_written(synth_dir: Path, tmp_path: Pa
     shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("scene"))
     (data / "val" / "val0000_mask.png").unlink()
     rec = recipe.load(RECIPES / "demo.yaml", demo_overrides(), data)
-    with pytest.raises(Exception, match=r"val0000_sat.png has no mask"):
+    with pytest.raises(DataError, match=r"val0000_sat.png has no mask"):
         fit(rec, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 

@@ -26,6 +26,9 @@ def synth_cmd(
 
     if tile < 32 or scene_size < 64:
         raise typer.BadParameter("--tile must be ≥ 32 and --scene-size ≥ 64")
+    from segdeploy.utils import writable_location
+
+    writable_location(out)
     summary = synth(out, tile=tile, scene_size=scene_size, sizes={"train": train, "val": val, "test": test})
     console.print(f"wrote {train}/{val}/{test} train/val/test images ({tile}×{tile}) to {out}, "
                   f"scene {summary['scene']} ({scene_size}×{scene_size}, EPSG:32633)")

@@ -22,6 +22,8 @@ def quickstart_cmd(
     epochs: int = typer.Option(None, help="Override the demo recipe's epochs."),
     scene_size: int = typer.Option(2048, help="Size of the synthetic GeoTIFF scene."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier quickstart in OUT "
+                                   "(its run is kept until the new one has trained)."),
     json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON ('-' for stdout)."),
 ) -> None:
     """synth data → train the demo recipe → eval → export ONNX + FP16 behind the gate → tiled predict → bench."""
@@ -34,6 +36,9 @@ def quickstart_cmd(
 
     if not DEMO_RECIPE.is_file():
         raise UserError(f"demo recipe {DEMO_RECIPE} not found; run quickstart from a source checkout (pip install -e .)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already holds results of an earlier quickstart; pass another directory "
+                        f"(segdeploy quickstart {out}-2) or --overwrite to replace them")
     t0 = time.perf_counter()
     data_dir, run_dir = out / "data", out / "run"
     console.rule("1/6 synthetic data")

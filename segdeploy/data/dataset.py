@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import random
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,12 @@ def _keys_in(directory: Path, suffix: str) -> dict[str, Path]:
         for p in sorted(directory.iterdir())
         if p.name.endswith(suffix) and p.is_file() and len(p.name) > len(suffix)
     }
+
+
+def masks_without_images(root: Path, cfg: DataConfig, split_dir: str) -> list[Path]:
+    images = _keys_in(root / cfg.image_dir.format(split=split_dir), cfg.image_suffix)
+    masks = _keys_in(root / cfg.mask_dir.format(split=split_dir), cfg.mask_suffix)
+    return [path for key, path in masks.items() if key not in images]
 
 
 def _pairs(root: Path, cfg: DataConfig, split_dir: str) -> tuple[list[Sample], list[Path]]:
@@ -107,17 +113,63 @@ def read_list(path: Path) -> list[str]:
 
 
 def ratio_split(samples: list[Sample], ratios: dict[str, float], seed: int) -> dict[str, list[Sample]]:
-    """Seeded shuffle of keys, then contiguous slices; the same seed gives the same split."""
-    ordered = sorted(samples, key=lambda s: s.key)
-    random.Random(seed).shuffle(ordered)
-    out: dict[str, list[Sample]] = {}
-    start = 0
+    """Each key goes to the split its own hash of (seed, key) falls in: the same seed gives the same
+    split, and adding or removing files never moves any other key (a test image stays a test image)."""
     names = list(ratios)
-    for i, name in enumerate(names):
-        end = len(ordered) if i == len(names) - 1 else start + round(ratios[name] * len(ordered))
-        out[name] = ordered[start:end]
-        start = end
+    edges = np.cumsum([ratios[n] for n in names])
+    out: dict[str, list[Sample]] = {name: [] for name in names}
+    for s in sorted(samples, key=lambda s: s.key):
+        u = int(hashlib.sha256(f"{seed}:{s.key}".encode()).hexdigest()[:15], 16) / 16**15
+        out[names[min(int(np.searchsorted(edges, u, side="right")), len(names) - 1)]].append(s)
     return out
+
+
+def split_defined(cfg: DataConfig, split: str) -> bool:
+    """Whether the layout has this split at all (a test split is optional)."""
+    if cfg.split.mode == "lists":
+        return split in cfg.split.lists
+    if cfg.split.mode == "ratio":
+        return cfg.split.ratios.get(split, 0) > 0
+    return (data_root(cfg) / cfg.image_dir.format(split=split)).is_dir()
+
+
+class PixelFormatCheck:
+    """One pixel format for the whole dataset, and one that fits ``data.max_pixel_value``.
+
+    A 16-bit file among 8-bit ones, or values above the scale, would otherwise be divided by the
+    wrong number silently (a lesion set once lost three quarters of its lesion pixels that way).
+    """
+
+    def __init__(self, data: DataConfig) -> None:
+        self.max_value = data.max_pixel_value
+        self.dtype: str | None = None
+        self.first: Path | None = None
+
+    def problem(self, path: Path, image: np.ndarray) -> str | None:
+        dtype = str(image.dtype)
+        if self.dtype is None:
+            self.dtype, self.first = dtype, path
+            if image.dtype.kind in "ui" and np.iinfo(image.dtype).max < self.max_value:
+                full = np.iinfo(image.dtype).max
+                return (f"image {path} is {dtype} (at most {full}) but data.max_pixel_value is {self.max_value:g}, "
+                        f"so it would never reach full scale; set data.max_pixel_value: {full}")
+        elif dtype != self.dtype:
+            return (f"image {path} is {dtype} but {self.first} is {self.dtype}: mixed bit depths would be scaled "
+                    f"alike and read wrong; convert {path.name} to {self.dtype} (or all files to one type)")
+        peak = float(image.max()) if image.size else 0.0
+        if peak > self.max_value:
+            return (f"image {path} has values up to {peak:g}, above data.max_pixel_value {self.max_value:g}; "
+                    "set data.max_pixel_value to the data's full scale (65535 for 16-bit) or rescale the file")
+        return None
+
+
+def keys_in_several_splits(splits: dict[str, list[Sample]]) -> dict[str, list[str]]:
+    """key -> the splits it appears in, for keys in more than one (leakage between splits)."""
+    where: dict[str, list[str]] = {}
+    for name, samples in splits.items():
+        for s in samples:
+            where.setdefault(s.key, []).append(name)
+    return {k: v for k, v in where.items() if len(v) > 1}
 
 
 class RandomRot90(v2.Transform):
@@ -162,8 +214,7 @@ class SegmentationDataset(Dataset):
         self.samples = samples
         self.data = data
         self.classes = classes
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.set_normalization(mean, std)
         self.transform = (
             build_augment(augment, data.tile_size, classes.ignore_index, data.bands) if augment else None
         )
@@ -195,6 +246,10 @@ class SegmentationDataset(Dataset):
         if self.data.cache:
             self._cache[i] = (image, mask)
         return image, mask
+
+    def set_normalization(self, mean: list[float], std: list[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def to_tensor(self, image: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32))
@@ -243,4 +298,4 @@ def suggested_class_weights(counts: np.ndarray) -> list[float]:
     if not present.any():
         return [1.0] * len(counts)
     med = float(np.median(freq[present]))
-    return [round(med / f, 4) if f > 0 else 0.0 for f in freq]
+    return [round(float(med / f), 4) if f > 0 else 0.0 for f in freq]

@@ -12,7 +12,18 @@ from pathlib import Path
 import numpy as np
 
 from segdeploy import recipe as recipe_mod
-from segdeploy.data.dataset import SPLITS, SegmentationDataset, _pairs, data_root, discover, suggested_class_weights
+from segdeploy.data.dataset import (
+    SPLITS,
+    PixelFormatCheck,
+    SegmentationDataset,
+    _pairs,
+    data_root,
+    discover,
+    keys_in_several_splits,
+    masks_without_images,
+    split_defined,
+    suggested_class_weights,
+)
 from segdeploy.errors import DataError, RecipeError
 from segdeploy.recipe import Recipe
 from segdeploy.utils import atomic_path
@@ -56,32 +67,28 @@ def recipe_for_data(target: Path, data_root_override: Path | None = None) -> Rec
 
 
 def inspect(rec: Recipe, splits: tuple[str, ...] = SPLITS) -> InspectReport:
+    """Every problem that training would stop at, or that would make a score mean nothing,
+    in any layout: unpaired files, empty or overlapping splits, unreadable files, bad mask values,
+    mixed pixel types."""
     root = data_root(rec.data)
     report = InspectReport(str(root), rec.classes.names)
-    sizes: Counter[str] = Counter()
-    all_counts = np.zeros(rec.classes.num_classes, dtype=np.int64)
+    report.problems += _layout_problems(rec, root, splits)
+    found: dict[str, list] = {}
     for split in splits:
-        try:
-            samples = discover(rec.data, split, strict=False)
-        except DataError as exc:
-            if split == "train" or "empty" not in str(exc):
-                report.problems.append({"split": split, "file": "", "problem": str(exc)})
+        if split != "train" and not split_defined(rec.data, split):
             continue
-        if rec.data.split.mode == "folders":
-            for img in _pairs(root, rec.data, split)[1]:
-                report.problems.append({"split": split, "file": str(img), "problem": "image has no mask"})
-        ds = SegmentationDataset(samples, rec.data.model_copy(update={"cache": False}), rec.classes,
-                                 [0.0] * rec.data.bands, [1.0] * rec.data.bands)
-        counts = np.zeros(rec.classes.num_classes, dtype=np.int64)
-        for i, s in enumerate(samples):
-            try:
-                image, mask = ds.load(i)
-            except DataError as exc:
-                report.problems.append({"split": split, "file": str(s.image), "problem": str(exc)})
-                continue
-            sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
-            valid = mask[mask < rec.classes.num_classes]
-            counts += np.bincount(valid.ravel(), minlength=rec.classes.num_classes)[: rec.classes.num_classes]
+        try:
+            found[split] = discover(rec.data, split, strict=False)
+        except DataError as exc:
+            report.problems.append({"split": split, "file": "", "problem": str(exc)})
+    for key, where in keys_in_several_splits(found).items():
+        report.problems.append({"split": ",".join(where), "file": key,
+                                "problem": f"key {key!r} is in the {' and '.join(where)} splits"})
+    sizes: Counter[str] = Counter()
+    pixel_format = PixelFormatCheck(rec.data)
+    all_counts = np.zeros(rec.classes.num_classes, dtype=np.int64)
+    for split, samples in found.items():
+        counts = _read_split(rec, split, samples, pixel_format, sizes, report)
         report.splits[split] = len(samples)
         report.pixel_counts[split] = counts.tolist()
         all_counts += counts
@@ -89,6 +96,49 @@ def inspect(rec: Recipe, splits: tuple[str, ...] = SPLITS) -> InspectReport:
     train_counts = np.asarray(report.pixel_counts.get("train", all_counts))
     report.suggested_class_weights = suggested_class_weights(train_counts)
     return report
+
+
+def _layout_problems(rec: Recipe, root: Path, splits: tuple[str, ...]) -> list[dict[str, str]]:
+    """Images without masks and masks without images (per split folder, or in the shared folder
+    of list and ratio layouts), and one list file used for two splits."""
+    cfg, problems = rec.data, []
+    dirs = {s: s for s in splits} if cfg.split.mode == "folders" else {"all": ""}
+    for split, split_dir in dirs.items():
+        for img in _pairs(root, cfg, split_dir)[1]:
+            problems.append({"split": split, "file": str(img), "problem": f"image {img} has no mask"})
+        for mask in masks_without_images(root, cfg, split_dir):
+            problems.append({"split": split, "file": str(mask), "problem": f"mask {mask} has no image"})
+    if cfg.split.mode == "lists":
+        by_file: dict[str, list[str]] = {}
+        for split, file in cfg.split.lists.items():
+            by_file.setdefault(str((root / file).resolve()), []).append(split)
+        for file, users in by_file.items():
+            if len(users) > 1:
+                problems.append({"split": ",".join(users), "file": file,
+                                 "problem": f"list {file} is used for the {' and '.join(users)} splits"})
+    return problems
+
+
+def _read_split(rec: Recipe, split: str, samples: list, pixel_format: PixelFormatCheck, sizes: Counter[str],
+                report: InspectReport) -> np.ndarray:
+    """Decode every pair once; count class pixels; record each unreadable or odd file."""
+    n = rec.classes.num_classes
+    ds = SegmentationDataset(samples, rec.data.model_copy(update={"cache": False}), rec.classes,
+                             [0.0] * rec.data.bands, [1.0] * rec.data.bands)
+    counts = np.zeros(n, dtype=np.int64)
+    for i, s in enumerate(samples):
+        try:
+            image, mask = ds.load(i)
+        except DataError as exc:
+            report.problems.append({"split": split, "file": str(s.image), "problem": str(exc)})
+            continue
+        problem = pixel_format.problem(s.image, image)
+        if problem:
+            report.problems.append({"split": split, "file": str(s.image), "problem": problem})
+        sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
+        valid = mask[mask < n]
+        counts += np.bincount(valid.ravel(), minlength=n)[:n]
+    return counts
 
 
 def plot_distribution(report: InspectReport, path: Path) -> Path:
