@@ -18,6 +18,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import torch
 from segdeploy.errors import DataError, UserError
 from segdeploy.runtime.base import Backend
 from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, window_starts
-from segdeploy.utils import atomic_path, peak_rss_mb, write_json
+from segdeploy.utils import atomic_path, peak_rss_mb, raise_write_error, writable_location, write_json
 
 RASTER = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
 PICTURE = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -43,6 +44,10 @@ class PredictOptions:
     probs: bool = False
     resume: bool = False
     pad: str = "reflect"
+    # 1-based input bands to feed the model, in order (None: all, or chosen by colour interpretation)
+    bands: list[int] | None = None
+    # full-scale value of the input when its pixel type differs from the model's (None: refuse)
+    input_max: float | None = None
 
 
 @dataclass
@@ -59,6 +64,8 @@ class PredictResult:
     files: list[str] = field(default_factory=list)
     resumed_from_row: int = 0
     accumulator_mb: float = 0.0
+    bands: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,15 +75,19 @@ class PredictResult:
 
 
 class SceneReader:
-    """Windowed reads with padding past the edge; nodata-aware. GeoTIFF via rasterio, pictures via PIL."""
+    """Windowed reads with padding past the edge, validity from GDAL's dataset mask (nodata, an
+    alpha band, a .msk sidecar or an internal mask). GeoTIFF via rasterio, pictures via PIL."""
 
-    def __init__(self, path: Path, bands: int) -> None:
+    def __init__(self, path: Path, bands: int, band_order: list[int] | None = None) -> None:
         self.path = path
         if not path.exists():
             raise DataError(f"input {path} not found")
         self.profile: dict = {}
         self.array: np.ndarray | None = None
         self.georeferenced = False
+        self.masked = False
+        self.indexes: list[int] = list(range(1, bands + 1))
+        self.notes: list[str] = []
         suffix = path.suffix.lower()
         if suffix in PICTURE:
             from segdeploy.data.io import read_image
@@ -86,25 +97,29 @@ class SceneReader:
             self.dtype = str(self.array.dtype)
             self.nodata = None
         else:
-            import rasterio
-            from rasterio.errors import RasterioIOError
-
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    self.src = rasterio.open(path)
-            except RasterioIOError as exc:
-                raise DataError(f"cannot open raster {path}: {exc} (corrupt, truncated or not a raster?)") from None
-            self.height, self.width, self.count = self.src.height, self.src.width, self.src.count
-            self.dtype = self.src.dtypes[0]
-            self.nodata = self.src.nodata
-            self.profile = self.src.profile.copy()
-            self.georeferenced = self.src.crs is not None and not self.src.transform.is_identity
+            self._open_raster(path, bands, band_order)
         if self.dtype not in SUPPORTED_DTYPES:
             raise DataError(f"{path} has pixel type {self.dtype}; supported: {', '.join(sorted(SUPPORTED_DTYPES))}")
-        if self.count != bands:
-            raise DataError(f"{path} has {self.count} bands but the model expects {bands}; "
-                            "use an image with the bands the model was trained on")
+
+    def _open_raster(self, path: Path, bands: int, band_order: list[int] | None) -> None:
+        import rasterio
+        from rasterio.enums import MaskFlags
+        from rasterio.errors import RasterioIOError
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.src = rasterio.open(path)
+        except RasterioIOError as exc:
+            raise DataError(f"cannot open raster {path}: {exc} (corrupt, truncated or not a raster?)") from None
+        self.height, self.width = self.src.height, self.src.width
+        self.indexes, self.notes = choose_bands(path, self.src.colorinterp, bands, band_order)
+        self.count = len(self.indexes)
+        self.dtype = self.src.dtypes[self.indexes[0] - 1]
+        self.nodata = self.src.nodata
+        self.masked = any(flags != [MaskFlags.all_valid] for flags in self.src.mask_flag_enums)
+        self.profile = self.src.profile.copy()
+        self.georeferenced = self.src.crs is not None and not self.src.transform.is_identity
 
     def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(H×W×B pixels, H×W valid mask) for the in-image part of a window."""
@@ -116,16 +131,16 @@ class SceneReader:
 
         win = Window(x, y, w, h)
         try:
-            img = np.moveaxis(self.src.read(window=win), 0, -1)
+            img = np.moveaxis(self.src.read(self.indexes, window=win), 0, -1)
         except Exception as exc:  # noqa: BLE001 - GDAL errors on truncated files surface here
             raise DataError(f"cannot read {self.path} at rows {y}..{y + h}: {str(exc)[:200]} "
                             "(truncated or corrupt file)") from None
         return img, self.valid(y, x, h, w)
 
     def valid(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """H×W mask, False where every band is nodata (GDAL's dataset mask; 1 byte per pixel)."""
+        """H×W mask, False where GDAL's dataset mask says invalid (1 byte per pixel)."""
         h, w = min(h, self.height - y), min(w, self.width - x)
-        if self.array is not None or self.nodata is None:
+        if self.array is not None or not self.masked:
             return np.ones((h, w), dtype=bool)
         from rasterio.windows import Window
 
@@ -149,6 +164,40 @@ class SceneReader:
             self.src.close()
 
 
+def choose_bands(path: Path, colorinterp: tuple, bands: int, requested: list[int] | None) -> tuple[list[int], list[str]]:
+    """1-based band indexes to feed a `bands`-band model, and what was decided and why.
+
+    `--bands` wins. Otherwise an alpha band is left out (it is the validity mask), and a file
+    whose colour interpretation says blue/green/red in another order is read as red, green, blue.
+    """
+    from rasterio.enums import ColorInterp
+
+    count = len(colorinterp)
+    if requested:
+        bad = [b for b in requested if not 1 <= b <= count]
+        if bad:
+            raise DataError(f"--bands {','.join(map(str, requested))}: {path} has bands 1..{count} only")
+        if len(requested) != bands:
+            raise DataError(f"--bands gives {len(requested)} bands but the model expects {bands}")
+        return list(requested), [f"bands {','.join(map(str, requested))} (from --bands)"]
+    notes = []
+    colour = [i for i, ci in enumerate(colorinterp, 1) if ci != ColorInterp.alpha]
+    if len(colour) < count:
+        notes.append(f"alpha band {','.join(str(i) for i in range(1, count + 1) if i not in colour)} used as the "
+                     "validity mask")
+    if len(colour) != bands:
+        if count == bands:
+            return list(range(1, count + 1)), []
+        raise DataError(f"{path} has {len(colour)} bands but the model expects {bands}; pick them with "
+                        f"--bands (e.g. --bands {','.join(str(i) for i in range(1, bands + 1))})")
+    rgb = {ColorInterp.red: 0, ColorInterp.green: 1, ColorInterp.blue: 2}
+    kinds = [colorinterp[i - 1] for i in colour]
+    if bands == 3 and set(kinds) == set(rgb) and [rgb[k] for k in kinds] != [0, 1, 2]:
+        colour = sorted(colour, key=lambda i: rgb[colorinterp[i - 1]])
+        notes.append(f"bands {','.join(map(str, colour))} read as red, green, blue (the file's colour interpretation)")
+    return colour, notes
+
+
 def pad_tile(img: np.ndarray, tile: int, mode: str) -> np.ndarray:
     ph, pw = tile - img.shape[0], tile - img.shape[1]
     if not ph and not pw:
@@ -161,14 +210,28 @@ def pad_tile(img: np.ndarray, tile: int, mode: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------- writers
 
 
+def _with_errno(exc: Exception, directory: Path) -> OSError:
+    """GDAL reports a failed write ("Write failed") without an errno; a full disk is the usual
+    cause, and the free space says whether it was."""
+    import errno
+    import shutil
+
+    if not isinstance(exc, OSError) or exc.errno is None:  # CPLE errors carry GDAL's codes, not errno
+        try:
+            if shutil.disk_usage(directory).free < 4 * 2**20:
+                return OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            pass
+    return exc if isinstance(exc, OSError) else OSError(None, str(exc).splitlines()[0][:160])
+
+
 class ClassRasterWriter:
     """Class-index GeoTIFF (uint8 while classes fit), tiled, compressed, BigTIFF when needed,
     georeference and nodata copied, palette as colormap; written by whole block rows."""
 
-    def __init__(self, tmp: Path, reader: SceneReader, classes: int, palette: list[list[int]], block: int,
-                 probs_tmp: Path | None, resume: bool) -> None:
-        import rasterio
-
+    def __init__(self, final: Path, tmp: Path, state_path: Path, reader: SceneReader, classes: int,
+                 palette: list[list[int]], block: int, probs_tmp: Path | None, resume: bool) -> None:
+        self.final, self.state_path = final, state_path
         self.dtype = "uint8" if classes < 255 else "uint16"
         self.nodata = 255 if self.dtype == "uint8" else 65535
         self.block = block
@@ -180,15 +243,36 @@ class ClassRasterWriter:
             "BIGTIFF": "IF_SAFER",
         }
         if not resume:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with rasterio.open(tmp, "w", dtype=self.dtype, nodata=self.nodata, **profile) as dst:
-                    if self.dtype == "uint8":
-                        dst.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(palette[:255])})
-                    dst.update_tags(segdeploy="incomplete")
-                if probs_tmp:
-                    with rasterio.open(probs_tmp, "w", dtype="uint8", nodata=255, **profile) as dst:
-                        dst.update_tags(segdeploy="incomplete", scale="percent confidence (max softmax × 100)")
+            with self._failing_write():
+                self._create(tmp, profile, palette, probs_tmp)
+
+    @contextmanager
+    def _failing_write(self) -> Iterator[None]:
+        """A write that fails (disk full, read-only, denied) becomes one line naming the output,
+        and leaves no partial file behind (an interrupt, unlike this, keeps them for --resume)."""
+        from rasterio._err import CPLE_BaseError
+        from rasterio.errors import RasterioError
+
+        try:
+            yield
+        except (OSError, RasterioError, CPLE_BaseError) as exc:  # GDAL sets no errno on its write errors
+            for p in self.paths:
+                p.unlink(missing_ok=True)
+            self.state_path.unlink(missing_ok=True)
+            raise_write_error(self.final, _with_errno(exc, self.final.parent))
+
+    def _create(self, tmp: Path, profile: dict, palette: list[list[int]], probs_tmp: Path | None) -> None:
+        import rasterio
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(tmp, "w", dtype=self.dtype, nodata=self.nodata, **profile) as dst:
+                if self.dtype == "uint8":
+                    dst.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(palette[:255])})
+                dst.update_tags(segdeploy="incomplete")
+            if probs_tmp:
+                with rasterio.open(probs_tmp, "w", dtype="uint8", nodata=255, **profile) as dst:
+                    dst.update_tags(segdeploy="incomplete", scale="percent confidence (max softmax × 100)")
 
     def write_rows(self, y: int, labels: np.ndarray, conf: np.ndarray | None) -> None:
         """Write full-width rows starting at `y` (the file is reopened so each call is on disk)."""
@@ -196,7 +280,7 @@ class ClassRasterWriter:
         from rasterio.windows import Window
 
         win = Window(0, y, labels.shape[1], labels.shape[0])
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), self._failing_write():
             warnings.simplefilter("ignore")
             with rasterio.open(self.paths[0], "r+") as dst:
                 dst.write(labels.astype(self.dtype)[None], window=win)
@@ -252,20 +336,53 @@ def gdal_cache_bytes() -> int:
 
 
 def predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
-                 progress: Callable[[int, int], None] | None = None,
-                 stop_after_rows: int | None = None) -> PredictResult:
+                 progress: Callable[[int, int], None] | None = None) -> PredictResult:
     """Predict one image into `out` (GeoTIFF for rasters; PNG + overlay for pictures)."""
     import rasterio
 
     with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes()):
-        return _predict_file(backend, src, out, opts, progress, stop_after_rows)
+        return _predict_file(backend, src, out, opts, progress)
+
+
+def input_scale(reader: SceneReader, meta, opts: PredictOptions) -> float:  # noqa: ANN001 - ModelMeta
+    """The value that maps to 1.0 before normalisation: the model's own, unless the input has
+    another pixel type, which is refused unless --input-max says what its full scale is."""
+    if opts.input_max is not None:
+        if opts.input_max <= 0:
+            raise UserError(f"--input-max must be > 0 (got {opts.input_max:g})")
+        return float(opts.input_max)
+    if not meta.input_dtype:
+        reader.notes.append(f"the model records no input pixel type (exported before segdeploy checked it): "
+                            f"{reader.dtype} input assumed to match, scaled by 1/{meta.max_pixel_value:g}")
+    elif reader.dtype != meta.input_dtype:
+        raise DataError(f"{reader.path} is {reader.dtype} but the model was trained on {meta.input_dtype} images "
+                        f"(full scale {meta.max_pixel_value:g}); pass --input-max with this raster's full scale "
+                        f"(e.g. {_full_scale(reader.dtype)}) to rescale it, or convert it to {meta.input_dtype}")
+    return float(meta.max_pixel_value)
+
+
+def _full_scale(dtype: str) -> str:
+    return f"{np.iinfo(np.dtype(dtype)).max}" if np.dtype(dtype).kind in "ui" else "1.0"
+
+
+def _refuse_unfinished(out: Path, state_path: Path, tmp: Path) -> None:
+    """A rerun without --resume must not silently throw away an interrupted prediction."""
+    if not state_path.is_file():
+        return
+    try:
+        done = json.loads(state_path.read_text()).get("rows_on_disk", "?")
+    except (json.JSONDecodeError, AttributeError):
+        done = "?"
+    raise UserError(f"an unfinished prediction of {out} exists ({done} rows on disk); pass --resume to continue it, "
+                    f"or delete {tmp} and {state_path} to start over")
 
 
 def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
-                  progress: Callable[[int, int], None] | None, stop_after_rows: int | None) -> PredictResult:
+                  progress: Callable[[int, int], None] | None) -> PredictResult:
     meta = backend.meta
     t0 = time.perf_counter()
-    reader = SceneReader(src, meta.bands)
+    reader = SceneReader(src, meta.bands, opts.bands)
+    scale = input_scale(reader, meta, opts)
     tile = opts.tile or meta.tile_size
     if backend.static_shape and (tile, tile) != backend.static_shape:
         tile = backend.static_shape[0]
@@ -305,8 +422,9 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
         start_row = rows_on_disk // stride  # tile rows whose output is not fully on disk yet
     elif opts.resume and not state_path.is_file():
         raise UserError(f"nothing to resume for {out} (no {state_path.name}); drop --resume")
-    if not _writable(out.parent):
-        raise UserError(f"output directory {out.parent} is not writable; choose another --out")
+    elif not opts.resume and not is_picture:
+        _refuse_unfinished(out, state_path, tmp)
+    writable_location(out)
 
     mask_reader = reader.second_handle()  # for the writer thread
     weights = blend_weights(tile, opts.blend, opts.overlap)
@@ -322,7 +440,8 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
     conf_buf: list[np.ndarray] = []
     picture_rows: list[tuple[np.ndarray, np.ndarray]] = []
     if not is_picture:
-        writer = ClassRasterWriter(tmp, reader, meta.num_classes, meta.palette, block, probs_tmp, resume=start_row > 0)
+        writer = ClassRasterWriter(out, tmp, state_path, reader, meta.num_classes, meta.palette, block, probs_tmp,
+                                   resume=start_row > 0)
 
     # first image row held in labels_buf (the emitting rows start at the first tile row not on disk)
     written = {"buffered_from": rows[start_row] if start_row < len(rows) else reader.height}
@@ -396,8 +515,6 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
                         cf[nodata_px] = 255
                         conf_buf.append(cf)
                     flush(final=False)
-                    if stop_after_rows is not None and r + 1 >= stop_after_rows:
-                        raise KeyboardInterrupt
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
             stop.set()
@@ -417,7 +534,7 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
             probs_iter: Iterator[torch.Tensor] = iter(())
             if arrays:
                 x = torch.from_numpy(np.stack(arrays).astype(np.float32)).permute(0, 3, 1, 2)
-                x = (x / meta.max_pixel_value - mean) / std
+                x = (x / scale - mean) / std
                 pin = backend.device.startswith("cuda")
                 if pin:
                     x = x.pin_memory()
@@ -463,7 +580,7 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
     mp = reader.width * reader.height / 1e6
     return PredictResult(str(src), str(out), reader.width, reader.height, total_tiles, skipped[0], round(seconds, 3),
                          round(mp / seconds, 3), round(peak_rss_mb(), 1), files, rows_on_disk,
-                         round(acc.nbytes() / 2**20, 2))
+                         round(acc.nbytes() / 2**20, 2), list(reader.indexes), list(reader.notes))
 
 
 def _write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.ndarray | None]], meta, out: Path) -> list[str]:  # noqa: ANN001
@@ -486,12 +603,6 @@ def _write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.
     with atomic_path(ov_path) as tmp:
         Image.fromarray(overlay).save(tmp, format="PNG")
     return [str(png), str(ov_path)]
-
-
-def _writable(directory: Path) -> bool:
-    import os
-
-    return os.access(directory, os.W_OK)
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:

@@ -190,11 +190,18 @@ def test_resume_continues_an_interrupted_run_and_gives_the_same_output(tmp_path:
     opts = PredictOptions(tile=64, overlap=16, batch=4)
     predict_file(backend, tmp_path / "in.tif", tmp_path / "ref.tif", opts)
     out = tmp_path / "out.tif"
+    def interrupt_after_tile_60(done: int, total: int) -> None:  # Ctrl-C, injected from outside
+        if done >= 60:
+            raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        predict_file(backend, tmp_path / "in.tif", out, opts, stop_after_rows=9)
+        predict_file(backend, tmp_path / "in.tif", out, opts, progress=interrupt_after_tile_60)
     assert not out.exists()  # an unfinished output never sits at the final path
     state = json.loads((tmp_path / "out.tif.partial.json").read_text())
     assert 0 < state["rows_on_disk"] < 700
+    with pytest.raises(UserError, match=r"unfinished prediction of .*out.tif exists .*pass --resume to continue it"):
+        predict_file(backend, tmp_path / "in.tif", out, opts)  # a rerun without --resume does not start over
+    assert json.loads((tmp_path / "out.tif.partial.json").read_text()) == state
     with pytest.raises(UserError, match="other settings"):
         predict_file(backend, tmp_path / "in.tif", out, PredictOptions(tile=64, overlap=8, resume=True))
     res = predict_file(backend, tmp_path / "in.tif", out, PredictOptions(tile=64, overlap=16, batch=4, resume=True))

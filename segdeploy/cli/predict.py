@@ -24,6 +24,11 @@ def predict_cmd(
     blend: str = typer.Option("gaussian", help="Blend window: gaussian, hann, pyramid or crop."),
     probs: bool = typer.Option(False, "--probs", help="Also write a confidence raster (max softmax, percent)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted prediction."),
+    bands: str = typer.Option(None, "--bands", help="Input bands to use, 1-based, in the model's order: "
+                              "3,2,1 for a BGR file, 1,2,3 for RGB out of RGBN (default: all bands, alpha left out, "
+                              "R/G/B order from the file's colour interpretation)."),
+    input_max: float = typer.Option(None, "--input-max", help="Full-scale value of the input's pixel type when it "
+                                    "differs from the model's (e.g. 65535 for a uint16 raster and a uint8 model)."),
     device: str = typer.Option("auto", help="torch backend device: auto, cpu or cuda."),
     threads: int = typer.Option(None, help="CPU threads for the backend."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
@@ -37,20 +42,30 @@ def predict_cmd(
     from segdeploy.runtime import backend_for, load_backend
     from segdeploy.utils import pick_device
 
+    from segdeploy.errors import UserError
+    from segdeploy.utils import live_progress, writable_location
+
     if threads:
         torch.set_num_threads(threads)
     files = expand_inputs(inputs)
+    try:
+        band_list = [int(b) for b in bands.split(",")] if bands else None
+    except ValueError:
+        raise UserError(f"--bands {bands!r} must be 1-based band numbers separated by commas, e.g. 3,2,1") from None
     options: dict = {"threads": threads} if threads else {}
     if backend_for(model) == "torch":
         options = {"device": pick_device(device)}
     backend = load_backend(model, **options)
     batch = batch or (8 if backend.device.startswith("cuda") else 2)
-    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume)
+    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
+                          bands=band_list, input_max=input_max)
     many = len(files) > 1 or out.is_dir()
+    for src in files:  # an unwritable output fails before any progress is drawn
+        writable_location(output_for(src, out, many))
     results = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tiles"),
                TextColumn("{task.fields[mps]:.2f} MP/s"), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, disable=not progress) as bar:
+    with live_progress(Progress(*columns, console=console, disable=not progress)) as bar:
         for src in files:
             task = bar.add_task(src.name, total=None, mps=0.0)
             pixels, t0 = _dimensions(src), time.perf_counter()
@@ -69,6 +84,8 @@ def predict_cmd(
         console.print(f"{r.input} → {', '.join(r.files)}: {r.width}×{r.height} px, {r.tiles} tiles "
                       f"({r.skipped_tiles} all-nodata skipped) in {r.seconds:.1f}s = {r.megapixels_per_s:.2f} MP/s, "
                       f"peak RSS {r.peak_rss_mb:.0f} MB")
+        for note in r.notes:
+            console.print(f"  {note}")
     emit_json({"backend": backend.describe(), "results": [r.to_dict() for r in results]}, json_out)
 
 
