@@ -92,6 +92,8 @@ class BenchReport:
     rows: list[BenchRow] = field(default_factory=list)
     threads: int = 0
     machine: dict = field(default_factory=dict)
+    # model -> the classes its mIoU/mDice columns average over (present in the tiles' ground truth)
+    miou_classes: dict[str, list[str]] = field(default_factory=dict)
     note: str = ("latency = backend forward only (normalised float32 in, logits out); "
                  "pre/post-processing excluded")
 
@@ -101,7 +103,7 @@ class BenchReport:
 
     def to_dict(self) -> dict:
         return {"note": self.note, "threads": self.threads, "machine": self.machine,
-                "rows": [r.to_dict() for r in self.rows]}
+                "miou_classes": self.miou_classes, "rows": [r.to_dict() for r in self.rows]}
 
 
 # ------------------------------------------------------------------------------------ candidates
@@ -312,6 +314,8 @@ def bench(models: list[Path], opts: BenchOptions, log=print) -> BenchReport:  # 
                 log(f"{cand.backend} {cand.precision} batch {batch}: {row.status} "
                     f"{'' if row.p50_ms is None else f'{row.p50_ms:.1f} ms p50'} {row.reason}")
                 report.rows.append(row)
+        if reference.get("classes"):
+            report.miou_classes[str(model)] = list(reference["classes"])  # type: ignore[call-overload]
     return report
 
 
@@ -340,7 +344,10 @@ def _accuracy(cand: Candidate, backend: Backend, run: Path | None, opts: BenchOp
         cm = ConfusionMatrix(backend.meta.num_classes, backend.meta.ignore_index)
         cm.update(cand_logits.argmax(1), reference["y"])  # type: ignore[arg-type]
         m = cm.compute(backend.meta.classes)
-        out = {"miou": _round(m.miou, 4), "mdice": _round(m.mdice, 4), "agreement": _round(rep.agreement, 6)}
+        present = m.present()  # the same tiles for every row: every mean covers the same classes
+        reference.setdefault("classes", [m.names[i] for i in present])
+        out = {"miou": _round(m.mean_over(m.iou, present), 4), "mdice": _round(m.mean_over(m.dice, present), 4),
+               "agreement": _round(rep.agreement, 6)}
         if not rep.passed:
             out["_failed"] = "fails the parity gate: " + "; ".join(rep.failures)
         return out

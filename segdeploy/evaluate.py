@@ -18,7 +18,7 @@ from segdeploy.recipe import Recipe
 from segdeploy.runtime import load_backend
 from segdeploy.runtime.base import Backend
 from segdeploy.tiling import forward_padded
-from segdeploy.utils import atomic_path, write_json
+from segdeploy.utils import atomic_path, writable_location, write_json
 
 
 @dataclass
@@ -76,6 +76,12 @@ def evaluate(
                             f"{rec.classes.num_classes}; evaluate with the recipe it was trained on")
     if meta.bands != rec.data.bands:
         raise ArtifactError(f"{model_path} expects {meta.bands} bands but the data has {rec.data.bands}")
+    if out_dir is None:
+        base = model_path if model_path.is_dir() else model_path.parent
+        tag = "" if model_path.is_dir() else f"{model_path.name}-"
+        out_dir = base / "eval" / f"{tag}{split}"
+    out_dir = Path(out_dir)
+    writable_location(out_dir)  # an unwritable output fails before the evaluation, not after
     samples = discover(rec.data, split)
     ds = SegmentationDataset(samples, rec.data, rec.classes, meta.mean, meta.std)
     cm = ConfusionMatrix(meta.num_classes, meta.ignore_index)
@@ -105,12 +111,7 @@ def evaluate(
     mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
     if meta.hierarchy:
         mets.levels = level_mious(cm.matrix, rec.classes.names, meta.hierarchy, rec.eval.exclude_background)
-    if out_dir is None:
-        base = model_path if model_path.is_dir() else model_path.parent
-        tag = "" if model_path.is_dir() else f"{model_path.name}-"
-        out_dir = base / "eval" / f"{tag}{split}"
     report = EvalReport(str(model_path), backend.describe(), split, len(ds), mets, seconds, Path(out_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
     if plots:
         report.files.append(plot_confusion(mets, out_dir / "confusion_matrix.png"))
         palette = [tuple(c) for c in meta.palette]

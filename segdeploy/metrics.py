@@ -77,6 +77,17 @@ class SegMetrics:
             for i, n in enumerate(self.names)
         ]
 
+    def present(self) -> list[int]:
+        """Indexes of the classes that occur in the ground truth."""
+        return [i for i, n in enumerate(self.support) if n > 0]
+
+    def mean_over(self, values: np.ndarray, classes: list[int]) -> float:
+        """Mean of per-class `values` over exactly `classes` (a class with no value counts as 0:
+        it was predicted where it does not exist)."""
+        if not classes:
+            return float("nan")
+        return float(np.mean([0.0 if np.isnan(values[i]) else values[i] for i in classes]))
+
     def to_dict(self) -> dict:
         return {
             "miou": round(self.miou, 6),

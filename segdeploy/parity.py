@@ -21,6 +21,9 @@ from segdeploy.recipe import ParityConfig, Recipe
 from segdeploy.runtime.base import Backend
 
 
+DROP_RESOLUTION = 0.005  # IoU points: reports print two decimals; smaller "drops" are noise
+
+
 @dataclass
 class ParityReport:
     backend: str
@@ -38,6 +41,10 @@ class ParityReport:
     failures: list[str] = field(default_factory=list)
     fp32_nodes: list[str] = field(default_factory=list)
     fallback_rounds: int = 0
+    # how much of the model runs in reduced precision (None for an FP32 candidate)
+    reduced_nodes: int | None = None
+    total_nodes: int | None = None
+    reduced_flops_share: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -49,8 +56,15 @@ class ParityReport:
         return max(drops, default=0.0)
 
     def worst_classes(self, n: int = 3) -> list[dict]:
-        rows = [c for c in self.per_class if c["iou_drop_points"] is not None]
+        """Classes that really lost IoU (more than the report's 0.01 pt resolution), worst first."""
+        rows = [c for c in self.per_class if c["iou_drop_points"] is not None and c["iou_drop_points"] >= DROP_RESOLUTION]
         return sorted(rows, key=lambda c: -c["iou_drop_points"])[:n]
+
+    def precision_share(self) -> str:
+        if self.reduced_flops_share is None:
+            return ""
+        return (f"{self.precision.upper()} on {self.reduced_nodes}/{self.total_nodes} nodes, "
+                f"{self.reduced_flops_share:.1%} of FLOPs")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -58,10 +72,12 @@ class ParityReport:
         return d
 
     def summary(self) -> str:
-        worst = ", ".join(f"{c['class']} {c['iou_drop_points']:+.2f}" for c in self.worst_classes()) or "-"
+        worst = ", ".join(f"{c['class']} {c['iou_drop_points']:.2f}" for c in self.worst_classes()) or "none"
+        share = f", {self.precision_share()}" if self.reduced_flops_share is not None else ""
         return (f"{self.backend} {self.precision}: agreement {self.agreement:.4%} (≥ {self.min_agreement:.2%}), "
-                f"worst IoU drop {self.worst_drop:.2f} pt (≤ {self.max_class_iou_drop}) [{worst}], "
-                f"max |Δlogit| {self.max_abs:.3g}, cosine {self.cosine:.6f} — {'PASS' if self.passed else 'FAIL'}")
+                f"worst class IoU drop {max(self.worst_drop, 0.0):.2f} pt (≤ {self.max_class_iou_drop}; classes "
+                f"losing IoU: {worst}), max |Δlogit| {self.max_abs:.3g}, cosine {self.cosine:.6f}{share} — "
+                f"{'PASS' if self.passed else 'FAIL'}")
 
 
 def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +154,7 @@ def gate(report: ParityReport) -> None:
     """Raise ParityError naming the worst classes when the report failed."""
     if report.passed:
         return
-    worst = ", ".join(f"{c['class']} {c['iou_drop_points']:+.2f} pt" for c in report.worst_classes())
+    worst = ", ".join(f"{c['class']} {c['iou_drop_points']:.2f} pt" for c in report.worst_classes()) or "none"
     raise ParityError(f"parity gate failed for {report.backend} {report.precision}: {'; '.join(report.failures)} "
                       f"(worst classes by IoU drop: {worst}); see parity.json", report)
 

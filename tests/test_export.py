@@ -87,7 +87,9 @@ def test_onnx_backend_runs_dynamic_shapes_and_eval_matches_the_run(exported: Pat
 
 def test_fp16_fallback_keeps_more_nodes_fp32_until_a_strict_gate_passes(tiny_run: Path, tmp_path: Path) -> None:
     run = copy_run(tiny_run, tmp_path)
-    strict = ["parity.fp16_agreement=1.0", "parity.max_class_iou_drop=0.0", "parity.samples=4"]
+    # exact agreement needs most of this tiny model in FP32: allow that here (the share floor has its own test)
+    strict = ["parity.fp16_agreement=1.0", "parity.max_class_iou_drop=0.0", "parity.samples=4",
+              "parity.min_fp16_share=0.0"]
     logs: list[str] = []
     report = export_run(run, ExportOptions(fp16=True, parity_overrides=strict, max_fallback_rounds=8), log=logs.append)
     rep = report.parity["onnxruntime_fp16"]

@@ -93,6 +93,9 @@ def render(report) -> Table:  # noqa: ANN001
                   f(r.images_per_s), f(r.megapixels_per_s, 2), f(r.tflops, 3), f(r.peak_rss_mb, 0),
                   f(r.peak_gpu_mb, 0), f(r.miou, 4), "-" if r.agreement is None else f"{r.agreement:.3%}",
                   f(r.tiled_mp_per_s, 2))
+    for model, classes in report.miou_classes.items():
+        notes.append(f"mIoU/mDice of {Path(model).name}: mean over the {len(classes)} classes present in the "
+                     f"validation tiles ({', '.join(classes)}), the same for every row")
     t.caption = "\n".join([escape(f"[{i + 1}] {n}") for i, n in enumerate(notes)] + [
         f"{report.note}. ✅ works · ⚠️ works but fails the parity gate · ❌ unavailable or failed"])
     t.caption_justify = "left"

@@ -39,22 +39,30 @@ def eval_cmd(
 
 
 def comparison_table(reports: list) -> Table:  # noqa: ANN001
-    """One row per model: mIoU, mDice, pixel accuracy and each class's IoU; best value in bold."""
+    """One row per model: mIoU, mDice, pixel accuracy and each class's IoU; best value in bold.
+
+    Every mean is over the same classes, those present in the ground truth; a class absent from
+    it is "-" in every row (otherwise it would count 0 for a model that predicts it somewhere
+    and nothing for one that does not, and the means would compare different things)."""
     from segdeploy.cli.render import fmt
 
     names = reports[0].metrics.names
+    present = sorted({i for r in reports for i in r.metrics.present()})
     t = Table(title=f"model comparison · {reports[0].split} split", title_justify="left")
     for col in ["model", "mIoU", "mDice", "pixel acc", *names]:
         t.add_column(col, justify="left" if col == "model" else "right")
-    columns = [[r.metrics.miou for r in reports], [r.metrics.mdice for r in reports],
+    columns = [[r.metrics.mean_over(r.metrics.iou, present) for r in reports],
+               [r.metrics.mean_over(r.metrics.dice, present) for r in reports],
                [r.metrics.pixel_accuracy for r in reports]]
-    columns += [[float(r.metrics.iou[i]) for r in reports] for i in range(len(names))]
-    best = [max((v for v in col if v == v), default=None) for col in columns]
+    columns += [[float(r.metrics.iou[i]) if i in present else None for r in reports] for i in range(len(names))]
+    best = [max((v for v in col if v is not None and v == v), default=None) for col in columns]
     for k, r in enumerate(reports):
         cells = []
         for col, b in zip(columns, best, strict=True):
             text = fmt(col[k])
             cells.append(f"[bold]{text}[/]" if b is not None and col[k] == b else text)
         t.add_row(str(r.model), *cells)
-    t.caption = "per-class columns are IoU"
+    absent = [names[i] for i in range(len(names)) if i not in present]
+    t.caption = (f"per-class columns are IoU; means over the {len(present)} classes present in the ground truth"
+                 + (f" (absent: {', '.join(absent)})" if absent else ""))
     return t

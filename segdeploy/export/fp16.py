@@ -216,13 +216,36 @@ def local_errors(fp32, fp16, batches: list[np.ndarray]) -> dict[str, float]:  # 
     return out
 
 
-def fp16_node_count(proto) -> int:  # noqa: ANN001
-    """Number of nodes computing in FP16 (outputs typed float16)."""
-    import onnx
+def node_flops(proto, batch: np.ndarray) -> dict[str, float]:  # noqa: ANN001
+    """Floating-point operations of each node for one real batch (2 per multiply-accumulate for
+    Conv/ConvTranspose/MatMul/Gemm, one per output element for everything else), from the tensor
+    shapes that batch actually produces: the measure of how much of a model runs in reduced precision."""
+    shapes = {name: arr.shape for name, arr in run_all(proto, [batch])[0].items()}
+    shapes[proto.graph.input[0].name] = batch.shape
+    shapes.update({i.name: tuple(i.dims) for i in proto.graph.initializer})
+    size = lambda name: float(np.prod(shapes[name])) if name in shapes else 0.0  # noqa: E731
+    flops: dict[str, float] = {}
+    for node in proto.graph.node:
+        out = node.output[0] if node.output else ""
+        weight = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        if node.op_type == "Conv" and weight:
+            flops[node.name] = 2 * size(out) * float(np.prod(weight[1:]))
+        elif node.op_type == "ConvTranspose" and weight:
+            flops[node.name] = 2 * size(node.input[0]) * float(np.prod(weight[1:]))
+        elif node.op_type in ("MatMul", "Gemm") and node.input[0] in shapes:
+            transposed = node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute)
+            k = shapes[node.input[0]][0 if transposed else -1]
+            flops[node.name] = 2 * size(out) * float(k)
+        else:
+            flops[node.name] = size(out)
+    return flops
 
-    infos = _float_value_infos(proto)
-    return sum(1 for n in proto.graph.node if any(
-        o in infos and infos[o].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for o in n.output))
+
+def reduced_share(flops: dict[str, float], kept: Iterable[str]) -> float:
+    """Fraction of the FLOPs computed by nodes not kept in full precision."""
+    kept = set(kept)
+    total = sum(flops.values())
+    return sum(v for n, v in flops.items() if n not in kept) / total if total else 0.0
 
 
 def save(proto, path: Path) -> None:  # noqa: ANN001

@@ -9,14 +9,13 @@ Everything here except `build_engine` and `current_device` is plain Python and t
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from segdeploy.errors import ArtifactError, BackendUnavailable, UserError
-from segdeploy.utils import atomic_path, write_json
+from segdeploy.utils import atomic_path, file_sha256, write_json
 
 MIN_TRT = (10, 12)
 
@@ -118,14 +117,6 @@ def sidecar(engine_path: Path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, model_meta: dict, *,
                  workspace_gib: float = 4.0, cache_dir: Path | None = None, log=print) -> dict:  # noqa: ANN001
     """Build a strongly typed engine from the mixed-precision ONNX; write engine + sidecar atomically."""
@@ -166,7 +157,7 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, model_met
         "profiles": [asdict(profile)],
         "precision": "fp16 (strongly typed, from the mixed-precision ONNX)",
         "onnx": str(onnx_path.name),
-        "onnx_sha256": sha256(onnx_path),
+        "onnx_sha256": file_sha256(onnx_path),
         "build_seconds": round(build_s, 2),
         "engine_bytes": engine_path.stat().st_size,
         "timing_cache": str(cache_file),

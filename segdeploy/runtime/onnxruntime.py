@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from segdeploy.artifact import check_source
 from segdeploy.errors import ArtifactError, BackendUnavailable
 from segdeploy.runtime.base import Backend
 
@@ -26,6 +27,7 @@ class OrtBackend(Backend):
         if not self.path.is_file():
             raise ArtifactError(f"ONNX file {self.path} not found")
         self.meta = read_metadata(self.path)
+        check_source(self.path, self.meta, read_metadata)
         available = ort.get_available_providers()
         if providers:
             missing = [p for p in providers if p not in available]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from segdeploy.artifact import ModelMeta
+from segdeploy.artifact import ModelMeta, check_source
 from segdeploy.errors import ArtifactError
 from segdeploy.export.tensorrt import check_engine_compat, current_device, import_tensorrt, sidecar
 from segdeploy.runtime.base import Backend
@@ -30,6 +30,9 @@ class TensorRTBackend(Backend):
         except json.JSONDecodeError:
             raise ArtifactError(f"{side} is corrupt; rebuild with `segdeploy export --trt`") from None
         self.meta = ModelMeta.from_dict(self.engine_meta["model_meta"], str(side))
+        from segdeploy.export.onnx import read_metadata
+
+        check_source(self.path, self.meta, read_metadata)
         trt = import_tensorrt()
         check_engine_compat(self.engine_meta, current_device(), self.path)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
