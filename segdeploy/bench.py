@@ -27,7 +27,7 @@ from segdeploy.runtime.base import Backend
 
 OK, GATE_FAIL, UNAVAILABLE = "✅", "⚠️", "❌"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass
@@ -123,14 +123,16 @@ def candidates(model: Path, opts: BenchOptions) -> list[Candidate]:
         found[("torch", "fp32")] = model
         found[("torch", "fp16")] = model
         export = model / "export"
+        # onnxruntime gets the INT8 form made for CPUs (U8S8), TensorRT its own engine of the symmetric form
         for name, key in (("model.onnx", ("onnxruntime", "fp32")), ("model.fp16.onnx", ("onnxruntime", "fp16")),
-                          ("model.engine", ("tensorrt", "fp16"))):
+                          ("model.int8.cpu.onnx", ("onnxruntime", "int8")), ("model.engine", ("tensorrt", "fp16")),
+                          ("model.int8.engine", ("tensorrt", "int8"))):
             if (export / name).is_file():
                 found[key] = export / name
     elif kind == "onnxruntime":
-        found[("onnxruntime", "fp16" if ".fp16." in model.name else "fp32")] = model
+        found[("onnxruntime", next((p for p in ("fp16", "int8") if f".{p}." in model.name), "fp32"))] = model
     else:
-        found[("tensorrt", "fp16")] = model
+        found[("tensorrt", "int8" if ".int8." in model.name else "fp16")] = model
     out = []
     for backend in opts.backends:
         for precision in opts.precisions:
@@ -138,11 +140,15 @@ def candidates(model: Path, opts: BenchOptions) -> list[Candidate]:
                 continue  # engines are built from the mixed-precision ONNX only
             art = found.get((backend, precision))
             reason = ""
+            if backend == "torch" and precision == "int8":
+                continue  # PyTorch INT8 is not a deployment path segdeploy offers
             if art is None:
                 if kind != "torch" and (backend, precision) not in found:
                     continue  # a single artifact: only its own backend is relevant
-                reason = {"onnxruntime": "not exported: run `segdeploy export RUN --fp16`",
-                          "tensorrt": "no engine: run `segdeploy export RUN --trt`"}.get(backend, "not available")
+                flag = {"fp16": "--fp16", "int8": "--int8"}.get(precision, "")
+                reason = {"onnxruntime": f"not exported: run `segdeploy export RUN {flag}`".replace("  ", " "),
+                          "tensorrt": f"no engine: run `segdeploy export RUN --trt{' --int8' if precision == 'int8' else ''}`"
+                          }.get(backend, "not available")
             out.append(Candidate(str(model), backend, precision, art, reason))
     return out
 
@@ -437,6 +443,9 @@ def plot(report: BenchReport, path: Path) -> Path:
     ax.set_xlabel("batch size")
     ax.set_ylabel("latency per batch, ms (p50, whisker to p90)")
     ax.set_xscale("log", base=2)
+    batches = sorted({r.batch for rows in series.values() for r in rows})
+    ax.set_xticks(batches, [str(b) for b in batches])  # 1, 2, 4, 8 — not 2⁰, 2¹
+    ax.minorticks_off()
     ax.set_title(f"segdeploy bench · {report.rows[0].size if report.rows else ''} px · {report.threads} CPU threads")
     ax.grid(alpha=0.3)
     if series:
@@ -446,3 +455,25 @@ def plot(report: BenchReport, path: Path) -> Path:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def log_to_mlflow(report: BenchReport) -> list[str]:
+    """Each run's rows go to the MLflow run that trained it, when there is one."""
+    from segdeploy.artifact import read_run_meta
+    from segdeploy.errors import UserError
+    from segdeploy.tracking import log_report
+
+    notes = []
+    for model in sorted({r.model for r in report.rows}):
+        run = run_dir_of(Path(model))
+        if run is None:
+            continue
+        rows = [r.to_dict() for r in report.rows if r.model == model]
+        metrics = {f"bench_{r['backend']}_{r['precision']}_b{r['batch']}_p50_ms": r["p50_ms"] for r in rows}
+        try:
+            note = log_report(read_run_meta(run), "bench", {"machine": report.machine, "rows": rows}, metrics)
+        except UserError as exc:
+            note = f"bench rows not logged to MLflow: {exc}"
+        if note:
+            notes.append(note)
+    return notes

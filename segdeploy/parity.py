@@ -80,9 +80,11 @@ class ParityReport:
                 f"{'PASS' if self.passed else 'FAIL'}")
 
 
-def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: str = "val",
+                 keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised tiles of `tile`² from real images, the way predict will feed them: windows that
-    run past the image edge are padded (reflect), their labels padded with ignore_index."""
+    run past the image edge are padded (reflect), their labels padded with ignore_index. The keys
+    of the images used are appended to `keys` when given."""
     try:
         items = discover(rec.data, split)
     except DataError:
@@ -91,6 +93,8 @@ def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: s
     xs, ys = [], []
     for i in range(len(ds)):
         x, y = ds[i]
+        if keys is not None:
+            keys.append(ds.samples[i].key)
         h, w = x.shape[-2:]
         for top in range(0, max(h - tile, 0) + 1, tile) if h >= tile else [0]:
             for left in range(0, max(w - tile, 0) + 1, tile) if w >= tile else [0]:
@@ -129,7 +133,7 @@ def compare(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, meta: M
     cm_cand.update(pc, target)
     cm_vs.update(pc, torch.where(valid, pr, torch.full_like(pr, meta.ignore_index)))
     m_ref, m_cand, m_vs = cm_ref.compute(meta.classes), cm_cand.compute(meta.classes), cm_vs.compute(meta.classes)
-    min_agree = cfg.fp16_agreement if precision == "fp16" else cfg.fp32_agreement
+    min_agree, max_drop = cfg.thresholds(precision)
     per_class = []
     for i, name in enumerate(meta.classes):
         drop = (m_ref.iou[i] - m_cand.iou[i]) * 100 if not math.isnan(m_ref.iou[i]) else float("nan")
@@ -140,13 +144,12 @@ def compare(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, meta: M
     report = ParityReport(
         backend=backend, precision=precision, tiles=len(ref), tile=int(ref.shape[-1]), max_abs=float(diff.max()),
         median_abs=float(q[0]), p99_abs=float(q[1]), cosine=float(cos), agreement=agreement,
-        min_agreement=min_agree, max_class_iou_drop=cfg.max_class_iou_drop, per_class=per_class)
+        min_agreement=min_agree, max_class_iou_drop=max_drop, per_class=per_class)
     if agreement < min_agree:
         report.failures.append(f"argmax agreement {agreement:.4%} < {min_agree:.2%}")
     for row in report.worst_classes(c):
-        if row["iou_drop_points"] > cfg.max_class_iou_drop:
-            report.failures.append(f"class {row['class']!r} IoU drops {row['iou_drop_points']:.2f} pt "
-                                   f"(> {cfg.max_class_iou_drop})")
+        if row["iou_drop_points"] > max_drop:
+            report.failures.append(f"class {row['class']!r} IoU drops {row['iou_drop_points']:.2f} pt (> {max_drop})")
     return report
 
 

@@ -192,6 +192,16 @@ class ParityConfig(Strict):
     samples: int = Field(16, ge=1)
     min_fp16_share: float = Field(0.5, ge=0, le=1, description="least fraction of FLOPs an FP16 export must run "
                                   "in FP16 after the fallback; below it export fails instead of shipping a mostly-FP32 model")
+    int8_agreement: float = Field(0.99, gt=0, le=1)
+    int8_class_iou_drop: float = Field(1.0, ge=0, description="IoU points any class may lose in INT8")
+    min_int8_share: float = Field(0.5, ge=0, le=1, description="least fraction of FLOPs an INT8 export must "
+                                  "compute quantized after the fallback")
+
+    def thresholds(self, precision: str) -> tuple[float, float]:
+        """(least argmax agreement, most IoU points any class may lose) for a precision."""
+        if precision == "int8":
+            return self.int8_agreement, self.int8_class_iou_drop
+        return (self.fp16_agreement if precision == "fp16" else self.fp32_agreement), self.max_class_iou_drop
 
 
 class Recipe(Strict):

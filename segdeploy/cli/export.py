@@ -14,7 +14,12 @@ from segdeploy.cli.app import app, console, emit_json, guarded
 def export_cmd(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write model.fp16.onnx (mixed precision, FP32 I/O)."),
-    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT FP16 engine (implies --fp16; needs TensorRT + GPU)."),
+    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT FP16 engine (implies --fp16; needs TensorRT + GPU); "
+                             "with --int8 also an INT8 engine."),
+    int8: bool = typer.Option(False, "--int8", help="Also write calibrated INT8 ONNX: model.int8.onnx (symmetric, for "
+                              "TensorRT) and model.int8.cpu.onnx (U8S8, for CPUs), each behind the gate."),
+    calib_images: int = typer.Option(32, "--calib-images", min=1, help="INT8 calibration tiles (training split only)."),
+    calib_method: str = typer.Option("minmax", "--calib-method", help="INT8 calibration: minmax, entropy or percentile."),
     opset: int = typer.Option(17, help="ONNX opset (≥ 17)."),
     tile: int = typer.Option(None, help="Tile size prediction will use (default: the recipe's data.tile_size)."),
     batch: str = typer.Option("1:4:8", help="TensorRT batch profile MIN:OPT:MAX."),
@@ -23,11 +28,12 @@ def export_cmd(
     data: Path = typer.Option(None, "--data", help="Dataset for the parity gate (default: the run's data.root)."),
     json_out: Path = typer.Option(None, "--json", help="Write the export report as JSON ('-' for stdout)."),
 ) -> None:
-    """ONNX (FP32), mixed-precision FP16 ONNX and a TensorRT engine, each behind the parity gate."""
+    """ONNX (FP32), mixed-precision FP16 ONNX, calibrated INT8 ONNX and TensorRT engines, each behind the parity gate."""
     from segdeploy.errors import ParityError
     from segdeploy.export.pipeline import ExportOptions, export_run
 
-    opts = ExportOptions(fp16=fp16 or trt, trt=trt, opset=opset, tile=tile, batch=batch, workspace_gib=workspace,
+    opts = ExportOptions(fp16=fp16 or trt, trt=trt, int8=int8, calib_images=calib_images, calib_method=calib_method,
+                         opset=opset, tile=tile, batch=batch, workspace_gib=workspace,
                          data_root=data, parity_overrides=set_)
     try:
         report = export_run(run_dir, opts, log=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False))

@@ -163,6 +163,7 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: Path, plan: ExportPlan,
             raise ArtifactError(f"exported ONNX failed onnx.checker: {exc}") from None
         proto = simplify(proto, notes)
         name_nodes(proto)
+        name_dynamic_axes(proto)
         set_metadata(proto, meta, {"export": plan.to_dict()})
         onnx.save(proto, str(tmp))
     return notes
@@ -204,6 +205,26 @@ def simplify(proto, notes: list[str]):  # noqa: ANN001, ANN201
     except Exception as exc:  # noqa: BLE001 - simplification is an optimisation, not a requirement
         notes.append(f"onnxslim skipped ({type(exc).__name__})")
         return proto
+
+
+AXIS_NAMES = {0: "batch", 2: "height", 3: "width"}
+
+
+def name_dynamic_axes(proto) -> None:  # noqa: ANN001
+    """The exporter's symbols (s0, s53…) for the input's batch, height and width become 'batch',
+    'height' and 'width' everywhere in the graph: what users see in Netron and TensorRT profiles."""
+    import re
+
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    mapping = {dims[i].dim_param: name for i, name in AXIS_NAMES.items()
+               if i < len(dims) and dims[i].dim_param and dims[i].dim_param != name}
+    if not mapping:
+        return
+    symbol = re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(map(re.escape, mapping)) + r")(?![A-Za-z0-9_])")
+    for info in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = symbol.sub(lambda m: mapping[m.group(1)], dim.dim_param)
 
 
 def name_nodes(proto) -> None:  # noqa: ANN001

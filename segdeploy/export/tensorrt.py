@@ -117,9 +117,10 @@ def sidecar(engine_path: Path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
 
 
-def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, model_meta: dict, *,
+def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, model_meta: dict, *, precision: str = "fp16",
                  workspace_gib: float = 4.0, cache_dir: Path | None = None, log=print) -> dict:  # noqa: ANN001
-    """Build a strongly typed engine from the mixed-precision ONNX; write engine + sidecar atomically."""
+    """Build a strongly typed engine from the mixed-precision (FP16) or QDQ (INT8) ONNX: the
+    precision lives in the graph, so no builder precision flag is set; write engine + sidecar atomically."""
     trt = import_tensorrt()
     device = current_device()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -155,7 +156,8 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, model_met
         "model_meta": model_meta,
         "device": asdict(device),
         "profiles": [asdict(profile)],
-        "precision": "fp16 (strongly typed, from the mixed-precision ONNX)",
+        "precision": precision,
+        "precision_source": "strongly typed network; types from the ONNX graph (mixed FP16, or INT8 Q/DQ)",
         "onnx": str(onnx_path.name),
         "onnx_sha256": file_sha256(onnx_path),
         "build_seconds": round(build_s, 2),

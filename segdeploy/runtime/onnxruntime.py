@@ -48,7 +48,7 @@ class OrtBackend(Backend):
                                 "re-export it with `segdeploy export`") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
-        self.precision = "fp16" if ".fp16." in self.path.name else "fp32"
+        self.precision = next((p for p in ("fp16", "int8") if f".{p}." in self.path.name), "fp32")
         self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
         self.providers = self.session.get_providers()
         self.threads = opts.intra_op_num_threads

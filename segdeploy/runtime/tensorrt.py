@@ -30,6 +30,7 @@ class TensorRTBackend(Backend):
         except json.JSONDecodeError:
             raise ArtifactError(f"{side} is corrupt; rebuild with `segdeploy export --trt`") from None
         self.meta = ModelMeta.from_dict(self.engine_meta["model_meta"], str(side))
+        self.precision = "int8" if str(self.engine_meta.get("precision", "")).startswith("int8") else "fp16"
         from segdeploy.export.onnx import read_metadata
 
         check_source(self.path, self.meta, read_metadata)

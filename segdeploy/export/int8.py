@@ -1,0 +1,101 @@
+"""FP32 ONNX -> INT8 QDQ ONNX by static post-training quantization (`onnxruntime.quantization`).
+
+Two forms, because the targets differ (docs/EXPORT.md has the measurements):
+
+- ``tensorrt`` (``model.int8.onnx``): int8 weights per channel and symmetric, int8 activations
+  symmetric (zero point 0) — the explicit-quantization form a strongly typed TensorRT network
+  consumes;
+- ``cpu`` (``model.int8.cpu.onnx``): the same weights with asymmetric uint8 activations (U8S8),
+  which onnxruntime's VNNI kernels run about twice as fast on x86 CPUs.
+
+Calibration tiles come from the training split only: validation tiles belong to the gate.
+Which nodes stay in float is measured, like the FP16 fallback: each node's own quantization
+error (its output error minus what its inputs already carry) on real tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from segdeploy.errors import UserError
+
+FORMS = {"tensorrt": "model.int8.onnx", "cpu": "model.int8.cpu.onnx"}
+METHODS = ("minmax", "entropy", "percentile")
+# the nodes whose arithmetic INT8 makes cheap; the share of their FLOPs that is quantized is reported
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def prepare(fp32_path: Path, out_path: Path) -> None:
+    """onnxruntime's documented pre-processing (graph optimisation + ONNX shape inference).
+    Symbolic shape inference is skipped: it fails on dynamic-shape exports ("Incomplete symbolic
+    shape inference") and the ONNX shape inference that follows is enough for static quantization."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
+
+
+class _Tiles:
+    """CalibrationDataReader over pre-made batches (NCHW float32, normalised like predict)."""
+
+    def __init__(self, batches: list[np.ndarray], input_name: str) -> None:
+        self._items = iter([{input_name: b.astype(np.float32)} for b in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._items, None)
+
+
+def quantize(model_path: Path, out_path: Path, batches: list[np.ndarray], form: str, method: str,
+             exclude: Iterable[str], cache_path: Path) -> None:
+    """Write the QDQ model of `form`; calibration ranges are cached in `cache_path` (one run of
+    the calibration tiles serves every form and every fallback round)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if form not in FORMS:
+        raise UserError(f"INT8 form {form!r} is unknown; choose from {', '.join(FORMS)}")
+    if method not in METHODS:
+        raise UserError(f"--calib-method {method!r} is unknown; choose from {', '.join(METHODS)}")
+    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}[method]
+    input_name = onnx.load(str(model_path), load_external_data=False).graph.input[0].name
+    symmetric = form == "tensorrt"
+    quantize_static(
+        str(model_path), str(out_path), _Tiles(batches, input_name),  # type: ignore[arg-type]
+        quant_format=QuantFormat.QDQ, per_channel=True, calibrate_method=calib,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
+        nodes_to_exclude=sorted(set(exclude)), calibration_cache_path=str(cache_path),
+        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+    )
+
+
+def compute_nodes(proto) -> set[str]:  # noqa: ANN001
+    return {n.name for n in proto.graph.node if n.op_type in COMPUTE_OPS}
+
+
+def quantized_share(flops: dict[str, float], compute: set[str], excluded: Iterable[str]) -> float:
+    """Fraction of all FLOPs computed by compute nodes that are quantized."""
+    excluded = set(excluded)
+    total = sum(flops.values())
+    return sum(flops.get(n, 0.0) for n in compute - excluded) / total if total else 0.0
+
+
+def structure(proto) -> dict:  # noqa: ANN001
+    """What a QDQ model holds: Q/DQ counts, whether every activation zero point is 0, and whether
+    the weights are quantized per channel (for tests and the report)."""
+    from onnx import numpy_helper
+
+    init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    zero_points = [init[n.input[2]] for n in q if len(n.input) > 2 and n.input[2] in init]
+    weight_dq = [n for n in dq if n.input[0] in init and init[n.input[0]].ndim == 4]
+    return {
+        "quantize_nodes": len(q), "dequantize_nodes": len(dq),
+        "activation_dtypes": sorted({str(z.dtype) for z in zero_points}),
+        "activation_zero_points_all_zero": all(not np.any(z) for z in zero_points),
+        "weights_per_channel": bool(weight_dq) and all(init[n.input[1]].ndim == 1 and init[n.input[1]].size > 1
+                                                       for n in weight_dq),
+    }

@@ -1,0 +1,103 @@
+"""INT8 export: the two QDQ forms, calibration on training keys only, the per-class gate and its
+fallback, and the round trip through eval, predict and bench."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from segdeploy.cli import app
+from segdeploy.errors import ParityError
+from segdeploy.export.int8 import structure
+from segdeploy.export.onnx import read_metadata
+from segdeploy.export.pipeline import ExportOptions, export_run
+from segdeploy.utils import file_sha256
+
+QUIET = lambda m: None  # noqa: E731
+# the session's tiny run trained for 2 epochs: its near-tied logits flip under any noise, so the
+# structural tests gate loosely; the harsh-gate test below gates strictly
+LOOSE = ["parity.samples=4", "parity.int8_agreement=0.3", "parity.int8_class_iou_drop=100"]
+
+
+@pytest.fixture(scope="module")
+def int8_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    run = tmp_path_factory.mktemp("int8") / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export", "eval"))
+    report = export_run(run, ExportOptions(int8=True, calib_images=6, parity_overrides=LOOSE), log=QUIET)
+    return run, report
+
+
+def test_both_forms_are_qdq_with_the_right_zero_points_and_per_channel_weights(int8_run: tuple) -> None:
+    run, report = int8_run
+    trt = structure(onnx.load(str(run / "export/model.int8.onnx")))
+    cpu = structure(onnx.load(str(run / "export/model.int8.cpu.onnx")))
+    for s in (trt, cpu):
+        assert s["quantize_nodes"] > 10 and s["dequantize_nodes"] > s["quantize_nodes"]  # + one DQ per weight
+        assert s["weights_per_channel"]
+    assert trt["activation_dtypes"] == ["int8"] and trt["activation_zero_points_all_zero"]  # TensorRT's form
+    assert "uint8" in cpu["activation_dtypes"] and not cpu["activation_zero_points_all_zero"]  # U8S8 for CPUs
+    for key in ("onnxruntime_int8", "onnxruntime_int8_cpu"):
+        rep = report.parity[key]
+        assert rep.precision == "int8" and rep.passed
+        assert 0.5 <= rep.reduced_flops_share <= 1.0 and 0 < rep.reduced_nodes <= rep.total_nodes
+        assert "INT8 on" in rep.summary() and "of FLOPs" in rep.summary()
+    assert report.files["onnx_int8"].endswith("model.int8.onnx")
+    assert report.files["onnx_int8_cpu"].endswith("model.int8.cpu.onnx")
+
+
+def test_calibration_reads_training_keys_only_and_the_metadata_travels(int8_run: tuple) -> None:
+    run, report = int8_run
+    splits = json.loads((run / "splits.json").read_text())
+    meta = read_metadata(run / "export/model.int8.cpu.onnx")
+    calib = meta.extra["calibration"]
+    assert calib["split"] == "train" and calib["method"] == "minmax"
+    assert calib["keys"] == report.calibration_keys and 0 < len(calib["keys"]) <= 6
+    assert set(calib["keys"]) <= set(splits["train"]) and not set(calib["keys"]) & set(splits["val"] + splits["test"])
+    assert meta.classes == ["field", "forest", "water", "road", "building"] and meta.input_dtype == "uint8"
+    assert meta.source == {"path": "model.onnx", "sha256": file_sha256(run / "export/model.onnx")}
+    assert meta.extra["int8_form"] == "cpu" and read_metadata(run / "export/model.int8.onnx").extra["int8_form"] == "tensorrt"
+
+
+def test_a_harsh_gate_fails_cleanly_and_writes_no_int8_model(int8_run: tuple, tmp_path: Path) -> None:
+    src, _ = int8_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)  # holds int8 files of the earlier export: they must not survive as current
+    harsh = ["parity.samples=4", "parity.int8_agreement=0.99999", "parity.int8_class_iou_drop=0.0"]
+    logs: list[str] = []
+    with pytest.raises(ParityError, match=r"parity gate failed for onnxruntime \(TensorRT form\) int8: .*worst classes") as err:
+        export_run(run, ExportOptions(int8=True, calib_images=4, parity_overrides=harsh, max_fallback_rounds=1),
+                   log=logs.append)
+    assert err.value.report.precision == "int8" and err.value.report.fallback_rounds == 1
+    assert any("INT8 fallback round 1: keeping" in line for line in logs)  # the fallback was tried first
+    assert not (run / "export/model.int8.onnx").exists() and not (run / "export/model.int8.cpu.onnx").exists()
+    assert not list((run / "export").glob(".*"))  # no candidate or calibration litter
+    assert (run / "export/model.onnx").exists()
+    assert json.loads((run / "export/parity.json").read_text())["passed"] is False
+
+
+def test_int8_round_trips_through_eval_predict_and_bench(int8_run: tuple, synth_dir: Path, tmp_path: Path) -> None:
+    run, report = int8_run
+    runner = CliRunner()
+    cpu = run / "export/model.int8.cpu.onnx"
+    result = runner.invoke(app, ["eval", str(cpu), "--split", "val", "--out", str(tmp_path / "ev"),
+                                 "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert ev["backend"].startswith("onnxruntime int8") and 0 <= ev["miou"] <= 1
+    result = runner.invoke(app, ["predict", str(run / "export/model.int8.onnx"), str(synth_dir / "scene/scene.tif"),
+                                 "--out", str(tmp_path / "p.tif"), "--tile", "64", "--overlap", "16", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p.tif").exists()
+    result = runner.invoke(app, ["bench", str(run), "--backend", "onnxruntime", "--batch", "1", "--size", "64",
+                                 "--iters", "3", "--seconds", "0.1", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    rows = {r["precision"]: r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert rows["int8"]["p50_ms"] > 0 and rows["int8"]["miou"] is not None and rows["int8"]["agreement"] is not None
+    from segdeploy.bench import GATE_FAIL, OK
+
+    assert rows["int8"]["status"] in (OK, GATE_FAIL)
