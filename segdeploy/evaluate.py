@@ -19,6 +19,7 @@ from segdeploy.runtime import load_backend
 from segdeploy.runtime.base import Backend
 from segdeploy.tiling import forward_padded
 from segdeploy.utils import atomic_path, writable_location, write_json
+from segdeploy.viz import overlay_figure, save_figure
 
 
 @dataclass
@@ -116,46 +117,12 @@ def evaluate(
         report.files.append(plot_confusion(mets, out_dir / "confusion_matrix.png"))
         palette = [tuple(c) for c in meta.palette]
         for k, (img, truth, pred) in enumerate(keep):
-            report.files.append(save_overlay(img, truth, pred, palette, meta.max_pixel_value, meta.ignore_index,
-                                             out_dir / f"overlay_{k:02d}.png"))
+            fig = overlay_figure(img, truth, pred, rec.classes.names, palette, meta.max_pixel_value, meta.ignore_index)
+            report.files.append(save_figure(fig, out_dir / f"overlay_{k:02d}.png"))
     metrics_path = out_dir / "metrics.json"
     report.files.insert(0, metrics_path)
     write_json(metrics_path, report.to_dict())
     return report
-
-
-def display_rgb(image: np.ndarray, max_value: float) -> np.ndarray:
-    """First three bands (or the single band) as uint8 RGB; high-bit-depth data is stretched."""
-    img = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, -1)
-    img = img.astype(np.float32)
-    if max_value > 255 or img.dtype.kind == "f":
-        lo, hi = np.percentile(img, 2), np.percentile(img, 98)
-        img = (img - lo) / max(hi - lo, 1e-6) * 255
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def colorize_classes(mask: np.ndarray, palette: list[tuple[int, int, int]], ignore_index: int) -> np.ndarray:
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
-    m = mask.astype(np.int64)
-    out = lut[np.clip(m, 0, 255)]
-    out[m == ignore_index] = 0
-    return out
-
-
-def save_overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, palette: list[tuple[int, int, int]],
-                 max_value: float, ignore_index: int, path: Path) -> Path:
-    """image | truth | prediction, side by side, with a 4 px gutter."""
-    from PIL import Image
-
-    rgb = display_rgb(image, max_value)
-    t = colorize_classes(truth, palette, ignore_index)
-    p = colorize_classes(pred, palette, ignore_index)
-    gutter = np.full((rgb.shape[0], 4, 3), 255, dtype=np.uint8)
-    strip = np.concatenate([rgb, gutter, t, gutter, p], axis=1)
-    with atomic_path(path) as tmp:
-        Image.fromarray(strip).save(tmp, format="PNG")
-    return path
 
 
 def plot_confusion(mets: SegMetrics, path: Path) -> Path:

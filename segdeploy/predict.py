@@ -48,6 +48,7 @@ class PredictOptions:
     bands: list[int] | None = None
     # full-scale value of the input when its pixel type differs from the model's (None: refuse)
     input_max: float | None = None
+    preview: bool = True  # a quick-look PNG beside each raster output
 
 
 @dataclass
@@ -574,6 +575,11 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
             os.replace(probs_tmp, probs_out)
             files.append(str(probs_out))
         state_path.unlink(missing_ok=True)
+        if opts.preview:
+            from segdeploy.viz import preview_path, save_class_preview
+
+            files.append(str(save_class_preview(out, preview_path(out), meta.classes, [tuple(c) for c in meta.palette],
+                                                title=f"{out.name} · {reader.width}×{reader.height} px")))
     else:
         files += _write_picture_outputs(reader, picture_rows, meta, out)
     seconds = time.perf_counter() - t0
@@ -587,7 +593,7 @@ def _write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.
     """Class PNG (palette mode) and a colourised overlay beside it."""
     from PIL import Image
 
-    from segdeploy.evaluate import colorize_classes, display_rgb
+    from segdeploy.viz import colorize_classes, display_rgb
 
     labels = np.concatenate([r[0] for r in rows]).astype(np.uint8)
     png = out if out.suffix.lower() == ".png" else out.with_suffix(".png")

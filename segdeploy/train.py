@@ -38,6 +38,7 @@ from segdeploy.losses import build_loss
 from segdeploy.metrics import ConfusionMatrix, level_mious
 from segdeploy.models import build_model, check_model_names, freeze_encoder, input_divisor, static_size
 from segdeploy.recipe import Recipe
+from segdeploy.tracking import Tracker, resolve_mlflow_uri
 from segdeploy.tiling import pad_to_multiple
 from segdeploy.utils import (
     atomic_path,
@@ -227,7 +228,7 @@ def plan_output(out: Path, resume: bool, overwrite: bool) -> str:
 
 
 def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-        console: Console | None = None) -> TrainResult:
+        console: Console | None = None, mlflow: str | None = None) -> TrainResult:
     """Train `rec` into `out`. Everything is validated before anything is written; an overwrite
     trains into a hidden sibling and replaces `out` only once the new run is complete."""
     console = console or Console(stderr=True)
@@ -237,13 +238,16 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
     device = pick_device(rec.train.device)
     check_model_names(rec.model)  # a typo in model.* fails before any data is read
     data = prepare_data(rec, console)
+    mlflow_uri = resolve_mlflow_uri(mlflow)
     if mode != "replace":
-        return _train(rec, out, data, device, resume=mode == "resume", progress=progress, console=console)
+        return _train(rec, out, data, device, resume=mode == "resume", progress=progress, console=console,
+                      mlflow_uri=mlflow_uri)
     for stale in out.parent.glob(f".{out.name}.new-*"):  # left by a killed earlier overwrite
         shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     try:
-        result = _train(rec, work, data, device, resume=False, progress=progress, console=console)
+        result = _train(rec, work, data, device, resume=False, progress=progress, console=console,
+                        mlflow_uri=mlflow_uri)
         _swap_in(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -372,7 +376,7 @@ def _train_epoch(rec: Recipe, st: _Setup, device: str, on_batch: Callable[[float
 
 
 def _train(rec: Recipe, out: Path, data: TrainingData, device: str, *, resume: bool, progress: bool,
-           console: Console) -> TrainResult:
+           console: Console, mlflow_uri: str | None = None) -> TrainResult:
     st = _setup(rec, data, device, console)
     start_epoch, best_miou, best_epoch, history = 1, -1.0, 0, []
     if resume:
@@ -383,6 +387,20 @@ def _train(rec: Recipe, out: Path, data: TrainingData, device: str, *, resume: b
     write_json(out / art.SPLITS_FILE, data.splits)
     write_json(out / art.META_FILE, {"status": "training", "epochs_done": start_epoch - 1,
                                      "model_meta": st.meta.to_dict()})
+    tracker = Tracker(out, rec.model_dump(mode="json"), mlflow_uri)
+    for note in tracker.notes:
+        console.print(note, highlight=False)
+    try:
+        return _epochs(rec, out, st, device, (start_epoch, best_miou, best_epoch, history), tracker, progress, console)
+    except BaseException:
+        tracker.abort()
+        raise
+
+
+def _epochs(rec: Recipe, out: Path, st: _Setup, device: str, state: tuple[int, float, int, list[dict]],
+            tracker: Tracker, progress: bool, console: Console) -> TrainResult:
+    start_epoch, best_miou, best_epoch, history = state
+    best_per_class: list[dict] = []
     t0 = time.perf_counter()
     train_time, train_images, stopped, epoch = 0.0, 0, None, start_epoch - 1
     steps = len(st.train_loader)
@@ -399,9 +417,10 @@ def _train(rec: Recipe, out: Path, data: TrainingData, device: str, *, resume: b
             history.append({"epoch": epoch, "train_loss": loss, "val_loss": val_loss, "val_miou": mets.miou,
                             "val_mdice": mets.mdice, "lr": st.opt.param_groups[0]["lr"],
                             "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 2) if seconds else 0.0})
+            tracker.log_epoch(history[-1])
             improved = mets.miou > best_miou
             if improved:
-                best_miou, best_epoch = mets.miou, epoch
+                best_miou, best_epoch, best_per_class = mets.miou, epoch, mets.per_class()
                 _save_weights(st.model, out / art.WEIGHTS_FILE)
             bar.update(task, miou=f"{mets.miou:.3f}")
             console.print(f"epoch {epoch:>3}  loss {loss:.4f}  val loss {val_loss:.4f}  "
@@ -424,7 +443,10 @@ def _train(rec: Recipe, out: Path, data: TrainingData, device: str, *, resume: b
         _, cm = validate(st.model, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp)
         final["best_val_levels"] = level_mious(cm.matrix, rec.classes.names, rec.classes.hierarchy,
                                                rec.eval.exclude_background)
+    if tracker.mlflow_run:
+        final["mlflow"] = tracker.mlflow_run
     write_json(out / art.META_FILE, final)
+    tracker.finish(out, final, best_per_class)
     return TrainResult(out, best_miou, best_epoch, epoch, time.perf_counter() - t0, final["train_images_per_s"], stopped)
 
 

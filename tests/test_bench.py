@@ -78,3 +78,21 @@ def test_tiled_column_measures_predict_end_to_end(exported_run: Path, synth_dir:
                    tiled=synth_dir / "scene/scene.tif", accuracy=False, **FAST), log=lambda m: None)
     (row,) = report.rows
     assert row.status == OK and row.tiled_mp_per_s > 0 and row.tiled_peak_rss_mb > 0
+
+
+def test_plot_labels_batches_as_plain_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    from segdeploy.bench import BenchReport, BenchRow, plot
+
+    seen: dict[str, list[str]] = {}
+    real_savefig = Figure.savefig
+
+    def spy(self: Figure, *args: object, **kwargs: object) -> None:
+        seen["labels"] = [t.get_text() for t in self.axes[0].get_xticklabels()]
+        real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    rows = [BenchRow("m", "onnxruntime", "fp32", b, 64, OK, p50_ms=2.0 * b, p90_ms=2.5 * b) for b in (1, 2, 4, 8)]
+    plot(BenchReport(rows=rows, threads=1), tmp_path / "p.png")
+    assert seen["labels"] == ["1", "2", "4", "8"] and (tmp_path / "p.png").stat().st_size > 1000

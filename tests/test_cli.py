@@ -57,6 +57,10 @@ def test_debug_shows_the_traceback() -> None:
     assert result.exit_code != 0 and isinstance(result.exception, RecipeError)
     shown = "".join(traceback.format_exception(*result.exc_info))
     assert shown.startswith("Traceback") and "recipe.py" in shown and "RecipeError: recipe missing.yaml not found" in shown
+    after = run("train", "missing.yaml", "--debug")  # after the verb means the same
+    assert isinstance(after.exception, RecipeError)
+    nested = run("data", "inspect", "nowhere.yaml", "--debug")
+    assert isinstance(nested.exception, RecipeError)
 
 
 def test_unknown_palette_colour_fails_train_naming_file_and_colour(synth_dir: Path, tmp_path: Path) -> None:

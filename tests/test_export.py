@@ -58,6 +58,12 @@ def test_export_writes_gated_onnx_pair_with_metadata(exported: Path) -> None:
     assert fp32["agreement"] >= 0.9999 and fp16["agreement"] >= 0.999
     assert fp32["max_abs"] < 1e-3 and fp16["cosine"] > 0.999
     assert len(fp16["per_class"]) == 5 and {"iou_gt", "dice_gt", "iou_vs_reference", "iou_drop_points"} <= set(fp16["per_class"][0])
+    for name in ("model.onnx", "model.fp16.onnx"):  # readable axis names, not the exporter's s0/s53
+        graph = onnx.load(str(out / name)).graph
+        dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+        assert dims == ["batch", 3, "height", "width"], (name, dims)
+        out_dims = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+        assert out_dims[:2] == ["batch", 5] and "height" in str(out_dims[2]) and "width" in str(out_dims[3]), out_dims
     meta = read_metadata(out / "model.onnx")
     run_meta = json.loads((exported / "meta.json").read_text())["model_meta"]
     assert meta.classes == run_meta["classes"] and meta.palette == run_meta["palette"]

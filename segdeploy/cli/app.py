@@ -10,13 +10,31 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
 
 from segdeploy import __version__
 from segdeploy.errors import UserError
 
+GLOBAL_FLAGS = ("--debug",)
+OPTIONAL_VALUE = {"--mlflow": "local"}  # options whose value may be left out
+
+
+class _GlobalFlagsAnywhere(typer.core.TyperGroup):
+    """`segdeploy train … --debug` means the same as `segdeploy --debug train …`."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        flags = [a for a in args if a in GLOBAL_FLAGS]
+        rest = [a for a in args if a not in GLOBAL_FLAGS]
+        for i, a in enumerate(rest):  # a bare `--mlflow` means the local ./mlruns store
+            if a in OPTIONAL_VALUE and (i + 1 == len(rest) or rest[i + 1].startswith("-")):
+                rest.insert(i + 1, OPTIONAL_VALUE[a])
+        return super().parse_args(ctx, flags + rest)
+
+
 app = typer.Typer(
     name="segdeploy",
+    cls=_GlobalFlagsAnywhere,
     help="Train segmentation models, export them to ONNX/TensorRT behind an accuracy gate, "
     "and run them on huge rasters.",
     no_args_is_help=True,

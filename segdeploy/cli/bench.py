@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -21,7 +20,7 @@ def _split(value: str, kind: type = str) -> tuple:
 def bench_cmd(
     models: list[Path] = typer.Argument(..., help="Run directories and/or exported artifacts (.onnx, .engine)."),
     backend: str = typer.Option("torch,onnxruntime,tensorrt", help="Backends to measure (comma-separated)."),
-    precision: str = typer.Option("fp32,fp16", help="Precisions to measure (comma-separated)."),
+    precision: str = typer.Option("fp32,fp16,int8", help="Precisions to measure (comma-separated)."),
     batch: str = typer.Option("1,8", help="Batch sizes (comma-separated)."),
     size: int = typer.Option(512, help="Square input size in pixels."),
     data: Path = typer.Option(None, "--data", help="Dataset for the accuracy columns (default: the run's data)."),
@@ -54,8 +53,12 @@ def bench_cmd(
     opts = BenchOptions(backends=backends, precisions=precisions, batches=batches, size=size, threads=threads,
                         data=data, tiled=tiled, min_iters=iters, min_seconds=seconds, accuracy=accuracy)
     report = bench(models, opts, log=lambda m: console.print(m, markup=False, highlight=False))
-    wide = console if console.is_terminal else Console(stderr=True, width=160, highlight=False)
-    wide.print(render(report))
+    for table in render(report, console.width):  # the terminal's width, or COLUMNS when piped
+        console.print(table)
+    from segdeploy.bench import log_to_mlflow
+
+    for note in log_to_mlflow(report):
+        console.print(note, highlight=False)
     emit_json(report.to_dict(), json_out)
     if csv_out:
         write_csv(report, csv_out)
@@ -66,37 +69,46 @@ def bench_cmd(
         raise typer.Exit(1)
 
 
-def render(report) -> Table:  # noqa: ANN001
-    """One row per backend × precision × batch; reasons as numbered notes under the table."""
+def render(report, width: int) -> list[Table]:  # noqa: ANN001
+    """One row per backend × precision × batch, most-read columns first, folded into more tables
+    when wider than `width`; reasons as numbered notes under the last table."""
 
     def f(v: float | None, d: int = 1) -> str:
         return "-" if v is None else f"{v:.{d}f}"
 
-    models = {r.model for r in report.rows}
-    t = Table(title=f"segdeploy bench · {', '.join(Path(m).name for m in models)} · {report.threads} CPU threads · "
-                    f"{report.machine.get('gpu') or 'no GPU'}", title_justify="left")
-    for col in ("", "backend", "batch", "p50 ms ±std", "p90 / p99 ms", "img/s", "MP/s", "TFLOP/s", "RSS MB",
-                "GPU MB", "mIoU", "agree", "tiled MP/s"):
-        t.add_column(col, justify="left" if col in ("", "backend") else "right", no_wrap=True)
+    from segdeploy.cli.render import folded_tables, short_names
+
+    models = sorted({r.model for r in report.rows})
+    short = dict(zip(models, short_names(models), strict=True))
     notes: list[str] = []
+    keys = []
     for r in report.rows:
-        mark = r.status
         note = r.reason or (f"engine {r.engine_mb:.0f} MB, built in {r.build_s:.0f} s" if r.engine_mb else "")
+        mark = r.status
         if note:
             if note not in notes:
                 notes.append(note)
-            mark += escape(f" [{notes.index(note) + 1}]")
-        name = f"{r.backend} {r.precision}" if len(models) == 1 else f"{Path(r.model).name}: {r.backend} {r.precision}"
-        t.add_row(mark, name, str(r.batch or "-"),
-                  "-" if r.p50_ms is None else f"{r.p50_ms:.1f} ±{r.std_ms:.1f}",
-                  "-" if r.p90_ms is None else f"{r.p90_ms:.1f} / {r.p99_ms:.1f}",
-                  f(r.images_per_s), f(r.megapixels_per_s, 2), f(r.tflops, 3), f(r.peak_rss_mb, 0),
-                  f(r.peak_gpu_mb, 0), f(r.miou, 4), "-" if r.agreement is None else f"{r.agreement:.3%}",
-                  f(r.tiled_mp_per_s, 2))
+            mark += escape(f"[{notes.index(note) + 1}]")
+        name = f"{r.backend} {r.precision}" if len(models) == 1 else f"{short[r.model]}: {r.backend} {r.precision}"
+        keys.append(f"{mark} {name} · {r.batch or '-'}")
+    rows = report.rows
+    columns = [
+        ("p50 ms", ["-" if r.p50_ms is None else f"{r.p50_ms:.1f}±{r.std_ms:.1f}" for r in rows]),
+        ("img/s", [f(r.images_per_s) for r in rows]),
+        ("mIoU", [f(r.miou, 4) for r in rows]),
+        ("agree", ["-" if r.agreement is None else f"{r.agreement:.3%}" for r in rows]),
+        ("p90/p99 ms", ["-" if r.p90_ms is None else f"{r.p90_ms:.1f}/{r.p99_ms:.1f}" for r in rows]),
+        ("MP/s", [f(r.megapixels_per_s, 2) for r in rows]),
+        ("TFLOP/s", [f(r.tflops, 3) for r in rows]),
+        ("RSS MB", [f(r.peak_rss_mb, 0) for r in rows]),
+        ("GPU MB", [f(r.peak_gpu_mb, 0) for r in rows]),
+        ("tiled MP/s", [f(r.tiled_mp_per_s, 2) for r in rows]),
+    ]
     for model, classes in report.miou_classes.items():
-        notes.append(f"mIoU/mDice of {Path(model).name}: mean over the {len(classes)} classes present in the "
-                     f"validation tiles ({', '.join(classes)}), the same for every row")
-    t.caption = "\n".join([escape(f"[{i + 1}] {n}") for i, n in enumerate(notes)] + [
+        notes.append(f"mIoU/mDice of {short[model] if model in short else Path(model).name}: mean over the "
+                     f"{len(classes)} classes present in the validation tiles ({', '.join(classes)}), the same for every row")
+    caption = "\n".join([escape(f"[{i + 1}] {n}") for i, n in enumerate(notes)] + [
         f"{report.note}. ✅ works · ⚠️ works but fails the parity gate · ❌ unavailable or failed"])
-    t.caption_justify = "left"
-    return t
+    title = (f"segdeploy bench · {', '.join(short.values())} · {report.threads} CPU threads · "
+             f"{report.machine.get('gpu') or 'no GPU'}")
+    return folded_tables(title, keys, columns, width, key_header="backend · batch", caption=caption)

@@ -30,39 +30,37 @@ def eval_cmd(
     reports = []
     for model in models:
         report = evaluate(model, split, recipe_path=recipe, data_root=data, out_dir=out)
-        console.print(metrics_table(report.metrics, f"{model} · {report.split} · {report.images} images · {report.backend}"))
+        console.print(metrics_table(report.metrics, f"{model} · {report.split} · {report.images} images · "
+                                                    f"{report.backend.split(' (')[0]}"))
         console.print(f"plots and metrics.json in {report.out_dir}")
         reports.append(report)
     if len(reports) > 1:
-        console.print(comparison_table(reports))
+        for table in comparison_tables(reports, console.width):
+            console.print(table)
     emit_json(reports[0].to_dict() if len(reports) == 1 else {"models": [r.to_dict() for r in reports]}, json_out)
 
 
-def comparison_table(reports: list) -> Table:  # noqa: ANN001
-    """One row per model: mIoU, mDice, pixel accuracy and each class's IoU; best value in bold.
+def comparison_tables(reports: list, width: int) -> list[Table]:  # noqa: ANN001
+    """One row per model (its shortest unique name, never cut): mIoU, mDice, pixel accuracy and
+    each class's IoU, best value in bold, folded into several tables when wider than `width`.
 
     Every mean is over the same classes, those present in the ground truth; a class absent from
     it is "-" in every row (otherwise it would count 0 for a model that predicts it somewhere
     and nothing for one that does not, and the means would compare different things)."""
-    from segdeploy.cli.render import fmt
+    from segdeploy.cli.render import fmt, folded_tables, short_names
 
     names = reports[0].metrics.names
     present = sorted({i for r in reports for i in r.metrics.present()})
-    t = Table(title=f"model comparison · {reports[0].split} split", title_justify="left")
-    for col in ["model", "mIoU", "mDice", "pixel acc", *names]:
-        t.add_column(col, justify="left" if col == "model" else "right")
-    columns = [[r.metrics.mean_over(r.metrics.iou, present) for r in reports],
-               [r.metrics.mean_over(r.metrics.dice, present) for r in reports],
-               [r.metrics.pixel_accuracy for r in reports]]
-    columns += [[float(r.metrics.iou[i]) if i in present else None for r in reports] for i in range(len(names))]
-    best = [max((v for v in col if v is not None and v == v), default=None) for col in columns]
-    for k, r in enumerate(reports):
-        cells = []
-        for col, b in zip(columns, best, strict=True):
-            text = fmt(col[k])
-            cells.append(f"[bold]{text}[/]" if b is not None and col[k] == b else text)
-        t.add_row(str(r.model), *cells)
+    values = {"mIoU": [r.metrics.mean_over(r.metrics.iou, present) for r in reports],
+              "mDice": [r.metrics.mean_over(r.metrics.dice, present) for r in reports],
+              "pixel acc": [r.metrics.pixel_accuracy for r in reports]}
+    values.update({n: [float(r.metrics.iou[i]) if i in present else None for r in reports] for i, n in enumerate(names)})
+    columns = []
+    for header, col in values.items():
+        best = max((v for v in col if v is not None and v == v), default=None)
+        columns.append((header, [f"[bold]{fmt(v)}[/]" if best is not None and v == best else fmt(v) for v in col]))
     absent = [names[i] for i in range(len(names)) if i not in present]
-    t.caption = (f"per-class columns are IoU; means over the {len(present)} classes present in the ground truth"
-                 + (f" (absent: {', '.join(absent)})" if absent else ""))
-    return t
+    caption = (f"per-class columns are IoU; means over the {len(present)} classes present in the ground truth"
+               + (f" (absent: {', '.join(absent)})" if absent else ""))
+    return folded_tables(f"model comparison · {reports[0].split} split", short_names([r.model for r in reports]),
+                         columns, width, key_header="model", caption=caption)

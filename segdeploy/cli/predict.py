@@ -23,6 +23,8 @@ def predict_cmd(
                               "batches cost memory and gain no speed)."),
     blend: str = typer.Option("gaussian", help="Blend window: gaussian, hann, pyramid or crop."),
     probs: bool = typer.Option(False, "--probs", help="Also write a confidence raster (max softmax, percent)."),
+    preview: bool = typer.Option(True, "--preview/--no-preview", help="Write a quick-look PNG (≤ 1024 px, palette, "
+                                 "legend, nodata in grey) beside each raster output."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted prediction."),
     bands: str = typer.Option(None, "--bands", help="Input bands to use, 1-based, in the model's order: "
                               "3,2,1 for a BGR file, 1,2,3 for RGB out of RGBN (default: all bands, alpha left out, "
@@ -58,7 +60,7 @@ def predict_cmd(
     backend = load_backend(model, **options)
     batch = batch or (8 if backend.device.startswith("cuda") else 2)
     opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
-                          bands=band_list, input_max=input_max)
+                          bands=band_list, input_max=input_max, preview=preview)
     many = len(files) > 1 or out.is_dir()
     for src in files:  # an unwritable output fails before any progress is drawn
         writable_location(output_for(src, out, many))

@@ -103,15 +103,29 @@ def quickstart_cmd(
             "parity": exported.files["parity_summary"],
             "scene": info["scene"],
             "scene_prediction": str(pred_path),
+            "scene_preview": str(pred_path.with_name(f"{pred_path.stem}_preview.png")),
         },
     }
     console.rule("summary")
     console.print(f"test mIoU [bold]{summary['test_miou']:.4f}[/] (val {summary['best_val_miou']:.4f}) "
                   f"in {summary['seconds']:.0f}s")
-    for k, v in summary["artifacts"].items():
-        console.print(f"  {k:<17} {v}")
-    console.print(f"next: segdeploy eval {run_dir} --split test --json -")
+    _print_map(summary["artifacts"], Path(report.out_dir), run_dir)
     emit_json(summary, json_out)
+
+
+def _print_map(files: dict[str, str], eval_dir: Path, run_dir: Path) -> None:
+    """Where everything is, what to open first."""
+    console.print("[bold]open first[/]")
+    for what, path in (("the predicted scene, in colour", files["scene_preview"]),
+                       ("predictions vs ground truth, per class", str(eval_dir / "overlay_00.png")),
+                       ("confusion matrix", str(eval_dir / "confusion_matrix.png")),
+                       ("FP32/FP16 parity report", files["parity"]),
+                       ("training curves", str(Path(files["curves"]) / "miou.png"))):
+        console.print(f"  {what:<40} {path}", soft_wrap=True)
+    console.print("[bold]everything else[/]")
+    for k, v in files.items():
+        console.print(f"  {k:<17} {v}", soft_wrap=True)
+    console.print(f"next: segdeploy bench {run_dir}   ·   segdeploy eval {run_dir} --split test --json -")
 
 
 def _agreement(pred: Path, labels: Path) -> float:

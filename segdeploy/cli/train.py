@@ -19,6 +19,9 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    mlflow: str = typer.Option(None, "--mlflow", help="Log to MLflow: a tracking URI, a directory, or nothing for "
+                               "./mlruns (default: MLFLOW_TRACKING_URI when set). TensorBoard events always go to "
+                               "RUN/tensorboard when tensorboard is installed."),
     json_out: Path = typer.Option(None, "--json", help="Write the result summary as JSON ('-' for stdout)."),
 ) -> None:
     """Train a model from a recipe into a self-contained run directory."""
@@ -27,7 +30,7 @@ def train_cmd(
 
     rec = recipe_mod.load(recipe, set_, data)
     out = out or Path("runs") / rec.name
-    result = fit(rec, out, resume=resume, overwrite=overwrite, progress=progress, console=console)
+    result = fit(rec, out, resume=resume, overwrite=overwrite, progress=progress, console=console, mlflow=mlflow)
     console.print(f"[bold green]done[/] best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} "
                   f"in {result.seconds:.0f}s ({result.train_images_per_s:.1f} img/s) → {out}")
     emit_json({"run_dir": str(out), "best_val_miou": result.best_miou, "best_epoch": result.best_epoch,

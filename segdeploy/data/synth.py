@@ -94,7 +94,7 @@ def dataset_description() -> dict:
 
 def write_dataset(out: Path, tile: int = 128, sizes: dict[str, int] | None = None, seed: int = 0) -> dict[str, int]:
     """DeepGlobe-style `{split}/{key}_sat.png` + `{key}_mask.png` and a dataset.yaml."""
-    from segdeploy.evaluate import colorize_classes
+    from segdeploy.viz import colorize_classes
 
     sizes = sizes or SPLIT_SIZES
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,12 @@ def synth(out: Path, tile: int = 128, scene_size: int = 2048, sizes: dict[str, i
     scene_dir = out / "scene"
     scene_dir.mkdir(exist_ok=True)
     write_scene(scene_dir / "scene.tif", scene_dir / "scene_labels.tif", size=scene_size)
+    from segdeploy.viz import preview_path, save_class_preview
+
+    preview = save_class_preview(scene_dir / "scene_labels.tif", preview_path(scene_dir / "scene_labels.tif"),
+                                 CLASSES, PALETTE, title=f"synthetic scene labels · {scene_size}² px")
     summary = {"dir": str(out), "splits": counts, "tile": tile, "scene": str(scene_dir / "scene.tif"),
-               "scene_labels": str(scene_dir / "scene_labels.tif"), "scene_size": scene_size}
+               "scene_labels": str(scene_dir / "scene_labels.tif"), "scene_preview": str(preview),
+               "scene_size": scene_size}
     (out / "synth.json").write_text(json.dumps(summary, indent=2))
     return summary

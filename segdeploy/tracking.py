@@ -1,0 +1,134 @@
+"""Experiment tracking where users already look: TensorBoard event files in the run directory,
+and an MLflow run when one is asked for (``--mlflow [URI]`` or ``MLFLOW_TRACKING_URI``).
+
+Both are optional extras (``pip install 'segdeploy[tracking]'``), imported only here and only
+when used. The MLflow run's id is recorded in the run's meta.json, so ``export`` and ``bench``
+log their reports to the same MLflow run later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from segdeploy.errors import UserError
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def resolve_mlflow_uri(option: str | None) -> str | None:
+    """'local' (a bare --mlflow) -> ./mlruns as a file store; a URI as given; no option ->
+    MLFLOW_TRACKING_URI when set; else no MLflow."""
+    if option is None:
+        return os.environ.get("MLFLOW_TRACKING_URI") or None
+    if option == "local":
+        return Path("mlruns").resolve().as_uri()
+    if "://" not in option and not option.startswith("file:"):
+        return Path(option).expanduser().resolve().as_uri()  # a directory: a local file store there
+    return option
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def _mlflow(uri: str):  # noqa: ANN202
+    if uri.startswith("file:"):
+        # MLflow ≥ 3.x keeps its local file store behind this switch ("maintenance mode"); it is the
+        # embedded default here because a database store would need the full mlflow package
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    try:
+        import logging
+
+        import mlflow
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    except ImportError:
+        raise UserError("MLflow logging needs mlflow: pip install 'segdeploy[tracking]' (or drop --mlflow and "
+                        "unset MLFLOW_TRACKING_URI)") from None
+    mlflow.set_tracking_uri(uri)
+    return mlflow
+
+
+class Tracker:
+    """Per-epoch scalars and the final report of one training run, to every sink that is on."""
+
+    def __init__(self, run_dir: Path, recipe: dict, mlflow_uri: str | None) -> None:
+        self.notes: list[str] = []
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+        except ImportError:
+            self.notes.append("TensorBoard logging off: pip install 'segdeploy[tracking]'")
+        self.mlflow = None
+        self.mlflow_run: dict[str, str] | None = None
+        if mlflow_uri:
+            mlflow = _mlflow(mlflow_uri)
+            mlflow.set_experiment(str(recipe.get("name") or "segdeploy"))
+            run = mlflow.start_run(run_name=run_dir.name)
+            mlflow.log_params(_flatten({k: v for k, v in recipe.items() if k != "description"}))
+            self.mlflow, self.mlflow_run = mlflow, {"tracking_uri": mlflow_uri, "run_id": run.info.run_id}
+            self.notes.append(f"MLflow run {run.info.run_id} at {mlflow_uri}")
+
+    def log_epoch(self, row: dict[str, float]) -> None:
+        step = int(row["epoch"])
+        scalars = {f"{'train' if k.startswith('train') else 'val'}/{k.split('_', 1)[-1]}": float(v)
+                   for k, v in row.items() if k.startswith(("train_", "val_"))}
+        scalars["lr"] = float(row["lr"])
+        if self.tb is not None:
+            for name, value in scalars.items():
+                self.tb.add_scalar(name, value, step)
+            self.tb.flush()
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+
+    def finish(self, run_dir: Path, final: dict, per_class: list[dict]) -> None:
+        """The best epoch's per-class table, the plots and the run directory (less the resume state)."""
+        if self.tb is not None:
+            self.tb.add_text("best/per_class", "\n".join(f"{c['class']}: IoU {c['iou']}" for c in per_class))
+            self.tb.close()
+        if self.mlflow is None:
+            return
+        m = self.mlflow
+        m.log_metrics({"best_val_miou": float(final["best_val_miou"]), "best_epoch": float(final["best_epoch"])})
+        m.log_metrics({f"best_val_iou_{c['class']}": c["iou"] for c in per_class if c["iou"] is not None})
+        m.log_dict({"per_class": per_class}, "per_class.json")
+        for path in sorted(run_dir.iterdir()):
+            if path.name in ("last.ckpt", TENSORBOARD_DIR):
+                continue
+            if path.is_dir():
+                m.log_artifacts(str(path), f"run/{path.name}")
+            else:
+                m.log_artifact(str(path), "run")
+        m.end_run()
+
+    def abort(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.mlflow is not None:
+            self.mlflow.end_run(status="KILLED")
+
+
+def log_report(run_meta: dict, name: str, report: dict, metrics: dict[str, float] | None = None) -> str | None:
+    """Attach a later verb's report (export's parity, bench's rows) to the run's MLflow run, if
+    training recorded one. Returns a line saying where it went, or None."""
+    info = run_meta.get("mlflow")
+    if not info:
+        return None
+    mlflow = _mlflow(info["tracking_uri"])
+    with mlflow.start_run(run_id=info["run_id"]):
+        mlflow.log_dict(report, f"{name}.json")
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+    return f"{name} logged to MLflow run {info['run_id']}"

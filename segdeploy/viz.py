@@ -1,0 +1,120 @@
+"""Pictures people read: class colours, overlay strips with titles and a legend, and quick-look
+previews of class rasters. Imports no verb; every verb that draws comes here.
+
+matplotlib is imported inside each function (with the Agg backend), so importing this module
+costs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from segdeploy.utils import atomic_path
+
+NODATA_RGB = (40, 40, 40)  # dark grey: clearly "no data", unlike any palette's black
+PREVIEW_MAX = 1024
+
+
+def display_rgb(image: np.ndarray, max_value: float) -> np.ndarray:
+    """First three bands (or the single band) as uint8 RGB; high-bit-depth data is stretched."""
+    img = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, -1)
+    img = img.astype(np.float32)
+    if max_value > 255 or img.dtype.kind == "f":
+        lo, hi = np.percentile(img, 2), np.percentile(img, 98)
+        img = (img - lo) / max(hi - lo, 1e-6) * 255
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def colorize_classes(mask: np.ndarray, palette: list[tuple[int, int, int]], ignore_index: int,
+                     ignore_rgb: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    lut = np.zeros((max(256, len(palette)), 3), dtype=np.uint8)
+    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    m = mask.astype(np.int64)
+    out = lut[np.clip(m, 0, len(lut) - 1)]
+    out[m == ignore_index] = ignore_rgb
+    return out
+
+
+def _pyplot():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _legend(fig, names: list[str], palette: list[tuple[int, int, int]], extra: dict[str, tuple] | None = None,  # noqa: ANN001
+            ncol: int | None = None) -> None:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=n) for n, c in zip(names, palette)]
+    handles += [Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=n) for n, c in (extra or {}).items()]
+    fig.legend(handles=handles, loc="lower center", ncol=ncol or min(len(handles), 6), frameon=False, fontsize=9)
+
+
+def overlay_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names: list[str],
+                   palette: list[tuple[int, int, int]], max_value: float, ignore_index: int):  # noqa: ANN201
+    """image | ground truth | prediction | errors, titled, with a legend of the classes."""
+    plt = _pyplot()
+    rgb = display_rgb(image, max_value)
+    valid = truth != ignore_index
+    wrong = valid & (pred != truth)
+    errors = (rgb.astype(np.float32) * 0.35).astype(np.uint8)
+    errors[wrong] = (230, 30, 30)
+    errors[~valid] = NODATA_RGB
+    panels = [("image", rgb), ("ground truth", colorize_classes(truth, palette, ignore_index, NODATA_RGB)),
+              ("prediction", colorize_classes(pred, palette, ignore_index, NODATA_RGB)),
+              (f"errors ({wrong.sum() / max(valid.sum(), 1):.1%} of pixels)", errors)]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.9), dpi=100)
+    for ax, (title, panel) in zip(axes, panels, strict=True):
+        ax.imshow(panel, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    _legend(fig, names, palette, {"wrong": (230, 30, 30), "ignored": NODATA_RGB})
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+def save_figure(fig, path: Path) -> Path:  # noqa: ANN001
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def read_preview(raster: Path, max_size: int = PREVIEW_MAX) -> tuple[np.ndarray, int | None]:
+    """Band 1 of a raster decimated to at most `max_size` px on its long side (nearest: a class
+    map is never averaged), read through GDAL's overviews when present, and its nodata value."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    with rasterio.open(raster) as src:
+        scale = max(src.width, src.height) / max_size
+        shape = (max(1, round(src.height / max(scale, 1))), max(1, round(src.width / max(scale, 1))))
+        return src.read(1, out_shape=shape, resampling=Resampling.nearest), src.nodata
+
+
+def save_class_preview(raster: Path, path: Path, names: list[str], palette: list[tuple[int, int, int]],
+                       title: str = "") -> Path:
+    """A quick look at a class raster: the palette's colours, a legend, and nodata in dark grey."""
+    plt = _pyplot()
+    labels, nodata = read_preview(raster)
+    nodata_value = -1 if nodata is None else int(nodata)
+    rgb = colorize_classes(labels, palette, nodata_value, NODATA_RGB)
+    h, w = labels.shape
+    fig_w = 8.0
+    fig, ax = plt.subplots(figsize=(fig_w, fig_w * h / w + 1.2), dpi=max(100, int(w / fig_w)))
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_title(title or raster.name, fontsize=10)
+    ax.axis("off")
+    _legend(fig, names, palette, {"no data": NODATA_RGB} if nodata is not None else None)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return save_figure(fig, path)
+
+
+def preview_path(raster: Path) -> Path:
+    return raster.with_name(f"{raster.stem}_preview.png")
