@@ -20,6 +20,7 @@ WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 LAST_CKPT = "last.ckpt"
 SPLITS_FILE = "splits.json"
+ONNX_META_KEY = "segdeploy"  # the metadata_props key of an exported ONNX file
 
 
 @dataclass
@@ -137,3 +138,18 @@ def check_source(artifact: Path, meta: ModelMeta, read_meta: Callable[[Path], Mo
         if source.suffix != ".onnx" or read_meta is None:
             return
         link, meta = source, read_meta(source)
+
+
+def read_onnx_meta(path: Path) -> ModelMeta:
+    """The ModelMeta an exported ONNX file carries in its metadata_props."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); re-export it with "
+                            "`segdeploy export`") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if ONNX_META_KEY not in props:
+        raise ArtifactError(f"{path} has no segdeploy metadata; export it with `segdeploy export RUN_DIR`")
+    return ModelMeta.from_dict(json.loads(props[ONNX_META_KEY]), str(path))

@@ -379,7 +379,7 @@ def _engine_facts(c: Candidate) -> dict:
         return {}
     import json
 
-    from segdeploy.export.tensorrt import sidecar
+    from segdeploy.runtime.tensorrt import sidecar
 
     side = json.loads(sidecar(c.artifact).read_text())
     return {"build_s": side.get("build_seconds"), "engine_mb": _round(c.artifact.stat().st_size / 2**20)}

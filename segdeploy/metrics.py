@@ -32,9 +32,6 @@ class ConfusionMatrix:
         counts = torch.bincount(idx, minlength=self.num_classes**2)
         self.matrix += counts.cpu().numpy().reshape(self.num_classes, self.num_classes)
 
-    def merge(self, other: ConfusionMatrix) -> None:
-        self.matrix += other.matrix
-
     def compute(self, names: list[str] | None = None, exclude_background: bool = False) -> SegMetrics:
         return metrics_from_matrix(self.matrix, names, exclude_background)
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segdeploy.artifact import ModelMeta
+from segdeploy.artifact import ONNX_META_KEY, ModelMeta
+from segdeploy.artifact import read_onnx_meta as read_metadata  # noqa: F401 - the name export's callers use
 from segdeploy.errors import ArtifactError, UserError
 from segdeploy.utils import atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-META_KEY = "segdeploy"
+META_KEY = ONNX_META_KEY
 
 
 @dataclass
@@ -253,15 +254,3 @@ def set_metadata(proto, meta: ModelMeta, extra: dict | None = None) -> None:  # 
         entry.key, entry.value = k, v
 
 
-def read_metadata(path: Path) -> ModelMeta:
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001
-        raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); re-export it with "
-                            "`segdeploy export`") from None
-    props = {p.key: p.value for p in proto.metadata_props}
-    if META_KEY not in props:
-        raise ArtifactError(f"{path} has no segdeploy metadata; export it with `segdeploy export RUN_DIR`")
-    return ModelMeta.from_dict(json.loads(props[META_KEY]), str(path))

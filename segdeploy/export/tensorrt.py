@@ -14,27 +14,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from segdeploy.errors import ArtifactError, BackendUnavailable, UserError
+from segdeploy.errors import ArtifactError, UserError
+from segdeploy.runtime.tensorrt import (  # noqa: F401 - the runtime owns them; export builds with them
+    MIN_TRT,
+    DeviceInfo,
+    check_engine_compat,
+    current_device,
+    import_tensorrt,
+    parse_version,
+    sidecar,
+)
 from segdeploy.utils import atomic_path, file_sha256, write_json
-
-MIN_TRT = (10, 12)
-
-
-def import_tensorrt():  # noqa: ANN201
-    try:
-        import tensorrt as trt
-    except Exception as exc:  # noqa: BLE001
-        raise BackendUnavailable(
-            f"TensorRT is not installed ({type(exc).__name__}); install it on a machine with an NVIDIA GPU: "
-            "pip install 'segdeploy[trt]'"
-        ) from None
-    if parse_version(trt.__version__)[:2] < MIN_TRT:
-        raise BackendUnavailable(f"TensorRT {trt.__version__} is too old; segdeploy needs ≥ 10.12 (strongly typed FP16)")
-    return trt
-
-
-def parse_version(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", v)[:3])
 
 
 def network_flags(trt_version: str, strongly_typed_flag: int) -> int:
@@ -78,43 +68,6 @@ def timing_cache_path(cache_dir: Path, gpu_name: str, compute_capability: str, t
     """One timing cache per GPU model, compute capability and TensorRT version (caches do not transfer)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower()
     return cache_dir / f"timing-{slug}-sm{compute_capability.replace('.', '')}-trt{trt_version}.cache"
-
-
-@dataclass
-class DeviceInfo:
-    gpu_name: str
-    compute_capability: str
-    cuda_version: str
-    trt_version: str
-
-
-def current_device() -> DeviceInfo:
-    import torch
-
-    trt = import_tensorrt()
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("TensorRT needs a CUDA GPU and none is visible")
-    major, minor = torch.cuda.get_device_capability()
-    return DeviceInfo(torch.cuda.get_device_name(), f"{major}.{minor}", str(torch.version.cuda), trt.__version__)
-
-
-def check_engine_compat(engine_meta: dict, here: DeviceInfo, path: Path) -> None:
-    """Refuse an engine built for another GPU or TensorRT version with the command that fixes it."""
-    built = engine_meta.get("device", {})
-    problems = []
-    if built.get("trt_version") != here.trt_version:
-        problems.append(f"TensorRT {built.get('trt_version')} (here {here.trt_version})")
-    if built.get("compute_capability") != here.compute_capability or built.get("gpu_name") != here.gpu_name:
-        problems.append(f"{built.get('gpu_name')} sm{built.get('compute_capability')} "
-                        f"(here {here.gpu_name} sm{here.compute_capability})")
-    if problems:
-        run = path.parent.parent if path.parent.name == "export" else path.parent
-        raise ArtifactError(f"engine {path} was built for {' and '.join(problems)}; "
-                            f"rebuild with `segdeploy export {run} --trt`")
-
-
-def sidecar(engine_path: Path) -> Path:
-    return engine_path.with_name(engine_path.name + ".json")
 
 
 def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, model_meta: dict, *, precision: str = "fp16",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segdeploy.artifact import check_source
+from segdeploy.artifact import check_source, read_onnx_meta
 from segdeploy.errors import ArtifactError, BackendUnavailable
 from segdeploy.runtime.base import Backend
 
@@ -21,13 +21,11 @@ class OrtBackend(Backend):
     def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        from segdeploy.export.onnx import read_metadata
-
         self.path = Path(path)
         if not self.path.is_file():
             raise ArtifactError(f"ONNX file {self.path} not found")
-        self.meta = read_metadata(self.path)
-        check_source(self.path, self.meta, read_metadata)
+        self.meta = read_onnx_meta(self.path)
+        check_source(self.path, self.meta, read_onnx_meta)
         available = ort.get_available_providers()
         if providers:
             missing = [p for p in providers if p not in available]

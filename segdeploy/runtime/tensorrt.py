@@ -3,14 +3,77 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from segdeploy.artifact import ModelMeta, check_source
-from segdeploy.errors import ArtifactError
-from segdeploy.export.tensorrt import check_engine_compat, current_device, import_tensorrt, sidecar
+from segdeploy.artifact import ModelMeta, check_source, read_onnx_meta
+from segdeploy.errors import ArtifactError, BackendUnavailable
 from segdeploy.runtime.base import Backend
+
+# ----------------------------------------------------------------------------- the TensorRT here
+# (export/tensorrt.py builds engines with these; the runtime must not import export)
+
+MIN_TRT = (10, 12)
+
+
+def import_tensorrt():  # noqa: ANN201
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # noqa: BLE001
+        raise BackendUnavailable(
+            f"TensorRT is not installed ({type(exc).__name__}); install it on a machine with an NVIDIA GPU: "
+            "pip install 'segdeploy[trt]'"
+        ) from None
+    if parse_version(trt.__version__)[:2] < MIN_TRT:
+        raise BackendUnavailable(f"TensorRT {trt.__version__} is too old; segdeploy needs ≥ 10.12 (strongly typed FP16)")
+    return trt
+
+
+def parse_version(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", v)[:3])
+
+
+@dataclass
+class DeviceInfo:
+    gpu_name: str
+    compute_capability: str
+    cuda_version: str
+    trt_version: str
+
+
+def current_device() -> DeviceInfo:
+    import torch
+
+    trt = import_tensorrt()
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("TensorRT needs a CUDA GPU and none is visible")
+    major, minor = torch.cuda.get_device_capability()
+    return DeviceInfo(torch.cuda.get_device_name(), f"{major}.{minor}", str(torch.version.cuda), trt.__version__)
+
+
+def check_engine_compat(engine_meta: dict, here: DeviceInfo, path: Path) -> None:
+    """Refuse an engine built for another GPU or TensorRT version with the command that fixes it."""
+    built = engine_meta.get("device", {})
+    problems = []
+    if built.get("trt_version") != here.trt_version:
+        problems.append(f"TensorRT {built.get('trt_version')} (here {here.trt_version})")
+    if built.get("compute_capability") != here.compute_capability or built.get("gpu_name") != here.gpu_name:
+        problems.append(f"{built.get('gpu_name')} sm{built.get('compute_capability')} "
+                        f"(here {here.gpu_name} sm{here.compute_capability})")
+    if problems:
+        run = path.parent.parent if path.parent.name == "export" else path.parent
+        raise ArtifactError(f"engine {path} was built for {' and '.join(problems)}; "
+                            f"rebuild with `segdeploy export {run} --trt`")
+
+
+def sidecar(engine_path: Path) -> Path:
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+# ----------------------------------------------------------------------------- the backend
 
 
 class TensorRTBackend(Backend):
@@ -31,9 +94,7 @@ class TensorRTBackend(Backend):
             raise ArtifactError(f"{side} is corrupt; rebuild with `segdeploy export --trt`") from None
         self.meta = ModelMeta.from_dict(self.engine_meta["model_meta"], str(side))
         self.precision = "int8" if str(self.engine_meta.get("precision", "")).startswith("int8") else "fp16"
-        from segdeploy.export.onnx import read_metadata
-
-        check_source(self.path, self.meta, read_metadata)
+        check_source(self.path, self.meta, read_onnx_meta)
         trt = import_tensorrt()
         check_engine_compat(self.engine_meta, current_device(), self.path)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
