@@ -53,3 +53,18 @@ def test_tensorrt_engine_builds_passes_the_gate_and_describes_itself(tiny_run: P
     (run / "export/model.engine.json").write_text(json.dumps(side))
     with pytest.raises(ArtifactError, match="rebuild with `segdeploy export"):
         load_backend(run / "export/model.engine")
+
+
+@pytest.mark.trt
+def test_tensorrt_int8_engine_is_built_from_the_symmetric_qdq_form_and_gated(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export"))
+    loose = ["parity.samples=4", "parity.int8_agreement=0.3", "parity.int8_class_iou_drop=100"]  # a 2-epoch model
+    report = export_run(run, ExportOptions(trt=True, int8=True, calib_images=4, batch="1:2:4", parity_overrides=loose),
+                        log=print)
+    assert report.parity["tensorrt_int8"].passed and report.parity["tensorrt_fp16"].passed
+    side = json.loads((run / "export/model.int8.engine.json").read_text())
+    assert side["precision"] == "int8" and side["onnx"] == "model.int8.onnx" and side["parity_passed"]
+    assert not list((run / "export").glob(".*candidate*"))  # gated under a hidden name, then renamed
+    engine = load_backend(run / "export/model.int8.engine")
+    assert engine.precision == "int8" and engine(torch.randn(2, 3, 64, 64)).shape == (2, 5, 64, 64)

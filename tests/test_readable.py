@@ -4,11 +4,9 @@ fit an 80-column terminal without cutting the names that tell rows apart."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 

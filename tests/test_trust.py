@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from segdeploy import recipe
 from segdeploy.cli import app
-from segdeploy.errors import ArtifactError, DataError, OutputError, ParityError, UserError
+from segdeploy.errors import ArtifactError, DataError, ParityError
 from segdeploy.train import fit
 from tests.conftest import RECIPES, demo_overrides
 

@@ -36,7 +36,7 @@ def export_cmd(
                          opset=opset, tile=tile, batch=batch, workspace_gib=workspace,
                          data_root=data, parity_overrides=set_)
     try:
-        report = export_run(run_dir, opts, log=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False))
+        report = export_run(run_dir, opts, log=lambda m: console.print(m, markup=False, highlight=False))
     except ParityError as exc:
         if json_out is not None and exc.report is not None:
             emit_json({"passed": False, "error": str(exc), "parity": exc.report.to_dict()}, json_out)

@@ -53,7 +53,7 @@ def quickstart_cmd(
     console.print(metrics_table(report.metrics, f"test · {report.images} images"))
     console.rule("4/6 export ONNX FP32 + FP16, gated against PyTorch")
     exported = export_run(run_dir, ExportOptions(fp16=True),
-                          log=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False))
+                          log=lambda m: console.print(m, markup=False, highlight=False))
     console.rule("5/6 tiled prediction of the georeferenced scene with the FP16 ONNX")
     from segdeploy.predict import PredictOptions, predict_file
     from segdeploy.runtime import load_backend
