@@ -82,7 +82,8 @@ def test_eval_matches_training_validation_and_writes_plots(tiny_run: Path) -> No
     assert {"metrics.json", "confusion_matrix.png", "overlay_00.png"} <= files
     from PIL import Image
 
-    assert Image.open(report.out_dir / "overlay_00.png").size == (64 * 3 + 8, 64)
+    # a titled four-panel figure (image / ground truth / prediction / errors) with a legend row
+    assert Image.open(report.out_dir / "overlay_00.png").size == (1300, 390)
 
 
 def test_hierarchy_run_reports_levels(synth_dir: Path, tmp_path: Path) -> None:
