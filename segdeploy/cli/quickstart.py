@@ -69,12 +69,12 @@ def quickstart_cmd(
 
     from segdeploy.bench import BenchOptions, bench
 
-    bench_report = bench([run_dir], BenchOptions(batches=(1,), size=rec.data.tile_size, min_iters=10, min_seconds=1.0),
-                         log=lambda m: None)
+    bench_report = bench([run_dir], BenchOptions(precisions=("fp32", "fp16"), batches=(1,), size=rec.data.tile_size,
+                                                 min_iters=10, min_seconds=1.0), log=lambda m: None)
     compact = Table(title=f"batch 1 · {rec.data.tile_size}² · full table: segdeploy bench {run_dir}", title_justify="left")
     for col in ("", "backend", "p50 ms", "img/s", "mIoU", "agreement", "note"):
         compact.add_column(col, justify="right" if col in ("p50 ms", "img/s", "mIoU", "agreement") else "left",
-                           no_wrap=col != "note")
+                           no_wrap=col != "note", overflow="fold")
     for r in bench_report.rows:
         compact.add_row(r.status, f"{r.backend} {r.precision}", "-" if r.p50_ms is None else f"{r.p50_ms:.1f}",
                         "-" if r.images_per_s is None else f"{r.images_per_s:.1f}",
