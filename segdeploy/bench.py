@@ -25,7 +25,8 @@ from segdeploy.evaluate import run_dir_of
 from segdeploy.runtime import backend_for, load_backend
 from segdeploy.runtime.base import Backend
 
-OK, GATE_FAIL, UNAVAILABLE = "✅", "⚠️", "❌"
+# plain words in JSON/CSV; the table shows them as marks (cli/bench.py)
+OK, GATE_FAIL, UNAVAILABLE = "ok", "gate_failed", "unavailable"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 

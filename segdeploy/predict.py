@@ -38,7 +38,7 @@ SUPPORTED_DTYPES = {"uint8", "uint16", "int16", "uint32", "int32", "float32", "f
 @dataclass
 class PredictOptions:
     tile: int | None = None
-    overlap: int = 64
+    overlap: int | None = None  # None: default_overlap(tile)
     batch: int = 8
     blend: str = "gaussian"
     probs: bool = False
@@ -378,6 +378,12 @@ def _refuse_unfinished(out: Path, state_path: Path, tmp: Path) -> None:
                     f"or delete {tmp} and {state_path} to start over")
 
 
+def default_overlap(tile: int) -> int:
+    """An eighth of the tile, in multiples of 8 px: enough context at tile edges for the blend, and
+    a fixed 64 px would be half of a 128² tile (4× the compute) or more than half of a 96² one."""
+    return (tile // 8) // 8 * 8
+
+
 def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
                   progress: Callable[[int, int], None] | None) -> PredictResult:
     meta = backend.meta
@@ -389,16 +395,17 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
         tile = backend.static_shape[0]
     if tile % meta.input_divisor:
         raise UserError(f"--tile {tile} must be a multiple of the model's input divisor {meta.input_divisor}")
-    if not 0 <= opts.overlap <= tile // 2:
-        raise UserError(f"--overlap {opts.overlap} must be between 0 and half the tile ({tile // 2})")
+    overlap = default_overlap(tile) if opts.overlap is None else opts.overlap
+    if not 0 <= overlap <= tile // 2:
+        raise UserError(f"--overlap {overlap} must be between 0 and half the tile ({tile // 2})")
     if opts.blend not in BLENDS:
         raise UserError(f"--blend {opts.blend!r} is unknown; choose one of {', '.join(BLENDS)}")
     batch = min(opts.batch, backend.max_batch or opts.batch)
     is_picture = reader.array is not None
     if not is_picture and not reader.georeferenced:
         warnings.warn(f"{src} has no georeference; the output will not have one either", stacklevel=2)
-    rows, cols = window_starts(reader.height, tile, opts.overlap), window_starts(reader.width, tile, opts.overlap)
-    stride = tile - opts.overlap
+    rows, cols = window_starts(reader.height, tile, overlap), window_starts(reader.width, tile, overlap)
+    stride = tile - overlap
     total_tiles = len(rows) * len(cols)
 
     out = Path(out)
@@ -409,7 +416,7 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
     state_path = out.with_name(out.name + ".partial.json")
     tmp = out.with_name(f".{out.stem}.partial.tif")  # rasters only; pictures are written whole at the end
     probs_tmp = out.with_name(f".{out.stem}.probs.partial.tif") if opts.probs and not is_picture else None
-    settings = {"input": str(src.resolve()), "model": str(backend.path), "tile": tile, "overlap": opts.overlap,
+    settings = {"input": str(src.resolve()), "model": str(backend.path), "tile": tile, "overlap": overlap,
                 "blend": opts.blend, "probs": opts.probs}
     start_row, rows_on_disk = 0, 0
     if opts.resume and state_path.is_file() and not is_picture:
@@ -428,8 +435,8 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
     writable_location(out)
 
     mask_reader = reader.second_handle()  # for the writer thread
-    weights = blend_weights(tile, opts.blend, opts.overlap)
-    acc = StripAccumulator(reader.height, reader.width, meta.num_classes, tile, opts.overlap, weights,
+    weights = blend_weights(tile, opts.blend, overlap)
+    acc = StripAccumulator(reader.height, reader.width, meta.num_classes, tile, overlap, weights,
                            keep_confidence=opts.probs or is_picture)
     # rebuild the overlap band of the row before `start_row` by recomputing that row (output not re-emitted)
     replay_from = max(start_row - 1, 0)

@@ -268,3 +268,16 @@ def test_writer_thread_reads_masks_through_its_own_gdal_handle(tmp_path: Path) -
     finally:
         twin.close()
         reader.close()
+
+
+def test_default_overlap_is_an_eighth_of_the_tile_so_small_tiles_work(tmp_path: Path) -> None:
+    """A fixed 64 px default failed outright for a model trained on 96² crops (> half the tile)."""
+    from segdeploy.predict import default_overlap
+
+    assert [default_overlap(t) for t in (64, 96, 128, 256, 512)] == [8, 8, 16, 32, 64]
+    labels = np.random.default_rng(7).integers(0, 4, (200, 150)).astype(np.uint8)
+    write_tif(tmp_path / "in.tif", labels)
+    res = predict_file(EchoBackend(4, tile=96, divisor=32), tmp_path / "in.tif", tmp_path / "out.tif", PredictOptions())
+    assert res.tiles == len(window_starts(200, 96, 8)) * len(window_starts(150, 96, 8))
+    with rasterio.open(tmp_path / "out.tif") as out:
+        assert np.array_equal(out.read(1), labels)

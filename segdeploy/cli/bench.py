@@ -69,6 +69,9 @@ def bench_cmd(
         raise typer.Exit(1)
 
 
+MARKS = {"ok": "✅", "gate_failed": "⚠️", "unavailable": "❌"}
+
+
 def render(report, width: int) -> list[Table]:  # noqa: ANN001
     """One row per backend × precision × batch, most-read columns first, folded into more tables
     when wider than `width`; reasons as numbered notes under the last table."""
@@ -84,7 +87,7 @@ def render(report, width: int) -> list[Table]:  # noqa: ANN001
     keys = []
     for r in report.rows:
         note = r.reason or (f"engine {r.engine_mb:.0f} MB, built in {r.build_s:.0f} s" if r.engine_mb else "")
-        mark = r.status
+        mark = MARKS[r.status]
         if note:
             if note not in notes:
                 notes.append(note)

@@ -18,7 +18,8 @@ def predict_cmd(
     inputs: list[Path] = typer.Argument(..., help="GeoTIFF / PNG / JPEG files, directories or globs."),
     out: Path = typer.Option(..., "--out", help="Output file (one input) or directory (several)."),
     tile: int = typer.Option(None, help="Tile size (default: the model's tile size)."),
-    overlap: int = typer.Option(64, help="Overlap between tiles in pixels (≤ tile/2)."),
+    overlap: int = typer.Option(None, help="Overlap between tiles in pixels, ≤ tile/2 (default: tile/8, in "
+                                "multiples of 8: 16 for a 128² tile, 64 for 512²)."),
     batch: int = typer.Option(None, help="Tiles per inference batch (default: 8 on a GPU, 2 on CPU, where larger "
                               "batches cost memory and gain no speed)."),
     blend: str = typer.Option("gaussian", help="Blend window: gaussian, hann, pyramid or crop."),

@@ -68,6 +68,7 @@ def quickstart_cmd(
     from rich.table import Table
 
     from segdeploy.bench import BenchOptions, bench
+    from segdeploy.cli.bench import MARKS
 
     bench_report = bench([run_dir], BenchOptions(precisions=("fp32", "fp16"), batches=(1,), size=rec.data.tile_size,
                                                  min_iters=10, min_seconds=1.0), log=lambda m: None)
@@ -76,7 +77,7 @@ def quickstart_cmd(
         compact.add_column(col, justify="right" if col in ("p50 ms", "img/s", "mIoU", "agreement") else "left",
                            no_wrap=col != "note", overflow="fold")
     for r in bench_report.rows:
-        compact.add_row(r.status, f"{r.backend} {r.precision}", "-" if r.p50_ms is None else f"{r.p50_ms:.1f}",
+        compact.add_row(MARKS[r.status], f"{r.backend} {r.precision}", "-" if r.p50_ms is None else f"{r.p50_ms:.1f}",
                         "-" if r.images_per_s is None else f"{r.images_per_s:.1f}",
                         "-" if r.miou is None else f"{r.miou:.4f}",
                         "-" if r.agreement is None else f"{r.agreement:.3%}", escape(r.reason))
