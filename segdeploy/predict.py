@@ -49,6 +49,7 @@ class PredictOptions:
     # full-scale value of the input when its pixel type differs from the model's (None: refuse)
     input_max: float | None = None
     preview: bool = True  # a quick-look PNG beside each raster output
+    cog: bool = False  # write Cloud-Optimized GeoTIFFs (overviews by mode) instead of plain tiled ones
 
 
 @dataclass
@@ -289,12 +290,32 @@ class ClassRasterWriter:
                 with rasterio.open(self.paths[1], "r+") as dst:
                     dst.write(conf[None], window=win)
 
-    def finish(self) -> None:
+    def finish(self, cog: bool = False) -> None:
+        """Mark the outputs complete; with `cog`, rewrite each as a Cloud-Optimized GeoTIFF in place
+        (internal tiles, overviews by *mode* for the class map: classes are never averaged)."""
         import rasterio
 
-        for p in self.paths:
-            with rasterio.open(p, "r+") as dst:
-                dst.update_tags(segdeploy="complete")
+        with self._failing_write():
+            for p in self.paths:
+                with rasterio.open(p, "r+") as dst:
+                    dst.update_tags(segdeploy="complete")
+                if cog:
+                    _to_cog(p, "MODE" if p == self.paths[0] else "AVERAGE")
+
+
+def _to_cog(path: Path, resampling: str) -> None:
+    """GDAL's COG driver: 512² internal tiles, deflate, overviews down to one tile; atomic."""
+    import os
+
+    from rasterio.shutil import copy as gdal_copy
+
+    cog = path.with_name(path.name.replace(".partial.tif", ".cog.partial.tif"))
+    try:
+        gdal_copy(str(path), str(cog), driver="COG", COMPRESS="DEFLATE", PREDICTOR="2", BLOCKSIZE="512",
+                  OVERVIEW_RESAMPLING=resampling, BIGTIFF="IF_SAFER")
+        os.replace(cog, path)
+    finally:
+        cog.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------- pipeline
@@ -572,7 +593,7 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
 
     files = []
     if writer is not None:
-        writer.finish()
+        writer.finish(cog=opts.cog)
         import os
 
         os.replace(tmp, out)

@@ -281,3 +281,23 @@ def test_default_overlap_is_an_eighth_of_the_tile_so_small_tiles_work(tmp_path: 
     assert res.tiles == len(window_starts(200, 96, 8)) * len(window_starts(150, 96, 8))
     with rasterio.open(tmp_path / "out.tif") as out:
         assert np.array_equal(out.read(1), labels)
+
+
+def test_cog_output_validates_and_its_overviews_never_average_classes(tmp_path: Path) -> None:
+    from rio_cogeo.cogeo import cog_validate
+
+    blocks = (np.indices((700, 600)).sum(0) // 2 % 2 * 3).astype(np.uint8)  # classes 0 and 3 only, 1 px stripes
+    blocks[:40, :40] = 0
+    write_tif(tmp_path / "in.tif", blocks)
+    res = predict_file(EchoBackend(4, 64), tmp_path / "in.tif", tmp_path / "out.tif",
+                       PredictOptions(tile=64, overlap=8, probs=True, cog=True, preview=False))
+    assert res.files == [str(tmp_path / "out.tif"), str(tmp_path / "out.probs.tif")]
+    for path in res.files:
+        valid, errors, _ = cog_validate(path)
+        assert valid and not errors, errors
+    with rasterio.open(tmp_path / "out.tif") as out:
+        assert np.array_equal(out.read(1), blocks) and out.overviews(1)  # full resolution exact, overviews exist
+        assert out.colormap(1)[3][:3] == (120, 0, 0) and out.tags()["segdeploy"] == "complete"
+        small = out.read(1, out_shape=(out.height // 4, out.width // 4))  # read from an overview
+    assert set(np.unique(small)) <= {0, 3}  # mode: a 0/3 stripe pattern never becomes 1 or 2
+    assert not list(tmp_path.glob(".*"))  # no partial or COG temporaries left

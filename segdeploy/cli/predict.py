@@ -24,6 +24,8 @@ def predict_cmd(
                               "batches cost memory and gain no speed)."),
     blend: str = typer.Option("gaussian", help="Blend window: gaussian, hann, pyramid or crop."),
     probs: bool = typer.Option(False, "--probs", help="Also write a confidence raster (max softmax, percent)."),
+    cog: bool = typer.Option(False, "--cog", help="Write Cloud-Optimized GeoTIFFs: internal tiles and overviews "
+                             "(mode resampling for classes, never averaged)."),
     preview: bool = typer.Option(True, "--preview/--no-preview", help="Write a quick-look PNG (≤ 1024 px, palette, "
                                  "legend, nodata in grey) beside each raster output."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted prediction."),
@@ -61,7 +63,7 @@ def predict_cmd(
     backend = load_backend(model, **options)
     batch = batch or (8 if backend.device.startswith("cuda") else 2)
     opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
-                          bands=band_list, input_max=input_max, preview=preview)
+                          bands=band_list, input_max=input_max, preview=preview, cog=cog)
     many = len(files) > 1 or out.is_dir()
     for src in files:  # an unwritable output fails before any progress is drawn
         writable_location(output_for(src, out, many))
