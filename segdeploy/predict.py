@@ -80,9 +80,9 @@ class SceneReader:
     """Windowed reads with padding past the edge, validity from GDAL's dataset mask (nodata, an
     alpha band, a .msk sidecar or an internal mask). GeoTIFF via rasterio, pictures via PIL."""
 
-    def __init__(self, path: Path, bands: int, band_order: list[int] | None = None) -> None:
-        self.path = path
-        if not path.exists():
+    def __init__(self, path: Path | str, bands: int, band_order: list[int] | None = None) -> None:
+        self.path = path  # a GDAL /vsi… path stays a string: Path would collapse its '//'
+        if not is_remote(path) and not Path(path).exists():
             raise DataError(f"input {path} not found")
         self.profile: dict = {}
         self.array: np.ndarray | None = None
@@ -90,8 +90,7 @@ class SceneReader:
         self.masked = False
         self.indexes: list[int] = list(range(1, bands + 1))
         self.notes: list[str] = []
-        suffix = path.suffix.lower()
-        if suffix in PICTURE:
+        if not is_remote(path) and Path(path).suffix.lower() in PICTURE:
             from segdeploy.data.io import read_image
 
             self.array = read_image(path, bands)
@@ -113,7 +112,8 @@ class SceneReader:
                 warnings.simplefilter("ignore")
                 self.src = rasterio.open(path)
         except RasterioIOError as exc:
-            raise DataError(f"cannot open raster {path}: {exc} (corrupt, truncated or not a raster?)") from None
+            why = "unreachable, missing or not a raster?" if is_remote(path) else "corrupt, truncated or not a raster?"
+            raise DataError(f"cannot open raster {path}: {str(exc).splitlines()[0][:200]} ({why})") from None
         self.height, self.width = self.src.height, self.src.width
         self.indexes, self.notes = choose_bands(path, self.src.colorinterp, bands, band_order)
         self.count = len(self.indexes)
@@ -357,13 +357,48 @@ def gdal_cache_bytes() -> int:
     return int(float(os.environ.get("SEGDEPLOY_GDAL_CACHE_MB", 64)) * 2**20)
 
 
-def predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
+def predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOptions,
                  progress: Callable[[int, int], None] | None = None) -> PredictResult:
-    """Predict one image into `out` (GeoTIFF for rasters; PNG + overlay for pictures)."""
+    """Predict one image into `out` (GeoTIFF for rasters; PNG + overlay for pictures). `src` may be
+    a GDAL virtual path of a remote raster (`/vsicurl/https://…`, `/vsis3/…`, `/vsigs/…`)."""
     import rasterio
 
-    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes()):
+    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(), **remote_settings()):
         return _predict_file(backend, src, out, opts, progress)
+
+
+REMOTE_PREFIXES = {"s3://": "/vsis3/", "gs://": "/vsigs/", "http://": "/vsicurl/http://",
+                   "https://": "/vsicurl/https://"}
+
+
+def gdal_path(item: str) -> str | None:
+    """The GDAL virtual path of a remote input (a URL, s3://, gs://, or /vsi… already), or None."""
+    if item.startswith("/vsi"):
+        return item
+    for prefix, vsi in REMOTE_PREFIXES.items():
+        if item.startswith(prefix):
+            return vsi + item[len(prefix):]
+    return None
+
+
+def is_remote(path: Path | str) -> bool:
+    return isinstance(path, str) and path.startswith("/vsi")
+
+
+def input_stem(path: Path | str) -> str:
+    """The file name's stem, for a local path or a URL (query string dropped)."""
+    name = str(path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return Path(name).stem
+
+
+def remote_settings() -> dict[str, str]:
+    """GDAL network settings for remote rasters: bounded time-outs and retries (an unreachable host
+    fails instead of hanging), no directory listing per file. Environment variables win."""
+    import os
+
+    defaults = {"GDAL_HTTP_CONNECTTIMEOUT": "10", "GDAL_HTTP_TIMEOUT": "60", "GDAL_HTTP_MAX_RETRY": "2",
+                "GDAL_HTTP_RETRY_DELAY": "1", "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    return {k: v for k, v in defaults.items() if k not in os.environ}
 
 
 def input_scale(reader: SceneReader, meta, opts: PredictOptions) -> float:  # noqa: ANN001 - ModelMeta
@@ -405,7 +440,7 @@ def default_overlap(tile: int) -> int:
     return (tile // 8) // 8 * 8
 
 
-def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
+def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOptions,
                   progress: Callable[[int, int], None] | None) -> PredictResult:
     meta = backend.meta
     t0 = time.perf_counter()
@@ -437,7 +472,7 @@ def _predict_file(backend: Backend, src: Path, out: Path, opts: PredictOptions,
     state_path = out.with_name(out.name + ".partial.json")
     tmp = out.with_name(f".{out.stem}.partial.tif")  # rasters only; pictures are written whole at the end
     probs_tmp = out.with_name(f".{out.stem}.probs.partial.tif") if opts.probs and not is_picture else None
-    settings = {"input": str(src.resolve()), "model": str(backend.path), "tile": tile, "overlap": overlap,
+    settings = {"input": src if is_remote(src) else str(Path(src).resolve()), "model": str(backend.path), "tile": tile, "overlap": overlap,
                 "blend": opts.blend, "probs": opts.probs}
     start_row, rows_on_disk = 0, 0
     if opts.resume and state_path.is_file() and not is_picture:
@@ -639,29 +674,45 @@ def _write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.
     return [str(png), str(ov_path)]
 
 
-def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files, directories (their images) and globs -> sorted list of image files."""
+def expand_inputs(inputs: list[str | Path]) -> list[Path | str]:
+    """Files, directories (their images), globs, remote rasters (URLs, s3://, gs://, /vsi…, kept
+    as strings) and @manifests (one of those per line; relative paths from the manifest's folder)."""
     import glob
 
-    found: list[Path] = []
-    for item in inputs:
-        s = str(item)
-        if any(ch in s for ch in "*?["):
-            found += [Path(p) for p in sorted(glob.glob(s))]
-        elif item.is_dir():
-            found += sorted(p for p in item.iterdir() if p.suffix.lower() in RASTER | PICTURE)
-        elif not item.exists():
+    found: list[Path | str] = []
+    for raw in inputs:
+        item = str(raw)
+        if item.startswith("@"):
+            found += expand_inputs(read_manifest(Path(item[1:])))
+        elif gdal_path(item) is not None:
+            found.append(gdal_path(item))  # type: ignore[arg-type]
+        elif any(ch in item for ch in "*?["):
+            found += [Path(p) for p in sorted(glob.glob(item))]
+        elif Path(item).is_dir():
+            found += sorted(p for p in Path(item).iterdir() if p.suffix.lower() in RASTER | PICTURE)
+        elif not Path(item).exists():
             raise DataError(f"input {item} not found")
         else:
-            found.append(item)
+            found.append(Path(item))
     if not found:
         raise DataError(f"no input images found in {', '.join(map(str, inputs))}")
     return found
 
 
-def output_for(src: Path, out: Path, many: bool) -> Path:
+def read_manifest(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"manifest {path} not found (@FILE lists one raster path or URL per line)")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    items = [line for line in lines if line and not line.startswith("#")]
+    import os
+
+    return [i if gdal_path(i) is not None or Path(i).is_absolute() else os.path.normpath(path.parent / i)
+            for i in items]
+
+
+def output_for(src: Path | str, out: Path, many: bool) -> Path:
     if not many:
         return out
-    suffix = ".tif" if src.suffix.lower() in RASTER else ".png"
-    return out / f"{src.stem}_pred{suffix}"
+    suffix = ".png" if not is_remote(src) and Path(src).suffix.lower() in PICTURE else ".tif"
+    return out / f"{input_stem(src)}_pred{suffix}"
 

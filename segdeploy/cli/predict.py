@@ -15,7 +15,8 @@ from segdeploy.cli.app import app, console, emit_json, guarded
 @guarded
 def predict_cmd(
     model: Path = typer.Argument(..., help="Run directory, .onnx or .engine."),
-    inputs: list[Path] = typer.Argument(..., help="GeoTIFF / PNG / JPEG files, directories or globs."),
+    inputs: list[str] = typer.Argument(..., help="GeoTIFF / PNG / JPEG files, directories, globs, remote rasters "
+                                       "(https://…, s3://…, gs://…, /vsicurl/…) or @manifest.txt (one per line)."),
     out: Path = typer.Option(..., "--out", help="Output file (one input) or directory (several)."),
     tile: int = typer.Option(None, help="Tile size (default: the model's tile size)."),
     overlap: int = typer.Option(None, help="Overlap between tiles in pixels, ≤ tile/2 (default: tile/8, in "
@@ -43,7 +44,7 @@ def predict_cmd(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from segdeploy.predict import PredictOptions, expand_inputs, output_for, predict_file
+    from segdeploy.predict import PredictOptions, expand_inputs, input_stem, output_for, predict_file
     from segdeploy.runtime import backend_for, load_backend
     from segdeploy.utils import pick_device
 
@@ -72,7 +73,7 @@ def predict_cmd(
                TextColumn("{task.fields[mps]:.2f} MP/s"), TextColumn("ETA"), TimeRemainingColumn()]
     with live_progress(Progress(*columns, console=console, disable=not progress)) as bar:
         for src in files:
-            task = bar.add_task(src.name, total=None, mps=0.0)
+            task = bar.add_task(input_stem(src), total=None, mps=0.0)
             pixels, t0 = _dimensions(src), time.perf_counter()
 
             def on_tile(done: int, total: int, task=task, pixels=pixels, t0=t0) -> None:  # noqa: ANN001
@@ -94,17 +95,19 @@ def predict_cmd(
     emit_json({"backend": backend.describe(), "results": [r.to_dict() for r in results]}, json_out)
 
 
-def _dimensions(path: Path) -> float:
+def _dimensions(path: Path | str) -> float:
     """Pixels in the image (for the MP/s column); 0 when unknown."""
+    from segdeploy.predict import PICTURE, is_remote, remote_settings
+
     try:
-        if path.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}:
+        if not is_remote(path) and Path(path).suffix.lower() in PICTURE:
             from PIL import Image
 
             with Image.open(path) as im:
                 return float(im.width * im.height)
         import rasterio
 
-        with rasterio.open(path) as src:
+        with rasterio.Env(**remote_settings()), rasterio.open(path) as src:
             return float(src.width * src.height)
     except Exception:  # noqa: BLE001
         return 0.0
