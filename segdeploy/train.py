@@ -8,6 +8,7 @@ values only, so it loads with ``weights_only=True``).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from segdeploy import artifact as art
 from segdeploy.data.dataset import (
@@ -33,6 +34,7 @@ from segdeploy.data.dataset import (
     split_defined,
     suggested_class_weights,
 )
+from segdeploy.distributed import ShardSampler, World, all_sum, barrier, from_main, join, leave, sync_buffers
 from segdeploy.errors import ArtifactError, DataError, OutputError, UserError
 from segdeploy.losses import build_loss
 from segdeploy.metrics import ConfusionMatrix, level_mious
@@ -62,6 +64,8 @@ class TrainResult:
     seconds: float
     train_images_per_s: float
     stopped_early: str | None = None
+    world_size: int = 1
+    main: bool = True  # rank 0 (the one that wrote the run and reports it)
 
 
 def pad_collate(divisor: int, ignore_index: int):  # noqa: ANN201
@@ -119,7 +123,9 @@ def _optimizer(params: list[torch.nn.Parameter], rec: Recipe) -> torch.optim.Opt
 
 @torch.inference_mode()
 def validate(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Module, rec: Recipe, device: str,
-             divisor: int, amp: bool) -> tuple[float, ConfusionMatrix]:
+             divisor: int, amp: bool, world: World = World()) -> tuple[float, ConfusionMatrix]:
+    """Loss and confusion matrix over the loader; under DDP each rank sees its shard and the sums
+    are all-reduced, so the metrics equal one process's on the same weights."""
     model.eval()
     cm = ConfusionMatrix(rec.classes.num_classes, rec.classes.ignore_index)
     total, n = 0.0, 0
@@ -131,6 +137,10 @@ def validate(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Modul
         total += float(loss_fn(logits, y)) * len(x)
         n += len(x)
         cm.update(logits.argmax(1), y)
+    if world.active:
+        sums = all_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=device), world)
+        total, n = float(sums[0]), int(sums[1])
+        cm.matrix = all_sum(torch.from_numpy(cm.matrix).to(device), world).cpu().numpy()
     return total / max(n, 1), cm
 
 
@@ -237,20 +247,30 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
     writable_location(out.parent if mode == "replace" else out)
     device = pick_device(rec.train.device)
     check_model_names(rec.model)  # a typo in model.* fails before any data is read
+    world = join(device)
+    if not world.main:  # rank 0 alone talks
+        console, progress = Console(file=io.StringIO()), False
     data = prepare_data(rec, console)
     mlflow_uri = resolve_mlflow_uri(mlflow)
+    kw = {"progress": progress, "console": console, "mlflow_uri": mlflow_uri, "world": world}
     if mode != "replace":
-        return _train(rec, out, data, device, resume=mode == "resume", progress=progress, console=console,
-                      mlflow_uri=mlflow_uri)
-    for stale in out.parent.glob(f".{out.name}.new-*"):  # left by a killed earlier overwrite
-        shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+        result = _train(rec, out, data, device, resume=mode == "resume", **kw)
+        leave(world)
+        return result
+    work = None
+    if world.main:
+        for stale in out.parent.glob(f".{out.name}.new-*"):  # left by a killed earlier overwrite
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    work = from_main(work, world)
     try:
-        result = _train(rec, work, data, device, resume=False, progress=progress, console=console,
-                        mlflow_uri=mlflow_uri)
-        _swap_in(work, out)
+        result = _train(rec, work, data, device, resume=False, **kw)
+        if world.main:
+            _swap_in(work, out)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if world.main:
+            shutil.rmtree(work, ignore_errors=True)
+    leave(world)
     return replace(result, run_dir=out)
 
 
@@ -281,9 +301,11 @@ class _Setup:
     amp: bool
     scaler: torch.amp.GradScaler
     meta: art.ModelMeta
+    net: torch.nn.Module  # the model itself (`model` may be its DDP wrapper)
+    world: World
 
 
-def _setup(rec: Recipe, data: TrainingData, device: str, console: Console) -> _Setup:
+def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world: World) -> _Setup:
     cls = rec.classes
     if data.class_counts is not None:
         _report_class_balance(cls.names, data.class_counts, console)
@@ -307,10 +329,18 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console) -> _S
     opt = _optimizer(params, rec)
     workers = _num_workers(rec.train.num_workers, device)
     collate = pad_collate(divisor, cls.ignore_index)
-    train_loader = DataLoader(data.train, rec.train.batch_size, shuffle=True,
-                              drop_last=len(data.train) > rec.train.batch_size, num_workers=workers,
+    # train.batch_size is per process: the global batch is world size × batch_size
+    sampler = (DistributedSampler(data.train, world.size, world.rank, shuffle=True, seed=rec.train.seed)
+               if world.active else None)
+    per_rank = len(data.train) // world.size
+    train_loader = DataLoader(data.train, rec.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                              drop_last=per_rank > rec.train.batch_size, num_workers=workers,
                               collate_fn=collate, pin_memory=cuda, persistent_workers=workers > 0)
-    val_loader = DataLoader(data.val, rec.train.batch_size, num_workers=workers, collate_fn=collate, pin_memory=cuda)
+    val_loader = DataLoader(data.val, rec.train.batch_size, num_workers=workers, collate_fn=collate, pin_memory=cuda,
+                            sampler=ShardSampler(len(data.val), world) if world.active else None)
+    net = model
+    if world.active:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if cuda else None)
     meta = art.ModelMeta(
         classes=cls.names, palette=[list(c) for c in cls.display_palette()], mean=data.mean, std=data.std,
         max_pixel_value=rec.data.max_pixel_value, bands=rec.data.bands, input_divisor=divisor,
@@ -320,7 +350,7 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console) -> _S
     )
     amp = cuda and rec.train.amp
     return _Setup(model, divisor, frozen_bn, loss_fn, params, opt, _scheduler(opt, rec, len(train_loader)),
-                  train_loader, val_loader, amp, torch.amp.GradScaler("cuda", enabled=amp), meta)
+                  train_loader, val_loader, amp, torch.amp.GradScaler("cuda", enabled=amp), meta, net, world)
 
 
 def _restore(out: Path, rec: Recipe, st: _Setup, console: Console) -> tuple[int, float, int, list[dict]]:
@@ -329,7 +359,7 @@ def _restore(out: Path, rec: Recipe, st: _Setup, console: Console) -> tuple[int,
     if ckpt["recipe_digest"] != rec.digest():
         raise ArtifactError(f"{out} was trained with a different recipe (data/classes/model differ); "
                             "resume with the same recipe or start a new --out")
-    st.model.load_state_dict(ckpt["model"])
+    st.net.load_state_dict(ckpt["model"])
     st.opt.load_state_dict(ckpt["optimizer"])
     if st.scheduler is not None and ckpt.get("scheduler"):
         if int(ckpt.get("epochs", rec.train.epochs)) == rec.train.epochs:
@@ -376,78 +406,102 @@ def _train_epoch(rec: Recipe, st: _Setup, device: str, on_batch: Callable[[float
 
 
 def _train(rec: Recipe, out: Path, data: TrainingData, device: str, *, resume: bool, progress: bool,
-           console: Console, mlflow_uri: str | None = None) -> TrainResult:
-    st = _setup(rec, data, device, console)
+           console: Console, mlflow_uri: str | None = None, world: World = World()) -> TrainResult:
+    st = _setup(rec, data, device, console, world)
     start_epoch, best_miou, best_epoch, history = 1, -1.0, 0, []
     if resume:
         start_epoch, best_miou, best_epoch, history = _restore(out, rec, st, console)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / art.RECIPE_FILE) as tmp:
-        tmp.write_text(rec.to_yaml())
-    write_json(out / art.SPLITS_FILE, data.splits)
-    write_json(out / art.META_FILE, {"status": "training", "epochs_done": start_epoch - 1,
-                                     "model_meta": st.meta.to_dict()})
-    tracker = Tracker(out, rec.model_dump(mode="json"), mlflow_uri)
-    for note in tracker.notes:
-        console.print(note, highlight=False)
+    tracker = None
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / art.RECIPE_FILE) as tmp:
+            tmp.write_text(rec.to_yaml())
+        write_json(out / art.SPLITS_FILE, data.splits)
+        write_json(out / art.META_FILE, {"status": "training", "epochs_done": start_epoch - 1, "world_size": world.size,
+                                         "model_meta": st.meta.to_dict()})
+        tracker = Tracker(out, rec.model_dump(mode="json"), mlflow_uri)
+        for note in tracker.notes:
+            console.print(note, highlight=False)
+        if world.active:
+            console.print(f"DDP: {world.size} processes × batch {rec.train.batch_size} = global batch "
+                          f"{world.size * rec.train.batch_size}", highlight=False)
     try:
         return _epochs(rec, out, st, device, (start_epoch, best_miou, best_epoch, history), tracker, progress, console)
     except BaseException:
-        tracker.abort()
+        if tracker is not None:
+            tracker.abort()
         raise
 
 
 def _epochs(rec: Recipe, out: Path, st: _Setup, device: str, state: tuple[int, float, int, list[dict]],
-            tracker: Tracker, progress: bool, console: Console) -> TrainResult:
+            tracker: Tracker | None, progress: bool, console: Console) -> TrainResult:
     start_epoch, best_miou, best_epoch, history = state
     best_per_class: list[dict] = []
     t0 = time.perf_counter()
     train_time, train_images, stopped, epoch = 0.0, 0, None, start_epoch - 1
-    steps = len(st.train_loader)
+    steps, main = len(st.train_loader), st.world.main
     with live_progress(_progress_bar(console, progress)) as bar:
         task = bar.add_task("train", total=(rec.train.epochs - start_epoch + 1) * steps, epoch=start_epoch,
                             epochs=rec.train.epochs, loss="…", miou=f"{best_miou:.3f}" if best_miou >= 0 else "-")
         for epoch in range(start_epoch, rec.train.epochs + 1):
             torch.manual_seed(rec.train.seed + epoch)  # resumable: each epoch's shuffling/augmentation is fixed
+            if isinstance(st.train_loader.sampler, DistributedSampler):
+                st.train_loader.sampler.set_epoch(epoch)
             loss, seen, seconds = _train_epoch(
                 rec, st, device, lambda running: bar.update(task, advance=1, loss=f"{running:.4f}", epoch=epoch))
-            train_time, train_images = train_time + seconds, train_images + seen
-            val_loss, cm = validate(st.model, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp)
+            train_time, train_images = train_time + seconds, train_images + seen * st.world.size
+            sync_buffers(st.net, st.world)
+            val_loss, cm = validate(st.net, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp, st.world)
             mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
             history.append({"epoch": epoch, "train_loss": loss, "val_loss": val_loss, "val_miou": mets.miou,
                             "val_mdice": mets.mdice, "lr": st.opt.param_groups[0]["lr"],
                             "seconds": round(seconds, 2), "images_per_s": round(seen / seconds, 2) if seconds else 0.0})
-            tracker.log_epoch(history[-1])
-            improved = mets.miou > best_miou
+            improved = mets.miou > best_miou  # all-reduced metrics: every rank decides the same
             if improved:
                 best_miou, best_epoch, best_per_class = mets.miou, epoch, mets.per_class()
-                _save_weights(st.model, out / art.WEIGHTS_FILE)
+            if main:
+                _record_epoch(out, rec, st, history, improved, best_miou, best_epoch, tracker)
             bar.update(task, miou=f"{mets.miou:.3f}")
             console.print(f"epoch {epoch:>3}  loss {loss:.4f}  val loss {val_loss:.4f}  "
                           f"val mIoU {mets.miou:.4f}  mDice {mets.mdice:.4f}{'  *best' if improved else ''}")
-            _write_history(out / "history.csv", history)
-            _save_last(out / art.LAST_CKPT, st.model, st.opt, st.scheduler, epoch, rec.train.epochs, best_miou,
-                       best_epoch, rec.digest())
-            write_json(out / art.META_FILE, {"status": "training", "epochs_done": epoch, "model_meta": st.meta.to_dict()})
-            stopped = _stop_reason(rec, epoch, best_epoch, t0)
+            stopped = from_main(_stop_reason(rec, epoch, best_epoch, t0), st.world)  # clocks differ per rank
             if stopped:
                 break
     if stopped:
         console.print(f"stopped early after epoch {epoch}: {stopped}")
-    plot_history(history, out / "plots")
     final = {"status": "complete", "model_meta": st.meta.to_dict(), "best_epoch": best_epoch,
-             "best_val_miou": best_miou, "epochs_run": epoch, "stopped_early": stopped,
+             "best_val_miou": best_miou, "epochs_run": epoch, "stopped_early": stopped, "world_size": st.world.size,
              "train_images_per_s": round(train_images / max(train_time, 1e-9), 2)}
     if rec.classes.hierarchy:  # per-level mIoU of the best weights
-        _load_weights(st.model, out / art.WEIGHTS_FILE)
-        _, cm = validate(st.model, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp)
+        barrier(st.world)  # rank 0 wrote them
+        _load_weights(st.net, out / art.WEIGHTS_FILE)
+        _, cm = validate(st.net, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp, st.world)
         final["best_val_levels"] = level_mious(cm.matrix, rec.classes.names, rec.classes.hierarchy,
                                                rec.eval.exclude_background)
-    if tracker.mlflow_run:
-        final["mlflow"] = tracker.mlflow_run
-    write_json(out / art.META_FILE, final)
-    tracker.finish(out, final, best_per_class)
-    return TrainResult(out, best_miou, best_epoch, epoch, time.perf_counter() - t0, final["train_images_per_s"], stopped)
+    if main:
+        plot_history(history, out / "plots")
+        if tracker is not None and tracker.mlflow_run:
+            final["mlflow"] = tracker.mlflow_run
+        write_json(out / art.META_FILE, final)
+        if tracker is not None:
+            tracker.finish(out, final, best_per_class)
+    return TrainResult(out, best_miou, best_epoch, epoch, time.perf_counter() - t0, final["train_images_per_s"], stopped,
+                       st.world.size, main)
+
+
+def _record_epoch(out: Path, rec: Recipe, st: _Setup, history: list[dict], improved: bool, best_miou: float,
+                  best_epoch: int, tracker: Tracker | None) -> None:
+    """What rank 0 writes after each epoch: best weights, history, resume state, status, tracking."""
+    if tracker is not None:
+        tracker.log_epoch(history[-1])
+    if improved:
+        _save_weights(st.net, out / art.WEIGHTS_FILE)
+    _write_history(out / "history.csv", history)
+    epoch = int(history[-1]["epoch"])
+    _save_last(out / art.LAST_CKPT, st.net, st.opt, st.scheduler, epoch, rec.train.epochs, best_miou, best_epoch,
+               rec.digest())
+    write_json(out / art.META_FILE, {"status": "training", "epochs_done": epoch, "world_size": st.world.size,
+                                     "model_meta": st.meta.to_dict()})
 
 
 def _stop_reason(rec: Recipe, epoch: int, best_epoch: int, t0: float) -> str | None:

@@ -31,8 +31,11 @@ def train_cmd(
     rec = recipe_mod.load(recipe, set_, data)
     out = out or Path("runs") / rec.name
     result = fit(rec, out, resume=resume, overwrite=overwrite, progress=progress, console=console, mlflow=mlflow)
+    if not result.main:  # under torchrun, rank 0 reports
+        return
     console.print(f"[bold green]done[/] best val mIoU {result.best_miou:.4f} at epoch {result.best_epoch} "
                   f"in {result.seconds:.0f}s ({result.train_images_per_s:.1f} img/s) → {out}")
     emit_json({"run_dir": str(out), "best_val_miou": result.best_miou, "best_epoch": result.best_epoch,
                "epochs_run": result.epochs_run, "seconds": round(result.seconds, 2),
-               "train_images_per_s": result.train_images_per_s, "stopped_early": result.stopped_early}, json_out)
+               "train_images_per_s": result.train_images_per_s, "stopped_early": result.stopped_early,
+               "world_size": result.world_size}, json_out)
