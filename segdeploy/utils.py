@@ -147,9 +147,10 @@ def live_progress(progress: Any) -> Iterator[Any]:
 
 
 def writable_location(path: Path) -> Path:
-    """The directory that will hold `path` (its nearest existing ancestor), proven writable by
-    creating and removing a temporary directory there; raises OutputError naming `path`."""
-    probe_dir = path
+    """The directory that will hold `path` (`path` itself when it is a directory, else its nearest
+    existing ancestor: an existing file is replaced in its folder), proven writable by creating and
+    removing a temporary directory there; raises OutputError naming `path`."""
+    probe_dir = path if path.is_dir() else path.parent
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
