@@ -1,7 +1,10 @@
-"""What every artifact (run directory, ONNX file, engine) says about itself.
+"""What every artifact (run directory, ONNX file, engine) says about itself, and the one place
+that knows a run directory's layout.
 
 `ModelMeta` travels with the weights — in a run's ``meta.json``, in ONNX ``metadata_props`` and
-in an engine's sidecar — so predict/bench/eval need nothing but the file.
+in an engine's sidecar — so predict needs nothing but the file (an engine also needs TensorRT and
+the GPU it was built for). `Run` opens a run directory once, caches its meta and recipe, and
+names its files: no other module spells a run's file names.
 """
 
 from __future__ import annotations
@@ -21,6 +24,33 @@ RECIPE_FILE = "recipe.yaml"
 LAST_CKPT = "last.ckpt"
 SPLITS_FILE = "splits.json"
 ONNX_META_KEY = "segdeploy"  # the metadata_props key of an exported ONNX file
+EXPORT_DIR = "export"
+EVAL_DIR = "eval"
+PARITY_FILE, PARITY_SUMMARY = "parity.json", "parity.md"
+
+
+@dataclass(frozen=True)
+class ExportForm:
+    """One exported form of a run's model: its file in RUN/export, the backend and precision it
+    runs at, the flags that make it, and the form it is derived from."""
+
+    key: str
+    file: str
+    backend: str
+    precision: str
+    flags: str
+    source: str  # key of the form it is made from ("weights" for the FP32 ONNX)
+
+
+EXPORT_FORMS = {f.key: f for f in (
+    ExportForm("fp32", "model.onnx", "onnxruntime", "fp32", "", "weights"),
+    ExportForm("fp16", "model.fp16.onnx", "onnxruntime", "fp16", "--fp16", "fp32"),
+    # INT8 in two forms: symmetric activations for TensorRT, U8S8 for CPUs (what onnxruntime runs)
+    ExportForm("int8", "model.int8.onnx", "onnxruntime", "int8_tensorrt_form", "--int8", "fp32"),
+    ExportForm("int8_cpu", "model.int8.cpu.onnx", "onnxruntime", "int8", "--int8", "fp32"),
+    ExportForm("engine", "model.engine", "tensorrt", "fp16", "--trt", "fp16"),
+    ExportForm("int8_engine", "model.int8.engine", "tensorrt", "int8", "--trt --int8", "int8"),
+)}
 
 
 @dataclass
@@ -153,3 +183,161 @@ def read_onnx_meta(path: Path) -> ModelMeta:
     if ONNX_META_KEY not in props:
         raise ArtifactError(f"{path} has no segdeploy metadata; export it with `segdeploy export RUN_DIR`")
     return ModelMeta.from_dict(json.loads(props[ONNX_META_KEY]), str(path))
+
+
+@dataclass
+class Export:
+    """An export of a run as found on disk: its form, path, and why it cannot be used (stale)."""
+
+    form: ExportForm
+    path: Path
+    stale: str = ""  # the staleness error, '' when current
+
+
+class Run:
+    """A run directory: opened once, its meta.json and recipe read once, its files named here.
+
+    `Run.find` accepts the run directory, an exported file inside RUN/export, or a file beside the
+    run's meta.json, and returns None for an artifact deployed without its run."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._info: dict[str, Any] | None = None
+        self._recipe = None
+
+    @classmethod
+    def find(cls, path: Path) -> Run | None:
+        path = Path(path)
+        for cand in (path, path.parent, path.parent.parent):
+            if cand.is_dir() and (cand / RECIPE_FILE).is_file() and (cand / META_FILE).is_file():
+                return cls(cand)
+        return None
+
+    @classmethod
+    def open_finished(cls, root: Path) -> Run:
+        run = cls(root)
+        run.require_finished()
+        return run
+
+    # -- files
+    @property
+    def weights(self) -> Path:
+        return self.root / WEIGHTS_FILE
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.root / RECIPE_FILE
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / META_FILE
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.root / LAST_CKPT
+
+    @property
+    def splits_path(self) -> Path:
+        return self.root / SPLITS_FILE
+
+    @property
+    def export_dir(self) -> Path:
+        return self.root / EXPORT_DIR
+
+    def eval_dir(self, name: str) -> Path:
+        return self.root / EVAL_DIR / name
+
+    def export_path(self, key: str) -> Path:
+        return self.export_dir / EXPORT_FORMS[key].file
+
+    # -- contents (read once)
+    @property
+    def info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = read_run_meta(self.root)
+        return self._info
+
+    @property
+    def meta(self) -> ModelMeta:
+        return ModelMeta.from_dict(self.info["model_meta"], str(self.meta_path))
+
+    @property
+    def recipe(self):  # noqa: ANN201 - a recipe.Recipe (imported lazily: pydantic schema)
+        if self._recipe is None:
+            from segdeploy import recipe as recipe_mod
+
+            self._recipe = recipe_mod.load(self.recipe_path)
+        return self._recipe
+
+    def require_finished(self) -> dict[str, Any]:
+        info = self.info
+        if info.get("status") != "complete":
+            raise ArtifactError(f"run {self.root} is unfinished (status {info.get('status')!r}); "
+                                f"{continue_hint(self.root)}")
+        if not self.weights.is_file():
+            raise ArtifactError(f"run {self.root} has no {WEIGHTS_FILE}; {continue_hint(self.root)}")
+        return info
+
+    def build_model(self):  # noqa: ANN201 - a torch.nn.Module in eval mode with the run's weights
+        """The run's model rebuilt from its recipe with its weights (safetensors; no pickle)."""
+        from safetensors.torch import load_file
+
+        from segdeploy.models import build_model
+
+        self.require_finished()
+        meta = self.meta
+        model = build_model(self.recipe.model.model_copy(update={"weights": None}), meta.bands, meta.num_classes)
+        try:
+            state = load_file(str(self.weights))
+        except Exception as exc:  # noqa: BLE001
+            raise ArtifactError(f"{self.weights} is corrupt ({exc}); retrain the run") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ArtifactError(f"{self.weights} does not match the recipe's model ({len(missing)} missing, "
+                                f"{len(unexpected)} unexpected tensors); retrain the run")
+        return model.eval()
+
+    def exports(self) -> list[Export]:
+        """The exported forms present in RUN/export, each checked against its source's hash."""
+        found = []
+        for form in EXPORT_FORMS.values():
+            path = self.export_path(form.key)
+            if not path.is_file():
+                continue
+            stale = ""
+            try:
+                check_source(path, artifact_meta(path), read_onnx_meta)
+            except ArtifactError as exc:
+                stale = str(exc)
+            found.append(Export(form, path, stale))
+        return found
+
+
+def engine_sidecar(engine_path: Path) -> Path:
+    """An engine's metadata file (TensorRT engines carry no metadata of their own)."""
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def artifact_meta(path: Path) -> ModelMeta:
+    """The ModelMeta of an ONNX file or an engine (from its sidecar), without loading a runtime."""
+    if path.suffix == ".onnx":
+        return read_onnx_meta(path)
+    side = engine_sidecar(path)
+    try:
+        return ModelMeta.from_dict(json.loads(side.read_text())["model_meta"], str(side))
+    except (OSError, KeyError, json.JSONDecodeError):
+        raise ArtifactError(f"engine {path} has no readable {side.name}; rebuild it with `segdeploy export --trt`") from None
+
+
+def form_of(path: Path) -> ExportForm | None:
+    """The export form a file name stands for (a renamed copy: by suffix and precision tag)."""
+    for form in EXPORT_FORMS.values():
+        if path.name == form.file:
+            return form
+    if path.suffix == ".onnx":
+        key = "int8_cpu" if ".int8.cpu." in path.name else "int8" if ".int8." in path.name else (
+            "fp16" if ".fp16." in path.name else "fp32")
+        return EXPORT_FORMS[key]
+    if path.suffix in (".engine", ".plan"):
+        return EXPORT_FORMS["int8_engine" if ".int8." in path.name else "engine"]
+    return None

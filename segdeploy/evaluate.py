@@ -102,7 +102,7 @@ def evaluate(
             xs.append(x)
             ys.append(y)
             i += 1
-        pred = forward_padded(backend, torch.stack(xs)).argmax(1).cpu()
+        pred = torch.from_numpy(forward_padded(backend, torch.stack(xs).numpy()).argmax(1))
         y = torch.stack(ys)
         cm.update(pred, y)
         for j in range(len(xs)):

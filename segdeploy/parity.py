@@ -19,6 +19,7 @@ from segdeploy.errors import DataError, ParityError
 from segdeploy.metrics import ConfusionMatrix
 from segdeploy.recipe import ParityConfig, Recipe
 from segdeploy.runtime.base import Backend
+from segdeploy.tiling import pad_to
 
 
 DROP_RESOLUTION = 0.005  # IoU points: reports print two decimals; smaller "drops" are noise
@@ -101,8 +102,7 @@ def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: s
                 xt, yt = x[:, top : top + tile, left : left + tile], y[top : top + tile, left : left + tile]
                 ph, pw = tile - xt.shape[-2], tile - xt.shape[-1]
                 if ph or pw:
-                    mode = "reflect" if ph < xt.shape[-2] and pw < xt.shape[-1] else "replicate"
-                    xt = torch.nn.functional.pad(xt[None], (0, pw, 0, ph), mode=mode)[0]
+                    xt = torch.from_numpy(pad_to(xt.numpy(), tile, tile))
                     yt = torch.nn.functional.pad(yt, (0, pw, 0, ph), value=meta.ignore_index)
                 xs.append(xt)
                 ys.append(yt)
@@ -113,7 +113,7 @@ def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: s
 
 def run_batched(backend: Backend, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
     limit = min(batch, backend.max_batch or batch)
-    return torch.cat([backend(x[i : i + limit]).float().cpu() for i in range(0, len(x), limit)])
+    return torch.cat([torch.from_numpy(backend(x[i : i + limit].numpy())) for i in range(0, len(x), limit)])
 
 
 def compare(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, meta: ModelMeta, cfg: ParityConfig,

@@ -1,10 +1,10 @@
-"""Tiled inference on rasters of any size with bounded memory.
+"""Tiled inference on rasters of any size with bounded memory (numpy; the backend may be torch).
 
 reader thread ──(bounded queue of tile batches)──► inference (caller's thread) ──(bounded queue)──►
 writer thread: StripAccumulator blends tiles row by row, final rows are written as soon as no
 later tile touches them. Nothing scene-sized is ever allocated: the accumulators hold the overlap
 band below the current row of tiles and the current tile; the writer holds at most one output
-block row.
+block row. Raster I/O (reading, writing, inputs) lives in `segdeploy.raster`.
 
 Output goes to a hidden temporary file beside OUT and is renamed onto OUT only when complete. A
 JSON state file records how many rows are on disk, so `--resume` continues an interrupted run.
@@ -13,26 +13,32 @@ JSON state file records how many rows are on disk, so `--resume` continues an in
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from segdeploy.errors import DataError, UserError
+from segdeploy.raster import (
+    ClassRasterWriter,
+    SceneReader,
+    gdal_cache_bytes,
+    is_remote,
+    partial_paths,
+    remote_settings,
+    write_picture_outputs,
+)
 from segdeploy.runtime.base import Backend
-from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, window_starts
-from segdeploy.utils import atomic_path, peak_rss_mb, raise_write_error, writable_location, write_json
+from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, pad_to, softmax, window_starts
+from segdeploy.utils import peak_rss_mb, writable_location, write_json
 
-RASTER = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
-PICTURE = {".png", ".jpg", ".jpeg", ".bmp"}
-SUPPORTED_DTYPES = {"uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
+Progress = Callable[[int, int, int], None]  # (tiles done, tiles in all, pixels in the scene)
 
 
 @dataclass
@@ -71,334 +77,6 @@ class PredictResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# --------------------------------------------------------------------------------------- readers
-
-
-class SceneReader:
-    """Windowed reads with padding past the edge, validity from GDAL's dataset mask (nodata, an
-    alpha band, a .msk sidecar or an internal mask). GeoTIFF via rasterio, pictures via PIL."""
-
-    def __init__(self, path: Path | str, bands: int, band_order: list[int] | None = None) -> None:
-        self.path = path  # a GDAL /vsi… path stays a string: Path would collapse its '//'
-        if not is_remote(path) and not Path(path).exists():
-            raise DataError(f"input {path} not found")
-        self.profile: dict = {}
-        self.array: np.ndarray | None = None
-        self.georeferenced = False
-        self.masked = False
-        self.indexes: list[int] = list(range(1, bands + 1))
-        self.notes: list[str] = []
-        if not is_remote(path) and Path(path).suffix.lower() in PICTURE:
-            from segdeploy.data.io import read_image
-
-            self.array = read_image(path, bands)
-            self.height, self.width, self.count = self.array.shape
-            self.dtype = str(self.array.dtype)
-            self.nodata = None
-        else:
-            self._open_raster(path, bands, band_order)
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise DataError(f"{path} has pixel type {self.dtype}; supported: {', '.join(sorted(SUPPORTED_DTYPES))}")
-
-    def _open_raster(self, path: Path, bands: int, band_order: list[int] | None) -> None:
-        import rasterio
-        from rasterio.enums import MaskFlags
-        from rasterio.errors import RasterioIOError
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.src = rasterio.open(path)
-        except RasterioIOError as exc:
-            why = "unreachable, missing or not a raster?" if is_remote(path) else "corrupt, truncated or not a raster?"
-            raise DataError(f"cannot open raster {path}: {str(exc).splitlines()[0][:200]} ({why})") from None
-        self.height, self.width = self.src.height, self.src.width
-        self.indexes, self.notes = choose_bands(path, self.src.colorinterp, bands, band_order)
-        self.count = len(self.indexes)
-        self.dtype = self.src.dtypes[self.indexes[0] - 1]
-        self.nodata = self.src.nodata
-        self.masked = any(flags != [MaskFlags.all_valid] for flags in self.src.mask_flag_enums)
-        self.profile = self.src.profile.copy()
-        self.georeferenced = self.src.crs is not None and not self.src.transform.is_identity
-
-    def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """(H×W×B pixels, H×W valid mask) for the in-image part of a window."""
-        h, w = min(h, self.height - y), min(w, self.width - x)
-        if self.array is not None:
-            img = self.array[y : y + h, x : x + w]
-            return img, np.ones((h, w), dtype=bool)
-        from rasterio.windows import Window
-
-        win = Window(x, y, w, h)
-        try:
-            img = np.moveaxis(self.src.read(self.indexes, window=win), 0, -1)
-        except Exception as exc:  # noqa: BLE001 - GDAL errors on truncated files surface here
-            raise DataError(f"cannot read {self.path} at rows {y}..{y + h}: {str(exc)[:200]} "
-                            "(truncated or corrupt file)") from None
-        return img, self.valid(y, x, h, w)
-
-    def valid(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """H×W mask, False where GDAL's dataset mask says invalid (1 byte per pixel)."""
-        h, w = min(h, self.height - y), min(w, self.width - x)
-        if self.array is not None or not self.masked:
-            return np.ones((h, w), dtype=bool)
-        from rasterio.windows import Window
-
-        return self.src.dataset_mask(window=Window(x, y, w, h)) > 0
-
-    def second_handle(self) -> SceneReader:
-        """The same raster opened again: a GDAL dataset must not be read from two threads at once."""
-        if self.array is not None:
-            return self
-        import rasterio
-
-        twin = object.__new__(SceneReader)
-        twin.__dict__.update(self.__dict__)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            twin.src = rasterio.open(self.path)
-        return twin
-
-    def close(self) -> None:
-        if self.array is None:
-            self.src.close()
-
-
-def choose_bands(path: Path, colorinterp: tuple, bands: int, requested: list[int] | None) -> tuple[list[int], list[str]]:
-    """1-based band indexes to feed a `bands`-band model, and what was decided and why.
-
-    `--bands` wins. Otherwise an alpha band is left out (it is the validity mask), and a file
-    whose colour interpretation says blue/green/red in another order is read as red, green, blue.
-    """
-    from rasterio.enums import ColorInterp
-
-    count = len(colorinterp)
-    if requested:
-        bad = [b for b in requested if not 1 <= b <= count]
-        if bad:
-            raise DataError(f"--bands {','.join(map(str, requested))}: {path} has bands 1..{count} only")
-        if len(requested) != bands:
-            raise DataError(f"--bands gives {len(requested)} bands but the model expects {bands}")
-        return list(requested), [f"bands {','.join(map(str, requested))} (from --bands)"]
-    notes = []
-    colour = [i for i, ci in enumerate(colorinterp, 1) if ci != ColorInterp.alpha]
-    if len(colour) < count:
-        notes.append(f"alpha band {','.join(str(i) for i in range(1, count + 1) if i not in colour)} used as the "
-                     "validity mask")
-    if len(colour) != bands:
-        if count == bands:
-            return list(range(1, count + 1)), []
-        raise DataError(f"{path} has {len(colour)} bands but the model expects {bands}; pick them with "
-                        f"--bands (e.g. --bands {','.join(str(i) for i in range(1, bands + 1))})")
-    rgb = {ColorInterp.red: 0, ColorInterp.green: 1, ColorInterp.blue: 2}
-    kinds = [colorinterp[i - 1] for i in colour]
-    if bands == 3 and set(kinds) == set(rgb) and [rgb[k] for k in kinds] != [0, 1, 2]:
-        colour = sorted(colour, key=lambda i: rgb[colorinterp[i - 1]])
-        notes.append(f"bands {','.join(map(str, colour))} read as red, green, blue (the file's colour interpretation)")
-    return colour, notes
-
-
-def pad_tile(img: np.ndarray, tile: int, mode: str) -> np.ndarray:
-    ph, pw = tile - img.shape[0], tile - img.shape[1]
-    if not ph and not pw:
-        return img
-    if mode == "reflect" and (ph >= img.shape[0] or pw >= img.shape[1]):
-        mode = "symmetric" if ph <= img.shape[0] and pw <= img.shape[1] else "edge"
-    return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode=mode)
-
-
-# --------------------------------------------------------------------------------------- writers
-
-
-def _with_errno(exc: Exception, directory: Path) -> OSError:
-    """GDAL reports a failed write ("Write failed") without an errno; a full disk is the usual
-    cause, and the free space says whether it was."""
-    import errno
-    import shutil
-
-    if not isinstance(exc, OSError) or exc.errno is None:  # CPLE errors carry GDAL's codes, not errno
-        try:
-            if shutil.disk_usage(directory).free < 4 * 2**20:
-                return OSError(errno.ENOSPC, "No space left on device")
-        except OSError:
-            pass
-    return exc if isinstance(exc, OSError) else OSError(None, str(exc).splitlines()[0][:160])
-
-
-class ClassRasterWriter:
-    """Class-index GeoTIFF (uint8 while classes fit), tiled, compressed, BigTIFF when needed,
-    georeference and nodata copied, palette as colormap; written by whole block rows."""
-
-    def __init__(self, final: Path, tmp: Path, state_path: Path, reader: SceneReader, classes: int,
-                 palette: list[list[int]], block: int, probs_tmp: Path | None, resume: bool) -> None:
-        self.final, self.state_path = final, state_path
-        self.dtype = "uint8" if classes < 255 else "uint16"
-        self.nodata = 255 if self.dtype == "uint8" else 65535
-        self.block = block
-        self.paths = [tmp] + ([probs_tmp] if probs_tmp else [])
-        profile = {
-            "driver": "GTiff", "width": reader.width, "height": reader.height, "count": 1,
-            "crs": reader.profile.get("crs"), "transform": reader.profile.get("transform"),
-            "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate", "predictor": 2,
-            "BIGTIFF": "IF_SAFER",
-        }
-        if not resume:
-            with self._failing_write():
-                self._create(tmp, profile, palette, probs_tmp)
-
-    @contextmanager
-    def _failing_write(self) -> Iterator[None]:
-        """A write that fails (disk full, read-only, denied) becomes one line naming the output,
-        and leaves no partial file behind (an interrupt, unlike this, keeps them for --resume)."""
-        from rasterio._err import CPLE_BaseError
-        from rasterio.errors import RasterioError
-
-        try:
-            yield
-        except (OSError, RasterioError, CPLE_BaseError) as exc:  # GDAL sets no errno on its write errors
-            for p in self.paths:
-                p.unlink(missing_ok=True)
-            self.state_path.unlink(missing_ok=True)
-            raise_write_error(self.final, _with_errno(exc, self.final.parent))
-
-    def _create(self, tmp: Path, profile: dict, palette: list[list[int]], probs_tmp: Path | None) -> None:
-        import rasterio
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with rasterio.open(tmp, "w", dtype=self.dtype, nodata=self.nodata, **profile) as dst:
-                if self.dtype == "uint8":
-                    dst.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(palette[:255])})
-                dst.update_tags(segdeploy="incomplete")
-            if probs_tmp:
-                with rasterio.open(probs_tmp, "w", dtype="uint8", nodata=255, **profile) as dst:
-                    dst.update_tags(segdeploy="incomplete", scale="percent confidence (max softmax × 100)")
-
-    def write_rows(self, y: int, labels: np.ndarray, conf: np.ndarray | None) -> None:
-        """Write full-width rows starting at `y` (the file is reopened so each call is on disk)."""
-        import rasterio
-        from rasterio.windows import Window
-
-        win = Window(0, y, labels.shape[1], labels.shape[0])
-        with warnings.catch_warnings(), self._failing_write():
-            warnings.simplefilter("ignore")
-            with rasterio.open(self.paths[0], "r+") as dst:
-                dst.write(labels.astype(self.dtype)[None], window=win)
-            if conf is not None and len(self.paths) > 1:
-                with rasterio.open(self.paths[1], "r+") as dst:
-                    dst.write(conf[None], window=win)
-
-    def finish(self, cog: bool = False) -> None:
-        """Mark the outputs complete; with `cog`, rewrite each as a Cloud-Optimized GeoTIFF in place
-        (internal tiles, overviews by *mode* for the class map: classes are never averaged)."""
-        import rasterio
-
-        with self._failing_write():
-            for p in self.paths:
-                with rasterio.open(p, "r+") as dst:
-                    dst.update_tags(segdeploy="complete")
-                if cog:
-                    _to_cog(p, "MODE" if p == self.paths[0] else "AVERAGE")
-
-
-def _to_cog(path: Path, resampling: str) -> None:
-    """GDAL's COG driver: 512² internal tiles, deflate, overviews down to one tile; atomic."""
-    import os
-
-    from rasterio.shutil import copy as gdal_copy
-
-    cog = path.with_name(path.name.replace(".partial.tif", ".cog.partial.tif"))
-    try:
-        gdal_copy(str(path), str(cog), driver="COG", COMPRESS="DEFLATE", PREDICTOR="2", BLOCKSIZE="512",
-                  OVERVIEW_RESAMPLING=resampling, BIGTIFF="IF_SAFER")
-        os.replace(cog, path)
-    finally:
-        cog.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------- pipeline
-
-
-def _put(q: queue.Queue, item: object, stop: threading.Event, force: bool = False) -> None:
-    """put() that gives up when the pipeline is stopping (a dead consumer must not hang us)."""
-    while True:
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            if stop.is_set():
-                if not force:
-                    return
-                try:  # make room for the end marker
-                    q.get_nowait()
-                except queue.Empty:
-                    pass
-
-
-def _tiles(reader: SceneReader, rows: list[int], cols: list[int], tile: int, pad: str,
-           start_row: int) -> Iterator[tuple[int, int, np.ndarray | None]]:
-    for r in range(start_row, len(rows)):
-        for c in range(len(cols)):
-            img, valid = reader.read(rows[r], cols[c], tile, tile)
-            if not valid.any():
-                yield r, c, None  # all nodata: skipped, never blended
-                continue
-            yield r, c, pad_tile(img, tile, pad)
-
-
-def gdal_cache_bytes() -> int:
-    """GDAL's block cache for predict. GDAL's default (5% of RAM) fills with input blocks on a
-    wide scene and is what made peak memory grow with the scene; a row of 512² input blocks across
-    a 20k-pixel scene is ~31 MB. Override with SEGDEPLOY_GDAL_CACHE_MB."""
-    import os
-
-    return int(float(os.environ.get("SEGDEPLOY_GDAL_CACHE_MB", 64)) * 2**20)
-
-
-def predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOptions,
-                 progress: Callable[[int, int], None] | None = None) -> PredictResult:
-    """Predict one image into `out` (GeoTIFF for rasters; PNG + overlay for pictures). `src` may be
-    a GDAL virtual path of a remote raster (`/vsicurl/https://…`, `/vsis3/…`, `/vsigs/…`)."""
-    import rasterio
-
-    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(), **remote_settings()):
-        return _predict_file(backend, src, out, opts, progress)
-
-
-REMOTE_PREFIXES = {"s3://": "/vsis3/", "gs://": "/vsigs/", "http://": "/vsicurl/http://",
-                   "https://": "/vsicurl/https://"}
-
-
-def gdal_path(item: str) -> str | None:
-    """The GDAL virtual path of a remote input (a URL, s3://, gs://, or /vsi… already), or None."""
-    if item.startswith("/vsi"):
-        return item
-    for prefix, vsi in REMOTE_PREFIXES.items():
-        if item.startswith(prefix):
-            return vsi + item[len(prefix):]
-    return None
-
-
-def is_remote(path: Path | str) -> bool:
-    return isinstance(path, str) and path.startswith("/vsi")
-
-
-def input_stem(path: Path | str) -> str:
-    """The file name's stem, for a local path or a URL (query string dropped)."""
-    name = str(path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    return Path(name).stem
-
-
-def remote_settings() -> dict[str, str]:
-    """GDAL network settings for remote rasters: bounded time-outs and retries (an unreachable host
-    fails instead of hanging), no directory listing per file. Environment variables win."""
-    import os
-
-    defaults = {"GDAL_HTTP_CONNECTTIMEOUT": "10", "GDAL_HTTP_TIMEOUT": "60", "GDAL_HTTP_MAX_RETRY": "2",
-                "GDAL_HTTP_RETRY_DELAY": "1", "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
-    return {k: v for k, v in defaults.items() if k not in os.environ}
 
 
 def input_scale(reader: SceneReader, meta, opts: PredictOptions) -> float:  # noqa: ANN001 - ModelMeta
@@ -440,11 +118,32 @@ def default_overlap(tile: int) -> int:
     return (tile // 8) // 8 * 8
 
 
-def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOptions,
-                  progress: Callable[[int, int], None] | None) -> PredictResult:
+
+# --------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class TilePlan:
+    """Where the tiles go and how they are fed: the one place the options meet the model."""
+
+    tile: int
+    overlap: int
+    batch: int
+    scale: float
+    rows: list[int]
+    cols: list[int]
+
+    @property
+    def stride(self) -> int:
+        return self.tile - self.overlap
+
+    @property
+    def total(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+
+def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> TilePlan:
     meta = backend.meta
-    t0 = time.perf_counter()
-    reader = SceneReader(src, meta.bands, opts.bands)
     scale = input_scale(reader, meta, opts)
     tile = opts.tile or meta.tile_size
     if backend.static_shape and (tile, tile) != backend.static_shape:
@@ -457,25 +156,14 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     if opts.blend not in BLENDS:
         raise UserError(f"--blend {opts.blend!r} is unknown; choose one of {', '.join(BLENDS)}")
     batch = min(opts.batch, backend.max_batch or opts.batch)
-    is_picture = reader.array is not None
-    if not is_picture and not reader.georeferenced:
-        warnings.warn(f"{src} has no georeference; the output will not have one either", stacklevel=2)
-    rows, cols = window_starts(reader.height, tile, overlap), window_starts(reader.width, tile, overlap)
-    stride = tile - overlap
-    total_tiles = len(rows) * len(cols)
+    return TilePlan(tile, overlap, batch, scale, window_starts(reader.height, tile, overlap),
+                    window_starts(reader.width, tile, overlap))
 
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output directory {out.parent}: {exc.strerror}") from None
-    state_path = out.with_name(out.name + ".partial.json")
-    tmp = out.with_name(f".{out.stem}.partial.tif")  # rasters only; pictures are written whole at the end
-    probs_tmp = out.with_name(f".{out.stem}.probs.partial.tif") if opts.probs and not is_picture else None
-    settings = {"input": src if is_remote(src) else str(Path(src).resolve()), "model": str(backend.path), "tile": tile, "overlap": overlap,
-                "blend": opts.blend, "probs": opts.probs}
-    start_row, rows_on_disk = 0, 0
-    if opts.resume and state_path.is_file() and not is_picture:
+
+def resume_point(out: Path, opts: PredictOptions, settings: dict, stride: int) -> tuple[int, int]:
+    """(first tile row to emit, image rows already on disk) for a raster output."""
+    state_path, tmp = partial_paths(out)
+    if opts.resume and state_path.is_file():
         state = json.loads(state_path.read_text())
         if state.get("settings") != settings:
             raise UserError(f"{state_path} was written with other settings {state.get('settings')}; "
@@ -483,236 +171,258 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
         if not tmp.is_file():
             raise UserError(f"cannot resume {out}: its partial output {tmp.name} is gone; rerun without --resume")
         rows_on_disk = int(state["rows_on_disk"])
-        start_row = rows_on_disk // stride  # tile rows whose output is not fully on disk yet
-    elif opts.resume and not state_path.is_file():
+        return rows_on_disk // stride, rows_on_disk  # tile rows whose output is not fully on disk yet
+    if opts.resume:
         raise UserError(f"nothing to resume for {out} (no {state_path.name}); drop --resume")
-    elif not opts.resume and not is_picture:
-        _refuse_unfinished(out, state_path, tmp)
-    writable_location(out)
+    _refuse_unfinished(out, state_path, tmp)
+    return 0, 0
 
-    mask_reader = reader.second_handle()  # for the writer thread
-    weights = blend_weights(tile, opts.blend, overlap)
-    acc = StripAccumulator(reader.height, reader.width, meta.num_classes, tile, overlap, weights,
-                           keep_confidence=opts.probs or is_picture)
-    # rebuild the overlap band of the row before `start_row` by recomputing that row (output not re-emitted)
-    replay_from = max(start_row - 1, 0)
-    if replay_from:
-        acc.start_at(replay_from)
-    block = 512 if min(reader.height, reader.width) >= 512 else 256
-    writer = None
-    labels_buf: list[np.ndarray] = []
-    conf_buf: list[np.ndarray] = []
-    picture_rows: list[tuple[np.ndarray, np.ndarray]] = []
-    if not is_picture:
-        writer = ClassRasterWriter(out, tmp, state_path, reader, meta.num_classes, meta.palette, block, probs_tmp,
-                                   resume=start_row > 0)
 
-    # first image row held in labels_buf (the emitting rows start at the first tile row not on disk)
-    written = {"buffered_from": rows[start_row] if start_row < len(rows) else reader.height}
+# --------------------------------------------------------------------------------------- entry point
 
-    def flush(final: bool) -> None:
-        if not labels_buf:
-            return
-        lab = np.concatenate(labels_buf)
-        conf = np.concatenate(conf_buf) if conf_buf else None
-        y0 = written["buffered_from"]
-        n = len(lab) if final else ((y0 + len(lab)) // block) * block - y0
-        if n <= 0:
-            return
-        if writer is not None:
-            writer.write_rows(y0, lab[:n], conf[:n] if conf is not None else None)
-            write_json(state_path, {"settings": settings, "rows_on_disk": y0 + n, "height": reader.height})
-        else:
-            picture_rows.append((lab[:n], conf[:n] if conf is not None else None))
-        labels_buf[:] = [lab[n:]] if n < len(lab) else []
-        conf_buf[:] = [conf[n:]] if conf is not None and n < len(lab) else []
-        written["buffered_from"] = y0 + n
 
-    work: queue.Queue = queue.Queue(maxsize=2)
-    results: queue.Queue = queue.Queue(maxsize=2)
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    skipped = [0]
-    done_tiles = [0]
+def predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOptions,
+                 progress: Progress | None = None) -> PredictResult:
+    """Predict one image into `out` (GeoTIFF for rasters; PNG + overlay for pictures). `src` may be
+    a GDAL virtual path of a remote raster (`/vsicurl/https://…`, `/vsis3/…`, `/vsigs/…`)."""
+    import rasterio
 
-    def read_loop() -> None:
-        try:
-            items: list[tuple[int, int, np.ndarray | None]] = []
-            for item in _tiles(reader, rows, cols, tile, opts.pad, replay_from):
-                if stop.is_set():
-                    return
-                items.append(item)
-                if sum(1 for _, _, a in items if a is not None) >= batch or len(items) >= 4 * batch:
-                    _put(work, items, stop)
-                    items = []
-            if items:
-                _put(work, items, stop)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            errors.append(exc)
-            stop.set()
-        finally:
-            _put(work, None, stop, force=True)
+    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(), **remote_settings()):
+        return _predict_file(backend, src, Path(out), opts, progress)
 
-    def write_loop() -> None:
-        try:
-            while True:
-                got = results.get()
-                if got is None:
-                    return
-                for r, c, probs in got:
-                    res = acc.add(r, c, probs)
-                    done_tiles[0] += 1
-                    if progress:
-                        progress(done_tiles[0], total_tiles)
-                    if res is None or r < start_row:
-                        continue
-                    lab, conf = res
-                    valid = mask_reader.valid(rows[r], 0, lab.shape[0], reader.width)
-                    lab_np = lab.numpy()
-                    nodata_px = (~valid) | (lab_np < 0)
-                    out_dtype = np.uint16 if meta.num_classes >= 255 else np.uint8
-                    lab_np = lab_np.astype(out_dtype)
-                    lab_np[nodata_px] = writer.nodata if writer else 255
-                    labels_buf.append(lab_np)
-                    if opts.probs:
-                        cf = np.clip(np.round(conf.numpy().astype(np.float32) * 100), 0, 100).astype(np.uint8)
-                        cf[nodata_px] = 255
-                        conf_buf.append(cf)
-                    flush(final=False)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-            stop.set()
 
-    mean = torch.tensor(meta.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(meta.std, dtype=torch.float32).view(1, -1, 1, 1)
-    reader_t = threading.Thread(target=read_loop, daemon=True, name="segdeploy-reader")
-    writer_t = threading.Thread(target=write_loop, daemon=True, name="segdeploy-writer")
-    reader_t.start()
-    writer_t.start()
+def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOptions,
+                  progress: Progress | None) -> PredictResult:
+    t0 = time.perf_counter()
+    reader = SceneReader(src, backend.meta.bands, opts.bands)
+    plan = plan_tiles(backend, reader, opts)
+    is_picture = reader.array is not None
+    if not is_picture and not reader.georeferenced:
+        warnings.warn(f"{src} has no georeference; the output will not have one either", stacklevel=3)
     try:
-        while not stop.is_set():
-            items = work.get()
-            if items is None:
-                break
-            arrays = [a for _, _, a in items if a is not None]
-            probs_iter: Iterator[torch.Tensor] = iter(())
-            if arrays:
-                x = torch.from_numpy(np.stack(arrays).astype(np.float32)).permute(0, 3, 1, 2)
-                x = (x / scale - mean) / std
-                pin = backend.device.startswith("cuda")
-                if pin:
-                    x = x.pin_memory()
-                probs = torch.softmax(backend(x).float(), dim=1).cpu()
-                probs_iter = iter(probs)
-            packed = [(r, c, next(probs_iter) if a is not None else None) for r, c, a in items]
-            skipped[0] += sum(1 for _, _, a in items if a is None)
-            _put(results, packed, stop)
-    except BaseException as exc:  # noqa: BLE001 - an inference error: stop the threads, then raise
-        errors.append(exc)
-        stop.set()
-    finally:
-        _put(results, None, stop, force=True)
-        writer_t.join()
-        stop.set()
-        while reader_t.is_alive():  # unblock the reader if it waits on a full queue
-            try:
-                work.get_nowait()
-            except queue.Empty:
-                time.sleep(0.01)
-        reader.close()
-        if mask_reader is not reader:
-            mask_reader.close()
-    if errors:
-        raise errors[0]
-    flush(final=True)
-
-    files = []
-    if writer is not None:
-        writer.finish(cog=opts.cog)
-        import os
-
-        os.replace(tmp, out)
-        files.append(str(out))
-        if probs_tmp:
-            probs_out = out.with_name(f"{out.stem}.probs.tif")
-            os.replace(probs_tmp, probs_out)
-            files.append(str(probs_out))
-        state_path.unlink(missing_ok=True)
-        if opts.preview:
-            from segdeploy.viz import preview_path, save_class_preview
-
-            files.append(str(save_class_preview(out, preview_path(out), meta.classes, [tuple(c) for c in meta.palette],
-                                                title=f"{out.name} · {reader.width}×{reader.height} px")))
-    else:
-        files += _write_picture_outputs(reader, picture_rows, meta, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {out.parent}: {exc.strerror}") from None
+    settings = {"input": src if is_remote(src) else str(Path(src).resolve()), "model": str(backend.path),
+                "tile": plan.tile, "overlap": plan.overlap, "blend": opts.blend, "probs": opts.probs}
+    start_row, rows_on_disk = (0, 0) if is_picture else resume_point(out, opts, settings, plan.stride)
+    writable_location(out)
+    sink = RowSink(out, reader, backend.meta, opts, settings, start_row, plan)
+    pipeline = TilePipeline(backend, reader, plan, opts, sink, start_row, progress)
+    pipeline.run()
+    files = sink.finish()
     seconds = time.perf_counter() - t0
     mp = reader.width * reader.height / 1e6
-    return PredictResult(str(src), str(out), reader.width, reader.height, total_tiles, skipped[0], round(seconds, 3),
-                         round(mp / seconds, 3), round(peak_rss_mb(), 1), files, rows_on_disk,
-                         round(acc.nbytes() / 2**20, 2), list(reader.indexes), list(reader.notes))
+    return PredictResult(str(src), str(out), reader.width, reader.height, plan.total, pipeline.skipped,
+                         round(seconds, 3), round(mp / seconds, 3), round(peak_rss_mb(), 1), files, rows_on_disk,
+                         round(pipeline.acc.nbytes() / 2**20, 2), list(reader.indexes), list(reader.notes))
 
 
-def _write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.ndarray | None]], meta, out: Path) -> list[str]:  # noqa: ANN001
-    """Class PNG (palette mode) and a colourised overlay beside it."""
-    from PIL import Image
-
-    from segdeploy.viz import colorize_classes, display_rgb
-
-    labels = np.concatenate([r[0] for r in rows]).astype(np.uint8)
-    png = out if out.suffix.lower() == ".png" else out.with_suffix(".png")
-    im = Image.fromarray(labels, mode="P")
-    flat = [v for c in meta.palette for v in c][: 256 * 3]
-    im.putpalette(flat + [0] * (768 - len(flat)))
-    with atomic_path(png) as tmp:
-        im.save(tmp, format="PNG")
-    rgb = display_rgb(reader.array, meta.max_pixel_value).astype(np.float32)
-    colour = colorize_classes(labels, [tuple(c) for c in meta.palette], 255).astype(np.float32)
-    overlay = (0.55 * rgb + 0.45 * colour).astype(np.uint8)
-    ov_path = png.with_name(f"{png.stem}_overlay.png")
-    with atomic_path(ov_path) as tmp:
-        Image.fromarray(overlay).save(tmp, format="PNG")
-    return [str(png), str(ov_path)]
+# --------------------------------------------------------------------------------------- output rows
 
 
-def expand_inputs(inputs: list[str | Path]) -> list[Path | str]:
-    """Files, directories (their images), globs, remote rasters (URLs, s3://, gs://, /vsi…, kept
-    as strings) and @manifests (one of those per line; relative paths from the manifest's folder)."""
-    import glob
+class RowSink:
+    """Final class rows (and confidence) in image order → the raster writer by whole block rows,
+    with the resume state after each; or, for a picture, kept until the end."""
 
-    found: list[Path | str] = []
-    for raw in inputs:
-        item = str(raw)
-        if item.startswith("@"):
-            found += expand_inputs(read_manifest(Path(item[1:])))
-        elif gdal_path(item) is not None:
-            found.append(gdal_path(item))  # type: ignore[arg-type]
-        elif any(ch in item for ch in "*?["):
-            found += [Path(p) for p in sorted(glob.glob(item))]
-        elif Path(item).is_dir():
-            found += sorted(p for p in Path(item).iterdir() if p.suffix.lower() in RASTER | PICTURE)
-        elif not Path(item).exists():
-            raise DataError(f"input {item} not found")
+    def __init__(self, out: Path, reader: SceneReader, meta, opts: PredictOptions, settings: dict,  # noqa: ANN001
+                 start_row: int, plan: TilePlan) -> None:
+        self.out, self.reader, self.meta, self.opts, self.settings = out, reader, meta, opts, settings
+        self.state_path, self.tmp = partial_paths(out)
+        self.block = 512 if min(reader.height, reader.width) >= 512 else 256
+        self.labels: list[np.ndarray] = []
+        self.conf: list[np.ndarray] = []
+        self.picture_rows: list[tuple[np.ndarray, np.ndarray | None]] = []
+        # first image row held in the buffers (emitting starts at the first tile row not on disk)
+        self.buffered_from = plan.rows[start_row] if start_row < len(plan.rows) else reader.height
+        self.probs_tmp = out.with_name(f".{out.stem}.probs.partial.tif") if opts.probs and reader.array is None else None
+        self.writer = None
+        if reader.array is None:
+            self.writer = ClassRasterWriter(out, self.tmp, self.state_path, reader, meta.num_classes, meta.palette,
+                                            self.block, self.probs_tmp, resume=start_row > 0)
+        self.nodata = self.writer.nodata if self.writer else 255
+        self.mask_reader = reader.second_handle()  # the writer thread's own GDAL handle
+
+    def add(self, y: int, labels: np.ndarray, conf: np.ndarray) -> None:
+        """Rows from image row `y` on, as the accumulator emits them (-1: no valid tile covered it)."""
+        valid = self.mask_reader.valid(y, 0, labels.shape[0], self.reader.width)
+        nodata_px = (~valid) | (labels < 0)
+        lab = labels.astype(np.uint16 if self.meta.num_classes >= 255 else np.uint8)
+        lab[nodata_px] = self.nodata
+        self.labels.append(lab)
+        if self.opts.probs:
+            cf = np.clip(np.round(conf.astype(np.float32) * 100), 0, 100).astype(np.uint8)
+            cf[nodata_px] = 255
+            self.conf.append(cf)
+        self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        if not self.labels:
+            return
+        lab = np.concatenate(self.labels)
+        conf = np.concatenate(self.conf) if self.conf else None
+        y0 = self.buffered_from
+        n = len(lab) if final else ((y0 + len(lab)) // self.block) * self.block - y0
+        if n <= 0:
+            return
+        if self.writer is not None:
+            self.writer.write_rows(y0, lab[:n], conf[:n] if conf is not None else None)
+            write_json(self.state_path, {"settings": self.settings, "rows_on_disk": y0 + n,
+                                         "height": self.reader.height})
         else:
-            found.append(Path(item))
-    if not found:
-        raise DataError(f"no input images found in {', '.join(map(str, inputs))}")
-    return found
+            self.picture_rows.append((lab[:n], conf[:n] if conf is not None else None))
+        self.labels = [lab[n:]] if n < len(lab) else []
+        self.conf = [conf[n:]] if conf is not None and n < len(lab) else []
+        self.buffered_from = y0 + n
+
+    def close(self) -> None:
+        if self.mask_reader is not self.reader:
+            self.mask_reader.close()
+
+    def finish(self) -> list[str]:
+        """Flush the last rows, mark the outputs complete and give them their final names."""
+        self.flush(final=True)
+        if self.writer is None:
+            return write_picture_outputs(self.reader, self.picture_rows, self.meta, self.out)
+        self.writer.finish(cog=self.opts.cog)
+        os.replace(self.tmp, self.out)
+        files = [str(self.out)]
+        if self.probs_tmp:
+            probs_out = self.out.with_name(f"{self.out.stem}.probs.tif")
+            os.replace(self.probs_tmp, probs_out)
+            files.append(str(probs_out))
+        self.state_path.unlink(missing_ok=True)
+        if self.opts.preview:
+            from segdeploy.viz import preview_path, save_class_preview
+
+            meta = self.meta
+            files.append(str(save_class_preview(self.out, preview_path(self.out), meta.classes,
+                                                [tuple(c) for c in meta.palette],
+                                                title=f"{self.out.name} · {self.reader.width}×{self.reader.height} px")))
+        return files
 
 
-def read_manifest(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DataError(f"manifest {path} not found (@FILE lists one raster path or URL per line)")
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    items = [line for line in lines if line and not line.startswith("#")]
-    import os
-
-    return [i if gdal_path(i) is not None or Path(i).is_absolute() else os.path.normpath(path.parent / i)
-            for i in items]
+# --------------------------------------------------------------------------------------- pipeline
 
 
-def output_for(src: Path | str, out: Path, many: bool) -> Path:
-    if not many:
-        return out
-    suffix = ".png" if not is_remote(src) and Path(src).suffix.lower() in PICTURE else ".tif"
-    return out / f"{input_stem(src)}_pred{suffix}"
+def _put(q: queue.Queue, item: object, stop: threading.Event, force: bool = False) -> None:
+    """put() that gives up when the pipeline is stopping (a dead consumer must not hang us)."""
+    while True:
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            if stop.is_set():
+                if not force:
+                    return
+                try:  # make room for the end marker
+                    q.get_nowait()
+                except queue.Empty:
+                    pass
 
+
+class TilePipeline:
+    """Reader thread → inference in the caller's thread → writer thread, over bounded queues. An
+    error in any stage stops the others and is raised in the caller's thread; an interrupt leaves
+    the rows on disk and the resume state for --resume."""
+
+    def __init__(self, backend: Backend, reader: SceneReader, plan: TilePlan, opts: PredictOptions, sink: RowSink,
+                 start_row: int, progress: Progress | None) -> None:
+        self.backend, self.reader, self.plan, self.opts, self.sink = backend, reader, plan, opts, sink
+        self.start_row, self.progress = start_row, progress
+        meta = backend.meta
+        self.acc = StripAccumulator(reader.height, reader.width, meta.num_classes, plan.tile, plan.overlap,
+                                    blend_weights(plan.tile, opts.blend, plan.overlap),
+                                    keep_confidence=opts.probs or reader.array is not None)
+        # rebuild the overlap band of the row before `start_row` by recomputing that row (output not re-emitted)
+        self.replay_from = max(start_row - 1, 0)
+        if self.replay_from:
+            self.acc.start_at(self.replay_from)
+        self.mean = np.asarray(meta.mean, np.float32).reshape(1, -1, 1, 1)
+        self.std = np.asarray(meta.std, np.float32).reshape(1, -1, 1, 1)
+        self.work: queue.Queue = queue.Queue(maxsize=2)
+        self.results: queue.Queue = queue.Queue(maxsize=2)
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self.skipped = 0
+        self.done = 0
+
+    def tiles(self) -> Iterator[tuple[int, int, np.ndarray | None]]:
+        """(row, col, B×tile×tile pixels padded past the edge, or None when all nodata) in row-major order."""
+        plan = self.plan
+        for r in range(self.replay_from, len(plan.rows)):
+            for c in range(len(plan.cols)):
+                img, valid = self.reader.read(plan.rows[r], plan.cols[c], plan.tile, plan.tile)
+                if not valid.any():
+                    yield r, c, None  # all nodata: skipped, never blended
+                    continue
+                yield r, c, pad_to(np.moveaxis(img, -1, 0), plan.tile, plan.tile, self.opts.pad)
+
+    def read_loop(self) -> None:
+        try:
+            items: list[tuple[int, int, np.ndarray | None]] = []
+            for item in self.tiles():
+                if self.stop.is_set():
+                    return
+                items.append(item)
+                if sum(1 for _, _, a in items if a is not None) >= self.plan.batch or len(items) >= 4 * self.plan.batch:
+                    _put(self.work, items, self.stop)
+                    items = []
+            if items:
+                _put(self.work, items, self.stop)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self.fail(exc)
+        finally:
+            _put(self.work, None, self.stop, force=True)
+
+    def write_loop(self) -> None:
+        pixels = self.reader.width * self.reader.height
+        try:
+            while (got := self.results.get()) is not None:
+                for r, c, probs in got:
+                    emitted = self.acc.add(r, c, probs)
+                    self.done += 1
+                    if self.progress:
+                        self.progress(self.done, self.plan.total, pixels)
+                    if emitted is not None and r >= self.start_row:
+                        self.sink.add(self.plan.rows[r], *emitted)
+        except BaseException as exc:  # noqa: BLE001
+            self.fail(exc)
+
+    def infer(self, items: list[tuple[int, int, np.ndarray | None]]) -> list[tuple[int, int, np.ndarray | None]]:
+        """Class probabilities per tile (None stays None for skipped tiles)."""
+        arrays = [a for _, _, a in items if a is not None]
+        probs: Iterator[np.ndarray] = iter(())
+        if arrays:
+            x = (np.stack(arrays).astype(np.float32) / self.plan.scale - self.mean) / self.std
+            probs = iter(softmax(self.backend(x)))
+        self.skipped += len(items) - len(arrays)
+        return [(r, c, next(probs) if a is not None else None) for r, c, a in items]
+
+    def fail(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.stop.set()
+
+    def run(self) -> None:
+        reader_t = threading.Thread(target=self.read_loop, daemon=True, name="segdeploy-reader")
+        writer_t = threading.Thread(target=self.write_loop, daemon=True, name="segdeploy-writer")
+        reader_t.start()
+        writer_t.start()
+        try:
+            while not self.stop.is_set() and (items := self.work.get()) is not None:
+                _put(self.results, self.infer(items), self.stop)
+        except BaseException as exc:  # noqa: BLE001 - an inference error: stop the threads, then raise
+            self.fail(exc)
+        finally:
+            _put(self.results, None, self.stop, force=True)
+            writer_t.join()
+            self.stop.set()
+            while reader_t.is_alive():  # unblock the reader if it waits on a full queue
+                try:
+                    self.work.get_nowait()
+                except queue.Empty:
+                    time.sleep(0.01)
+            self.reader.close()
+            self.sink.close()
+        if self.errors:
+            raise self.errors[0]

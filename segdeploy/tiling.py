@@ -1,32 +1,46 @@
-"""Tile geometry: padding to the model's divisor, window grids, blend weights."""
+"""Tile geometry: padding to the model's divisor, window grids, blend weights, stitching.
+numpy only: predicting with an ONNX model never imports torch."""
 
 from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 
 def padded_size(n: int, divisor: int) -> int:
     return int(math.ceil(n / divisor) * divisor)
 
 
-def pad_to_multiple(x: torch.Tensor, divisor: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad N×B×H×W on the bottom/right to multiples of `divisor`; returns the original (H, W).
+PAD_MODES = {"reflect": "reflect", "replicate": "edge", "constant": "constant"}
 
-    Reflection falls back to replication where the pad is wider than the image allows.
-    """
+
+def pad_mode(h: int, w: int, ph: int, pw: int, mode: str = "reflect") -> str:
+    """The padding actually used: reflection where the image is large enough to reflect, else
+    edge replication (torch's name, 'replicate'; numpy's, 'edge')."""
+    return "replicate" if mode == "reflect" and (ph >= h or pw >= w) else mode
+
+
+def pad_to(x: np.ndarray, height: int, width: int, mode: str = "reflect") -> np.ndarray:
+    """Pad the last two axes on the bottom/right to height × width: the one padding policy of
+    every verb. Reflection falls back to edge replication where the image is too small to
+    reflect (a pad as wide as the image)."""
     h, w = x.shape[-2:]
-    ph, pw = padded_size(h, divisor) - h, padded_size(w, divisor) - w
+    ph, pw = height - h, width - w
     if ph == 0 and pw == 0:
-        return x, (h, w)
-    if mode == "reflect" and (ph >= h or pw >= w):
-        mode = "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+        return x
+    mode = pad_mode(h, w, ph, pw, mode)
+    widths = [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)]
+    return np.pad(x, widths, mode=PAD_MODES[mode])
 
 
-def forward_padded(backend, batch: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - any Backend
+def pad_to_multiple(x: np.ndarray, divisor: int, mode: str = "reflect") -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad N×B×H×W on the bottom/right to multiples of `divisor`; returns the original (H, W)."""
+    h, w = x.shape[-2:]
+    return pad_to(x, padded_size(h, divisor), padded_size(w, divisor), mode), (h, w)
+
+
+def forward_padded(backend, batch: np.ndarray) -> np.ndarray:  # noqa: ANN001 - any Backend
     """Logits for a batch of any size: padded to the model's divisor (or its static size), cropped back."""
     static = backend.static_shape
     h, w = batch.shape[-2:]
@@ -36,10 +50,18 @@ def forward_padded(backend, batch: torch.Tensor) -> torch.Tensor:  # noqa: ANN00
 
             raise ArtifactError(f"image {h}×{w} is larger than the model's static size {static[0]}×{static[1]}; "
                                 "use `segdeploy predict` (tiles) or evaluate the run directory")
-        x = F.pad(batch, (0, static[1] - w, 0, static[0] - h), mode="replicate")
+        x = pad_to(batch, static[0], static[1], "replicate")
     else:
         x, _ = pad_to_multiple(batch, backend.meta.input_divisor)
     return backend(x)[..., :h, :w]
+
+
+def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    """float32 softmax over `axis` (classes), stable for large logits."""
+    z = logits.astype(np.float32, copy=False) - logits.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
 
 
 # --------------------------------------------------------------------------- window grid
@@ -64,7 +86,7 @@ BLENDS = ("gaussian", "hann", "pyramid", "crop")
 MIN_WEIGHT = 1e-3  # weights stay > 0: a border pixel covered by one tile's edge is still defined
 
 
-def blend_weights(tile: int, kind: str = "gaussian", overlap: int = 0) -> torch.Tensor:
+def blend_weights(tile: int, kind: str = "gaussian", overlap: int = 0) -> np.ndarray:
     """tile×tile float32 weights in (0, 1], largest in the centre.
 
     Built as the outer product of a 1-D profile clamped to MIN_WEIGHT: always positive, and the
@@ -73,20 +95,20 @@ def blend_weights(tile: int, kind: str = "gaussian", overlap: int = 0) -> torch.
     """
     if kind not in BLENDS:
         raise ValueError(f"unknown blend {kind!r}; choose one of {', '.join(BLENDS)}")
-    pos = torch.arange(tile, dtype=torch.float64) + 0.5
+    pos = np.arange(tile, dtype=np.float64) + 0.5
     if kind == "gaussian":  # sigma = tile/8, as MONAI's sliding-window default
-        line = torch.exp(-0.5 * ((pos - tile / 2) / (tile / 8)) ** 2)
+        line = np.exp(-0.5 * ((pos - tile / 2) / (tile / 8)) ** 2)
     elif kind == "hann":
-        line = torch.sin(math.pi * pos / tile) ** 2
+        line = np.sin(math.pi * pos / tile) ** 2
     elif kind == "pyramid":
-        line = torch.minimum(pos, tile - pos) / (tile / 2)
+        line = np.minimum(pos, tile - pos) / (tile / 2)
     else:  # crop: only the centre counts; the half-overlap margin is all but ignored
         margin = overlap // 2
-        line = torch.zeros(tile, dtype=torch.float64)
+        line = np.zeros(tile, dtype=np.float64)
         line[margin : tile - margin] = 1.0
     # crop wants its margins ignored as far as positivity allows
-    line = (line / line.max()).clamp_min(MIN_WEIGHT if kind != "crop" else MIN_WEIGHT**2)
-    return (line[:, None] * line[None, :]).float()
+    line = np.maximum(line / line.max(), MIN_WEIGHT if kind != "crop" else MIN_WEIGHT**2)
+    return (line[:, None] * line[None, :]).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- stitching
@@ -102,7 +124,7 @@ class StripAccumulator:
     last row of tiles), cropped to the image.
     """
 
-    def __init__(self, height: int, width: int, classes: int, tile: int, overlap: int, weights: torch.Tensor,
+    def __init__(self, height: int, width: int, classes: int, tile: int, overlap: int, weights: np.ndarray,
                  keep_confidence: bool = True) -> None:
         self.h, self.w, self.c, self.tile, self.ov = height, width, classes, tile, overlap
         self.keep_confidence = keep_confidence
@@ -114,15 +136,15 @@ class StripAccumulator:
         # contributions of the previous row of tiles to the first `overlap` rows of this one. It is
         # updated in place: tile c reads carry columns [x0, x0+tile) and then overwrites only
         # [x0, x0+stride), which no later tile of the row reads (they start at x0+tile).
-        self.carry = torch.zeros(classes, overlap, self.padded_w)
-        self.carry_w = torch.zeros(overlap, self.padded_w)
+        self.carry = np.zeros((classes, overlap, self.padded_w), np.float32)
+        self.carry_w = np.zeros((overlap, self.padded_w), np.float32)
         self._reset_row()
 
     def _reset_row(self) -> None:
-        self.left = torch.zeros(self.c, self.tile, self.ov)  # right margin of the previous tile
-        self.left_w = torch.zeros(self.tile, self.ov)
-        self.row_labels = torch.full((self._row_height(), self.w), -1, dtype=torch.int16)
-        self.row_conf = torch.zeros(self._row_height() if self.keep_confidence else 0, self.w, dtype=torch.float16)
+        self.left = np.zeros((self.c, self.tile, self.ov), np.float32)  # right margin of the previous tile
+        self.left_w = np.zeros((self.tile, self.ov), np.float32)
+        self.row_labels = np.full((self._row_height(), self.w), -1, dtype=np.int16)
+        self.row_conf = np.zeros((self._row_height() if self.keep_confidence else 0, self.w), dtype=np.float16)
         self.expected_col = 0
 
     def start_at(self, row: int) -> None:
@@ -142,7 +164,7 @@ class StripAccumulator:
         bottom = self.h if last else top + self.stride
         return max(0, min(bottom, self.h) - top)
 
-    def add(self, row: int, col: int, probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def add(self, row: int, col: int, probs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
         """Blend one tile (C×tile×tile probabilities, or None for a skipped tile).
 
         Returns (labels, confidence) for the finished rows when `col` is the row's last tile."""
@@ -151,8 +173,8 @@ class StripAccumulator:
                              f"got ({row}, {col})")
         t, ov, s = self.tile, self.ov, self.stride
         x0 = self.cols[col]
-        acc = torch.zeros(self.c, t, t)
-        wsum = torch.zeros(t, t)
+        acc = np.zeros((self.c, t, t), np.float32)
+        wsum = np.zeros((t, t), np.float32)
         if ov:
             acc[:, :, :ov] += self.left
             wsum[:, :ov] += self.left_w
@@ -173,19 +195,19 @@ class StripAccumulator:
         if y_keep > 0 and x_end > x0:
             block = acc[:, :y_keep, : x_end - x0]
             bw = wsum[:y_keep, : x_end - x0]
-            probs_final = block / bw.clamp_min(1e-12)
-            conf, labels = probs_final.max(0)
+            probs_final = block / np.maximum(bw, 1e-12)
+            labels, conf = probs_final.argmax(0), probs_final.max(0)
             labels[bw <= 0] = -1  # covered by skipped (all-nodata) tiles only
-            self.row_labels[:y_keep, x0:x_end] = labels.to(torch.int16)
+            self.row_labels[:y_keep, x0:x_end] = labels
             if self.keep_confidence:
-                self.row_conf[:y_keep, x0:x_end] = conf.to(torch.float16)
+                self.row_conf[:y_keep, x0:x_end] = conf
         if ov:
             # bottom overlap band goes to the next row of tiles; the right margin to the next tile
             self.carry[:, :, x0 : x0 + done_w] = acc[:, s:, :done_w]
             self.carry_w[:, x0 : x0 + done_w] = wsum[s:, :done_w]
             if not last_col:
-                self.left = acc[:, :, s:].clone()
-                self.left_w = wsum[:, s:].clone()
+                self.left = acc[:, :, s:].copy()
+                self.left_w = wsum[:, s:].copy()
         self.expected_col += 1
         if not last_col:
             return None
@@ -198,4 +220,4 @@ class StripAccumulator:
     def nbytes(self) -> int:
         """Bytes held between tiles (what must not grow with the scene's height)."""
         tensors = [self.carry, self.carry_w, self.left, self.left_w, self.row_labels, self.row_conf]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.nbytes for t in tensors)

@@ -41,7 +41,7 @@ from segdeploy.metrics import ConfusionMatrix, level_mious
 from segdeploy.models import build_model, check_model_names, freeze_encoder, input_divisor, static_size
 from segdeploy.recipe import Recipe
 from segdeploy.tracking import Tracker, resolve_mlflow_uri
-from segdeploy.tiling import pad_to_multiple
+from segdeploy.tiling import pad_mode, padded_size
 from segdeploy.utils import (
     atomic_path,
     current_umask,
@@ -121,6 +121,15 @@ def _optimizer(params: list[torch.nn.Parameter], rec: Recipe) -> torch.optim.Opt
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
 
 
+def pad_tensor(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A batch on the training device padded to the model's divisor, by tiling's one policy."""
+    h, w = x.shape[-2:]
+    ph, pw = padded_size(h, divisor) - h, padded_size(w, divisor) - w
+    if not ph and not pw:
+        return x, (h, w)
+    return torch.nn.functional.pad(x, (0, pw, 0, ph), mode=pad_mode(h, w, ph, pw)), (h, w)
+
+
 @torch.inference_mode()
 def validate(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Module, rec: Recipe, device: str,
              divisor: int, amp: bool, world: World = World()) -> tuple[float, ConfusionMatrix]:
@@ -131,7 +140,7 @@ def validate(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Modul
     total, n = 0.0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        xp, (h, w) = pad_to_multiple(x, divisor)
+        xp, (h, w) = pad_tensor(x, divisor)
         with torch.autocast("cuda", enabled=amp):
             logits = model(xp)[..., :h, :w].float()
         total += float(loss_fn(logits, y)) * len(x)

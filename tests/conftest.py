@@ -67,3 +67,16 @@ def tiny_run(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     fit(rec, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run exported to FP32 ONNX (gated), in a copy of the run."""
+    import shutil
+
+    from segdeploy.export.pipeline import ExportOptions, export_run
+
+    run = tmp_path_factory.mktemp("onnx") / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export", "eval"))
+    export_run(run, ExportOptions(), log=lambda _: None)
+    return run / "export" / "model.onnx"

@@ -29,7 +29,7 @@ def modules(*globs: str) -> list[Path]:
 
 @pytest.mark.parametrize(("files", "forbidden"), [
     (("runtime/*.py",), VERBS + ("segdeploy.cli",)),  # runtime never reaches up to export or any verb
-    (("data/*.py", "predict.py", "viz.py"), ("segdeploy.evaluate", "segdeploy.cli")),
+    (("data/*.py", "predict.py", "jobs.py", "cluster.py", "viz.py"), ("segdeploy.evaluate", "segdeploy.cli")),
     (("artifact.py", "tiling.py", "metrics.py", "recipe.py", "registry.py", "errors.py", "utils.py", "viz.py",
       "tracking.py"), VERBS + ("segdeploy.runtime", "segdeploy.cli")),
     (("*.py", "data/*.py", "export/*.py", "runtime/*.py"), ("segdeploy.cli",)),  # only the CLI imports the CLI
@@ -44,3 +44,4 @@ def test_the_layer_check_sees_imports_inside_functions(tmp_path: Path) -> None:
     probe = tmp_path / "m.py"
     probe.write_text("def f():\n    from segdeploy.export.onnx import read_metadata\n")
     assert imports_of(probe) == {"segdeploy.export.onnx"}
+

@@ -54,12 +54,11 @@ def test_blend_weights_are_positive_and_peak_in_the_centre(tile: int, kind: str,
 def test_stitcher_reproduces_a_probability_field_exactly(h: int, w: int, tile: int, frac: float, kind: str, seed: int) -> None:
     """Tiles cut from a field and blended back give the field: no seams, no double counting."""
     overlap = int(tile * frac)
-    g = torch.Generator().manual_seed(seed)
-    field = torch.rand(3, h, w, generator=g)
+    field = np.random.default_rng(seed).random((3, h, w), dtype=np.float32)
     field /= field.sum(0)
     acc = StripAccumulator(h, w, 3, tile, overlap, blend_weights(tile, kind, overlap))
     rows, cols = window_starts(h, tile, overlap), window_starts(w, tile, overlap)
-    padded = torch.nn.functional.pad(field[None], (0, cols[-1] + tile - w, 0, rows[-1] + tile - h), mode="replicate")[0]
+    padded = np.pad(field, ((0, 0), (0, rows[-1] + tile - h), (0, cols[-1] + tile - w)), mode="edge")
     labels, conf = [], []
     for r, y in enumerate(rows):
         for c, x in enumerate(cols):
@@ -67,8 +66,8 @@ def test_stitcher_reproduces_a_probability_field_exactly(h: int, w: int, tile: i
             if out is not None:
                 labels.append(out[0])
                 conf.append(out[1])
-    assert torch.equal(torch.cat(labels), field.argmax(0))
-    torch.testing.assert_close(torch.cat(conf).float(), field.max(0).values, atol=1e-3, rtol=0)  # kept as float16
+    assert np.array_equal(np.concatenate(labels), field.argmax(0))
+    np.testing.assert_allclose(np.concatenate(conf).astype(np.float32), field.max(0), atol=1e-3, rtol=0)  # float16
 
 
 def test_accumulator_memory_does_not_grow_with_height() -> None:
@@ -100,10 +99,10 @@ class EchoBackend(Backend):
     def load(cls, path: Path, **options: object) -> EchoBackend:
         return cls(int(options.get("classes", 3)))  # type: ignore[arg-type]
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def run(self, batch: np.ndarray) -> np.ndarray:
         self.calls += 1
-        labels = batch[:, 0].round().long().clamp(0, self.meta.num_classes - 1)
-        return torch.nn.functional.one_hot(labels, self.meta.num_classes).permute(0, 3, 1, 2).float() * 20
+        labels = np.clip(np.round(batch[:, 0]), 0, self.meta.num_classes - 1).astype(np.int64)
+        return np.moveaxis(np.eye(self.meta.num_classes, dtype=np.float32)[labels], -1, 1) * 20
 
 
 class ConvBackend(EchoBackend):
@@ -117,8 +116,8 @@ class ConvBackend(EchoBackend):
                                        torch.nn.Conv2d(8, 4, 3, padding=1)).eval()
 
     @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.net(batch) * 5
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return (self.net(torch.from_numpy(batch)) * 5).numpy()
 
 
 def write_tif(path: Path, arr: np.ndarray, nodata: float | None = None, crs: str | None = "EPSG:32633") -> None:
@@ -152,7 +151,7 @@ def test_tiled_output_matches_whole_image_inference_when_overlap_covers_the_rece
     ph = window_starts(150, 64, 16)[-1] + 64 - 150
     pw = window_starts(190, 64, 16)[-1] + 64 - 190
     x = torch.nn.functional.pad(torch.from_numpy(img[None].astype(np.float32) / 255), (0, pw, 0, ph), mode="reflect")
-    whole = backend(x).argmax(1)[0, :150, :190].numpy()
+    whole = backend(x.numpy()).argmax(1)[0, :150, :190]
     for blend, min_agree in (("crop", 1.0), ("gaussian", 0.999)):
         predict_file(backend, tmp_path / "in.tif", tmp_path / f"{blend}.tif",
                      PredictOptions(tile=64, overlap=16, batch=4, blend=blend))
@@ -190,7 +189,7 @@ def test_resume_continues_an_interrupted_run_and_gives_the_same_output(tmp_path:
     opts = PredictOptions(tile=64, overlap=16, batch=4)
     predict_file(backend, tmp_path / "in.tif", tmp_path / "ref.tif", opts)
     out = tmp_path / "out.tif"
-    def interrupt_after_tile_60(done: int, total: int) -> None:  # Ctrl-C, injected from outside
+    def interrupt_after_tile_60(done: int, total: int, pixels: int) -> None:  # Ctrl-C, injected from outside
         if done >= 60:
             raise KeyboardInterrupt
 
@@ -258,7 +257,7 @@ def test_bad_inputs_are_clear_and_leave_nothing_that_looks_finished(tmp_path: Pa
 def test_writer_thread_reads_masks_through_its_own_gdal_handle(tmp_path: Path) -> None:
     """GDAL datasets are not thread-safe: the mask reads of the writer thread once collided with
     the reader thread's tile reads on a 20000² scene ("Read failed")."""
-    from segdeploy.predict import SceneReader
+    from segdeploy.raster import SceneReader
 
     write_tif(tmp_path / "n.tif", np.ones((64, 64), np.uint8), nodata=0)
     reader = SceneReader(tmp_path / "n.tif", 1)

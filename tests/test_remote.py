@@ -20,7 +20,7 @@ import rasterio
 from typer.testing import CliRunner
 
 from segdeploy.cli import app
-from segdeploy.predict import expand_inputs, gdal_path, input_stem, output_for
+from segdeploy.raster import expand_inputs, gdal_path, input_stem, output_for
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):

@@ -17,6 +17,9 @@ from segdeploy import __version__
 from segdeploy.errors import UserError
 
 GLOBAL_FLAGS = ("--debug",)
+# what `segdeploy[train]` adds to the core (deployment) install
+TRAINING_STACK = {"torch", "torchvision", "timm", "segmentation_models_pytorch", "safetensors", "onnxscript",
+                  "onnxslim"}
 OPTIONAL_VALUE = {"--mlflow": "local"}  # options whose value may be left out
 
 
@@ -87,6 +90,12 @@ def guarded(fn: F) -> F:
                 raise
             typer.echo(f"error: {one_line(str(exc))}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except ModuleNotFoundError as exc:
+            if STATE["debug"] or (exc.name or "").split(".")[0] not in TRAINING_STACK:
+                raise
+            typer.echo(f"error: this needs the PyTorch stack ({exc.name} is not installed): pip install "
+                       "'segdeploy[train]' (predicting with an .onnx model needs none of it)", err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
 import typer
@@ -36,78 +35,150 @@ def predict_cmd(
     input_max: float = typer.Option(None, "--input-max", help="Full-scale value of the input's pixel type when it "
                                     "differs from the model's (e.g. 65535 for a uint16 raster and a uint8 model)."),
     device: str = typer.Option("auto", help="torch backend device: auto, cpu or cuda."),
-    threads: int = typer.Option(None, help="CPU threads for the backend."),
+    threads: int = typer.Option(None, help="CPU threads for the backend (per worker with --ray)."),
+    ray: bool = typer.Option(False, "--ray", help="Predict the rasters on a Ray cluster: a local one on 127.0.0.1 "
+                             "started on demand, or the one at --ray-address / $RAY_ADDRESS (pip install "
+                             "'segdeploy[ray]')."),
+    ray_address: str = typer.Option(None, "--ray-address", help="Join this Ray cluster (HOST:PORT or "
+                                    "ray://HOST:PORT) instead of starting a local one; implies --ray."),
+    workers: int = typer.Option(None, "--workers", help="Ray workers, one backend each (default: one per CPU, "
+                                "or per GPU)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
     json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON ('-' for stdout)."),
 ) -> None:
-    """Tiled inference on scenes of any size with bounded memory; georeference kept."""
-    import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from segdeploy.predict import PredictOptions, expand_inputs, input_stem, output_for, predict_file
-    from segdeploy.runtime import backend_for, load_backend
-    from segdeploy.utils import pick_device
-
+    """Tiled inference on scenes of any size with bounded memory; georeference kept. Many rasters
+    run one after another, or side by side on a Ray cluster with --ray."""
     from segdeploy.errors import UserError
-    from segdeploy.utils import live_progress, writable_location
+    from segdeploy.jobs import plan_jobs
+    from segdeploy.predict import PredictOptions
+    from segdeploy.raster import expand_inputs
+    from segdeploy.runtime import backend_for
+    from segdeploy.utils import writable_location
 
-    if threads:
-        torch.set_num_threads(threads)
     files = expand_inputs(inputs)
     try:
         band_list = [int(b) for b in bands.split(",")] if bands else None
     except ValueError:
         raise UserError(f"--bands {bands!r} must be 1-based band numbers separated by commas, e.g. 3,2,1") from None
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1 (got {workers})")
+    kind = backend_for(model)
     options: dict = {"threads": threads} if threads else {}
-    if backend_for(model) == "torch":
-        options = {"device": pick_device(device)}
-    backend = load_backend(model, **options)
-    batch = batch or (8 if backend.device.startswith("cuda") else 2)
-    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
+    if kind == "torch":
+        options["device"] = device
+    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch or 0, blend=blend, probs=probs, resume=resume,
                           bands=band_list, input_max=input_max, preview=preview, cog=cog)
     many = len(files) > 1 or out.is_dir()
-    for src in files:  # an unwritable output fails before any progress is drawn
-        writable_location(output_for(src, out, many))
-    results = []
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tiles"),
-               TextColumn("{task.fields[mps]:.2f} MP/s"), TextColumn("ETA"), TimeRemainingColumn()]
+    jobs, finished = plan_jobs(files, out, many, resume)
+    for job in jobs:  # an unwritable output fails before any progress is drawn
+        writable_location(job.out)
+    for job in finished:
+        console.print(f"{job.src}: already predicted ({job.out}), skipped", soft_wrap=True)
+    use_ray = ray or ray_address is not None
+    summary = _run(model, options, jobs, opts, use_ray, ray_address, workers, progress)
+    emit_json(summary | {"skipped": [str(j.src) for j in finished]}, json_out)
+    failures = summary["failures"]
+    if failures:
+        raise UserError(f"{len(failures)} of {len(jobs)} rasters failed: "
+                        f"{', '.join(f['input'] for f in failures[:5])}{' …' if len(failures) > 5 else ''}"
+                        " (reasons above); the others are written, and --resume skips them")
+
+
+def _run(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: str | None,  # noqa: ANN001
+         workers: int | None, progress: bool) -> dict:
+    """Run the jobs serially or on Ray under one progress bar; print each outcome; the summary."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    from segdeploy.jobs import Tally
+    from segdeploy.utils import live_progress
+
+    tally = Tally(len(jobs))
+    columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[done]}/{task.total:.0f} rasters"), TextColumn("{task.fields[mps]:.2f} MP/s"),
+               TextColumn("{task.fields[failed]}"), TextColumn("ETA"), TimeRemainingColumn()]
+    outcomes, info = [], {}
     with live_progress(Progress(*columns, console=console, disable=not progress)) as bar:
-        for src in files:
-            task = bar.add_task(input_stem(src), total=None, mps=0.0)
-            pixels, t0 = _dimensions(src), time.perf_counter()
+        task = bar.add_task("predict", total=max(len(jobs), 1), done=0, mps=0.0, failed="")
 
-            def on_tile(done: int, total: int, task=task, pixels=pixels, t0=t0) -> None:  # noqa: ANN001
-                rate = pixels * done / max(total, 1) / 1e6 / max(time.perf_counter() - t0, 1e-9)
-                bar.update(task, completed=done, total=total, mps=rate)
+        def redraw() -> None:
+            bar.update(task, completed=tally.completed, done=tally.done, mps=tally.megapixels_per_s,
+                       failed=f"{tally.failed} failed" if tally.failed else "")
 
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                results.append(predict_file(backend, src, output_for(src, out, many), opts, progress=on_tile))
-            for w in caught:
-                if "georeference" in str(w.message):
-                    console.print(f"[yellow]warning:[/] {w.message}")
-    for r in results:
-        console.print(f"{r.input} → {', '.join(r.files)}: {r.width}×{r.height} px, {r.tiles} tiles "
-                      f"({r.skipped_tiles} all-nodata skipped) in {r.seconds:.1f}s = {r.megapixels_per_s:.2f} MP/s, "
-                      f"peak RSS {r.peak_rss_mb:.0f} MB")
-        for note in r.notes:
-            console.print(f"  {note}")
-    emit_json({"backend": backend.describe(), "results": [r.to_dict() for r in results]}, json_out)
+        def on_tiles(index: int, done: int, total: int, pixels: int) -> None:
+            tally.tiles(index, done, total, pixels)
+            redraw()
+
+        for outcome in _outcomes(model, options, jobs, opts, use_ray, address, workers, on_tiles, info):
+            tally.finish(outcome)
+            redraw()
+            _print_outcome(outcome)
+            outcomes.append(outcome)
+    mp = tally.pixels_done / 1e6
+    console.print(f"{tally.done - tally.failed} of {len(jobs)} rasters predicted, {mp:.1f} MP in {tally.seconds:.1f}s "
+                  f"= {tally.megapixels_per_s:.2f} MP/s{info.get('where', '')}"
+                  f"{f', {tally.failed} failed' if tally.failed else ''}", soft_wrap=True)
+    return {"backend": info.get("backend", ""), "ray": info.get("ray"), "seconds": round(tally.seconds, 3),
+            "megapixels_per_s": round(tally.megapixels_per_s, 3),
+            "results": [o.to_dict() for o in outcomes if o.result is not None],
+            "failures": [o.to_dict() for o in outcomes if o.error]}
 
 
-def _dimensions(path: Path | str) -> float:
-    """Pixels in the image (for the MP/s column); 0 when unknown."""
-    from segdeploy.predict import PICTURE, is_remote, remote_settings
+def _outcomes(model, options, jobs, opts, use_ray, address, workers, on_tiles, info):  # noqa: ANN001, ANN202
+    """Outcomes from the serial runner, or from Ray's actor pool (the cluster is left at the end)."""
+    if not jobs:
+        return
+    if not use_ray:
+        from segdeploy.jobs import run_serial
+        from segdeploy.runtime import load_backend
 
+        backend = load_backend(model, **options)
+        opts.batch = opts.batch or (8 if backend.device.startswith("cuda") else 2)
+        info["backend"] = backend.describe()
+        yield from run_serial(backend, jobs, opts, on_tiles)
+        return
+    from segdeploy import cluster as ray_cluster
+
+    gpu = backend_for_gpu(model, options)
+    t0 = time.perf_counter()
+    cl = ray_cluster.connect(address, workers, options.get("threads"), gpu, len(jobs))
     try:
-        if not is_remote(path) and Path(path).suffix.lower() in PICTURE:
-            from PIL import Image
+        opts.batch = opts.batch or (8 if gpu else 2)
+        info["ray"] = cl.to_dict() | {"connect_seconds": round(time.perf_counter() - t0, 2)}
+        info["where"] = (f" on Ray ({cl.address}: {plural(cl.workers, 'worker')} × {plural(cl.threads, 'thread')}, "
+                         f"{cl.cpus:g} CPUs in the cluster)")
+        yield from ray_cluster.run_on_ray(model, options, jobs, opts, cl, on_tiles,
+                                          on_ready=lambda d: info.__setitem__("backend", d))
+    finally:
+        ray_cluster.disconnect(cl)
 
-            with Image.open(path) as im:
-                return float(im.width * im.height)
-        import rasterio
 
-        with rasterio.Env(**remote_settings()), rasterio.open(path) as src:
-            return float(src.width * src.height)
-    except Exception:  # noqa: BLE001
-        return 0.0
+def backend_for_gpu(model: Path, options: dict) -> bool:
+    """Whether each Ray worker needs a GPU: engines always, the torch backend unless told cpu."""
+    from segdeploy.runtime import backend_for
+
+    kind = backend_for(model)
+    return kind == "tensorrt" or (kind == "torch" and options.get("device", "auto") != "cpu" and _has_cuda())
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _print_outcome(outcome) -> None:  # noqa: ANN001
+    if outcome.error:
+        console.print(f"[red]error:[/] {outcome.error}", soft_wrap=True)
+        return
+    r = outcome.result
+    for w in outcome.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print(f"{r.input} → {', '.join(r.files)}: {r.width}×{r.height} px, {r.tiles} tiles "
+                  f"({r.skipped_tiles} all-nodata skipped) in {r.seconds:.1f}s = {r.megapixels_per_s:.2f} MP/s, "
+                  f"peak RSS {r.peak_rss_mb:.0f} MB", soft_wrap=True)
+    for note in r.notes:
+        console.print(f"  {note}")

@@ -1,8 +1,12 @@
 """One interface for every inference backend.
 
-A backend is loaded from an artifact path and maps a float32 N×B×H×W batch (already normalised
-with ``meta``) to float32 N×C×H×W logits. Heavy libraries are imported inside each backend's
-module so that choosing one never imports the others.
+A backend is loaded from an artifact path and maps a float32 N×B×H×W numpy batch (already
+normalised with ``meta``) to float32 N×C×H×W numpy logits. Heavy libraries are imported inside
+each backend's module so that choosing one never imports the others: onnxruntime needs no torch.
+
+Timing wants the device-resident form too: ``prepare`` moves a host batch to where the backend
+runs (a CUDA tensor for torch and TensorRT), ``run`` maps that to logits without leaving the
+device, and ``synchronize`` waits for the device; ``__call__`` is host in, host out.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
-import torch
+import numpy as np
 
 from segdeploy.artifact import ModelMeta
 
@@ -28,8 +32,21 @@ class Backend(ABC):
     def load(cls, path: Path, **options: object) -> Backend: ...
 
     @abstractmethod
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits for a normalised float32 N×B×H×W batch, as a float32 tensor on ``self.device``."""
+    def run(self, batch: object) -> object:
+        """Logits for a batch already `prepare`d, left where the backend computed them."""
+
+    def prepare(self, batch: np.ndarray) -> object:
+        return batch
+
+    def to_host(self, logits: object) -> np.ndarray:
+        return np.asarray(logits, dtype=np.float32)
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished (no-op on CPU)."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """float32 N×C×H×W logits on the host for a normalised float32 N×B×H×W host batch."""
+        return self.to_host(self.run(self.prepare(batch)))
 
     @property
     def static_shape(self) -> tuple[int, int] | None:

@@ -6,11 +6,15 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from segdeploy.artifact import check_source, read_onnx_meta
 from segdeploy.errors import ArtifactError, BackendUnavailable
 from segdeploy.runtime.base import Backend
+
+def cpu_count() -> int:
+    """Cores this process may use (the affinity mask, as in a container), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -34,7 +38,7 @@ class OrtBackend(Backend):
         else:
             providers = [p for p in PREFERRED if p in available and p != "TensorrtExecutionProvider"]
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads()
+        opts.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or cpu_count()
         opts.inter_op_num_threads = 1
         if providers[0] == "CPUExecutionProvider":
             # measured: the memory-pattern planner costs ~330 MB at 4×512² for no speed on CPU
@@ -59,15 +63,15 @@ class OrtBackend(Backend):
              **_: object) -> OrtBackend:
         return cls(Path(path), providers, threads)
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.detach().to("cpu", torch.float32).numpy()
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = np.asarray(batch, dtype=np.float32)
         if x.shape[1] != self.meta.bands:
             raise ArtifactError(f"{self.path} expects {self.meta.bands} bands, got an image with {x.shape[1]}")
         static = self.static_shape
         if static and tuple(x.shape[-2:]) != static:
             raise ArtifactError(f"{self.path} is static at {static[0]}×{static[1]}; got {x.shape[-2]}×{x.shape[-1]}")
         (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
-        return torch.from_numpy(out.astype(np.float32, copy=False))
+        return out.astype(np.float32, copy=False)
 
     def describe(self) -> str:
         return f"onnxruntime {self.precision} on {self.providers[0].removesuffix('ExecutionProvider')} ({self.path})"

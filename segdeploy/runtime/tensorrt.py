@@ -121,7 +121,16 @@ class TensorRTBackend(Backend):
     def static_shape(self) -> tuple[int, int] | None:
         return (self._max[2], self._max[3]) if self._min[2:] == self._max[2:] else None
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def prepare(self, batch: object) -> torch.Tensor:
+        return torch.as_tensor(batch, dtype=torch.float32).to("cuda", non_blocking=True)
+
+    def to_host(self, logits: torch.Tensor) -> object:
+        return logits.cpu().numpy()
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
         n, _, h, w = batch.shape
         if n > self._max[0] or h > self._max[2] or w > self._max[3] or h < self._min[2] or w < self._min[3]:
             raise ArtifactError(f"batch {tuple(batch.shape)} is outside the engine's profile {self._min}..{self._max}; "

@@ -55,15 +55,30 @@ class TorchBackend(Backend):
 
     @classmethod
     def load(cls, path: Path, device: str = "cpu", precision: str = "fp32", compile: bool = False,
-             **_: object) -> TorchBackend:
+             threads: int | None = None, **_: object) -> TorchBackend:
+        if threads:
+            torch.set_num_threads(threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         model, meta = load_run_model(Path(path))
         return cls(model, meta, Path(path), device=device, precision=precision, compile=compile)
 
+    def prepare(self, batch: object) -> torch.Tensor:
+        x = torch.as_tensor(batch, dtype=torch.float32)
+        return x.to(self.device, non_blocking=True)
+
     @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.device, non_blocking=True)
+    def run(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch
         if self.device.startswith("cuda"):
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16"):
                 return self._forward(x).float()
         return self._forward(x).float()
+
+    def to_host(self, logits: torch.Tensor) -> object:
+        return logits.float().cpu().numpy()
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()

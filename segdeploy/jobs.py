@@ -1,0 +1,126 @@
+"""Many rasters, one outcome each: the plan (which outputs are finished, which continue), the
+serial runner, and the tally behind the one progress bar. The Ray runner (`segdeploy.cluster`)
+takes the same jobs and yields the same outcomes; both run every raster through `predict_file`."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segdeploy.errors import UserError
+from segdeploy.predict import PredictOptions, PredictResult, predict_file
+from segdeploy.raster import output_for, partial_paths
+
+TileCallback = Callable[[int, int, int, int], None]  # (job index, tiles done, tiles in all, pixels)
+
+
+@dataclass
+class Job:
+    index: int
+    src: Path | str
+    out: Path
+    resume: bool = False  # an unfinished output of this raster continues where it stopped
+
+
+@dataclass
+class Outcome:
+    job: Job
+    result: PredictResult | None = None
+    error: str | None = None  # one line naming the raster
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        if self.result is not None:
+            return self.result.to_dict() | {"warnings": self.warnings}
+        return {"input": str(self.job.src), "output": str(self.job.out), "error": self.error}
+
+
+def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool) -> tuple[list[Job], list[Job]]:
+    """(to run, already finished). Without --resume every raster runs (an unfinished one is refused
+    by `predict_file`, never silently restarted). With --resume a finished output is skipped, an
+    unfinished one continues, and one never started starts."""
+    todo: list[Job] = []
+    finished: list[Job] = []
+    seen: dict[Path, str] = {}
+    for i, src in enumerate(files):
+        target = output_for(src, out, many)
+        if target in seen:
+            raise UserError(f"{src} and {seen[target]} would both be written to {target}; "
+                            "rename one or predict them into separate --out directories")
+        seen[target] = str(src)
+        state, _ = partial_paths(target)
+        job = Job(i, src, target, resume=resume and state.is_file())
+        (finished if resume and target.is_file() and not state.is_file() else todo).append(job)
+    return todo, finished
+
+
+def run_one(backend, job: Job, opts: PredictOptions,  # noqa: ANN001 - a runtime Backend
+            on_tiles: TileCallback | None = None, keep_going: bool = True) -> Outcome:
+    """One raster through the streaming predictor; a user error becomes the outcome's error line,
+    and with `keep_going` so does any other exception (the other rasters go on; the CLI exits
+    non-zero at the end). Georeference warnings are kept for the summary."""
+    from dataclasses import replace
+
+    def tiles(done: int, total: int, pixels: int) -> None:
+        if on_tiles:
+            on_tiles(job.index, done, total, pixels)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = predict_file(backend, job.src, job.out, replace(opts, resume=job.resume), progress=tiles)
+        except Exception as exc:  # noqa: BLE001 - one raster's failure must not stop a batch
+            if not keep_going:
+                raise
+            text = " ".join(str(exc).split())[:400]
+            what = "" if isinstance(exc, UserError) else f"unexpected {type(exc).__name__}: "
+            named = "" if str(job.src) in text else f"{job.src}: "  # the message names the raster once
+            return Outcome(job, error=f"{named}{what}{text}")
+    notes = [str(w.message) for w in caught if "georeference" in str(w.message)]
+    return Outcome(job, result=result, warnings=notes)
+
+
+def run_serial(backend, jobs: list[Job], opts: PredictOptions,  # noqa: ANN001
+               on_tiles: TileCallback | None = None) -> Iterator[Outcome]:
+    for job in jobs:
+        yield run_one(backend, job, opts, on_tiles, keep_going=len(jobs) > 1)
+
+
+class Tally:
+    """One progress bar over many rasters: a finished raster counts 1, a running one its share of
+    tiles done; MP/s over the wall time of the whole batch."""
+
+    def __init__(self, rasters: int) -> None:
+        self.rasters = rasters
+        self.t0 = time.perf_counter()
+        self.running: dict[int, tuple[float, int]] = {}  # job index -> (share of tiles done, pixels)
+        self.done = 0
+        self.failed = 0
+        self.pixels_done = 0.0
+
+    def tiles(self, index: int, done: int, total: int, pixels: int) -> None:
+        self.running[index] = (done / max(total, 1), pixels)
+
+    def finish(self, outcome: Outcome) -> None:
+        self.running.pop(outcome.job.index, None)
+        self.done += 1
+        if outcome.error:
+            self.failed += 1
+        else:
+            self.pixels_done += outcome.result.width * outcome.result.height  # type: ignore[union-attr]
+
+    @property
+    def completed(self) -> float:
+        return self.done + sum(share for share, _ in self.running.values())
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @property
+    def megapixels_per_s(self) -> float:
+        pixels = self.pixels_done + sum(share * px for share, px in self.running.values())
+        return pixels / 1e6 / max(self.seconds, 1e-9)

@@ -1,0 +1,372 @@
+"""Raster I/O for predict: inputs (files, directories, globs, @manifests, remote rasters as GDAL
+/vsi… strings), the windowed scene reader (bands, GDAL's dataset mask), the class-raster writer
+(tiled GeoTIFF or COG, palette, nodata, failing writes as one line) and the picture outputs.
+numpy, rasterio and PIL only."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from segdeploy.errors import DataError
+from segdeploy.utils import atomic_path, raise_write_error
+
+RASTER = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
+PICTURE = {".png", ".jpg", ".jpeg", ".bmp"}
+SUPPORTED_DTYPES = {"uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
+
+
+# --------------------------------------------------------------------------------------- inputs
+
+
+REMOTE_PREFIXES = {"s3://": "/vsis3/", "gs://": "/vsigs/", "http://": "/vsicurl/http://",
+                   "https://": "/vsicurl/https://"}
+
+
+def gdal_path(item: str) -> str | None:
+    """The GDAL virtual path of a remote input (a URL, s3://, gs://, or /vsi… already), or None."""
+    if item.startswith("/vsi"):
+        return item
+    for prefix, vsi in REMOTE_PREFIXES.items():
+        if item.startswith(prefix):
+            return vsi + item[len(prefix):]
+    return None
+
+
+def is_remote(path: Path | str) -> bool:
+    return isinstance(path, str) and path.startswith("/vsi")
+
+
+def input_stem(path: Path | str) -> str:
+    """The file name's stem, for a local path or a URL (query string dropped)."""
+    name = str(path).split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return Path(name).stem
+
+
+def remote_settings() -> dict[str, str]:
+    """GDAL network settings for remote rasters: bounded time-outs and retries (an unreachable host
+    fails instead of hanging), no directory listing per file. Environment variables win."""
+    import os
+
+    defaults = {"GDAL_HTTP_CONNECTTIMEOUT": "10", "GDAL_HTTP_TIMEOUT": "60", "GDAL_HTTP_MAX_RETRY": "2",
+                "GDAL_HTTP_RETRY_DELAY": "1", "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    return {k: v for k, v in defaults.items() if k not in os.environ}
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path | str]:
+    """Files, directories (their images), globs, remote rasters (URLs, s3://, gs://, /vsi…, kept
+    as strings) and @manifests (one of those per line; relative paths from the manifest's folder)."""
+    import glob
+
+    found: list[Path | str] = []
+    for raw in inputs:
+        item = str(raw)
+        if item.startswith("@"):
+            found += expand_inputs(read_manifest(Path(item[1:])))
+        elif gdal_path(item) is not None:
+            found.append(gdal_path(item))  # type: ignore[arg-type]
+        elif any(ch in item for ch in "*?["):
+            found += [Path(p) for p in sorted(glob.glob(item))]
+        elif Path(item).is_dir():
+            found += sorted(p for p in Path(item).iterdir() if p.suffix.lower() in RASTER | PICTURE)
+        elif not Path(item).exists():
+            raise DataError(f"input {item} not found")
+        else:
+            found.append(Path(item))
+    if not found:
+        raise DataError(f"no input images found in {', '.join(map(str, inputs))}")
+    return found
+
+
+def read_manifest(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"manifest {path} not found (@FILE lists one raster path or URL per line)")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    items = [line for line in lines if line and not line.startswith("#")]
+    import os
+
+    return [i if gdal_path(i) is not None or Path(i).is_absolute() else os.path.normpath(path.parent / i)
+            for i in items]
+
+
+def output_for(src: Path | str, out: Path, many: bool) -> Path:
+    if not many:
+        return out
+    suffix = ".png" if not is_remote(src) and Path(src).suffix.lower() in PICTURE else ".tif"
+    return out / f"{input_stem(src)}_pred{suffix}"
+
+
+def partial_paths(out: Path) -> tuple[Path, Path]:
+    """(resume state, unfinished raster) of an output: present only while it is unfinished."""
+    return out.with_name(out.name + ".partial.json"), out.with_name(f".{out.stem}.partial.tif")
+
+
+def gdal_cache_bytes() -> int:
+    """GDAL's block cache for predict. GDAL's default (5% of RAM) fills with input blocks on a
+    wide scene and is what made peak memory grow with the scene; a row of 512² input blocks across
+    a 20k-pixel scene is ~31 MB. Override with SEGDEPLOY_GDAL_CACHE_MB."""
+    import os
+
+    return int(float(os.environ.get("SEGDEPLOY_GDAL_CACHE_MB", 64)) * 2**20)
+
+
+# --------------------------------------------------------------------------------------- readers
+
+
+class SceneReader:
+    """Windowed reads with padding past the edge, validity from GDAL's dataset mask (nodata, an
+    alpha band, a .msk sidecar or an internal mask). GeoTIFF via rasterio, pictures via PIL."""
+
+    def __init__(self, path: Path | str, bands: int, band_order: list[int] | None = None) -> None:
+        self.path = path  # a GDAL /vsi… path stays a string: Path would collapse its '//'
+        if not is_remote(path) and not Path(path).exists():
+            raise DataError(f"input {path} not found")
+        self.profile: dict = {}
+        self.array: np.ndarray | None = None
+        self.georeferenced = False
+        self.masked = False
+        self.indexes: list[int] = list(range(1, bands + 1))
+        self.notes: list[str] = []
+        if not is_remote(path) and Path(path).suffix.lower() in PICTURE:
+            from segdeploy.data.io import read_image
+
+            self.array = read_image(path, bands)
+            self.height, self.width, self.count = self.array.shape
+            self.dtype = str(self.array.dtype)
+            self.nodata = None
+        else:
+            self._open_raster(path, bands, band_order)
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise DataError(f"{path} has pixel type {self.dtype}; supported: {', '.join(sorted(SUPPORTED_DTYPES))}")
+
+    def _open_raster(self, path: Path, bands: int, band_order: list[int] | None) -> None:
+        import rasterio
+        from rasterio.enums import MaskFlags
+        from rasterio.errors import RasterioIOError
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.src = rasterio.open(path)
+        except RasterioIOError as exc:
+            why = "unreachable, missing or not a raster?" if is_remote(path) else "corrupt, truncated or not a raster?"
+            raise DataError(f"cannot open raster {path}: {str(exc).splitlines()[0][:200]} ({why})") from None
+        self.height, self.width = self.src.height, self.src.width
+        self.indexes, self.notes = choose_bands(path, self.src.colorinterp, bands, band_order)
+        self.count = len(self.indexes)
+        self.dtype = self.src.dtypes[self.indexes[0] - 1]
+        self.nodata = self.src.nodata
+        self.masked = any(flags != [MaskFlags.all_valid] for flags in self.src.mask_flag_enums)
+        self.profile = self.src.profile.copy()
+        self.georeferenced = self.src.crs is not None and not self.src.transform.is_identity
+
+    def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(H×W×B pixels, H×W valid mask) for the in-image part of a window."""
+        h, w = min(h, self.height - y), min(w, self.width - x)
+        if self.array is not None:
+            img = self.array[y : y + h, x : x + w]
+            return img, np.ones((h, w), dtype=bool)
+        from rasterio.windows import Window
+
+        win = Window(x, y, w, h)
+        try:
+            img = np.moveaxis(self.src.read(self.indexes, window=win), 0, -1)
+        except Exception as exc:  # noqa: BLE001 - GDAL errors on truncated files surface here
+            raise DataError(f"cannot read {self.path} at rows {y}..{y + h}: {str(exc)[:200]} "
+                            "(truncated or corrupt file)") from None
+        return img, self.valid(y, x, h, w)
+
+    def valid(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """H×W mask, False where GDAL's dataset mask says invalid (1 byte per pixel)."""
+        h, w = min(h, self.height - y), min(w, self.width - x)
+        if self.array is not None or not self.masked:
+            return np.ones((h, w), dtype=bool)
+        from rasterio.windows import Window
+
+        return self.src.dataset_mask(window=Window(x, y, w, h)) > 0
+
+    def second_handle(self) -> SceneReader:
+        """The same raster opened again: a GDAL dataset must not be read from two threads at once."""
+        if self.array is not None:
+            return self
+        import rasterio
+
+        twin = object.__new__(SceneReader)
+        twin.__dict__.update(self.__dict__)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            twin.src = rasterio.open(self.path)
+        return twin
+
+    def close(self) -> None:
+        if self.array is None:
+            self.src.close()
+
+
+def choose_bands(path: Path, colorinterp: tuple, bands: int, requested: list[int] | None) -> tuple[list[int], list[str]]:
+    """1-based band indexes to feed a `bands`-band model, and what was decided and why.
+
+    `--bands` wins. Otherwise an alpha band is left out (it is the validity mask), and a file
+    whose colour interpretation says blue/green/red in another order is read as red, green, blue.
+    """
+    from rasterio.enums import ColorInterp
+
+    count = len(colorinterp)
+    if requested:
+        bad = [b for b in requested if not 1 <= b <= count]
+        if bad:
+            raise DataError(f"--bands {','.join(map(str, requested))}: {path} has bands 1..{count} only")
+        if len(requested) != bands:
+            raise DataError(f"--bands gives {len(requested)} bands but the model expects {bands}")
+        return list(requested), [f"bands {','.join(map(str, requested))} (from --bands)"]
+    notes = []
+    colour = [i for i, ci in enumerate(colorinterp, 1) if ci != ColorInterp.alpha]
+    if len(colour) < count:
+        notes.append(f"alpha band {','.join(str(i) for i in range(1, count + 1) if i not in colour)} used as the "
+                     "validity mask")
+    if len(colour) != bands:
+        if count == bands:
+            return list(range(1, count + 1)), []
+        raise DataError(f"{path} has {len(colour)} bands but the model expects {bands}; pick them with "
+                        f"--bands (e.g. --bands {','.join(str(i) for i in range(1, bands + 1))})")
+    rgb = {ColorInterp.red: 0, ColorInterp.green: 1, ColorInterp.blue: 2}
+    kinds = [colorinterp[i - 1] for i in colour]
+    if bands == 3 and set(kinds) == set(rgb) and [rgb[k] for k in kinds] != [0, 1, 2]:
+        colour = sorted(colour, key=lambda i: rgb[colorinterp[i - 1]])
+        notes.append(f"bands {','.join(map(str, colour))} read as red, green, blue (the file's colour interpretation)")
+    return colour, notes
+
+
+# --------------------------------------------------------------------------------------- writers
+
+
+def _with_errno(exc: Exception, directory: Path) -> OSError:
+    """GDAL reports a failed write ("Write failed") without an errno; a full disk is the usual
+    cause, and the free space says whether it was."""
+    import errno
+    import shutil
+
+    if not isinstance(exc, OSError) or exc.errno is None:  # CPLE errors carry GDAL's codes, not errno
+        try:
+            if shutil.disk_usage(directory).free < 4 * 2**20:
+                return OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            pass
+    return exc if isinstance(exc, OSError) else OSError(None, str(exc).splitlines()[0][:160])
+
+
+class ClassRasterWriter:
+    """Class-index GeoTIFF (uint8 while classes fit), tiled, compressed, BigTIFF when needed,
+    georeference and nodata copied, palette as colormap; written by whole block rows."""
+
+    def __init__(self, final: Path, tmp: Path, state_path: Path, reader: SceneReader, classes: int,
+                 palette: list[list[int]], block: int, probs_tmp: Path | None, resume: bool) -> None:
+        self.final, self.state_path = final, state_path
+        self.dtype = "uint8" if classes < 255 else "uint16"
+        self.nodata = 255 if self.dtype == "uint8" else 65535
+        self.block = block
+        self.paths = [tmp] + ([probs_tmp] if probs_tmp else [])
+        profile = {
+            "driver": "GTiff", "width": reader.width, "height": reader.height, "count": 1,
+            "crs": reader.profile.get("crs"), "transform": reader.profile.get("transform"),
+            "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate", "predictor": 2,
+            "BIGTIFF": "IF_SAFER",
+        }
+        if not resume:
+            with self._failing_write():
+                self._create(tmp, profile, palette, probs_tmp)
+
+    @contextmanager
+    def _failing_write(self) -> Iterator[None]:
+        """A write that fails (disk full, read-only, denied) becomes one line naming the output,
+        and leaves no partial file behind (an interrupt, unlike this, keeps them for --resume)."""
+        from rasterio._err import CPLE_BaseError
+        from rasterio.errors import RasterioError
+
+        try:
+            yield
+        except (OSError, RasterioError, CPLE_BaseError) as exc:  # GDAL sets no errno on its write errors
+            for p in self.paths:
+                p.unlink(missing_ok=True)
+            self.state_path.unlink(missing_ok=True)
+            raise_write_error(self.final, _with_errno(exc, self.final.parent))
+
+    def _create(self, tmp: Path, profile: dict, palette: list[list[int]], probs_tmp: Path | None) -> None:
+        import rasterio
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(tmp, "w", dtype=self.dtype, nodata=self.nodata, **profile) as dst:
+                if self.dtype == "uint8":
+                    dst.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(palette[:255])})
+                dst.update_tags(segdeploy="incomplete")
+            if probs_tmp:
+                with rasterio.open(probs_tmp, "w", dtype="uint8", nodata=255, **profile) as dst:
+                    dst.update_tags(segdeploy="incomplete", scale="percent confidence (max softmax × 100)")
+
+    def write_rows(self, y: int, labels: np.ndarray, conf: np.ndarray | None) -> None:
+        """Write full-width rows starting at `y` (the file is reopened so each call is on disk)."""
+        import rasterio
+        from rasterio.windows import Window
+
+        win = Window(0, y, labels.shape[1], labels.shape[0])
+        with warnings.catch_warnings(), self._failing_write():
+            warnings.simplefilter("ignore")
+            with rasterio.open(self.paths[0], "r+") as dst:
+                dst.write(labels.astype(self.dtype)[None], window=win)
+            if conf is not None and len(self.paths) > 1:
+                with rasterio.open(self.paths[1], "r+") as dst:
+                    dst.write(conf[None], window=win)
+
+    def finish(self, cog: bool = False) -> None:
+        """Mark the outputs complete; with `cog`, rewrite each as a Cloud-Optimized GeoTIFF in place
+        (internal tiles, overviews by *mode* for the class map: classes are never averaged)."""
+        import rasterio
+
+        with self._failing_write():
+            for p in self.paths:
+                with rasterio.open(p, "r+") as dst:
+                    dst.update_tags(segdeploy="complete")
+                if cog:
+                    _to_cog(p, "MODE" if p == self.paths[0] else "AVERAGE")
+
+
+def _to_cog(path: Path, resampling: str) -> None:
+    """GDAL's COG driver: 512² internal tiles, deflate, overviews down to one tile; atomic."""
+    import os
+
+    from rasterio.shutil import copy as gdal_copy
+
+    cog = path.with_name(path.name.replace(".partial.tif", ".cog.partial.tif"))
+    try:
+        gdal_copy(str(path), str(cog), driver="COG", COMPRESS="DEFLATE", PREDICTOR="2", BLOCKSIZE="512",
+                  OVERVIEW_RESAMPLING=resampling, BIGTIFF="IF_SAFER")
+        os.replace(cog, path)
+    finally:
+        cog.unlink(missing_ok=True)
+
+
+def write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.ndarray | None]], meta, out: Path) -> list[str]:  # noqa: ANN001
+    """Class PNG (palette mode) and a colourised overlay beside it."""
+    from PIL import Image
+
+    from segdeploy.viz import colorize_classes, display_rgb
+
+    labels = np.concatenate([r[0] for r in rows]).astype(np.uint8)
+    png = out if out.suffix.lower() == ".png" else out.with_suffix(".png")
+    im = Image.fromarray(labels, mode="P")
+    flat = [v for c in meta.palette for v in c][: 256 * 3]
+    im.putpalette(flat + [0] * (768 - len(flat)))
+    with atomic_path(png) as tmp:
+        im.save(tmp, format="PNG")
+    rgb = display_rgb(reader.array, meta.max_pixel_value).astype(np.float32)
+    colour = colorize_classes(labels, [tuple(c) for c in meta.palette], 255).astype(np.float32)
+    overlay = (0.55 * rgb + 0.45 * colour).astype(np.uint8)
+    ov_path = png.with_name(f"{png.stem}_overlay.png")
+    with atomic_path(ov_path) as tmp:
+        Image.fromarray(overlay).save(tmp, format="PNG")
+    return [str(png), str(ov_path)]

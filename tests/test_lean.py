@@ -1,0 +1,64 @@
+"""The deployment path is lean: `segdeploy predict` on an .onnx model imports neither torch, timm
+nor smp (it runs with them made unimportable, as in a core install without segdeploy[train]),
+and a verb that needs the PyTorch stack says which extra to install in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+from tests.conftest import RECIPES
+
+HEAVY = ("torch", "torchvision", "timm", "segmentation_models_pytorch")
+# run the CLI with the training stack unimportable, then report what was imported and the peak RSS
+PROBE = """
+import json, sys
+for name in {heavy!r}:
+    sys.modules[name] = None  # `import torch` now raises ModuleNotFoundError, as when it is not installed
+def report():
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r} and sys.modules[m] is not None)
+    with open({report!r}, "w") as f:
+        json.dump(loaded, f)
+import atexit
+atexit.register(report)
+from segdeploy.cli import main
+sys.argv = ["segdeploy", *{args!r}]
+main()
+"""
+
+
+def run_without_torch(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    report = tmp_path / "imported.json"
+    code = PROBE.format(heavy=HEAVY, report=str(report), args=list(args))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    return proc, json.loads(report.read_text()) if report.exists() else ["<no report>"]
+
+
+def test_predict_on_onnx_runs_without_torch_timm_or_smp(tiny_onnx: Path, synth_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred.tif"
+    proc, loaded = run_without_torch(tmp_path, "predict", str(tiny_onnx), str(synth_dir / "scene/scene.tif"),
+                                     "--out", str(out), "--no-progress", "--json", str(tmp_path / "s.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert loaded == []
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["backend"].startswith("onnxruntime fp32") and len(summary["results"]) == 1
+    with rasterio.open(synth_dir / "scene/scene.tif") as src, rasterio.open(out) as pred:
+        assert (pred.width, pred.height, pred.crs, pred.transform) == (src.width, src.height, src.crs, src.transform)
+        labels = pred.read(1)
+    classes = set(np.unique(labels).tolist())
+    assert classes <= {0, 1, 2, 3, 4, 255} and len(classes - {255}) >= 2  # 255: the scene's nodata
+
+
+def test_a_verb_that_needs_the_training_stack_names_the_extra(synth_dir: Path, tmp_path: Path) -> None:
+    proc, _ = run_without_torch(tmp_path, "train", str(RECIPES / "demo.yaml"), "--data", str(synth_dir),
+                                "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'segdeploy[train]'" in lines[0] and "torch" in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
