@@ -23,6 +23,8 @@ WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 LAST_CKPT = "last.ckpt"
 SPLITS_FILE = "splits.json"
+HISTORY_FILE = "history.csv"
+PLOTS_DIR = "plots"
 ONNX_META_KEY = "segdeploy"  # the metadata_props key of an exported ONNX file
 EXPORT_DIR = "export"
 EVAL_DIR = "eval"
@@ -214,6 +216,16 @@ class Run:
         return None
 
     @classmethod
+    def root_of(cls, artifact: Path) -> Path:
+        """The run directory an exported file belongs to, by layout when the run is not here
+        (RUN/export/model.engine -> RUN): for messages that name the command to run."""
+        run = cls.find(artifact)
+        if run is not None:
+            return run.root
+        artifact = Path(artifact)
+        return artifact.parent.parent if artifact.parent.name == EXPORT_DIR else artifact.parent
+
+    @classmethod
     def open_finished(cls, root: Path) -> Run:
         run = cls(root)
         run.require_finished()
@@ -239,6 +251,14 @@ class Run:
     @property
     def splits_path(self) -> Path:
         return self.root / SPLITS_FILE
+
+    @property
+    def history_path(self) -> Path:
+        return self.root / HISTORY_FILE
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / PLOTS_DIR
 
     @property
     def export_dir(self) -> Path:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from segdeploy.errors import UserError
-from segdeploy.evaluate import run_dir_of
-from segdeploy.runtime import backend_for, load_backend
+from segdeploy.artifact import EXPORT_FORMS, Run, form_of
+from segdeploy.runtime import backend_class, backend_for, load_backend
 from segdeploy.runtime.base import Backend
 
 # plain words in JSON/CSV; the table shows them as marks (cli/bench.py)
@@ -111,73 +111,52 @@ class BenchReport:
 
 
 def candidates(model: Path, opts: BenchOptions) -> list[Candidate]:
-    """Every (backend, precision) this model has an artifact for, plus those it could have."""
+    """Every (backend, precision) this model has an artifact for, plus those it could have: a run
+    directory brings its exports (through `Run`), a single file only itself."""
     model = Path(model)
     if not model.exists():
         return [Candidate(str(model), "?", "?", None, f"{model} not found")]
-    found: dict[tuple[str, str], Path] = {}
     try:
         kind = backend_for(model)
     except UserError as exc:
         return [Candidate(str(model), "?", "?", None, str(exc))]
+    found: dict[tuple[str, str], Path] = {}
     if kind == "torch":
-        found[("torch", "fp32")] = model
-        found[("torch", "fp16")] = model
-        export = model / "export"
-        # onnxruntime gets the INT8 form made for CPUs (U8S8), TensorRT its own engine of the symmetric form
-        for name, key in (("model.onnx", ("onnxruntime", "fp32")), ("model.fp16.onnx", ("onnxruntime", "fp16")),
-                          ("model.int8.cpu.onnx", ("onnxruntime", "int8")), ("model.engine", ("tensorrt", "fp16")),
-                          ("model.int8.engine", ("tensorrt", "int8"))):
-            if (export / name).is_file():
-                found[key] = export / name
-    elif kind == "onnxruntime":
-        found[("onnxruntime", next((p for p in ("fp16", "int8") if f".{p}." in model.name), "fp32"))] = model
-    else:
-        found[("tensorrt", "int8" if ".int8." in model.name else "fp16")] = model
+        found = {("torch", "fp32"): model, ("torch", "fp16"): model}
+        # onnxruntime runs the INT8 form made for CPUs (U8S8); the TensorRT form is only an engine's source
+        found |= {(e.form.backend, e.form.precision): e.path for e in Run(model).exports()}
+    elif (form := form_of(model)) is not None:
+        found[(form.backend, form.precision)] = model
     out = []
     for backend in opts.backends:
         for precision in opts.precisions:
-            if backend == "tensorrt" and precision == "fp32":
-                continue  # engines are built from the mixed-precision ONNX only
+            if (backend, precision) in (("tensorrt", "fp32"), ("torch", "int8")):
+                continue  # engines come from the mixed-precision ONNX; PyTorch INT8 is no deployment path
             art = found.get((backend, precision))
-            reason = ""
-            if backend == "torch" and precision == "int8":
-                continue  # PyTorch INT8 is not a deployment path segdeploy offers
-            if art is None:
-                if kind != "torch" and (backend, precision) not in found:
-                    continue  # a single artifact: only its own backend is relevant
-                flag = {"fp16": "--fp16", "int8": "--int8"}.get(precision, "")
-                reason = {"onnxruntime": f"not exported: run `segdeploy export RUN {flag}`".replace("  ", " "),
-                          "tensorrt": f"no engine: run `segdeploy export RUN --trt{' --int8' if precision == 'int8' else ''}`"
-                          }.get(backend, "not available")
-            out.append(Candidate(str(model), backend, precision, art, reason))
+            if art is None and kind != "torch":
+                continue  # a single artifact: only its own backend is relevant
+            out.append(Candidate(str(model), backend, precision, art, "" if art else _missing(backend, precision)))
     return out
 
 
+def _missing(backend: str, precision: str) -> str:
+    keys = {("onnxruntime", "fp32"): "fp32", ("onnxruntime", "fp16"): "fp16", ("onnxruntime", "int8"): "int8_cpu",
+            ("tensorrt", "fp16"): "engine", ("tensorrt", "int8"): "int8_engine"}
+    command = " ".join(filter(None, ("segdeploy export RUN", EXPORT_FORMS[keys[(backend, precision)]].flags)))
+    return f"{'no engine' if backend == 'tensorrt' else 'not exported'}: run `{command}`"
+
+
 def availability(c: Candidate) -> str:
-    """'' when the backend can run here, else why not (the most fundamental reason first)."""
-    if c.backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return "TensorRT not installed (pip install 'segdeploy[trt]', NVIDIA GPU)"
-    if c.artifact is None:
+    """'' when the backend can run here, else why not (the most fundamental reason first: a
+    runtime that cannot run here before an artifact that was not made)."""
+    if c.backend not in BACKENDS:
         return c.reason
-    if c.backend == "torch" and c.precision == "fp16" and not torch.cuda.is_available():
-        return "torch fp16 needs a CUDA GPU"
-    if c.backend == "tensorrt":
-        if not torch.cuda.is_available():
-            return "TensorRT needs a CUDA GPU"
-    return ""
+    return backend_class(c.backend).available(c.precision) or (c.reason if c.artifact is None else "")
 
 
 def load(c: Candidate, threads: int) -> Backend:
-    if c.backend == "torch":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return load_backend(c.artifact, device=device, precision=c.precision)  # type: ignore[arg-type]
-    if c.backend == "onnxruntime":
-        return load_backend(c.artifact, threads=threads)  # type: ignore[arg-type]
-    return load_backend(c.artifact)  # type: ignore[arg-type]
+    """Every backend from the same options; each reads the ones that apply to it."""
+    return load_backend(c.artifact, device="auto", precision=c.precision, threads=threads)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -249,16 +228,14 @@ def time_backend(backend: Backend, x: np.ndarray, opts: BenchOptions) -> dict:
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
 
 
-def count_flops(run_dir: Path | None, bands: int, size: int) -> float | None:
+def count_flops(run: Run | None, bands: int, size: int) -> float | None:
     """FLOPs of one image through the PyTorch model (torch.utils.flop_counter), or None."""
-    if run_dir is None:
+    if run is None:
         return None
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
-        from segdeploy.runtime.torch import load_run_model
-
-        model, _ = load_run_model(run_dir)
+        model = run.build_model()
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, bands, size, size))
         return float(counter.get_total_flops())
@@ -270,99 +247,139 @@ def count_flops(run_dir: Path | None, bands: int, size: int) -> float | None:
 
 
 def bench(models: list[Path], opts: BenchOptions, log=print) -> BenchReport:  # noqa: ANN001
+    """One job per (candidate, batch): load the candidate once, measure accuracy once, time each batch."""
     threads = opts.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     report = BenchReport(threads=threads, machine=_machine())
     for model in models:
-        run = run_dir_of(Path(model))
-        flops: dict[int, float | None] = {}
-        reference: dict[str, object] = {}
+        run = Run.find(Path(model))
+        reference = Reference(run, opts, log)
+        flops = FlopCache(run)
         for cand in candidates(Path(model), opts):
-            why = availability(cand)
-            if why:
-                report.rows.append(BenchRow(cand.model, cand.backend, cand.precision, 0, opts.size, UNAVAILABLE, why))
-                continue
-            try:
-                backend = load(cand, threads)
-            except Exception as exc:  # noqa: BLE001 - the row says why; the table goes on
-                report.rows.append(BenchRow(cand.model, cand.backend, cand.precision, 0, opts.size, UNAVAILABLE,
-                                            _one_line(exc)))
-                continue
-            meta = backend.meta
-            acc = _accuracy(cand, backend, run, opts, reference, log) if opts.accuracy else {}
-            gate_failure = acc.pop("_failed", None)
-            tiled = _tiled(backend, opts) if opts.tiled else {}
-            extra = _engine_facts(cand)
-            for batch in opts.batches:
-                row = BenchRow(cand.model, cand.backend, cand.precision, batch, opts.size, OK, device=backend.device,
-                               threads=threads if backend.device == "cpu" else None, **acc, **tiled, **extra)
-                static = backend.static_shape
-                if static and static != (opts.size, opts.size):
-                    row.status, row.reason = UNAVAILABLE, f"static model: {static[0]}×{static[1]} only (use --size {static[0]})"
-                elif backend.max_batch and batch > backend.max_batch:
-                    row.status, row.reason = UNAVAILABLE, f"engine profile allows batch ≤ {backend.max_batch}"
-                elif opts.size % meta.input_divisor:
-                    row.status, row.reason = UNAVAILABLE, f"--size must be a multiple of {meta.input_divisor}"
-                else:
-                    rng = np.random.default_rng(0)
-                    x = rng.standard_normal((batch, meta.bands, opts.size, opts.size), dtype=np.float32)
-                    try:
-                        t = time_backend(backend, x, opts)
-                    except Exception as exc:  # noqa: BLE001
-                        row.status, row.reason = UNAVAILABLE, _one_line(exc)
-                    else:
-                        for k, v in t.items():
-                            setattr(row, k, _round(v))
-                        row.megapixels_per_s = _round(t["images_per_s"] * opts.size**2 / 1e6)
-                        if opts.size not in flops:
-                            flops[opts.size] = count_flops(run, meta.bands, opts.size)
-                        if flops[opts.size]:
-                            row.tflops = _round(flops[opts.size] * t["images_per_s"] / 1e12, 4)
-                        if gate_failure:
-                            row.status, row.reason = GATE_FAIL, gate_failure
-                log(f"{cand.backend} {cand.precision} batch {batch}: {row.status} "
-                    f"{'' if row.p50_ms is None else f'{row.p50_ms:.1f} ms p50'} {row.reason}")
-                report.rows.append(row)
-        if reference.get("classes"):
-            report.miou_classes[str(model)] = list(reference["classes"])  # type: ignore[call-overload]
+            report.rows += _bench_candidate(cand, opts, threads, reference, flops, log)
+        if reference.classes:
+            report.miou_classes[str(model)] = reference.classes
     return report
 
 
-def _accuracy(cand: Candidate, backend: Backend, run: Path | None, opts: BenchOptions, reference: dict,
-              log) -> dict:  # noqa: ANN001
-    """mIoU / mDice vs ground truth and agreement vs PyTorch FP32, on parity tiles."""
-    if run is None:
-        return {}
+def _bench_candidate(cand: Candidate, opts: BenchOptions, threads: int, reference: Reference, flops: FlopCache,
+                     log) -> list[BenchRow]:  # noqa: ANN001
+    def unavailable(why: str) -> list[BenchRow]:
+        return [BenchRow(cand.model, cand.backend, cand.precision, 0, opts.size, UNAVAILABLE, why)]
+
+    why = availability(cand)
+    if why:
+        return unavailable(why)
     try:
+        backend = load(cand, threads)
+    except Exception as exc:  # noqa: BLE001 - the row says why; the table goes on
+        return unavailable(_one_line(exc))
+    acc = reference.accuracy(cand, backend) if opts.accuracy else Accuracy()
+    common = {"device": backend.device, "threads": threads if backend.device == "cpu" else None,
+              "miou": acc.miou, "mdice": acc.mdice, "agreement": acc.agreement,
+              **(_tiled(backend, opts) if opts.tiled else {}), **_engine_facts(cand)}
+    rows = []
+    for batch in opts.batches:
+        row = BenchRow(cand.model, cand.backend, cand.precision, batch, opts.size, OK, **common)
+        _time_row(row, backend, opts, flops)
+        if row.status == OK and acc.failure:
+            row.status, row.reason = GATE_FAIL, acc.failure
+        log(f"{cand.backend} {cand.precision} batch {batch}: {row.status} "
+            f"{'' if row.p50_ms is None else f'{row.p50_ms:.1f} ms p50'} {row.reason}")
+        rows.append(row)
+    return rows
+
+
+def _time_row(row: BenchRow, backend: Backend, opts: BenchOptions, flops: FlopCache) -> None:
+    """Fill a row's timing columns, or mark it unavailable with the reason."""
+    meta, static = backend.meta, backend.static_shape
+    if static and static != (opts.size, opts.size):
+        row.status, row.reason = UNAVAILABLE, f"static model: {static[0]}×{static[1]} only (use --size {static[0]})"
+        return
+    if backend.max_batch and row.batch > backend.max_batch:
+        row.status, row.reason = UNAVAILABLE, f"engine profile allows batch ≤ {backend.max_batch}"
+        return
+    if opts.size % meta.input_divisor:
+        row.status, row.reason = UNAVAILABLE, f"--size must be a multiple of {meta.input_divisor}"
+        return
+    x = np.random.default_rng(0).standard_normal((row.batch, meta.bands, opts.size, opts.size), dtype=np.float32)
+    try:
+        t = time_backend(backend, x, opts)
+    except Exception as exc:  # noqa: BLE001
+        row.status, row.reason = UNAVAILABLE, _one_line(exc)
+        return
+    for k, v in t.items():
+        setattr(row, k, _round(v))
+    row.megapixels_per_s = _round(t["images_per_s"] * opts.size**2 / 1e6)
+    per_image = flops.get(meta.bands, opts.size)
+    if per_image:
+        row.tflops = _round(per_image * t["images_per_s"] / 1e12, 4)
+
+
+class FlopCache:
+    """FLOPs per image of the run's PyTorch model, counted once per size."""
+
+    def __init__(self, run: Run | None) -> None:
+        self.run, self.cache = run, {}
+
+    def get(self, bands: int, size: int) -> float | None:
+        if size not in self.cache:
+            self.cache[size] = count_flops(self.run, bands, size)
+        return self.cache[size]
+
+
+@dataclass
+class Accuracy:
+    miou: float | None = None
+    mdice: float | None = None
+    agreement: float | None = None
+    failure: str = ""  # why the candidate fails the parity gate ('' when it passes or was not checked)
+
+
+class Reference:
+    """The parity reference every candidate of a run is compared with: a fresh PyTorch FP32 run
+    on the run's validation tiles (the same as export's gate), made once, on first use."""
+
+    def __init__(self, run: Run | None, opts: BenchOptions, log) -> None:  # noqa: ANN001
+        self.run, self.opts, self.log = run, opts, log
+        self.x = self.y = self.logits = None
+        self.rec = None
+        self.classes: list[str] = []
+
+    def _make(self, tile: int) -> None:
         from segdeploy import recipe as recipe_mod
-        from segdeploy.artifact import RECIPE_FILE
-        from segdeploy.parity import compare, parity_tiles, run_batched
+        from segdeploy.parity import parity_tiles, run_batched
         from segdeploy.runtime.torch import TorchBackend
 
-        rec = recipe_mod.load(run / RECIPE_FILE, data_root=opts.data)
-        tile = backend.static_shape[0] if backend.static_shape else backend.meta.tile_size
-        if "x" not in reference:
-            ref_backend = TorchBackend.load(run)
-            x, y = parity_tiles(rec, ref_backend.meta, tile, rec.parity.samples)
-            reference.update(x=x, y=y, logits=run_batched(ref_backend, x), rec=rec)
-        cand_logits = run_batched(backend, reference["x"])  # type: ignore[arg-type]
-        rep = compare(reference["logits"], cand_logits, reference["y"], backend.meta, rec.parity,  # type: ignore[arg-type]
-                      cand.backend, cand.precision)
-        from segdeploy.metrics import ConfusionMatrix
+        self.rec = self.run.recipe if self.opts.data is None else recipe_mod.load(self.run.recipe_path,
+                                                                                  data_root=self.opts.data)
+        ref = TorchBackend(self.run.build_model(), self.run.meta, self.run.root)
+        self.x, self.y = parity_tiles(self.rec, ref.meta, tile, self.rec.parity.samples)
+        self.logits = run_batched(ref, self.x)
 
-        cm = ConfusionMatrix(backend.meta.num_classes, backend.meta.ignore_index)
-        cm.update(cand_logits.argmax(1), reference["y"])  # type: ignore[arg-type]
-        m = cm.compute(backend.meta.classes)
-        present = m.present()  # the same tiles for every row: every mean covers the same classes
-        reference.setdefault("classes", [m.names[i] for i in present])
-        out = {"miou": _round(m.mean_over(m.iou, present), 4), "mdice": _round(m.mean_over(m.dice, present), 4),
-               "agreement": _round(rep.agreement, 6)}
-        if not rep.passed:
-            out["_failed"] = "fails the parity gate: " + "; ".join(rep.failures)
-        return out
-    except Exception as exc:  # noqa: BLE001 - no data here: accuracy columns stay empty
-        log(f"accuracy skipped for {cand.backend} {cand.precision}: {_one_line(exc)}")
-        return {}
+    def accuracy(self, cand: Candidate, backend: Backend) -> Accuracy:
+        """mIoU / mDice vs ground truth and agreement vs PyTorch FP32, on parity tiles."""
+        if self.run is None:
+            return Accuracy()
+        try:
+            from segdeploy.metrics import ConfusionMatrix
+            from segdeploy.parity import compare, run_batched
+
+            if self.x is None:
+                self._make(backend.static_shape[0] if backend.static_shape else backend.meta.tile_size)
+            logits = run_batched(backend, self.x)
+            rep = compare(self.logits, logits, self.y, backend.meta, self.rec.parity, cand.backend, cand.precision)
+            cm = ConfusionMatrix(backend.meta.num_classes, backend.meta.ignore_index)
+            cm.update(logits.argmax(1), self.y)
+            m = cm.compute(backend.meta.classes)
+            present = m.present()  # the same tiles for every row: every mean covers the same classes
+            self.classes = self.classes or [m.names[i] for i in present]
+            return Accuracy(_round(m.mean_over(m.iou, present), 4), _round(m.mean_over(m.dice, present), 4),
+                            _round(rep.agreement, 6), "" if rep.passed else "fails the parity gate: "
+                            + "; ".join(rep.failures))
+        except Exception as exc:  # noqa: BLE001 - no data here: accuracy columns stay empty
+            self.log(f"accuracy skipped for {cand.backend} {cand.precision}: {_one_line(exc)}")
+            return Accuracy()
 
 
 def _tiled(backend: Backend, opts: BenchOptions) -> dict:
@@ -372,8 +389,7 @@ def _tiled(backend: Backend, opts: BenchOptions) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
         res = predict_file(backend, Path(opts.tiled), Path(tmp) / "pred.tif",  # type: ignore[arg-type]
-                           PredictOptions(tile=backend.meta.tile_size, overlap=min(64, backend.meta.tile_size // 4),
-                                          batch=8 if backend.device.startswith("cuda") else 2))
+                           PredictOptions(tile=backend.meta.tile_size))  # predict's own defaults
     return {"tiled_mp_per_s": _round(res.megapixels_per_s), "tiled_peak_rss_mb": _round(rss.peak)}
 
 
@@ -382,9 +398,9 @@ def _engine_facts(c: Candidate) -> dict:
         return {}
     import json
 
-    from segdeploy.runtime.tensorrt import sidecar
+    from segdeploy.artifact import engine_sidecar
 
-    side = json.loads(sidecar(c.artifact).read_text())
+    side = json.loads(engine_sidecar(c.artifact).read_text())
     return {"build_s": side.get("build_seconds"), "engine_mb": _round(c.artifact.stat().st_size / 2**20)}
 
 
@@ -462,19 +478,18 @@ def plot(report: BenchReport, path: Path) -> Path:
 
 def log_to_mlflow(report: BenchReport) -> list[str]:
     """Each run's rows go to the MLflow run that trained it, when there is one."""
-    from segdeploy.artifact import read_run_meta
     from segdeploy.errors import UserError
     from segdeploy.tracking import log_report
 
     notes = []
     for model in sorted({r.model for r in report.rows}):
-        run = run_dir_of(Path(model))
+        run = Run.find(Path(model))
         if run is None:
             continue
         rows = [r.to_dict() for r in report.rows if r.model == model]
         metrics = {f"bench_{r['backend']}_{r['precision']}_b{r['batch']}_p50_ms": r["p50_ms"] for r in rows}
         try:
-            note = log_report(read_run_meta(run), "bench", {"machine": report.machine, "rows": rows}, metrics)
+            note = log_report(run.info, "bench", {"machine": report.machine, "rows": rows}, metrics)
         except UserError as exc:
             note = f"bench rows not logged to MLflow: {exc}"
         if note:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from segdeploy import recipe as recipe_mod
-from segdeploy.artifact import RECIPE_FILE
+from segdeploy.artifact import EVAL_DIR, Run
 from segdeploy.data.dataset import SegmentationDataset, discover
 from segdeploy.errors import ArtifactError
 from segdeploy.metrics import ConfusionMatrix, SegMetrics, level_mious
@@ -39,21 +39,14 @@ class EvalReport:
                 "files": [str(p) for p in self.files]}
 
 
-def run_dir_of(model_path: Path) -> Path | None:
-    """The run directory an artifact belongs to: itself, or RUN/export/model.onnx -> RUN."""
-    for cand in (model_path, model_path.parent, model_path.parent.parent):
-        if cand.is_dir() and (cand / RECIPE_FILE).is_file():
-            return cand
-    return None
-
-
 def recipe_for(model_path: Path, recipe_path: Path | None = None, data_root: Path | None = None) -> Recipe:
+    """The recipe to evaluate with: --recipe, else the one of the run the artifact belongs to."""
     if recipe_path is not None:
         return recipe_mod.load(recipe_path, data_root=data_root)
-    run = run_dir_of(model_path)
+    run = Run.find(model_path)
     if run is None:
         raise ArtifactError(f"cannot find the recipe for {model_path}; pass --recipe RECIPE.yaml")
-    return recipe_mod.load(run / RECIPE_FILE, data_root=data_root)
+    return run.recipe if data_root is None else recipe_mod.load(run.recipe_path, data_root=data_root)
 
 
 def evaluate(
@@ -78,9 +71,8 @@ def evaluate(
     if meta.bands != rec.data.bands:
         raise ArtifactError(f"{model_path} expects {meta.bands} bands but the data has {rec.data.bands}")
     if out_dir is None:
-        base = model_path if model_path.is_dir() else model_path.parent
-        tag = "" if model_path.is_dir() else f"{model_path.name}-"
-        out_dir = base / "eval" / f"{tag}{split}"
+        out_dir = (Run(model_path).eval_dir(split) if model_path.is_dir()
+                   else model_path.parent / EVAL_DIR / f"{model_path.name}-{split}")
     out_dir = Path(out_dir)
     writable_location(out_dir)  # an unwritable output fails before the evaluation, not after
     samples = discover(rec.data, split)

@@ -35,7 +35,7 @@ from segdeploy.raster import (
     write_picture_outputs,
 )
 from segdeploy.runtime.base import Backend
-from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, pad_to, softmax, window_starts
+from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, normalize, pad_to, softmax, window_starts
 from segdeploy.utils import peak_rss_mb, writable_location, write_json
 
 Progress = Callable[[int, int, int], None]  # (tiles done, tiles in all, pixels in the scene)
@@ -45,7 +45,7 @@ Progress = Callable[[int, int, int], None]  # (tiles done, tiles in all, pixels 
 class PredictOptions:
     tile: int | None = None
     overlap: int | None = None  # None: default_overlap(tile)
-    batch: int = 8
+    batch: int | None = None  # None: 8 on a GPU, 2 on CPU (larger batches cost memory and gain no speed there)
     blend: str = "gaussian"
     probs: bool = False
     resume: bool = False
@@ -155,7 +155,8 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> T
         raise UserError(f"--overlap {overlap} must be between 0 and half the tile ({tile // 2})")
     if opts.blend not in BLENDS:
         raise UserError(f"--blend {opts.blend!r} is unknown; choose one of {', '.join(BLENDS)}")
-    batch = min(opts.batch, backend.max_batch or opts.batch)
+    batch = opts.batch or (8 if backend.device.startswith("cuda") else 2)
+    batch = min(batch, backend.max_batch or batch)
     return TilePlan(tile, overlap, batch, scale, window_starts(reader.height, tile, overlap),
                     window_starts(reader.width, tile, overlap))
 
@@ -338,8 +339,6 @@ class TilePipeline:
         self.replay_from = max(start_row - 1, 0)
         if self.replay_from:
             self.acc.start_at(self.replay_from)
-        self.mean = np.asarray(meta.mean, np.float32).reshape(1, -1, 1, 1)
-        self.std = np.asarray(meta.std, np.float32).reshape(1, -1, 1, 1)
         self.work: queue.Queue = queue.Queue(maxsize=2)
         self.results: queue.Queue = queue.Queue(maxsize=2)
         self.errors: list[BaseException] = []
@@ -394,7 +393,8 @@ class TilePipeline:
         arrays = [a for _, _, a in items if a is not None]
         probs: Iterator[np.ndarray] = iter(())
         if arrays:
-            x = (np.stack(arrays).astype(np.float32) / self.plan.scale - self.mean) / self.std
+            meta = self.backend.meta
+            x = normalize(np.stack(arrays), self.plan.scale, meta.mean, meta.std)
             probs = iter(softmax(self.backend(x)))
         self.skipped += len(items) - len(arrays)
         return [(r, c, next(probs) if a is not None else None) for r, c, a in items]

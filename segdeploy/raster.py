@@ -370,3 +370,19 @@ def write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.n
     with atomic_path(ov_path) as tmp:
         Image.fromarray(overlay).save(tmp, format="PNG")
     return [str(png), str(ov_path)]
+
+
+def pixel_agreement(pred: Path, labels: Path) -> float:
+    """Pixel accuracy of a class raster against a label raster, read block row by block row."""
+    import rasterio
+    from rasterio.windows import Window
+
+    hit = total = 0
+    with rasterio.open(pred) as p, rasterio.open(labels) as t:
+        for y in range(0, p.height, 512):
+            win = Window(0, y, p.width, min(512, p.height - y))
+            a, b = p.read(1, window=win), t.read(1, window=win)
+            valid = b != t.nodata
+            hit += int((a[valid] == b[valid]).sum())
+            total += int(valid.sum())
+    return hit / max(total, 1)

@@ -56,6 +56,14 @@ def forward_padded(backend, batch: np.ndarray) -> np.ndarray:  # noqa: ANN001 - 
     return backend(x)[..., :h, :w]
 
 
+def normalize(pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """The model's input, the one definition every verb uses: pixels / full scale, minus the band
+    mean, over the band std; float32, bands on axis -3 (B×H×W or N×B×H×W)."""
+    mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(std, np.float32).reshape(-1, 1, 1)
+    return (np.asarray(pixels, np.float32) / np.float32(scale) - mean) / std
+
+
 def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     """float32 softmax over `axis` (classes), stable for large logits."""
     z = logits.astype(np.float32, copy=False) - logits.max(axis=axis, keepdims=True)

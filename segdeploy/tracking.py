@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from segdeploy.artifact import LAST_CKPT
 from segdeploy.errors import UserError
 
 TENSORBOARD_DIR = "tensorboard"
@@ -105,7 +106,7 @@ class Tracker:
         m.log_metrics({f"best_val_iou_{c['class']}": c["iou"] for c in per_class if c["iou"] is not None})
         m.log_dict({"per_class": per_class}, "per_class.json")
         for path in sorted(run_dir.iterdir()):
-            if path.name in ("last.ckpt", TENSORBOARD_DIR):
+            if path.name in (LAST_CKPT, TENSORBOARD_DIR):
                 continue
             if path.is_dir():
                 m.log_artifacts(str(path), f"run/{path.name}")

@@ -382,7 +382,7 @@ def _restore(out: Path, rec: Recipe, st: _Setup, console: Console) -> tuple[int,
                     st.scheduler.step()
             console.print(f"schedule re-planned for {rec.train.epochs} epochs")
     console.print(f"resuming {out} at epoch {int(ckpt['epoch']) + 1}")
-    return int(ckpt["epoch"]) + 1, float(ckpt["best_miou"]), int(ckpt["best_epoch"]), _read_history(out / "history.csv")
+    return int(ckpt["epoch"]) + 1, float(ckpt["best_miou"]), int(ckpt["best_epoch"]), _read_history(out / art.HISTORY_FILE)
 
 
 def _train_epoch(rec: Recipe, st: _Setup, device: str, on_batch: Callable[[float], None]) -> tuple[float, int, float]:
@@ -488,7 +488,7 @@ def _epochs(rec: Recipe, out: Path, st: _Setup, device: str, state: tuple[int, f
         final["best_val_levels"] = level_mious(cm.matrix, rec.classes.names, rec.classes.hierarchy,
                                                rec.eval.exclude_background)
     if main:
-        plot_history(history, out / "plots")
+        plot_history(history, out / art.PLOTS_DIR)
         if tracker is not None and tracker.mlflow_run:
             final["mlflow"] = tracker.mlflow_run
         write_json(out / art.META_FILE, final)
@@ -505,7 +505,7 @@ def _record_epoch(out: Path, rec: Recipe, st: _Setup, history: list[dict], impro
         tracker.log_epoch(history[-1])
     if improved:
         _save_weights(st.net, out / art.WEIGHTS_FILE)
-    _write_history(out / "history.csv", history)
+    _write_history(out / art.HISTORY_FILE, history)
     epoch = int(history[-1]["epoch"])
     _save_last(out / art.LAST_CKPT, st.net, st.opt, st.scheduler, epoch, rec.train.epochs, best_miou, best_epoch,
                rec.digest())

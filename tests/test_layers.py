@@ -45,3 +45,31 @@ def test_the_layer_check_sees_imports_inside_functions(tmp_path: Path) -> None:
     probe.write_text("def f():\n    from segdeploy.export.onnx import read_metadata\n")
     assert imports_of(probe) == {"segdeploy.export.onnx"}
 
+
+RUN_FILE_NAMES = ("history.csv", "meta.json", "model.safetensors", "recipe.yaml", "last.ckpt", "splits.json", "parity.json",
+                  "parity.md", "model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8.cpu.onnx",
+                  "model.engine", "model.int8.engine")
+
+
+def code_strings(path: Path) -> list[str]:
+    """String constants in code, docstrings and help texts aside (those may name files for people)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    helps = {id(k.value) for n in ast.walk(tree) if isinstance(n, ast.Call) for k in n.keywords if k.arg == "help"}
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs and id(n) not in helps]
+
+
+def test_run_file_names_are_spelled_only_in_artifact() -> None:
+    offenders = [(p.relative_to(PKG.parent).as_posix(), s) for p in modules("**/*.py") if p.name != "artifact.py"
+                 for s in code_strings(p) if any(name == s or f"/{name}" in s or s.startswith(name) for name in RUN_FILE_NAMES)]
+    assert not offenders, offenders
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    long = [(p.relative_to(PKG.parent).as_posix(), n.name, n.end_lineno - n.lineno + 1) for p in modules("**/*.py")
+            for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > 80]
+    assert not long, long

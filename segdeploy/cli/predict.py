@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import typer
@@ -66,7 +65,7 @@ def predict_cmd(
     options: dict = {"threads": threads} if threads else {}
     if kind == "torch":
         options["device"] = device
-    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch or 0, blend=blend, probs=probs, resume=resume,
+    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
                           bands=band_list, input_max=input_max, preview=preview, cog=cog)
     many = len(files) > 1 or out.is_dir()
     jobs, finished = plan_jobs(files, out, many, resume)
@@ -89,7 +88,7 @@ def _run(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: s
     """Run the jobs serially or on Ray under one progress bar; print each outcome; the summary."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-    from segdeploy.jobs import Tally
+    from segdeploy.jobs import Tally, run_jobs
     from segdeploy.utils import live_progress
 
     tally = Tally(len(jobs))
@@ -108,14 +107,14 @@ def _run(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: s
             tally.tiles(index, done, total, pixels)
             redraw()
 
-        for outcome in _outcomes(model, options, jobs, opts, use_ray, address, workers, on_tiles, info):
+        for outcome in run_jobs(model, options, jobs, opts, use_ray, address, workers, on_tiles, info):
             tally.finish(outcome)
             redraw()
             _print_outcome(outcome)
             outcomes.append(outcome)
     mp = tally.pixels_done / 1e6
     console.print(f"{tally.done - tally.failed} of {len(jobs)} rasters predicted, {mp:.1f} MP in {tally.seconds:.1f}s "
-                  f"= {tally.megapixels_per_s:.2f} MP/s{info.get('where', '')}"
+                  f"= {tally.megapixels_per_s:.2f} MP/s{_where(info.get('ray'))}"
                   f"{f', {tally.failed} failed' if tally.failed else ''}", soft_wrap=True)
     return {"backend": info.get("backend", ""), "ray": info.get("ray"), "seconds": round(tally.seconds, 3),
             "megapixels_per_s": round(tally.megapixels_per_s, 3),
@@ -123,47 +122,11 @@ def _run(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: s
             "failures": [o.to_dict() for o in outcomes if o.error]}
 
 
-def _outcomes(model, options, jobs, opts, use_ray, address, workers, on_tiles, info):  # noqa: ANN001, ANN202
-    """Outcomes from the serial runner, or from Ray's actor pool (the cluster is left at the end)."""
-    if not jobs:
-        return
-    if not use_ray:
-        from segdeploy.jobs import run_serial
-        from segdeploy.runtime import load_backend
-
-        backend = load_backend(model, **options)
-        opts.batch = opts.batch or (8 if backend.device.startswith("cuda") else 2)
-        info["backend"] = backend.describe()
-        yield from run_serial(backend, jobs, opts, on_tiles)
-        return
-    from segdeploy import cluster as ray_cluster
-
-    gpu = backend_for_gpu(model, options)
-    t0 = time.perf_counter()
-    cl = ray_cluster.connect(address, workers, options.get("threads"), gpu, len(jobs))
-    try:
-        opts.batch = opts.batch or (8 if gpu else 2)
-        info["ray"] = cl.to_dict() | {"connect_seconds": round(time.perf_counter() - t0, 2)}
-        info["where"] = (f" on Ray ({cl.address}: {plural(cl.workers, 'worker')} × {plural(cl.threads, 'thread')}, "
-                         f"{cl.cpus:g} CPUs in the cluster)")
-        yield from ray_cluster.run_on_ray(model, options, jobs, opts, cl, on_tiles,
-                                          on_ready=lambda d: info.__setitem__("backend", d))
-    finally:
-        ray_cluster.disconnect(cl)
-
-
-def backend_for_gpu(model: Path, options: dict) -> bool:
-    """Whether each Ray worker needs a GPU: engines always, the torch backend unless told cpu."""
-    from segdeploy.runtime import backend_for
-
-    kind = backend_for(model)
-    return kind == "tensorrt" or (kind == "torch" and options.get("device", "auto") != "cpu" and _has_cuda())
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def _where(ray: dict | None) -> str:
+    if not ray:
+        return ""
+    return (f" on Ray ({ray['address']}: {plural(ray['workers'], 'worker')} × {plural(ray['threads_per_worker'], 'thread')}"
+            f", {ray['cluster_cpus']:g} CPUs in the cluster)")
 
 
 def plural(n: int, word: str) -> str:

@@ -45,8 +45,7 @@ def quickstart_cmd(
     info = synth(data_dir, scene_size=scene_size)
     console.print(f"{sum(info['splits'].values())} images + {scene_size}² scene in {data_dir}")
     console.rule("2/6 train recipes/demo.yaml")
-    overrides = [f"train.epochs={epochs}"] if epochs else []
-    rec = recipe_mod.load(DEMO_RECIPE, overrides, data_dir)
+    rec = recipe_mod.load(DEMO_RECIPE, [f"train.epochs={epochs}"] if epochs else [], data_dir)
     result = fit(rec, run_dir, overwrite=True, progress=progress, console=console)
     console.rule("3/6 evaluate on the test split")
     report = evaluate(run_dir, "test")
@@ -55,35 +54,59 @@ def quickstart_cmd(
     exported = export_run(run_dir, ExportOptions(fp16=True),
                           log=lambda m: console.print(m, markup=False, highlight=False))
     console.rule("5/6 tiled prediction of the georeferenced scene with the FP16 ONNX")
+    pred, scene_acc = _predict_scene(Path(exported.files["onnx_fp16"]), info, out / "scene_pred.tif")
+    console.rule("6/6 bench: every backend available here, batch 1")
+    bench_report = _bench(run_dir, rec.data.tile_size)
+    summary = _summary(time.perf_counter() - t0, data_dir, run_dir, result, report, exported, info, pred, scene_acc,
+                       bench_report)
+    console.rule("summary")
+    console.print(f"test mIoU [bold]{summary['test_miou']:.4f}[/] (val {summary['best_val_miou']:.4f}) "
+                  f"in {summary['seconds']:.0f}s")
+    _print_map(summary["artifacts"], Path(report.out_dir), run_dir)
+    emit_json(summary, json_out)
+
+
+def _predict_scene(model: Path, info: dict, pred_path: Path):  # noqa: ANN202 - (PredictResult, accuracy)
     from segdeploy.predict import PredictOptions, predict_file
+    from segdeploy.raster import pixel_agreement
     from segdeploy.runtime import load_backend
 
-    pred_path = out / "scene_pred.tif"
-    pred = predict_file(load_backend(exported.files["onnx_fp16"]), Path(info["scene"]), pred_path,
-                        PredictOptions(tile=256, overlap=32, batch=4))
-    scene_acc = _agreement(pred_path, Path(info["scene_labels"]))
+    pred = predict_file(load_backend(model), Path(info["scene"]), pred_path, PredictOptions(tile=256, overlap=32, batch=4))
+    scene_acc = pixel_agreement(pred_path, Path(info["scene_labels"]))
     console.print(f"{pred.width}×{pred.height} px in {pred.seconds:.1f}s = {pred.megapixels_per_s:.2f} MP/s, "
                   f"peak RSS {pred.peak_rss_mb:.0f} MB, pixel accuracy vs scene labels {scene_acc:.4f}")
-    console.rule("6/6 bench: every backend available here, batch 1")
+    return pred, scene_acc
+
+
+def _bench(run_dir: Path, size: int):  # noqa: ANN202 - a BenchReport
     from rich.table import Table
 
     from segdeploy.bench import BenchOptions, bench
     from segdeploy.cli.bench import MARKS
 
-    bench_report = bench([run_dir], BenchOptions(precisions=("fp32", "fp16"), batches=(1,), size=rec.data.tile_size,
-                                                 min_iters=10, min_seconds=1.0), log=lambda m: None)
-    compact = Table(title=f"batch 1 · {rec.data.tile_size}² · full table: segdeploy bench {run_dir}", title_justify="left")
+    report = bench([run_dir], BenchOptions(precisions=("fp32", "fp16"), batches=(1,), size=size, min_iters=10,
+                                           min_seconds=1.0), log=lambda m: None)
+    compact = Table(title=f"batch 1 · {size}² · full table: segdeploy bench {run_dir}", title_justify="left")
     for col in ("", "backend", "p50 ms", "img/s", "mIoU", "agreement", "note"):
         compact.add_column(col, justify="right" if col in ("p50 ms", "img/s", "mIoU", "agreement") else "left",
                            no_wrap=col != "note", overflow="fold")
-    for r in bench_report.rows:
+    for r in report.rows:
         compact.add_row(MARKS[r.status], f"{r.backend} {r.precision}", "-" if r.p50_ms is None else f"{r.p50_ms:.1f}",
                         "-" if r.images_per_s is None else f"{r.images_per_s:.1f}",
                         "-" if r.miou is None else f"{r.miou:.4f}",
                         "-" if r.agreement is None else f"{r.agreement:.3%}", escape(r.reason))
     console.print(compact)
-    summary = {
-        "seconds": round(time.perf_counter() - t0, 1),
+    return report
+
+
+def _summary(seconds: float, data_dir: Path, run_dir: Path, result, report, exported, info: dict, pred,  # noqa: ANN001
+             scene_acc: float, bench_report) -> dict:  # noqa: ANN001
+    from segdeploy.artifact import Run
+    from segdeploy.viz import preview_path
+
+    run = Run(run_dir)
+    return {
+        "seconds": round(seconds, 1),
         "data": str(data_dir),
         "run_dir": str(run_dir),
         "best_val_miou": round(result.best_miou, 4),
@@ -95,23 +118,18 @@ def quickstart_cmd(
         "parity": {k: {"agreement": round(r.agreement, 6), "worst_iou_drop_points": round(r.worst_drop, 3),
                        "passed": r.passed} for k, r in exported.parity.items()},
         "artifacts": {
-            "weights": str(run_dir / "model.safetensors"),
-            "history": str(run_dir / "history.csv"),
-            "curves": str(run_dir / "plots"),
+            "weights": str(run.weights),
+            "history": str(run.history_path),
+            "curves": str(run.plots_dir),
             "eval": str(report.out_dir),
             "onnx": exported.files["onnx"],
             "onnx_fp16": exported.files["onnx_fp16"],
             "parity": exported.files["parity_summary"],
             "scene": info["scene"],
-            "scene_prediction": str(pred_path),
-            "scene_preview": str(pred_path.with_name(f"{pred_path.stem}_preview.png")),
+            "scene_prediction": str(pred.output),
+            "scene_preview": str(preview_path(Path(pred.output))),
         },
     }
-    console.rule("summary")
-    console.print(f"test mIoU [bold]{summary['test_miou']:.4f}[/] (val {summary['best_val_miou']:.4f}) "
-                  f"in {summary['seconds']:.0f}s")
-    _print_map(summary["artifacts"], Path(report.out_dir), run_dir)
-    emit_json(summary, json_out)
 
 
 def _print_map(files: dict[str, str], eval_dir: Path, run_dir: Path) -> None:
@@ -127,20 +145,3 @@ def _print_map(files: dict[str, str], eval_dir: Path, run_dir: Path) -> None:
     for k, v in files.items():
         console.print(f"  {k:<17} {v}", soft_wrap=True)
     console.print(f"next: segdeploy bench {run_dir}   ·   segdeploy eval {run_dir} --split test --json -")
-
-
-def _agreement(pred: Path, labels: Path) -> float:
-    """Pixel accuracy of a class raster against a label raster, read block row by block row."""
-    import numpy as np
-    import rasterio
-    from rasterio.windows import Window
-
-    hit = total = 0
-    with rasterio.open(pred) as p, rasterio.open(labels) as t:
-        for y in range(0, p.height, 512):
-            win = Window(0, y, p.width, min(512, p.height - y))
-            a, b = p.read(1, window=win), t.read(1, window=win)
-            valid = b != t.nodata
-            hit += int((a[valid] == b[valid]).sum())
-            total += int(valid.sum())
-    return hit / max(total, 1)

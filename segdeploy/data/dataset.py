@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from segdeploy.data.io import decode_mask, read_image, read_mask_raw
 from segdeploy.errors import DataError
 from segdeploy.recipe import AugmentConfig, ClassesConfig, DataConfig
+from segdeploy.tiling import normalize
 
 SPLITS = ("train", "val", "test")
 
@@ -248,15 +249,15 @@ class SegmentationDataset(Dataset):
         return image, mask
 
     def set_normalization(self, mean: list[float], std: list[float]) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.mean_values, self.std_values = list(mean), list(std)
 
     def to_tensor(self, image: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32))
         return x / self.data.max_pixel_value
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        """Already scaled to [0, 1] by `to_tensor` (augmentations work on that): tiling's normalize."""
+        return torch.from_numpy(normalize(x.numpy(), 1.0, self.mean_values, self.std_values))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(i)

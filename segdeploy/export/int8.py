@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from segdeploy.artifact import EXPORT_FORMS
 from segdeploy.errors import UserError
 
-FORMS = {"tensorrt": "model.int8.onnx", "cpu": "model.int8.cpu.onnx"}
+FORMS = {"tensorrt": EXPORT_FORMS["int8"].file, "cpu": EXPORT_FORMS["int8_cpu"].file}
 METHODS = ("minmax", "entropy", "percentile")
 # the nodes whose arithmetic INT8 makes cheap; the share of their FLOPs that is quantized is reported
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")

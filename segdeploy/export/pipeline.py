@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from segdeploy import recipe as recipe_mod
-from segdeploy.artifact import RECIPE_FILE, WEIGHTS_FILE, ModelMeta, require_finished, source_record
+from segdeploy.artifact import EXPORT_FORMS, PARITY_FILE, PARITY_SUMMARY, ModelMeta, Run, engine_sidecar, source_record
 from segdeploy.errors import UserError
 from segdeploy.export import fp16 as fp16_mod
 from segdeploy.export import int8 as int8_mod
@@ -26,8 +26,8 @@ from segdeploy.parity import ParityReport, as_numpy_batches, compare, gate, pari
 from segdeploy.recipe import Recipe
 from segdeploy.utils import atomic_path, versions, writable_location, write_json
 
-FP32_ONNX, FP16_ONNX, ENGINE = "model.onnx", "model.fp16.onnx", "model.engine"
-INT8_ONNX, INT8_CPU_ONNX, INT8_ENGINE = int8_mod.FORMS["tensorrt"], int8_mod.FORMS["cpu"], "model.int8.engine"
+FP32_ONNX, FP16_ONNX, ENGINE = (EXPORT_FORMS[k].file for k in ("fp32", "fp16", "engine"))
+INT8_ONNX, INT8_CPU_ONNX, INT8_ENGINE = (EXPORT_FORMS[k].file for k in ("int8", "int8_cpu", "int8_engine"))
 DERIVED = (FP16_ONNX, ENGINE, INT8_ONNX, INT8_CPU_ONNX, INT8_ENGINE)
 
 
@@ -92,30 +92,30 @@ class _Gate:
 def export_run(run_dir: Path, opts: ExportOptions, log: Callable[[str], None] = print) -> ExportReport:
     """FP32 ONNX, then (as asked) FP16 ONNX, INT8 ONNX and TensorRT engines, each gated before it
     gets its final name; a failed stage removes the artifacts that would now be stale."""
-    from segdeploy.runtime.torch import TorchBackend, load_run_model
+    from segdeploy.runtime.torch import TorchBackend
 
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    require_finished(run_dir)
-    writable_location(run_dir / "export")
+    run = Run.open_finished(run_dir)
+    writable_location(run.export_dir)
     for assignment in opts.parity_overrides:
         if not assignment.startswith("parity."):
             raise UserError(f"export --set {assignment!r}: only parity.* thresholds can change after training")
     if opts.calib_method not in int8_mod.METHODS:
         raise UserError(f"--calib-method {opts.calib_method!r} is unknown; choose from {', '.join(int8_mod.METHODS)}")
-    rec = recipe_mod.load(run_dir / RECIPE_FILE, opts.parity_overrides, opts.data_root)
-    reference = TorchBackend.load(run_dir)  # fresh PyTorch FP32 run: the yardstick
-    model, meta = load_run_model(run_dir)  # a second copy: preflight rewrites it in place
+    rec = recipe_mod.load(run.recipe_path, opts.parity_overrides, opts.data_root)
+    meta, built = run.meta, run.build_model()
+    reference = TorchBackend(built, meta, run.root)  # fresh PyTorch FP32 run: the yardstick
+    model = copy.deepcopy(built)  # preflight rewrites its copy in place
     plan = preflight(model, meta, opts.tile or meta.tile_size)
     if not plan.dynamic:
         log(f"static export at {plan.tile}×{plan.tile}: {'; '.join(plan.static_reasons)}")
     for f in plan.findings:
         log(f"preflight: {f}")
-    out = run_dir / "export"
+    out = run.export_dir
     meta = replace(meta, tile_size=plan.tile, static_size=None if plan.dynamic else plan.tile, versions=versions(),
-                   source=source_record(run_dir / WEIGHTS_FILE, out))
+                   source=source_record(run.weights, out))
     out.mkdir(exist_ok=True)
-    report = ExportReport(run_dir, out, plan)
+    report = ExportReport(run.root, out, plan)
     gate_ = _Gate(reference, rec, meta, plan.tile, report, log)
     proto32 = _export_fp32(model, meta, plan, out, opts, gate_, report)
     if opts.fp16 or opts.trt:
@@ -131,18 +131,17 @@ def export_run(run_dir: Path, opts: ExportOptions, log: Callable[[str], None] = 
             _export_engine(out / INT8_ONNX, INT8_ENGINE, "int8", meta, plan, opts, gate_, report, log)
     report.seconds = time.perf_counter() - t0
     report.files.update(_write_parity(report))
-    _track(run_dir, report, log)
+    _track(run, report, log)
     return report
 
 
-def _track(run_dir: Path, report: ExportReport, log: Callable[[str], None]) -> None:
+def _track(run: Run, report: ExportReport, log: Callable[[str], None]) -> None:
     """The parity reports go to the MLflow run that trained this model, when there is one."""
-    from segdeploy.artifact import read_run_meta
     from segdeploy.tracking import log_report
 
     metrics = {f"parity_{k}_agreement": r.agreement for k, r in report.parity.items()}
     try:
-        note = log_report(read_run_meta(run_dir), "export", report.to_dict(), metrics)
+        note = log_report(run.info, "export", report.to_dict(), metrics)
     except UserError as exc:
         note = f"export report not logged to MLflow: {exc}"
     if note:
@@ -298,8 +297,10 @@ def _export_engine(onnx_path: Path, name: str, precision: str, meta: ModelMeta, 
     hidden candidate name, and only then give it (and its sidecar) the final name."""
     import os
 
-    from segdeploy.export.tensorrt import build_engine, derive_profile, sidecar
+    from segdeploy.export.tensorrt import build_engine, derive_profile
     from segdeploy.runtime.tensorrt import TensorRTBackend
+
+    sidecar = engine_sidecar
 
     profile = derive_profile(_batch(opts), plan.tile, meta.bands, meta.input_divisor, plan.dynamic)
     final = report.out_dir / name
@@ -344,7 +345,7 @@ def _batch(opts: ExportOptions) -> tuple[int, int, int]:
 
 def _write_parity(report: ExportReport) -> dict[str, str]:
     out = report.out_dir
-    write_json(out / "parity.json", {"passed": all(r.passed for r in report.parity.values()),
+    write_json(out / PARITY_FILE, {"passed": all(r.passed for r in report.parity.values()),
                                      "reports": {k: v.to_dict() for k, v in report.parity.items()}})
     lines = ["# Parity", "", "Each exported model against a fresh PyTorch FP32 run on validation tiles. "
              "IoU drop (pt): the class's IoU against ground truth with PyTorch minus with this model, in points; "
@@ -366,7 +367,7 @@ def _write_parity(report: ExportReport) -> dict[str, str]:
             lines.append(f"| {c['class']} | {f(c['iou_gt_reference'])} | {f(c['iou_gt'])} | {drop} | "
                          f"{f(c['dice_gt'])} | {f(c['iou_vs_reference'])} |")
         lines.append("")
-    with atomic_path(out / "parity.md") as tmp:
+    with atomic_path(out / PARITY_SUMMARY) as tmp:
         tmp.write_text("\n".join(lines))
-    return {"parity": str(out / "parity.json"), "parity_summary": str(out / "parity.md")}
+    return {"parity": str(out / PARITY_FILE), "parity_summary": str(out / PARITY_SUMMARY)}
 

@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 
 from segdeploy.errors import ArtifactError
-from segdeploy.runtime.base import Backend
+from segdeploy.runtime.base import Backend, LoadOptions
 
 # backend name -> (module, class); imported on first use so heavy runtimes load only when chosen
 _BACKENDS = {
@@ -33,8 +33,12 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def load_backend(path: str | Path, **options: object) -> Backend:
-    """Load any artifact (run dir | .onnx | .engine) with the backend its type calls for."""
+    """Load any artifact (run dir | .onnx | .engine) with the backend its type calls for; options
+    are `LoadOptions` fields (a misspelt one is a TypeError, not silently ignored)."""
     path = Path(path)
+    typed = LoadOptions(**options)  # type: ignore[arg-type]
     if not path.exists():
         raise ArtifactError(f"model {path} not found; pass a run directory, .onnx or .engine")
-    return backend_class(backend_for(path)).load(path, **options)
+    # each backend checks the artifact before its runtime: a broken file is named even where the
+    # runtime is missing (`available()` answers the runtime question on its own, for bench)
+    return backend_class(backend_for(path)).load(path, typed)

@@ -12,12 +12,24 @@ device, and ``synchronize`` waits for the device; ``__call__`` is host in, host 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
 from segdeploy.artifact import ModelMeta
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Every option a backend may take when loaded; each backend reads the ones that apply to it."""
+
+    device: str = "auto"  # torch: auto | cpu | cuda
+    precision: str = "fp32"  # torch: fp32 | fp16 (autocast, CUDA only)
+    threads: int | None = None  # CPU threads (torch, onnxruntime)
+    providers: tuple[str, ...] | None = None  # onnxruntime execution providers, in order
+    compile: bool = False  # torch.compile (torch)
 
 
 class Backend(ABC):
@@ -29,7 +41,12 @@ class Backend(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, path: Path, **options: object) -> Backend: ...
+    def load(cls, path: Path, options: LoadOptions) -> Backend: ...
+
+    @classmethod
+    def available(cls, precision: str = "fp32") -> str:
+        """'' when this backend can run at `precision` here, else why not (one line)."""
+        return ""
 
     @abstractmethod
     def run(self, batch: object) -> object:

@@ -9,7 +9,7 @@ import numpy as np
 
 from segdeploy.artifact import check_source, read_onnx_meta
 from segdeploy.errors import ArtifactError, BackendUnavailable
-from segdeploy.runtime.base import Backend
+from segdeploy.runtime.base import Backend, LoadOptions
 
 def cpu_count() -> int:
     """Cores this process may use (the affinity mask, as in a container), not the machine's."""
@@ -59,9 +59,8 @@ class OrtBackend(Backend):
             raise ArtifactError(f"{self.path} takes {b} bands but its metadata says {self.meta.bands}; re-export it")
 
     @classmethod
-    def load(cls, path: Path, providers: list[str] | None = None, threads: int | None = None,
-             **_: object) -> OrtBackend:
-        return cls(Path(path), providers, threads)
+    def load(cls, path: Path, options: LoadOptions = LoadOptions()) -> OrtBackend:
+        return cls(Path(path), list(options.providers) if options.providers else None, options.threads)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = np.asarray(batch, dtype=np.float32)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from segdeploy.artifact import ModelMeta, check_source, read_onnx_meta
+from segdeploy.artifact import ModelMeta, Run, check_source, engine_sidecar, read_onnx_meta
 from segdeploy.errors import ArtifactError, BackendUnavailable
-from segdeploy.runtime.base import Backend
+from segdeploy.runtime.base import Backend, LoadOptions
 
 # ----------------------------------------------------------------------------- the TensorRT here
 # (export/tensorrt.py builds engines with these; the runtime must not import export)
@@ -64,13 +64,11 @@ def check_engine_compat(engine_meta: dict, here: DeviceInfo, path: Path) -> None
         problems.append(f"{built.get('gpu_name')} sm{built.get('compute_capability')} "
                         f"(here {here.gpu_name} sm{here.compute_capability})")
     if problems:
-        run = path.parent.parent if path.parent.name == "export" else path.parent
         raise ArtifactError(f"engine {path} was built for {' and '.join(problems)}; "
-                            f"rebuild with `segdeploy export {run} --trt`")
+                            f"rebuild with `segdeploy export {Run.root_of(path)} --trt`")
 
 
-def sidecar(engine_path: Path) -> Path:
-    return engine_path.with_name(engine_path.name + ".json")
+sidecar = engine_sidecar  # the engine's metadata file: named by artifact.py
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -110,7 +108,15 @@ class TensorRTBackend(Backend):
         self.stream = torch.cuda.Stream()
 
     @classmethod
-    def load(cls, path: Path, **_: object) -> TensorRTBackend:
+    def available(cls, precision: str = "fp16") -> str:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "TensorRT not installed (pip install 'segdeploy[trt]', NVIDIA GPU)"
+        return "" if torch.cuda.is_available() else "TensorRT needs a CUDA GPU"
+
+    @classmethod
+    def load(cls, path: Path, options: LoadOptions | None = None) -> TensorRTBackend:
         return cls(Path(path))
 
     @property

@@ -6,34 +6,15 @@ from pathlib import Path
 
 import torch
 
-from segdeploy.artifact import RECIPE_FILE, WEIGHTS_FILE, ModelMeta, require_finished
-from segdeploy.errors import ArtifactError, BackendUnavailable
-from segdeploy.runtime.base import Backend
+from segdeploy.artifact import ModelMeta, Run
+from segdeploy.errors import BackendUnavailable
+from segdeploy.runtime.base import Backend, LoadOptions
 
 
 def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, ModelMeta]:
-    """Rebuild the model from the run's recipe and load its weights (safetensors; no pickle)."""
-    from safetensors.torch import load_file
-
-    from segdeploy import recipe as recipe_mod
-    from segdeploy.models import build_model
-
-    info = require_finished(run_dir)
-    meta = ModelMeta.from_dict(info["model_meta"], str(run_dir))
-    rec = recipe_mod.load(run_dir / RECIPE_FILE)
-    model_cfg = rec.model.model_copy(update={"weights": None})  # weights come from the run
-    model = build_model(model_cfg, meta.bands, meta.num_classes)
-    try:
-        state = load_file(str(run_dir / WEIGHTS_FILE))
-    except Exception as exc:  # noqa: BLE001
-        raise ArtifactError(f"{run_dir / WEIGHTS_FILE} is corrupt ({exc}); retrain the run") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ArtifactError(
-            f"{run_dir / WEIGHTS_FILE} does not match the recipe's model "
-            f"({len(missing)} missing, {len(unexpected)} unexpected tensors); retrain the run"
-        )
-    return model.eval(), meta
+    """The run's model with its weights, and its meta (one read of the run, through `Run`)."""
+    run = Run.open_finished(run_dir)
+    return run.build_model(), run.meta
 
 
 class TorchBackend(Backend):
@@ -54,14 +35,18 @@ class TorchBackend(Backend):
         self._forward = torch.compile(self.model) if compile else self.model
 
     @classmethod
-    def load(cls, path: Path, device: str = "cpu", precision: str = "fp32", compile: bool = False,
-             threads: int | None = None, **_: object) -> TorchBackend:
-        if threads:
-            torch.set_num_threads(threads)
+    def load(cls, path: Path, options: LoadOptions = LoadOptions()) -> TorchBackend:
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        device = options.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, meta = load_run_model(Path(path))
-        return cls(model, meta, Path(path), device=device, precision=precision, compile=compile)
+        return cls(model, meta, Path(path), device=device, precision=options.precision, compile=options.compile)
+
+    @classmethod
+    def available(cls, precision: str = "fp32") -> str:
+        return "torch fp16 needs a CUDA GPU" if precision == "fp16" and not torch.cuda.is_available() else ""
 
     def prepare(self, batch: object) -> torch.Tensor:
         x = torch.as_tensor(batch, dtype=torch.float32)
