@@ -173,18 +173,74 @@ def check_source(artifact: Path, meta: ModelMeta, read_meta: Callable[[Path], Mo
 
 
 def read_onnx_meta(path: Path) -> ModelMeta:
-    """The ModelMeta an exported ONNX file carries in its metadata_props."""
-    import onnx
-
+    """The ModelMeta an exported ONNX file carries in its metadata_props, read without loading
+    the graph: parsing a model (onnx.load) costs its size in memory again, ~100 MB of predict's
+    peak for the demo model."""
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001
+        props = onnx_metadata_props(path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); re-export it with "
                             "`segdeploy export`") from None
-    props = {p.key: p.value for p in proto.metadata_props}
     if ONNX_META_KEY not in props:
         raise ArtifactError(f"{path} has no segdeploy metadata; export it with `segdeploy export RUN_DIR`")
-    return ModelMeta.from_dict(json.loads(props[ONNX_META_KEY]), str(path))
+    try:
+        return ModelMeta.from_dict(json.loads(props[ONNX_META_KEY]), str(path))
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{path} has corrupt segdeploy metadata; re-export it with `segdeploy export`") from None
+
+
+def onnx_metadata_props(path: Path) -> dict[str, str]:
+    """ModelProto.metadata_props (field 14) by walking the protobuf's top-level fields and seeking
+    past the others (the graph with its weights is never read)."""
+    props: dict[str, str] = {}
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        while (tag := _varint(f, allow_eof=True)) is not None:
+            field_number, wire = tag >> 3, tag & 7
+            if wire == 0:
+                _varint(f)
+            elif wire in (1, 5):
+                f.seek(8 if wire == 1 else 4, 1)
+            elif wire == 2:
+                n = _varint(f)
+                if f.tell() + n > size:
+                    raise ValueError("truncated field")
+                if field_number == 14:
+                    key, value = _string_pair(f.read(n))
+                    props[key] = value
+                else:
+                    f.seek(n, 1)
+            else:
+                raise ValueError(f"wire type {wire}")
+    return props
+
+
+def _varint(f, allow_eof: bool = False) -> int | None:  # noqa: ANN001 - a binary file
+    shift = result = 0
+    while True:
+        b = f.read(1)
+        if not b:
+            if allow_eof and shift == 0:
+                return None
+            raise ValueError("truncated varint")
+        result |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return result
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _string_pair(buf: bytes) -> tuple[str, str]:
+    """(key, value) of a StringStringEntryProto."""
+    import io
+
+    f, out = io.BytesIO(buf), {1: "", 2: ""}
+    while (tag := _varint(f, allow_eof=True)) is not None:
+        if tag & 7 != 2:
+            raise ValueError("metadata entry is not a string pair")
+        out[tag >> 3] = f.read(_varint(f)).decode()
+    return out[1], out[2]
 
 
 @dataclass

@@ -253,7 +253,7 @@ def bench(models: list[Path], opts: BenchOptions, log=print) -> BenchReport:  # 
     report = BenchReport(threads=threads, machine=_machine())
     for model in models:
         run = Run.find(Path(model))
-        reference = Reference(run, opts, log)
+        reference = AccuracyColumns(run, opts, log)
         flops = FlopCache(run)
         for cand in candidates(Path(model), opts):
             report.rows += _bench_candidate(cand, opts, threads, reference, flops, log)
@@ -262,7 +262,7 @@ def bench(models: list[Path], opts: BenchOptions, log=print) -> BenchReport:  # 
     return report
 
 
-def _bench_candidate(cand: Candidate, opts: BenchOptions, threads: int, reference: Reference, flops: FlopCache,
+def _bench_candidate(cand: Candidate, opts: BenchOptions, threads: int, reference: AccuracyColumns, flops: FlopCache,
                      log) -> list[BenchRow]:  # noqa: ANN001
     def unavailable(why: str) -> list[BenchRow]:
         return [BenchRow(cand.model, cand.backend, cand.precision, 0, opts.size, UNAVAILABLE, why)]
@@ -336,26 +336,24 @@ class Accuracy:
     failure: str = ""  # why the candidate fails the parity gate ('' when it passes or was not checked)
 
 
-class Reference:
-    """The parity reference every candidate of a run is compared with: a fresh PyTorch FP32 run
-    on the run's validation tiles (the same as export's gate), made once, on first use."""
+class AccuracyColumns:
+    """Accuracy columns of a run's candidates against `parity.ParityReference` (export's gate
+    compares with the same), made once, on first use; the classes every mean covers."""
 
     def __init__(self, run: Run | None, opts: BenchOptions, log) -> None:  # noqa: ANN001
         self.run, self.opts, self.log = run, opts, log
-        self.x = self.y = self.logits = None
-        self.rec = None
+        self.ref = None  # a parity.ParityReference, made on first use
         self.classes: list[str] = []
 
     def _make(self, tile: int) -> None:
         from segdeploy import recipe as recipe_mod
-        from segdeploy.parity import parity_tiles, run_batched
+        from segdeploy.parity import ParityReference
         from segdeploy.runtime.torch import TorchBackend
 
-        self.rec = self.run.recipe if self.opts.data is None else recipe_mod.load(self.run.recipe_path,
-                                                                                  data_root=self.opts.data)
-        ref = TorchBackend(self.run.build_model(), self.run.meta, self.run.root)
-        self.x, self.y = parity_tiles(self.rec, ref.meta, tile, self.rec.parity.samples)
-        self.logits = run_batched(ref, self.x)
+        rec = self.run.recipe if self.opts.data is None else recipe_mod.load(self.run.recipe_path,
+                                                                             data_root=self.opts.data)
+        self.ref = ParityReference(TorchBackend(self.run.build_model(), self.run.meta, self.run.root), rec,
+                                   self.run.meta, tile)
 
     def accuracy(self, cand: Candidate, backend: Backend) -> Accuracy:
         """mIoU / mDice vs ground truth and agreement vs PyTorch FP32, on parity tiles."""
@@ -363,14 +361,13 @@ class Reference:
             return Accuracy()
         try:
             from segdeploy.metrics import ConfusionMatrix
-            from segdeploy.parity import compare, run_batched
 
-            if self.x is None:
+            if self.ref is None:
                 self._make(backend.static_shape[0] if backend.static_shape else backend.meta.tile_size)
-            logits = run_batched(backend, self.x)
-            rep = compare(self.logits, logits, self.y, backend.meta, self.rec.parity, cand.backend, cand.precision)
+            logits = self.ref.logits_of(backend)
+            rep = self.ref.compare(logits, backend.meta, cand.backend, cand.precision)
             cm = ConfusionMatrix(backend.meta.num_classes, backend.meta.ignore_index)
-            cm.update(logits.argmax(1), self.y)
+            cm.update(logits.argmax(1), self.ref.y)
             m = cm.compute(backend.meta.classes)
             present = m.present()  # the same tiles for every row: every mean covers the same classes
             self.classes = self.classes or [m.names[i] for i in present]

@@ -14,7 +14,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from segdeploy.errors import BackendUnavailable, UserError
@@ -165,7 +165,10 @@ def run_on_ray(model: Path, options: dict, jobs: list[Job], opts: PredictOptions
         raise (exc.cause if isinstance(exc.cause, UserError) else exc) from None
     if on_ready:
         on_ready(described[0])
-    queue, pending = deque(jobs), {}
+    # workers may run in another directory (or on another node): paths go out absolute
+    queue = deque(replace(j, src=j.src.resolve() if isinstance(j.src, Path) else j.src, out=j.out.resolve())
+                  for j in jobs)
+    pending = {}
     while queue or pending:
         while queue and idle:
             worker, job = idle.pop(), queue.popleft()

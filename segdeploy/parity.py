@@ -111,6 +111,22 @@ def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: s
     return torch.stack(xs), torch.stack(ys)
 
 
+class ParityReference:
+    """The one parity reference: a fresh PyTorch FP32 run of the model on real validation tiles.
+    export's gate and bench's accuracy columns both compare candidates with it."""
+
+    def __init__(self, reference: Backend, rec: Recipe, meta: ModelMeta, tile: int) -> None:
+        self.rec, self.meta = rec, meta
+        self.x, self.y = parity_tiles(rec, meta, tile, rec.parity.samples, "val")
+        self.logits = run_batched(reference, self.x)
+
+    def logits_of(self, backend: Backend) -> torch.Tensor:
+        return run_batched(backend, self.x)
+
+    def compare(self, logits: torch.Tensor, meta: ModelMeta, backend: str, precision: str) -> ParityReport:
+        return compare(self.logits, logits, self.y, meta, self.rec.parity, backend, precision)
+
+
 def run_batched(backend: Backend, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
     limit = min(batch, backend.max_batch or batch)
     return torch.cat([torch.from_numpy(backend(x[i : i + limit].numpy())) for i in range(0, len(x), limit)])

@@ -211,6 +211,7 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     sink = RowSink(out, reader, backend.meta, opts, settings, start_row, plan)
     pipeline = TilePipeline(backend, reader, plan, opts, sink, start_row, progress)
     pipeline.run()
+    backend.trim()  # the outputs and the preview are made after inference: not on top of its peak
     files = sink.finish()
     seconds = time.perf_counter() - t0
     mp = reader.width * reader.height / 1e6

@@ -62,3 +62,19 @@ def test_a_verb_that_needs_the_training_stack_names_the_extra(synth_dir: Path, t
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'segdeploy[train]'" in lines[0] and "torch" in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_onnx_metadata_is_read_without_the_graph_and_equals_onnx_own_parse(tiny_onnx: Path, tmp_path: Path) -> None:
+    import onnx
+    import pytest
+
+    from segdeploy.artifact import onnx_metadata_props, read_onnx_meta
+    from segdeploy.errors import ArtifactError
+
+    props = onnx_metadata_props(tiny_onnx)
+    assert props == {p.key: p.value for p in onnx.load(str(tiny_onnx)).metadata_props} and "segdeploy" in props
+    assert read_onnx_meta(tiny_onnx).num_classes == 5
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(tiny_onnx.read_bytes()[: tiny_onnx.stat().st_size // 2])  # a truncated download
+    with pytest.raises(ArtifactError, match="cut.onnx is not a readable ONNX file"):
+        read_onnx_meta(cut)

@@ -22,7 +22,7 @@ from segdeploy.errors import UserError
 from segdeploy.export import fp16 as fp16_mod
 from segdeploy.export import int8 as int8_mod
 from segdeploy.export.onnx import ExportPlan, export_onnx, graph_findings, preflight, set_metadata
-from segdeploy.parity import ParityReport, as_numpy_batches, compare, gate, parity_tiles, run_batched
+from segdeploy.parity import ParityReference, ParityReport, as_numpy_batches, gate, parity_tiles
 from segdeploy.recipe import Recipe
 from segdeploy.utils import atomic_path, versions, writable_location, write_json
 
@@ -72,16 +72,14 @@ class _Gate:
 
     def __init__(self, reference, rec: Recipe, meta: ModelMeta, tile: int, report: ExportReport,  # noqa: ANN001
                  log: Callable[[str], None]) -> None:
-        self.x, self.y = parity_tiles(rec, meta, tile, rec.parity.samples, "val")
-        self.ref = run_batched(reference, self.x)
-        self.rec, self.meta, self.report, self.log = rec, meta, report, log
-        log(f"parity tiles: {len(self.x)} × {tile}² from the validation split")
+        self.ref = ParityReference(reference, rec, meta, tile)
+        self.meta, self.report, self.log = meta, report, log
+        log(f"parity tiles: {len(self.ref.x)} × {tile}² from the validation split")
 
     def __call__(self, backend, key: str, precision: str, label: str = "",  # noqa: ANN001 - a Backend
                  share: tuple[int, int, float] | None = None) -> ParityReport:
         """Compare; `share` = (reduced nodes, counted nodes, share of FLOPs) for reduced precision."""
-        rep = compare(self.ref, run_batched(backend, self.x), self.y, self.meta, self.rec.parity,
-                      label or key.split("_")[0], precision)
+        rep = self.ref.compare(self.ref.logits_of(backend), self.meta, label or key.split("_")[0], precision)
         if share is not None:
             rep.reduced_nodes, rep.total_nodes, rep.reduced_flops_share = share[0], share[1], round(share[2], 4)
         self.report.parity[key] = rep

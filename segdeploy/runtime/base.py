@@ -61,6 +61,11 @@ class Backend(ABC):
     def synchronize(self) -> None:
         """Wait until the device has finished (no-op on CPU)."""
 
+    def trim(self) -> None:
+        """Give back memory the backend keeps between calls (its allocator's free blocks), when
+        it can; predict calls this at the end of a scene so writing the outputs and the preview
+        do not add to the inference peak."""
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """float32 N×C×H×W logits on the host for a normalised float32 N×B×H×W host batch."""
         return self.to_host(self.run(self.prepare(batch)))

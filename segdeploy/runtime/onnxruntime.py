@@ -72,5 +72,19 @@ class OrtBackend(Backend):
         (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
         return out.astype(np.float32, copy=False)
 
+    def trim(self) -> None:
+        """onnxruntime's CPU arena never shrinks by itself: one tiny run with arena shrinkage
+        returns its free chunks (measured: RSS 443 -> 283 MB after batch-2 512² runs of the demo
+        U-Net). Static models would need a whole tile: they keep their arena."""
+        if self.static_shape or self.device != "cpu":
+            return
+        import onnxruntime as ort
+
+        opts = ort.RunOptions()
+        opts.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        side = self.meta.input_divisor
+        tiny = np.zeros((1, self.meta.bands, side, side), np.float32)
+        self.session.run(None, {self.input_name: tiny}, opts)
+
     def describe(self) -> str:
         return f"onnxruntime {self.precision} on {self.providers[0].removesuffix('ExecutionProvider')} ({self.path})"
