@@ -3,7 +3,8 @@
 1. Peak RSS at 20000×20000 ≤ 2 GB and within 1.2× of the peak at 5000×5000; at 5000² ≤ 600 MB
    with the demo ONNX model (#12: predict on ONNX imports no torch).
 2. End-to-end predict throughput against the bare backend on the same number of tiles (the
-   backend's forward alone, the input already in memory): ≥ 0.97× (#12).
+   backend's forward alone, the input already in memory): ≥ 0.97× (#12). Both are run twice,
+   interleaved, and the best of each is compared (this machine's speed drifts by ±10%).
 3. Against MONAI's `sliding_window_inference` (same model, tile, overlap, batch, gaussian
    blending): time, peak memory (≤ 0.3× MONAI's, #12), and pixel agreement (≥ 99%).
 
@@ -137,17 +138,27 @@ def main() -> None:
             t0 = time.perf_counter()
             write_scene(scene, labels, size=size)
             print(f"wrote {scene} in {time.perf_counter() - t0:.0f}s", flush=True)
-        run = run_child(mode="predict", model=args.model, scene=scene, output=args.workdir / f"pred_{size}.tif",
-                        tile=args.tile, overlap=args.overlap, batch=args.batch, threads=args.threads)
+        def predict_once() -> dict:
+            return run_child(mode="predict", model=args.model, scene=scene, output=args.workdir / f"pred_{size}.tif",
+                             tile=args.tile, overlap=args.overlap, batch=args.batch, threads=args.threads)
+
+        if size != min(args.sizes):
+            run = predict_once()
+            entry = {"predict": run}
+        else:  # this machine's speed drifts by ±10% over minutes: interleave predict and the bare backend
+            runs, raws = [], []
+            for _ in range(2):
+                runs.append(predict_once())
+                computed = runs[-1]["tiles"] - runs[-1]["skipped_tiles"]
+                raws.append(run_child(mode="raw", model=args.model, scene=scene, tiles=computed, tile=args.tile,
+                                      batch=args.batch, threads=args.threads))
+            run = min(runs, key=lambda r: r["seconds"])
+            entry = {"predict": run, "predict_seconds_each": [r["seconds"] for r in runs],
+                     "raw_backend": max(raws, key=lambda r: r["tiles_per_s"]),
+                     "raw_seconds_each": [r["seconds"] for r in raws]}
+            entry["end_to_end_vs_raw"] = round((computed / run["seconds"]) / entry["raw_backend"]["tiles_per_s"], 3)
+            print(json.dumps(entry["raw_backend"]), flush=True)
         print(json.dumps(run), flush=True)
-        entry = {"predict": run}
-        if size == min(args.sizes):
-            computed = run["tiles"] - run["skipped_tiles"]
-            raw = run_child(mode="raw", model=args.model, scene=scene, tiles=computed, tile=args.tile,
-                            batch=args.batch, threads=args.threads)
-            entry["raw_backend"] = raw
-            entry["end_to_end_vs_raw"] = round((computed / run["seconds"]) / raw["tiles_per_s"], 3)
-            print(json.dumps(raw), flush=True)
         if size == args.monai_size:
             mon = run_child(mode="monai", model=args.model, scene=scene, output=args.workdir / f"monai_{size}.npy",
                             tile=args.tile, overlap=args.overlap, batch=args.batch, threads=args.threads)
