@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from segdeploy.errors import UserError
 from segdeploy.artifact import EXPORT_FORMS, Run, form_of
+from segdeploy.errors import UserError
 from segdeploy.runtime import backend_class, backend_for, load_backend
 from segdeploy.runtime.base import Backend
 
@@ -200,6 +200,8 @@ def time_backend(backend: Backend, x: np.ndarray, opts: BenchOptions) -> dict:
     cuda = backend.device.startswith("cuda")
     xin = backend.prepare(x)
     if cuda:
+        import torch  # CUDA backends (torch, TensorRT) run on torch's CUDA runtime
+
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     for _ in range(opts.warmup):
@@ -233,6 +235,7 @@ def count_flops(run: Run | None, bands: int, size: int) -> float | None:
     if run is None:
         return None
     try:
+        import torch
         from torch.utils.flop_counter import FlopCounterMode
 
         model = run.build_model()
@@ -248,8 +251,9 @@ def count_flops(run: Run | None, bands: int, size: int) -> float | None:
 
 def bench(models: list[Path], opts: BenchOptions, log=print) -> BenchReport:  # noqa: ANN001
     """One job per (candidate, batch): load the candidate once, measure accuracy once, time each batch."""
-    threads = opts.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    from segdeploy.utils import cpu_count
+
+    threads = opts.threads or cpu_count()  # every CPU backend gets this many (torch's own load sets it)
     report = BenchReport(threads=threads, machine=_machine())
     for model in models:
         run = Run.find(Path(model))
@@ -417,7 +421,11 @@ def _machine() -> dict:
 
     from segdeploy.utils import versions
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    gpu = None
+    if sys.modules.get("torch") is not None:  # loaded when a candidate needed it: never only for this column
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpu": gpu, **versions()}
 
 

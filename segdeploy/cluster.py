@@ -82,7 +82,9 @@ def connect(address: str | None, workers: int | None, threads: int | None, gpu: 
         check_reachable(address)
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        from segdeploy.utils import cpu_count
+
+        cores = cpu_count()
         want = (workers or 1) * (threads or 1)
         ray.init(num_cpus=max(cores, want), include_dashboard=False, _node_ip_address=LOOPBACK,
                  logging_level=logging.ERROR, log_to_driver=False)

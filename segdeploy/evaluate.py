@@ -7,11 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from segdeploy import recipe as recipe_mod
 from segdeploy.artifact import EVAL_DIR, Run
-from segdeploy.data.dataset import SegmentationDataset, discover
+from segdeploy.data.dataset import SampleReader, discover
 from segdeploy.errors import ArtifactError
 from segdeploy.metrics import ConfusionMatrix, SegMetrics, level_mious
 from segdeploy.recipe import Recipe
@@ -76,7 +75,7 @@ def evaluate(
     out_dir = Path(out_dir)
     writable_location(out_dir)  # an unwritable output fails before the evaluation, not after
     samples = discover(rec.data, split)
-    ds = SegmentationDataset(samples, rec.data, rec.classes, meta.mean, meta.std)
+    ds = SampleReader(samples, rec.data, rec.classes, meta.mean, meta.std)
     cm = ConfusionMatrix(meta.num_classes, meta.ignore_index)
     n_overlays = rec.eval.overlays if overlays is None else overlays
     keep: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -85,21 +84,21 @@ def evaluate(
     max_batch = backend.max_batch or batch_size
     while i < len(ds):
         # batch images of equal size together (sizes may vary within a split)
-        first = ds[i][0].shape
+        first = ds.item(i)[0].shape
         xs, ys = [], []
         while i < len(ds) and len(xs) < min(batch_size, max_batch):
-            x, y = ds[i]
+            x, y = ds.item(i)
             if x.shape != first:
                 break
             xs.append(x)
             ys.append(y)
             i += 1
-        pred = torch.from_numpy(forward_padded(backend, torch.stack(xs).numpy()).argmax(1))
-        y = torch.stack(ys)
+        pred = forward_padded(backend, np.stack(xs)).argmax(1)
+        y = np.stack(ys)
         cm.update(pred, y)
         for j in range(len(xs)):
             if len(keep) < n_overlays:
-                keep.append((ds.load(i - len(xs) + j)[0], y[j].numpy(), pred[j].numpy()))
+                keep.append((ds.load(i - len(xs) + j)[0], y[j], pred[j]))
     seconds = time.perf_counter() - t0
     mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
     if meta.hierarchy:

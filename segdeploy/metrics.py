@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 
 class ConfusionMatrix:
@@ -19,8 +18,14 @@ class ConfusionMatrix:
         self.ignore_index = ignore_index
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
 
-    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
-        """Add a batch of predicted and true class-index maps of equal shape."""
+    def update(self, pred, target) -> None:  # noqa: ANN001 - numpy arrays or torch tensors
+        """Add a batch of predicted and true class-index maps of equal shape: counted with numpy,
+        or on the tensors' own device when given torch tensors (training on a GPU)."""
+        if not hasattr(pred, "detach"):
+            self._update_numpy(np.asarray(pred), np.asarray(target))
+            return
+        import torch
+
         pred_t = torch.as_tensor(pred).reshape(-1).long()
         target_t = torch.as_tensor(target).reshape(-1).long().to(pred_t.device)
         if pred_t.shape != target_t.shape:
@@ -31,6 +36,16 @@ class ConfusionMatrix:
         idx = target_t[keep] * self.num_classes + pred_t[keep].clamp_(0, self.num_classes - 1)
         counts = torch.bincount(idx, minlength=self.num_classes**2)
         self.matrix += counts.cpu().numpy().reshape(self.num_classes, self.num_classes)
+
+    def _update_numpy(self, pred: np.ndarray, target: np.ndarray) -> None:
+        pred, target = pred.reshape(-1).astype(np.int64), target.reshape(-1).astype(np.int64)
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction has {pred.size} pixels, target {target.size}")
+        keep = (target >= 0) & (target < self.num_classes)
+        if self.ignore_index is not None:
+            keep &= target != self.ignore_index
+        idx = target[keep] * self.num_classes + np.clip(pred[keep], 0, self.num_classes - 1)
+        self.matrix += np.bincount(idx, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
 
     def compute(self, names: list[str] | None = None, exclude_background: bool = False) -> SegMetrics:
         return metrics_from_matrix(self.matrix, names, exclude_background)

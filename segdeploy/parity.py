@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from segdeploy.artifact import ModelMeta
-from segdeploy.data.dataset import SegmentationDataset, discover
+from segdeploy.data.dataset import SampleReader, discover
 from segdeploy.errors import DataError, ParityError
 from segdeploy.metrics import ConfusionMatrix
 from segdeploy.recipe import ParityConfig, Recipe
@@ -90,10 +90,10 @@ def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: s
         items = discover(rec.data, split)
     except DataError:
         items = discover(rec.data, "train")
-    ds = SegmentationDataset(items, rec.data, rec.classes, meta.mean, meta.std)
+    ds = SampleReader(items, rec.data, rec.classes, meta.mean, meta.std)
     xs, ys = [], []
     for i in range(len(ds)):
-        x, y = ds[i]
+        x, y = (torch.from_numpy(a) for a in ds.item(i))
         if keys is not None:
             keys.append(ds.samples[i].key)
         h, w = x.shape[-2:]

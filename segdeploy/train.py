@@ -26,14 +26,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segdeploy import artifact as art
 from segdeploy.data.dataset import (
     PixelFormatCheck,
-    SegmentationDataset,
-    band_stats,
     class_pixel_counts,
     discover,
     keys_in_several_splits,
     split_defined,
     suggested_class_weights,
 )
+from segdeploy.data.torchdata import SegmentationDataset, band_stats
 from segdeploy.distributed import ShardSampler, World, all_sum, barrier, from_main, join, leave, sync_buffers
 from segdeploy.errors import ArtifactError, DataError, OutputError, UserError
 from segdeploy.losses import build_loss

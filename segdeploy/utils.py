@@ -97,6 +97,11 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def cpu_count() -> int:
+    """Cores this process may use (the affinity mask, as in a container), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def pick_device(requested: str = "auto") -> str:
     import torch
 
@@ -119,18 +124,23 @@ def peak_rss_mb() -> float:
 
 
 def versions() -> dict[str, str]:
+    """Versions of what made or runs a model, from the installed distributions' metadata (no
+    package is imported for this: the core install has no torch)."""
     import platform
-
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
 
     import segdeploy
 
-    out = {"segdeploy": segdeploy.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("timm", "segmentation_models_pytorch", "onnx", "onnxruntime"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional
-            pass
+    out = {"segdeploy": segdeploy.__version__, "python": platform.python_version()}
+    for key, dists in (("torch", ("torch",)), ("timm", ("timm",)),
+                       ("segmentation_models_pytorch", ("segmentation-models-pytorch",)), ("onnx", ("onnx",)),
+                       ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"))):
+        for dist in dists:
+            try:
+                out[key] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
     return out
 
 

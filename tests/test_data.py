@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from segdeploy import recipe
-from segdeploy.data.dataset import SegmentationDataset, band_stats, build_augment, discover, ratio_split
+from segdeploy.data.dataset import discover, ratio_split
+from segdeploy.data.torchdata import SegmentationDataset, band_stats, build_augment
 from segdeploy.data.inspect import inspect, recipe_for_data
 from segdeploy.data.io import decode_mask
 from segdeploy.errors import DataError

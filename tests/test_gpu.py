@@ -16,7 +16,6 @@ from segdeploy.errors import ArtifactError
 from segdeploy.export.pipeline import ExportOptions, export_run
 from segdeploy.parity import compare, parity_tiles, run_batched
 from segdeploy.runtime import load_backend
-from segdeploy.runtime.torch import TorchBackend
 from segdeploy.train import fit
 from tests.conftest import RECIPES, demo_overrides
 
@@ -31,8 +30,8 @@ def test_training_on_cuda_with_amp_and_channels_last(synth_dir: Path, tmp_path: 
 @pytest.mark.gpu
 def test_torch_fp16_autocast_matches_fp32_on_cuda(tiny_run: Path) -> None:
     rec = recipe.load(tiny_run / "recipe.yaml")
-    fp32 = TorchBackend.load(tiny_run, device="cuda")
-    fp16 = TorchBackend.load(tiny_run, device="cuda", precision="fp16")
+    fp32 = load_backend(tiny_run, device="cuda")
+    fp16 = load_backend(tiny_run, device="cuda", precision="fp16")
     x, y = parity_tiles(rec, fp32.meta, 64, 8)
     rep = compare(run_batched(fp32, x), run_batched(fp16, x), y, fp32.meta, rec.parity, "torch", "fp16")
     assert rep.agreement >= 0.999, rep.summary()

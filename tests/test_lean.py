@@ -1,6 +1,6 @@
-"""The deployment path is lean: `segdeploy predict` on an .onnx model imports neither torch, timm
-nor smp (it runs with them made unimportable, as in a core install without segdeploy[train]),
-and a verb that needs the PyTorch stack says which extra to install in one line."""
+"""The deployment path is lean: `segdeploy predict`, `eval` and `bench` on an .onnx model import
+neither torch, timm nor smp (they run with them made unimportable, as in a core install without
+segdeploy[train]), and a verb that needs the PyTorch stack says which extra to install in one line."""
 
 from __future__ import annotations
 
@@ -53,6 +53,27 @@ def test_predict_on_onnx_runs_without_torch_timm_or_smp(tiny_onnx: Path, synth_d
         labels = pred.read(1)
     classes = set(np.unique(labels).tolist())
     assert classes <= {0, 1, 2, 3, 4, 255} and len(classes - {255}) >= 2  # 255: the scene's nodata
+
+
+def test_eval_and_bench_on_onnx_run_without_torch(tiny_onnx: Path, tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    proc, loaded = run_without_torch(tmp_path, "eval", str(tiny_onnx), "--split", "test", "--json",
+                                     str(tmp_path / "eval.json"))
+    assert proc.returncode == 0 and loaded == [], proc.stderr
+    from segdeploy.evaluate import evaluate
+
+    reference = evaluate(tiny_run, "test", plots=False).metrics  # PyTorch on the same weights
+    assert json.loads((tmp_path / "eval.json").read_text())["miou"] == __import__("pytest").approx(reference.miou,
+                                                                                                  abs=2e-3)
+    lone = tmp_path / "deployed" / "model.onnx"  # an ONNX file shipped without its run
+    lone.parent.mkdir()
+    shutil.copy(tiny_onnx, lone)
+    proc, loaded = run_without_torch(tmp_path, "bench", str(lone), "--batch", "1", "--size", "64", "--json",
+                                     str(tmp_path / "bench.json"))
+    assert proc.returncode == 0 and loaded == [], proc.stderr
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["backend"], r["status"]) for r in rows] == [("onnxruntime", "ok")] and rows[0]["p50_ms"] > 0
 
 
 def test_a_verb_that_needs_the_training_stack_names_the_extra(synth_dir: Path, tmp_path: Path) -> None:

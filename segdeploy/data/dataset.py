@@ -7,14 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-
 from segdeploy.data.io import decode_mask, read_image, read_mask_raw
 from segdeploy.errors import DataError
-from segdeploy.recipe import AugmentConfig, ClassesConfig, DataConfig
+from segdeploy.recipe import ClassesConfig, DataConfig
 from segdeploy.tiling import normalize
 
 SPLITS = ("train", "val", "test")
@@ -173,52 +168,17 @@ def keys_in_several_splits(splits: dict[str, list[Sample]]) -> dict[str, list[st
     return {k: v for k, v in where.items() if len(v) > 1}
 
 
-class RandomRot90(v2.Transform):
-    """Rotate image and mask together by the same random multiple of 90°."""
+class SampleReader:
+    """A split's samples read as numpy: (H×W×B raw image, H×W mask) by `load`, or the model's
+    normalised float32 B×H×W input and the int64 mask by `item`. Eval and parity need no more
+    (and no torch); training wraps it in `torchdata.SegmentationDataset` for augmentation."""
 
-    def make_params(self, flat_inputs: list) -> dict:
-        return {"k": int(torch.randint(4, ()))}
-
-    def transform(self, inpt, params):  # type: ignore[override]
-        if isinstance(inpt, tv_tensors.TVTensor):
-            return tv_tensors.wrap(torch.rot90(inpt, params["k"], dims=(-2, -1)), like=inpt)
-        return inpt
-
-
-def build_augment(aug: AugmentConfig, tile: int, ignore_index: int, bands: int) -> v2.Compose:
-    ops: list[v2.Transform] = []
-    if aug.crop:
-        ops.append(v2.RandomCrop(tile, pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index}))
-    if aug.hflip:
-        ops.append(v2.RandomHorizontalFlip(aug.hflip))
-    if aug.vflip:
-        ops.append(v2.RandomVerticalFlip(aug.vflip))
-    if aug.rot90:
-        ops.append(RandomRot90())
-    if (aug.brightness or aug.contrast) and bands in (1, 3):
-        ops.append(v2.ColorJitter(brightness=aug.brightness or None, contrast=aug.contrast or None))
-    return v2.Compose(ops)
-
-
-class SegmentationDataset(Dataset):
-    """Yields (float32 B×H×W normalised image, int64 H×W mask) pairs."""
-
-    def __init__(
-        self,
-        samples: list[Sample],
-        data: DataConfig,
-        classes: ClassesConfig,
-        mean: list[float],
-        std: list[float],
-        augment: AugmentConfig | None = None,
-    ) -> None:
+    def __init__(self, samples: list[Sample], data: DataConfig, classes: ClassesConfig, mean: list[float],
+                 std: list[float]) -> None:
         self.samples = samples
         self.data = data
         self.classes = classes
         self.set_normalization(mean, std)
-        self.transform = (
-            build_augment(augment, data.tile_size, classes.ignore_index, data.bands) if augment else None
-        )
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -251,40 +211,13 @@ class SegmentationDataset(Dataset):
     def set_normalization(self, mean: list[float], std: list[float]) -> None:
         self.mean_values, self.std_values = list(mean), list(std)
 
-    def to_tensor(self, image: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32))
-        return x / self.data.max_pixel_value
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Already scaled to [0, 1] by `to_tensor` (augmentations work on that): tiling's normalize."""
-        return torch.from_numpy(normalize(x.numpy(), 1.0, self.mean_values, self.std_values))
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def item(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         image, mask = self.load(i)
-        x = self.to_tensor(image)
-        y = torch.from_numpy(mask.astype(np.int64))
-        if self.transform is not None:
-            xi, ym = self.transform(tv_tensors.Image(x), tv_tensors.Mask(y))
-            x, y = xi.as_subclass(torch.Tensor), ym.as_subclass(torch.Tensor)
-        return self.normalize(x), y
+        x = normalize(image.transpose(2, 0, 1), self.data.max_pixel_value, self.mean_values, self.std_values)
+        return x, mask.astype(np.int64)
 
 
-def band_stats(dataset: SegmentationDataset, limit: int = 256) -> tuple[list[float], list[float]]:
-    """Per-band mean/std (in [0, 1] units after max_pixel_value) over up to `limit` images."""
-    total = torch.zeros(dataset.data.bands, dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    count = 0
-    for i in range(min(len(dataset), limit)):
-        x = dataset.to_tensor(dataset.load(i)[0]).double()
-        total += x.sum((1, 2))
-        total_sq += (x * x).sum((1, 2))
-        count += x.shape[1] * x.shape[2]
-    mean = total / count
-    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
-    return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-6), 6) for v in std]
-
-
-def class_pixel_counts(dataset: SegmentationDataset) -> np.ndarray:
+def class_pixel_counts(dataset: SampleReader) -> np.ndarray:
     counts = np.zeros(dataset.classes.num_classes, dtype=np.int64)
     for i in range(len(dataset)):
         mask = dataset.load(i)[1]

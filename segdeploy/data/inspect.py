@@ -15,7 +15,7 @@ from segdeploy import recipe as recipe_mod
 from segdeploy.data.dataset import (
     SPLITS,
     PixelFormatCheck,
-    SegmentationDataset,
+    SampleReader,
     _pairs,
     data_root,
     discover,
@@ -123,7 +123,7 @@ def _read_split(rec: Recipe, split: str, samples: list, pixel_format: PixelForma
                 report: InspectReport) -> np.ndarray:
     """Decode every pair once; count class pixels; record each unreadable or odd file."""
     n = rec.classes.num_classes
-    ds = SegmentationDataset(samples, rec.data.model_copy(update={"cache": False}), rec.classes,
+    ds = SampleReader(samples, rec.data.model_copy(update={"cache": False}), rec.classes,
                              [0.0] * rec.data.bands, [1.0] * rec.data.bands)
     counts = np.zeros(n, dtype=np.int64)
     for i, s in enumerate(samples):

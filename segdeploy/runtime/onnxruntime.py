@@ -10,11 +10,7 @@ import numpy as np
 from segdeploy.artifact import check_source, read_onnx_meta
 from segdeploy.errors import ArtifactError, BackendUnavailable
 from segdeploy.runtime.base import Backend, LoadOptions
-
-def cpu_count() -> int:
-    """Cores this process may use (the affinity mask, as in a container), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
+from segdeploy.utils import cpu_count
 
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
