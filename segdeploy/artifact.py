@@ -48,7 +48,7 @@ EXPORT_FORMS = {f.key: f for f in (
     ExportForm("fp32", "model.onnx", "onnxruntime", "fp32", "", "weights"),
     ExportForm("fp16", "model.fp16.onnx", "onnxruntime", "fp16", "--fp16", "fp32"),
     # INT8 in two forms: symmetric activations for TensorRT, U8S8 for CPUs (what onnxruntime runs)
-    ExportForm("int8", "model.int8.onnx", "onnxruntime", "int8_tensorrt_form", "--int8", "fp32"),
+    ExportForm("int8", "model.int8.onnx", "onnxruntime", "int8", "--int8", "fp32"),
     ExportForm("int8_cpu", "model.int8.cpu.onnx", "onnxruntime", "int8", "--int8", "fp32"),
     ExportForm("engine", "model.engine", "tensorrt", "fp16", "--trt", "fp16"),
     ExportForm("int8_engine", "model.int8.engine", "tensorrt", "int8", "--trt --int8", "int8"),
@@ -135,12 +135,7 @@ def continue_hint(run_dir: Path) -> str:
 
 
 def require_finished(run_dir: Path) -> dict[str, Any]:
-    info = read_run_meta(run_dir)
-    if info.get("status") != "complete":
-        raise ArtifactError(f"run {run_dir} is unfinished (status {info.get('status')!r}); {continue_hint(run_dir)}")
-    if not (run_dir / WEIGHTS_FILE).is_file():
-        raise ArtifactError(f"run {run_dir} has no {WEIGHTS_FILE}; {continue_hint(run_dir)}")
-    return info
+    return Run(run_dir).require_finished()
 
 
 def source_record(source: Path, artifact_dir: Path) -> dict[str, str]:

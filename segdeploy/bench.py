@@ -124,7 +124,7 @@ def candidates(model: Path, opts: BenchOptions) -> list[Candidate]:
     if kind == "torch":
         found = {("torch", "fp32"): model, ("torch", "fp16"): model}
         # onnxruntime runs the INT8 form made for CPUs (U8S8); the TensorRT form is only an engine's source
-        found |= {(e.form.backend, e.form.precision): e.path for e in Run(model).exports()}
+        found |= {(e.form.backend, e.form.precision): e.path for e in Run(model).exports() if e.form.key != "int8"}
     elif (form := form_of(model)) is not None:
         found[(form.backend, form.precision)] = model
     out = []

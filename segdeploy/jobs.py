@@ -158,10 +158,8 @@ def backend_for_gpu(model: Path, options: dict) -> bool:
     from segdeploy.runtime import backend_for
 
     kind = backend_for(model)
-    return kind == "tensorrt" or (kind == "torch" and options.get("device", "auto") != "cpu" and _has_cuda())
+    if kind == "tensorrt":
+        return True
+    from segdeploy.utils import pick_device
 
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return kind == "torch" and options.get("device", "auto") != "cpu" and pick_device("auto") == "cuda"

@@ -96,3 +96,11 @@ def test_plot_labels_batches_as_plain_numbers(tmp_path: Path, monkeypatch: pytes
     rows = [BenchRow("m", "onnxruntime", "fp32", b, 64, OK, p50_ms=2.0 * b, p90_ms=2.5 * b) for b in (1, 2, 4, 8)]
     plot(BenchReport(rows=rows, threads=1), tmp_path / "p.png")
     assert seen["labels"] == ["1", "2", "4", "8"] and (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_a_lone_int8_onnx_file_is_benched_as_onnxruntime_int8(tmp_path: Path) -> None:
+    """Either INT8 form copied out of its run is still an onnxruntime INT8 candidate."""
+    for name in ("model.int8.onnx", "model.int8.cpu.onnx", "scene_model.int8.onnx"):
+        (tmp_path / name).write_bytes(b"")
+        cands = candidates(tmp_path / name, BenchOptions())
+        assert [(c.backend, c.precision, c.artifact) for c in cands] == [("onnxruntime", "int8", tmp_path / name)]

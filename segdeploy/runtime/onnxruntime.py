@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segdeploy.artifact import check_source, read_onnx_meta
+from segdeploy.artifact import check_source, form_of, read_onnx_meta
 from segdeploy.errors import ArtifactError, BackendUnavailable
 from segdeploy.runtime.base import Backend, LoadOptions
 from segdeploy.utils import cpu_count
@@ -46,7 +46,7 @@ class OrtBackend(Backend):
                                 "re-export it with `segdeploy export`") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
-        self.precision = next((p for p in ("fp16", "int8") if f".{p}." in self.path.name), "fp32")
+        self.precision = form_of(self.path).precision  # type: ignore[union-attr] - an .onnx always has a form
         self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
         self.providers = self.session.get_providers()
         self.threads = opts.intra_op_num_threads

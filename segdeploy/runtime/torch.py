@@ -9,6 +9,7 @@ import torch
 from segdeploy.artifact import ModelMeta, Run
 from segdeploy.errors import BackendUnavailable
 from segdeploy.runtime.base import Backend, LoadOptions
+from segdeploy.utils import pick_device
 
 
 def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, ModelMeta]:
@@ -38,9 +39,7 @@ class TorchBackend(Backend):
     def load(cls, path: Path, options: LoadOptions = LoadOptions()) -> TorchBackend:
         if options.threads:
             torch.set_num_threads(options.threads)
-        device = options.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = pick_device("auto") if options.device == "auto" else options.device
         model, meta = load_run_model(Path(path))
         return cls(model, meta, Path(path), device=device, precision=options.precision, compile=options.compile)
 
