@@ -300,7 +300,7 @@ class RowSink:
             meta = self.meta
             files.append(str(save_class_preview(self.out, preview_path(self.out), meta.classes,
                                                 [tuple(c) for c in meta.palette],
-                                                title=f"{self.out.name} · {self.reader.width}×{self.reader.height} px")))
+                                                title=f"{self.out.name} · {self.reader.width} x {self.reader.height} px")))
         return files
 
 

@@ -166,7 +166,7 @@ def synth(out: Path, tile: int = 128, scene_size: int = 2048, sizes: dict[str, i
     from segdeploy.viz import preview_path, save_class_preview
 
     preview = save_class_preview(scene_dir / "scene_labels.tif", preview_path(scene_dir / "scene_labels.tif"),
-                                 CLASSES, PALETTE, title=f"synthetic scene labels · {scene_size}² px")
+                                 CLASSES, PALETTE, title=f"synthetic scene labels · {scene_size} x {scene_size} px")
     summary = {"dir": str(out), "splits": counts, "tile": tile, "scene": str(scene_dir / "scene.tif"),
                "scene_labels": str(scene_dir / "scene_labels.tif"), "scene_preview": str(preview),
                "scene_size": scene_size}
