@@ -35,10 +35,12 @@ from segdeploy.raster import (
     write_picture_outputs,
 )
 from segdeploy.runtime.base import Backend
-from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, normalize, pad_to, softmax, window_starts
+from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, normalize, pad_to, window_starts
 from segdeploy.utils import peak_rss_mb, writable_location, write_json
 
 Progress = Callable[[int, int, int], None]  # (tiles done, tiles in all, pixels in the scene)
+# (row, col, pixels or logits or None for a skipped all-nodata tile, validity or None when all valid)
+Tile = tuple[int, int, "np.ndarray | None", "np.ndarray | None"]
 
 
 @dataclass
@@ -243,12 +245,11 @@ class RowSink:
             self.writer = ClassRasterWriter(out, self.tmp, self.state_path, reader, meta.num_classes, meta.palette,
                                             self.block, self.probs_tmp, resume=start_row > 0)
         self.nodata = self.writer.nodata if self.writer else 255
-        self.mask_reader = reader.second_handle()  # the writer thread's own GDAL handle
 
     def add(self, y: int, labels: np.ndarray, conf: np.ndarray) -> None:
-        """Rows from image row `y` on, as the accumulator emits them (-1: no valid tile covered it)."""
-        valid = self.mask_reader.valid(y, 0, labels.shape[0], self.reader.width)
-        nodata_px = (~valid) | (labels < 0)
+        """Rows from image row `y` on, as the accumulator emits them (-1: nodata in the input; the
+        validity came with the tiles, so this thread never reads the input)."""
+        nodata_px = labels < 0
         lab = labels.astype(np.uint16 if self.meta.num_classes >= 255 else np.uint8)
         lab[nodata_px] = self.nodata
         self.labels.append(lab)
@@ -276,10 +277,6 @@ class RowSink:
         self.labels = [lab[n:]] if n < len(lab) else []
         self.conf = [conf[n:]] if conf is not None and n < len(lab) else []
         self.buffered_from = y0 + n
-
-    def close(self) -> None:
-        if self.mask_reader is not self.reader:
-            self.mask_reader.close()
 
     def finish(self) -> list[str]:
         """Flush the last rows, mark the outputs complete and give them their final names."""
@@ -347,25 +344,30 @@ class TilePipeline:
         self.skipped = 0
         self.done = 0
 
-    def tiles(self) -> Iterator[tuple[int, int, np.ndarray | None]]:
-        """(row, col, B×tile×tile pixels padded past the edge, or None when all nodata) in row-major order."""
+    def tiles(self) -> Iterator[Tile]:
+        """(row, col, B×tile×tile pixels padded past the edge or None when all nodata, tile×tile
+        validity) in row-major order."""
         plan = self.plan
         for r in range(self.replay_from, len(plan.rows)):
             for c in range(len(plan.cols)):
                 img, valid = self.reader.read(plan.rows[r], plan.cols[c], plan.tile, plan.tile)
                 if not valid.any():
-                    yield r, c, None  # all nodata: skipped, never blended
+                    yield r, c, None, None  # all nodata: skipped, never blended, emitted as nodata
                     continue
-                yield r, c, pad_to(np.moveaxis(img, -1, 0), plan.tile, plan.tile, self.opts.pad)
+                if not valid.all() or valid.shape != (plan.tile, plan.tile):
+                    valid = pad_to(valid, plan.tile, plan.tile, "constant")  # False past the edge
+                else:
+                    valid = None  # all valid: nothing to mark
+                yield r, c, pad_to(np.moveaxis(img, -1, 0), plan.tile, plan.tile, self.opts.pad), valid
 
     def read_loop(self) -> None:
         try:
-            items: list[tuple[int, int, np.ndarray | None]] = []
+            items: list[Tile] = []
             for item in self.tiles():
                 if self.stop.is_set():
                     return
                 items.append(item)
-                if sum(1 for _, _, a in items if a is not None) >= self.plan.batch or len(items) >= 4 * self.plan.batch:
+                if sum(1 for _, _, a, _ in items if a is not None) >= self.plan.batch or len(items) >= 4 * self.plan.batch:
                     _put(self.work, items, self.stop)
                     items = []
             if items:
@@ -379,8 +381,8 @@ class TilePipeline:
         pixels = self.reader.width * self.reader.height
         try:
             while (got := self.results.get()) is not None:
-                for r, c, probs in got:
-                    emitted = self.acc.add(r, c, probs)
+                for r, c, logits, valid in got:
+                    emitted = self.acc.add_logits(r, c, logits, valid)
                     self.done += 1
                     if self.progress:
                         self.progress(self.done, self.plan.total, pixels)
@@ -389,16 +391,16 @@ class TilePipeline:
         except BaseException as exc:  # noqa: BLE001
             self.fail(exc)
 
-    def infer(self, items: list[tuple[int, int, np.ndarray | None]]) -> list[tuple[int, int, np.ndarray | None]]:
-        """Class probabilities per tile (None stays None for skipped tiles)."""
-        arrays = [a for _, _, a in items if a is not None]
-        probs: Iterator[np.ndarray] = iter(())
+    def infer(self, items: list[Tile]) -> list[Tile]:
+        """Pixels → logits per tile (None stays None for skipped tiles). The softmax is the writer
+        thread's, folded into the blend, so this thread goes straight back to the backend."""
+        arrays = [a for _, _, a, _ in items if a is not None]
+        logits: Iterator[np.ndarray] = iter(())
         if arrays:
             meta = self.backend.meta
-            x = normalize(np.stack(arrays), self.plan.scale, meta.mean, meta.std)
-            probs = iter(softmax(self.backend(x)))
+            logits = iter(self.backend(normalize(np.stack(arrays), self.plan.scale, meta.mean, meta.std)))
         self.skipped += len(items) - len(arrays)
-        return [(r, c, next(probs) if a is not None else None) for r, c, a in items]
+        return [(r, c, next(logits) if a is not None else None, v) for r, c, a, v in items]
 
     def fail(self, exc: BaseException) -> None:
         self.errors.append(exc)
@@ -424,6 +426,5 @@ class TilePipeline:
                 except queue.Empty:
                     time.sleep(0.01)
             self.reader.close()
-            self.sink.close()
         if self.errors:
             raise self.errors[0]

@@ -190,19 +190,6 @@ class SceneReader:
 
         return self.src.dataset_mask(window=Window(x, y, w, h)) > 0
 
-    def second_handle(self) -> SceneReader:
-        """The same raster opened again: a GDAL dataset must not be read from two threads at once."""
-        if self.array is not None:
-            return self
-        import rasterio
-
-        twin = object.__new__(SceneReader)
-        twin.__dict__.update(self.__dict__)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            twin.src = rasterio.open(self.path)
-        return twin
-
     def close(self) -> None:
         if self.array is None:
             self.src.close()

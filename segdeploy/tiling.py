@@ -72,6 +72,35 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     return z
 
 
+def weighted_softmax(logits: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """softmax over the class axis (-3) times the blend weights (H×W): what one tile adds to the
+    blend. Computed in place when `logits` is a writable float32 array (the backend's fresh
+    output), folding the softmax's division into the weights: four passes over the tile, not eight."""
+    z = logits if logits.dtype == np.float32 and logits.flags.writeable else logits.astype(np.float32)
+    z -= z.max(axis=-3, keepdims=True)
+    np.exp(z, out=z)
+    scale = z.sum(axis=-3, keepdims=True)
+    np.divide(weights, scale, out=scale)
+    z *= scale
+    return z
+
+
+def class_argmax(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int16 index of the largest score, the largest score) over the class axis of C×H×W, the
+    first class winning ties, as `argmax(0)`. A running maximum over class planes: numpy's
+    argmax over a leading axis walks the array across its strides, 10× slower for few classes."""
+    best = scores[0].copy()
+    labels = np.zeros(best.shape, np.int16)
+    hit = np.empty(best.shape, bool)
+    step = np.empty(best.shape, np.int16)
+    for k in range(1, scores.shape[0]):
+        np.greater(scores[k], best, out=hit)
+        np.maximum(best, scores[k], out=best)
+        np.multiply(hit, np.int16(k), out=step)
+        np.maximum(labels, step, out=labels)  # k beats every earlier index: a hit always wins
+    return labels, best
+
+
 # --------------------------------------------------------------------------- window grid
 
 
@@ -127,7 +156,7 @@ class StripAccumulator:
     still touch: the overlap band below the current row (C × overlap × width) and the current
     tile. Final pixels are handed on as soon as no later tile covers them.
 
-    Feed tiles in row-major order with `add(row, col, probs)`; each finished row of tiles
+    Feed tiles in row-major order with `add(row, col, probs)` (or `add_logits`); each finished row of tiles
     returns the final class map (and confidence) of its `stride` rows (all remaining rows for the
     last row of tiles), cropped to the image.
     """
@@ -172,17 +201,31 @@ class StripAccumulator:
         bottom = self.h if last else top + self.stride
         return max(0, min(bottom, self.h) - top)
 
-    def add(self, row: int, col: int, probs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
-        """Blend one tile (C×tile×tile probabilities, or None for a skipped tile).
+    def add(self, row: int, col: int, probs: np.ndarray | None,
+            valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Blend one tile (C×tile×tile probabilities, or None for a skipped tile). `valid`
+        (tile×tile, False where the input is nodata) marks this tile's final pixels -1 there.
 
         Returns (labels, confidence) for the finished rows when `col` is the row's last tile."""
+        return self._blend(row, col, None if probs is None else probs * self.weights, valid)
+
+    def add_logits(self, row: int, col: int, logits: np.ndarray | None,
+                   valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """`add` for C×tile×tile logits, softmaxed here; a writable float32 array is used in place."""
+        return self._blend(row, col, None if logits is None else weighted_softmax(logits, self.weights), valid)
+
+    def _blend(self, row: int, col: int, weighted: np.ndarray | None,
+               valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
         if row != self.row_index or col != self.expected_col:
             raise ValueError(f"tiles must arrive in row-major order: expected ({self.row_index}, {self.expected_col}), "
                              f"got ({row}, {col})")
         t, ov, s = self.tile, self.ov, self.stride
         x0 = self.cols[col]
-        acc = np.zeros((self.c, t, t), np.float32)
-        wsum = np.zeros((t, t), np.float32)
+        if weighted is None:
+            acc = np.zeros((self.c, t, t), np.float32)
+            wsum = np.zeros((t, t), np.float32)
+        else:
+            acc, wsum = weighted, self.weights.copy()
         if ov:
             acc[:, :, :ov] += self.left
             wsum[:, :ov] += self.left_w
@@ -190,9 +233,6 @@ class StripAccumulator:
             start = ov if col > 0 else 0
             acc[:, :ov, start:] += self.carry[:, :, x0 + start : x0 + t]
             wsum[:ov, start:] += self.carry_w[:, x0 + start : x0 + t]
-        if probs is not None:
-            acc += probs * self.weights
-            wsum += self.weights
         last_col = col == len(self.cols) - 1
         last_row = self.row_index == len(self.rows) - 1
         done_w = t if last_col else s  # columns no later tile of this row touches
@@ -201,14 +241,9 @@ class StripAccumulator:
         y_keep = min(done_h, self._row_height())
         x_end = min(x0 + done_w, self.w)
         if y_keep > 0 and x_end > x0:
-            block = acc[:, :y_keep, : x_end - x0]
-            bw = wsum[:y_keep, : x_end - x0]
-            probs_final = block / np.maximum(bw, 1e-12)
-            labels, conf = probs_final.argmax(0), probs_final.max(0)
-            labels[bw <= 0] = -1  # covered by skipped (all-nodata) tiles only
-            self.row_labels[:y_keep, x0:x_end] = labels
-            if self.keep_confidence:
-                self.row_conf[:y_keep, x0:x_end] = conf
+            # a skipped tile is all nodata: every pixel it owns is nodata, whatever its neighbours blend there
+            invalid = True if weighted is None else None if valid is None else ~valid[:y_keep, : x_end - x0]
+            self._finish_block(acc[:, :y_keep, : x_end - x0], wsum[:y_keep, : x_end - x0], invalid, x0, x_end)
         if ov:
             # bottom overlap band goes to the next row of tiles; the right margin to the next tile
             self.carry[:, :, x0 : x0 + done_w] = acc[:, s:, :done_w]
@@ -224,6 +259,22 @@ class StripAccumulator:
         if self._row < len(self.rows):
             self._reset_row()
         return out
+
+    def _finish_block(self, block: np.ndarray, bw: np.ndarray, invalid: np.ndarray | bool | None, x0: int,
+                      x_end: int) -> None:
+        """Classes (and confidence) of pixels no later tile touches; -1 where the input is nodata or
+        only skipped tiles covered them. Every class is divided by the same weight sum, so the
+        class is the argmax of the weighted sums; only the confidence needs the division."""
+        labels, best = class_argmax(block)
+        uncovered = bw <= 0
+        if invalid is not None:
+            uncovered |= invalid
+        if uncovered.any():
+            labels[uncovered] = -1
+        y_keep = block.shape[1]
+        self.row_labels[:y_keep, x0:x_end] = labels
+        if self.keep_confidence:
+            self.row_conf[:y_keep, x0:x_end] = best / np.maximum(bw, 1e-12)
 
     def nbytes(self) -> int:
         """Bytes held between tiles (what must not grow with the scene's height)."""

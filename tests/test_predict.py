@@ -18,7 +18,15 @@ from segdeploy.artifact import ModelMeta
 from segdeploy.errors import DataError, UserError
 from segdeploy.predict import PredictOptions, predict_file
 from segdeploy.runtime.base import Backend
-from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, window_starts
+from segdeploy.tiling import (
+    BLENDS,
+    StripAccumulator,
+    blend_weights,
+    class_argmax,
+    softmax,
+    weighted_softmax,
+    window_starts,
+)
 
 
 # ------------------------------------------------------------------------------ tiling properties
@@ -68,6 +76,44 @@ def test_stitcher_reproduces_a_probability_field_exactly(h: int, w: int, tile: i
                 conf.append(out[1])
     assert np.array_equal(np.concatenate(labels), field.argmax(0))
     np.testing.assert_allclose(np.concatenate(conf).astype(np.float32), field.max(0), atol=1e-3, rtol=0)  # float16
+
+
+@settings(max_examples=60, deadline=None)
+@given(classes=st.integers(1, 12), h=st.integers(1, 20), w=st.integers(1, 20), levels=st.integers(1, 4),
+       seed=st.integers(0, 10_000))
+def test_class_argmax_is_numpy_argmax_ties_included(classes: int, h: int, w: int, levels: int, seed: int) -> None:
+    """Few distinct values make ties common: the first class must win them, as argmax(0)."""
+    scores = np.random.default_rng(seed).integers(0, levels, (classes, h, w)).astype(np.float32)
+    labels, best = class_argmax(scores)
+    assert labels.dtype == np.int16 and np.array_equal(labels, scores.argmax(0)) and np.array_equal(best, scores.max(0))
+
+
+def test_logits_blend_like_their_softmax_and_are_used_in_place() -> None:
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((2, 4, 32, 32)) * 20).astype(np.float32)  # large: the max shift matters
+    weights = blend_weights(32, "gaussian", 8)
+    expected = softmax(logits) * weights
+    batch = logits.copy()
+    got = weighted_softmax(batch, weights)
+    assert got is batch and np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    half = logits.astype(np.float16)  # an FP16 model's logits: converted, not modified
+    np.testing.assert_allclose(weighted_softmax(half, weights), softmax(half.astype(np.float32)) * weights, atol=1e-6)
+    # whole scenes: logits and their probabilities give the same classes and confidence
+    scene = (rng.standard_normal((4, 56, 56)) * 5).astype(np.float32)
+    a = StripAccumulator(56, 56, 4, 32, 8, weights)
+    b = StripAccumulator(56, 56, 4, 32, 8, weights)
+    outs_a, outs_b = [], []
+    for r, y in enumerate(window_starts(56, 32, 8)):
+        for c, x in enumerate(window_starts(56, 32, 8)):
+            tile = np.pad(scene, ((0, 0), (0, 72 - 56), (0, 72 - 56)), mode="edge")[:, y : y + 32, x : x + 32]
+            outs_a.append(a.add(r, c, softmax(tile[None])[0]))
+            outs_b.append(b.add_logits(r, c, tile.copy()))
+    for oa, ob in zip(outs_a, outs_b, strict=True):
+        assert (oa is None) == (ob is None)
+        if oa is not None:
+            assert np.array_equal(oa[0], ob[0])
+            np.testing.assert_allclose(oa[1].astype(np.float32), ob[1].astype(np.float32), atol=1e-3)
 
 
 def test_accumulator_memory_does_not_grow_with_height() -> None:
@@ -254,19 +300,26 @@ def test_bad_inputs_are_clear_and_leave_nothing_that_looks_finished(tmp_path: Pa
         predict_file(backend, tmp_path / "big.tif", tmp_path / "afile" / "o.tif", PredictOptions(tile=32, overlap=8))
 
 
-def test_writer_thread_reads_masks_through_its_own_gdal_handle(tmp_path: Path) -> None:
-    """GDAL datasets are not thread-safe: the mask reads of the writer thread once collided with
-    the reader thread's tile reads on a 20000² scene ("Read failed")."""
-    from segdeploy.raster import SceneReader
+def test_only_the_reader_thread_touches_the_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GDAL datasets are not thread-safe (the writer's mask reads once collided with the reader's
+    tile reads on a 20000² scene: "Read failed"), and reading the masks twice cost a second decode:
+    validity travels with the tiles, and the input is opened once."""
+    labels = np.random.default_rng(5).integers(1, 4, (90, 70)).astype(np.uint8)
+    labels[20:25, 30:33] = 0  # a hole inside a tile
+    write_tif(tmp_path / "in.tif", labels, nodata=0)
+    opened = []
+    real_open = rasterio.open
 
-    write_tif(tmp_path / "n.tif", np.ones((64, 64), np.uint8), nodata=0)
-    reader = SceneReader(tmp_path / "n.tif", 1)
-    twin = reader.second_handle()
-    try:
-        assert twin.src is not reader.src and twin.valid(0, 0, 8, 8).all()
-    finally:
-        twin.close()
-        reader.close()
+    def counting_open(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if str(path) == str(tmp_path / "in.tif"):
+            opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(rasterio, "open", counting_open)
+    predict_file(EchoBackend(4, 32), tmp_path / "in.tif", tmp_path / "out.tif", PredictOptions(tile=32, overlap=8))
+    assert len(opened) == 1
+    with real_open(tmp_path / "out.tif") as out:
+        assert np.array_equal(out.read(1) == 255, labels == 0)
 
 
 def test_default_overlap_is_an_eighth_of_the_tile_so_small_tiles_work(tmp_path: Path) -> None:

@@ -67,7 +67,8 @@ class Backend(ABC):
         do not add to the inference peak."""
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """float32 N×C×H×W logits on the host for a normalised float32 N×B×H×W host batch."""
+        """float32 N×C×H×W logits on the host for a normalised float32 N×B×H×W host batch: a new
+        array the caller owns (predict softmaxes it in place)."""
         return self.to_host(self.run(self.prepare(batch)))
 
     @property
