@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--output", default="")
     ap.add_argument("--tiles", type=int, default=0)
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
-    ap.add_argument("--monai-size", type=int, default=4096)
+    ap.add_argument("--monai-size", type=int, default=4096, help="scene size of the MONAI comparison (0: none)")
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
@@ -134,7 +134,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"model": str(args.model), "tile": args.tile, "overlap": args.overlap, "batch": args.batch,
                     "threads": args.threads, "runs": {}}
-    for size in sorted(set(args.sizes) | {args.monai_size}):
+    for size in sorted(set(args.sizes) | ({args.monai_size} - {0})):
         scene = args.workdir / f"scene_{size}.tif"
         labels = args.workdir / f"scene_{size}_labels.tif"
         if not scene.exists():

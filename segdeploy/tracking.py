@@ -8,8 +8,10 @@ log their reports to the same MLflow run later.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +58,26 @@ def _mlflow(uri: str):  # noqa: ANN202
     except ImportError:
         raise UserError("MLflow logging needs mlflow: pip install 'segdeploy[tracking]' (or drop --mlflow and "
                         "unset MLFLOW_TRACKING_URI)") from None
-    mlflow.set_tracking_uri(uri)
+    with _environ_kept():
+        mlflow.set_tracking_uri(uri)
     return mlflow
+
+
+@contextlib.contextmanager
+def _environ_kept() -> Iterator[None]:
+    """MLflow ≥ 2 writes the tracking URI and the experiment id into os.environ: left there, a later
+    run in the same process (a notebook, the Python API, the tests) would log to MLflow, or to
+    another experiment, without being asked. They stay inside mlflow's own state."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    before = {n: os.environ.get(n) for n in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class Tracker:
@@ -76,7 +96,8 @@ class Tracker:
         self.mlflow_run: dict[str, str] | None = None
         if mlflow_uri:
             mlflow = _mlflow(mlflow_uri)
-            mlflow.set_experiment(str(recipe.get("name") or "segdeploy"))
+            with _environ_kept():
+                mlflow.set_experiment(str(recipe.get("name") or "segdeploy"))
             run = mlflow.start_run(run_name=run_dir.name)
             mlflow.log_params(_flatten({k: v for k, v in recipe.items() if k != "description"}))
             self.mlflow, self.mlflow_run = mlflow, {"tracking_uri": mlflow_uri, "run_id": run.info.run_id}

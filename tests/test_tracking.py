@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,14 @@ def test_train_logs_to_tensorboard_and_mlflow_and_export_and_bench_join_the_run(
 
     monkeypatch.chdir(tmp_path)  # a bare --mlflow means ./mlruns
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     runner = CliRunner()
     result = runner.invoke(app, ["train", str(RECIPES / "demo.yaml"), "--data", str(synth_dir), "--out", "run",
                                  "--set", "train.epochs=2", "--set", "data.tile_size=64", "--no-progress", "--mlflow"])
     assert result.exit_code == 0, result.output
+    # MLflow writes its URI into os.environ; left there, every later run in this process (a
+    # notebook, the Python API) would log to MLflow unasked
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ
     meta = json.loads((tmp_path / "run/meta.json").read_text())
     info = meta["mlflow"]
     assert info["tracking_uri"] == (tmp_path / "mlruns").as_uri()
@@ -51,6 +56,7 @@ def test_train_logs_to_tensorboard_and_mlflow_and_export_and_bench_join_the_run(
     result = runner.invoke(app, ["bench", "run", "--backend", "onnxruntime", "--precision", "fp32", "--batch", "1",
                                  "--size", "64", "--iters", "2", "--seconds", "0", "--no-accuracy"])
     assert result.exit_code == 0, result.output
+    assert not {"MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"} & set(os.environ)  # export and bench joined the run without leaking it either
     metrics = client.get_run(info["run_id"]).data.metrics
     assert metrics["bench_onnxruntime_fp32_b1_p50_ms"] > 0 and "bench.json" in {
         f.path for f in client.list_artifacts(info["run_id"])}
