@@ -353,3 +353,19 @@ def test_cog_output_validates_and_its_overviews_never_average_classes(tmp_path: 
         small = out.read(1, out_shape=(out.height // 4, out.width // 4))  # read from an overview
     assert set(np.unique(small)) <= {0, 3}  # mode: a 0/3 stripe pattern never becomes 1 or 2
     assert not list(tmp_path.glob(".*"))  # no partial or COG temporaries left
+
+
+def test_every_cpu_backend_returns_logits_the_caller_owns(tiny_run: Path, tiny_onnx: Path) -> None:
+    """predict's writer thread softmaxes a batch's logits in place while the next batch runs: a
+    backend that handed out (or later reused) its own buffer would corrupt them."""
+    from segdeploy.runtime import load_backend
+
+    rng = np.random.default_rng(0)
+    first, second = (rng.standard_normal((2, 3, 64, 64), dtype=np.float32) for _ in range(2))
+    for model in (tiny_run, tiny_onnx):
+        backend = load_backend(model, device="cpu")
+        logits = backend(first)
+        kept = logits.copy()
+        later = backend(second)
+        assert logits.dtype == np.float32 and logits.flags.writeable, model
+        assert not np.shares_memory(logits, later) and np.array_equal(logits, kept), model
