@@ -64,12 +64,9 @@ def normalize(pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarra
     return (np.asarray(pixels, np.float32) / np.float32(scale) - mean) / std
 
 
-def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
-    """float32 softmax over `axis` (classes), stable for large logits."""
-    z = logits.astype(np.float32, copy=False) - logits.max(axis=axis, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=axis, keepdims=True)
-    return z
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """float32 softmax over the class axis (-3) of a new array, stable for large logits."""
+    return weighted_softmax(np.array(logits, dtype=np.float32), np.float32(1))
 
 
 def weighted_softmax(logits: np.ndarray, weights: np.ndarray) -> np.ndarray:

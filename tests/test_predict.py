@@ -92,7 +92,9 @@ def test_logits_blend_like_their_softmax_and_are_used_in_place() -> None:
     rng = np.random.default_rng(1)
     logits = (rng.standard_normal((2, 4, 32, 32)) * 20).astype(np.float32)  # large: the max shift matters
     weights = blend_weights(32, "gaussian", 8)
-    expected = softmax(logits) * weights
+    shifted = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))  # an independent reference
+    expected = (shifted / shifted.sum(1, keepdims=True) * weights).astype(np.float32)
+    np.testing.assert_allclose(softmax(logits), expected / weights, rtol=1e-5, atol=1e-7)
     batch = logits.copy()
     got = weighted_softmax(batch, weights)
     assert got is batch and np.isfinite(got).all()
