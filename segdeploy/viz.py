@@ -123,10 +123,10 @@ def save_class_preview(raster: Path, path: Path, names: list[str], palette: list
     y = line + h + pad
     for row in legend:
         x = pad
-        for name, colour, text_w in row:
+        for name, colour, step in row:
             draw.rectangle((x, y + 3, x + 14, y + 17), fill=tuple(int(v) for v in colour), outline="black")
-            draw.text((x + 20, y + 2), name, fill="black", font=font)
-            x += 20 + text_w + 16
+            draw.text((x + _SWATCH, y + 2), name, fill="black", font=font)
+            x += step
         y += line
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
@@ -142,18 +142,20 @@ def _font(size: int):  # noqa: ANN202 - a Pillow font
         return ImageFont.load_default()
 
 
+_SWATCH, _GAP = 20, 16  # px: a colour swatch and its spacing before the name; the gap after it
+
+
 def _legend_rows(entries: list[tuple[str, tuple]], font, width: int) -> list[list[tuple[str, tuple, int]]]:  # noqa: ANN001
-    """Legend entries (name, colour, text width) wrapped into rows that fit `width` px."""
+    """Legend entries (name, colour, px the entry takes) wrapped into rows that fit `width` px."""
     rows: list[list[tuple[str, tuple, int]]] = [[]]
     used = 0
     for name, colour in entries:
-        text_w = int(font.getlength(name))
-        need = 20 + text_w + 16
-        if rows[-1] and used + need > width:
+        step = _SWATCH + int(font.getlength(name)) + _GAP
+        if rows[-1] and used + step > width:
             rows.append([])
             used = 0
-        rows[-1].append((name, colour, text_w))
-        used += need
+        rows[-1].append((name, colour, step))
+        used += step
     return rows
 
 
