@@ -3,12 +3,15 @@ that knows a run directory's layout.
 
 `ModelMeta` travels with the weights — in a run's ``meta.json``, in ONNX ``metadata_props`` and
 in an engine's sidecar — so predict needs nothing but the file (an engine also needs TensorRT and
-the GPU it was built for). `Run` opens a run directory once, caches its meta and recipe, and
-names its files: no other module spells a run's file names.
+the GPU it was built for). `Run` is the one owner of a run directory, for writing and reading
+(like transformers' ``save_pretrained``/``from_pretrained`` pair): it creates the run, writes its
+weights, resume checkpoint, status, history and names its plot/eval/tensorboard folders, and reads
+them back; meta.json's schema lives in that class. No other module spells a run's file names.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Callable
@@ -25,6 +28,7 @@ LAST_CKPT = "last.ckpt"
 SPLITS_FILE = "splits.json"
 HISTORY_FILE = "history.csv"
 PLOTS_DIR = "plots"
+TENSORBOARD_DIR = "tensorboard"
 ONNX_META_KEY = "segdeploy"  # the metadata_props key of an exported ONNX file
 EXPORT_DIR = "export"
 EVAL_DIR = "eval"
@@ -106,9 +110,14 @@ def read_run_meta(run_dir: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is corrupt ({exc}); retrain the run") from None
 
 
+RUN_STATUSES = ("training", "complete", "failed")
+HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_miou", "val_mdice", "lr", "seconds", "images_per_s"]
+
+
 def run_state(path: Path) -> str:
-    """absent | empty | foreign (files, but not a run) | complete | unfinished (resumable) |
-    unstarted (interrupted before its first epoch ended: nothing to resume)."""
+    """absent | empty | foreign (files, but not a run) | complete | unfinished (resumable: it has a
+    resume checkpoint, whether it was interrupted or marked "failed") | unstarted (stopped before
+    its first epoch ended: nothing to resume and nothing to lose, so a plain retry replaces it)."""
     if not path.exists():
         return "absent"
     if not path.is_dir():
@@ -131,7 +140,7 @@ def continue_hint(run_dir: Path) -> str:
     if (run_dir / LAST_CKPT).is_file():
         return f"continue it with `segdeploy train {run_dir / RECIPE_FILE} --out {run_dir} --resume`"
     return (f"it stopped before its first epoch ended; start it again with "
-            f"`segdeploy train {run_dir / RECIPE_FILE} --out {run_dir} --overwrite`")
+            f"`segdeploy train {run_dir / RECIPE_FILE} --out {run_dir}`")
 
 
 def require_finished(run_dir: Path) -> dict[str, Any]:
@@ -312,6 +321,10 @@ class Run:
         return self.root / PLOTS_DIR
 
     @property
+    def tensorboard_dir(self) -> Path:
+        return self.root / TENSORBOARD_DIR
+
+    @property
     def export_dir(self) -> Path:
         return self.root / EXPORT_DIR
 
@@ -320,6 +333,96 @@ class Run:
 
     def export_path(self, key: str) -> Path:
         return self.export_dir / EXPORT_FORMS[key].file
+
+    # -- writing (the one place a run directory is written)
+    @classmethod
+    def create(cls, root: Path, recipe_text: str, splits: dict[str, list[str]], meta: ModelMeta,
+               world_size: int = 1, epochs_done: int = 0) -> Run:
+        """Make (or reuse, on resume) the directory and write the resolved recipe, the split keys and
+        meta.json with status "training". Each file is written atomically."""
+        from segdeploy.utils import atomic_path, write_json
+
+        run = cls(root)
+        run.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run.recipe_path) as tmp:
+            tmp.write_text(recipe_text)
+        write_json(run.splits_path, splits)
+        run.write_status("training", meta, epochs_done=epochs_done, world_size=world_size)
+        return run
+
+    def write_status(self, status: str, meta: ModelMeta | None = None, **fields: Any) -> None:
+        """Rewrite meta.json atomically: ``{"status": status, "model_meta": ..., **fields}``.
+
+        `status` is "training", "complete" or "failed" (pass ``error="one line"``); `meta` defaults
+        to the model meta already recorded. Only "complete" (with weights) makes a run usable by
+        later verbs. Raises ValueError for an unknown status."""
+        from segdeploy.utils import write_json
+
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status {status!r} is not one of {RUN_STATUSES}")
+        model_meta = meta.to_dict() if meta is not None else self.info["model_meta"]
+        write_json(self.meta_path, {"status": status, "model_meta": model_meta, **fields})
+        self._info = None
+
+    def save_weights(self, state: dict) -> None:
+        """The model's tensors as safetensors (CPU, contiguous), atomically."""
+        from safetensors.torch import save_file
+
+        from segdeploy.utils import atomic_path
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        with atomic_path(self.weights) as tmp:
+            save_file(tensors, str(tmp))
+
+    def load_weights(self) -> dict:
+        """The weights as a state dict of CPU tensors (safetensors: no unpickling); ArtifactError
+        when the file is corrupt."""
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.weights))
+        except Exception as exc:  # noqa: BLE001 - any failure is the file's
+            raise ArtifactError(f"{self.weights} is corrupt ({exc}); retrain the run") from None
+
+    def save_checkpoint(self, state: dict) -> None:
+        """The resume state (tensors and plain values only) with torch.save, atomically; a failed
+        write (disk full) is an OutputError naming the file."""
+        import torch
+
+        from segdeploy.errors import OutputError
+        from segdeploy.utils import atomic_path
+
+        path = self.last_checkpoint
+        with atomic_path(path) as tmp:
+            try:
+                torch.save(state, tmp)
+            except RuntimeError as exc:  # torch reports a failed write (disk full) as RuntimeError
+                if "writ" not in str(exc).lower():
+                    raise
+                raise OutputError(f"cannot write {path}: {str(exc).splitlines()[0][:120]} (disk full?); "
+                                  "free space or train into another --out") from None
+
+    def load_checkpoint(self) -> dict:
+        """The resume state, loaded with ``weights_only=True`` (no arbitrary unpickling)."""
+        import torch
+
+        return torch.load(self.last_checkpoint, map_location="cpu", weights_only=True)
+
+    def write_history(self, rows: list[dict]) -> None:
+        """One row per epoch (HISTORY_FIELDS) as CSV, atomically."""
+        from segdeploy.utils import atomic_path
+
+        with atomic_path(self.history_path) as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def read_history(self) -> list[dict]:
+        """The epochs recorded so far ([] when none): epoch as int, every other column as float."""
+        if not self.history_path.is_file():
+            return []
+        with self.history_path.open() as f:
+            return [{k: (float(v) if k != "epoch" else int(v)) for k, v in row.items()} for row in csv.DictReader(f)]
 
     # -- contents (read once)
     @property
@@ -351,17 +454,12 @@ class Run:
 
     def build_model(self):  # noqa: ANN201 - a torch.nn.Module in eval mode with the run's weights
         """The run's model rebuilt from its recipe with its weights (safetensors; no pickle)."""
-        from safetensors.torch import load_file
-
         from segdeploy.models import build_model
 
         self.require_finished()
         meta = self.meta
         model = build_model(self.recipe.model.model_copy(update={"weights": None}), meta.bands, meta.num_classes)
-        try:
-            state = load_file(str(self.weights))
-        except Exception as exc:  # noqa: BLE001
-            raise ArtifactError(f"{self.weights} is corrupt ({exc}); retrain the run") from None
+        state = self.load_weights()
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ArtifactError(f"{self.weights} does not match the recipe's model ({len(missing)} missing, "

@@ -15,10 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from segdeploy.artifact import LAST_CKPT
+from segdeploy.artifact import LAST_CKPT, TENSORBOARD_DIR
 from segdeploy.errors import UserError
-
-TENSORBOARD_DIR = "tensorboard"
 
 
 def resolve_mlflow_uri(option: str | None) -> str | None:
@@ -83,13 +81,13 @@ def _environ_kept() -> Iterator[None]:
 class Tracker:
     """Per-epoch scalars and the final report of one training run, to every sink that is on."""
 
-    def __init__(self, run_dir: Path, recipe: dict, mlflow_uri: str | None) -> None:
+    def __init__(self, tensorboard_dir: Path, recipe: dict, mlflow_uri: str | None, run_name: str) -> None:
         self.notes: list[str] = []
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+            self.tb = SummaryWriter(str(tensorboard_dir))
         except ImportError:
             self.notes.append("TensorBoard logging off: pip install 'segdeploy[tracking]'")
         self.mlflow = None
@@ -98,7 +96,7 @@ class Tracker:
             mlflow = _mlflow(mlflow_uri)
             with _environ_kept():
                 mlflow.set_experiment(str(recipe.get("name") or "segdeploy"))
-            run = mlflow.start_run(run_name=run_dir.name)
+            run = mlflow.start_run(run_name=run_name)
             mlflow.log_params(_flatten({k: v for k, v in recipe.items() if k != "description"}))
             self.mlflow, self.mlflow_run = mlflow, {"tracking_uri": mlflow_uri, "run_id": run.info.run_id}
             self.notes.append(f"MLflow run {run.info.run_id} at {mlflow_uri}")

@@ -7,7 +7,6 @@ values only, so it loads with ``weights_only=True``).
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
@@ -34,7 +33,7 @@ from segdeploy.data.dataset import (
 )
 from segdeploy.data.torchdata import SegmentationDataset, band_stats
 from segdeploy.distributed import ShardSampler, World, all_sum, barrier, from_main, join, leave, sync_buffers
-from segdeploy.errors import ArtifactError, DataError, OutputError, UserError
+from segdeploy.errors import ArtifactError, DataError, UserError
 from segdeploy.losses import build_loss
 from segdeploy.metrics import ConfusionMatrix, level_mious
 from segdeploy.models import build_model, check_model_names, freeze_encoder, input_divisor, static_size
@@ -48,11 +47,7 @@ from segdeploy.utils import (
     pick_device,
     versions,
     writable_location,
-    write_json,
 )
-
-HISTORY_FIELDS = ["epoch", "train_loss", "val_loss", "val_miou", "val_mdice", "lr", "seconds", "images_per_s"]
-
 
 @dataclass
 class TrainResult:
@@ -219,7 +214,8 @@ def _report_class_balance(names: list[str], counts: np.ndarray, console: Console
 
 def plan_output(out: Path, resume: bool, overwrite: bool) -> str:
     """What training does with `out`: 'new', 'resume' or 'replace'. Refuses, with the one flag
-    that fits, anything that would lose or mix up earlier work; nothing is written here."""
+    that fits, anything that would lose or mix up earlier work; nothing is written here. A run
+    that stopped before its first epoch ended holds nothing to lose: a plain retry replaces it."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one of them")
     state = art.run_state(out)
@@ -233,16 +229,15 @@ def plan_output(out: Path, resume: bool, overwrite: bool) -> str:
     if resume:
         if state == "unstarted":
             raise ArtifactError(f"{out} stopped before its first epoch ended, so there is nothing to resume; "
-                                "start it again with --overwrite")
+                                "start it again without --resume")
         return "resume"
-    if overwrite:
+    if overwrite or state == "unstarted":
         return "replace"
     if state == "complete":
         raise ArtifactError(f"{out} already holds a finished run; pass --overwrite to replace it (the old run is "
                             "kept until the new one completes), --resume to train it further, or another --out")
-    hint = "continue it with --resume, or replace it with --overwrite" if state == "unfinished" else \
-        "it stopped before its first epoch ended; start it again with --overwrite"
-    raise ArtifactError(f"run directory {out} already exists and is unfinished; {hint}")
+    raise ArtifactError(f"run directory {out} already exists and is unfinished; continue it with --resume, "
+                        "or replace it with --overwrite")
 
 
 def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -361,9 +356,11 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world
                   train_loader, val_loader, amp, torch.amp.GradScaler("cuda", enabled=amp), meta, net, world)
 
 
-def _restore(out: Path, rec: Recipe, st: _Setup, console: Console) -> tuple[int, float, int, list[dict]]:
-    """Load last.ckpt into the model/optimizer/schedule: (next epoch, best mIoU, best epoch, history)."""
-    ckpt = torch.load(out / art.LAST_CKPT, map_location="cpu", weights_only=True)
+def _restore(run: art.Run, rec: Recipe, st: _Setup, console: Console) -> tuple[int, float, int, list[dict]]:
+    """Load the resume checkpoint into the model/optimizer/schedule: (next epoch, best mIoU, best
+    epoch, history)."""
+    out = run.root
+    ckpt = run.load_checkpoint()
     if ckpt["recipe_digest"] != rec.digest():
         raise ArtifactError(f"{out} was trained with a different recipe (data/classes/model differ); "
                             "resume with the same recipe or start a new --out")
@@ -381,7 +378,7 @@ def _restore(out: Path, rec: Recipe, st: _Setup, console: Console) -> tuple[int,
                     st.scheduler.step()
             console.print(f"schedule re-planned for {rec.train.epochs} epochs")
     console.print(f"resuming {out} at epoch {int(ckpt['epoch']) + 1}")
-    return int(ckpt["epoch"]) + 1, float(ckpt["best_miou"]), int(ckpt["best_epoch"]), _read_history(out / art.HISTORY_FILE)
+    return int(ckpt["epoch"]) + 1, float(ckpt["best_miou"]), int(ckpt["best_epoch"]), run.read_history()
 
 
 def _train_epoch(rec: Recipe, st: _Setup, device: str, on_batch: Callable[[float], None]) -> tuple[float, int, float]:
@@ -416,32 +413,36 @@ def _train_epoch(rec: Recipe, st: _Setup, device: str, on_batch: Callable[[float
 def _train(rec: Recipe, out: Path, data: TrainingData, device: str, *, resume: bool, progress: bool,
            console: Console, mlflow_uri: str | None = None, world: World = World()) -> TrainResult:
     st = _setup(rec, data, device, console, world)
+    run = art.Run(out)
     start_epoch, best_miou, best_epoch, history = 1, -1.0, 0, []
     if resume:
-        start_epoch, best_miou, best_epoch, history = _restore(out, rec, st, console)
+        start_epoch, best_miou, best_epoch, history = _restore(run, rec, st, console)
     tracker = None
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / art.RECIPE_FILE) as tmp:
-            tmp.write_text(rec.to_yaml())
-        write_json(out / art.SPLITS_FILE, data.splits)
-        write_json(out / art.META_FILE, {"status": "training", "epochs_done": start_epoch - 1, "world_size": world.size,
-                                         "model_meta": st.meta.to_dict()})
-        tracker = Tracker(out, rec.model_dump(mode="json"), mlflow_uri)
+        art.Run.create(out, rec.to_yaml(), data.splits, st.meta, world.size, epochs_done=start_epoch - 1)
+        tracker = Tracker(run.tensorboard_dir, rec.model_dump(mode="json"), mlflow_uri, run.root.name)
         for note in tracker.notes:
             console.print(note, highlight=False)
         if world.active:
             console.print(f"DDP: {world.size} processes × batch {rec.train.batch_size} = global batch "
                           f"{world.size * rec.train.batch_size}", highlight=False)
     try:
-        return _epochs(rec, out, st, device, (start_epoch, best_miou, best_epoch, history), tracker, progress, console)
-    except BaseException:
+        return _epochs(rec, run, st, device, (start_epoch, best_miou, best_epoch, history), tracker, progress, console)
+    except BaseException as exc:
         if tracker is not None:
             tracker.abort()
+        if world.main and not isinstance(exc, KeyboardInterrupt):
+            # an interrupt leaves "training" (continue with --resume); any other failure is recorded
+            run.write_status("failed", error=_one_line(exc), epochs_done=len(history), world_size=world.size)
         raise
 
 
-def _epochs(rec: Recipe, out: Path, st: _Setup, device: str, state: tuple[int, float, int, list[dict]],
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300] if not isinstance(exc, UserError) else text[:300]
+
+
+def _epochs(rec: Recipe, run: art.Run, st: _Setup, device: str, state: tuple[int, float, int, list[dict]],
             tracker: Tracker | None, progress: bool, console: Console) -> TrainResult:
     start_epoch, best_miou, best_epoch, history = state
     best_per_class: list[dict] = []
@@ -468,7 +469,7 @@ def _epochs(rec: Recipe, out: Path, st: _Setup, device: str, state: tuple[int, f
             if improved:
                 best_miou, best_epoch, best_per_class = mets.miou, epoch, mets.per_class()
             if main:
-                _record_epoch(out, rec, st, history, improved, best_miou, best_epoch, tracker)
+                _record_epoch(run, rec, st, history, improved, best_miou, best_epoch, tracker)
             bar.update(task, miou=f"{mets.miou:.3f}")
             console.print(f"epoch {epoch:>3}  loss {loss:.4f}  val loss {val_loss:.4f}  "
                           f"val mIoU {mets.miou:.4f}  mDice {mets.mdice:.4f}{'  *best' if improved else ''}")
@@ -477,39 +478,40 @@ def _epochs(rec: Recipe, out: Path, st: _Setup, device: str, state: tuple[int, f
                 break
     if stopped:
         console.print(f"stopped early after epoch {epoch}: {stopped}")
-    final = {"status": "complete", "model_meta": st.meta.to_dict(), "best_epoch": best_epoch,
+    final = {"status": "complete", "model_meta": st.meta, "best_epoch": best_epoch,
              "best_val_miou": best_miou, "epochs_run": epoch, "stopped_early": stopped, "world_size": st.world.size,
              "train_images_per_s": round(train_images / max(train_time, 1e-9), 2)}
     if rec.classes.hierarchy:  # per-level mIoU of the best weights
         barrier(st.world)  # rank 0 wrote them
-        _load_weights(st.net, out / art.WEIGHTS_FILE)
+        st.net.load_state_dict(run.load_weights())
         _, cm = validate(st.net, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp, st.world)
         final["best_val_levels"] = level_mious(cm.matrix, rec.classes.names, rec.classes.hierarchy,
                                                rec.eval.exclude_background)
     if main:
-        plot_history(history, out / art.PLOTS_DIR)
+        plot_history(history, run.plots_dir)
         if tracker is not None and tracker.mlflow_run:
             final["mlflow"] = tracker.mlflow_run
-        write_json(out / art.META_FILE, final)
+        run.write_status(final.pop("status"), final.pop("model_meta"), **final)
         if tracker is not None:
-            tracker.finish(out, final, best_per_class)
-    return TrainResult(out, best_miou, best_epoch, epoch, time.perf_counter() - t0, final["train_images_per_s"], stopped,
+            tracker.finish(run.root, final, best_per_class)
+    return TrainResult(run.root, best_miou, best_epoch, epoch, time.perf_counter() - t0, final["train_images_per_s"], stopped,
                        st.world.size, main)
 
 
-def _record_epoch(out: Path, rec: Recipe, st: _Setup, history: list[dict], improved: bool, best_miou: float,
+def _record_epoch(run: art.Run, rec: Recipe, st: _Setup, history: list[dict], improved: bool, best_miou: float,
                   best_epoch: int, tracker: Tracker | None) -> None:
     """What rank 0 writes after each epoch: best weights, history, resume state, status, tracking."""
     if tracker is not None:
         tracker.log_epoch(history[-1])
     if improved:
-        _save_weights(st.net, out / art.WEIGHTS_FILE)
-    _write_history(out / art.HISTORY_FILE, history)
+        run.save_weights(st.net.state_dict())
+    run.write_history(history)
     epoch = int(history[-1]["epoch"])
-    _save_last(out / art.LAST_CKPT, st.net, st.opt, st.scheduler, epoch, rec.train.epochs, best_miou, best_epoch,
-               rec.digest())
-    write_json(out / art.META_FILE, {"status": "training", "epochs_done": epoch, "world_size": st.world.size,
-                                     "model_meta": st.meta.to_dict()})
+    run.save_checkpoint({"model": st.net.state_dict(), "optimizer": st.opt.state_dict(),
+                         "scheduler": st.scheduler.state_dict() if st.scheduler is not None else None,
+                         "epoch": epoch, "epochs": rec.train.epochs, "best_miou": best_miou,
+                         "best_epoch": best_epoch, "recipe_digest": rec.digest()})
+    run.write_status("training", st.meta, epochs_done=epoch, world_size=st.world.size)
 
 
 def _stop_reason(rec: Recipe, epoch: int, best_epoch: int, t0: float) -> str | None:
@@ -527,50 +529,6 @@ def _progress_bar(console: Console, enabled: bool):  # noqa: ANN202 - rich.progr
                TextColumn("loss {task.fields[loss]}  val mIoU {task.fields[miou]}"), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn()]
     return Progress(*columns, console=console, disable=not enabled, transient=False)
-
-
-def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
-
-
-def _load_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(path)))
-
-
-def _save_last(path: Path, model, opt, scheduler, epoch: int, epochs: int, best_miou: float, best_epoch: int,  # noqa: ANN001
-               digest: str) -> None:
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "epoch": epoch, "epochs": epochs, "best_miou": best_miou, "best_epoch": best_epoch,
-             "recipe_digest": digest}
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(state, tmp)
-        except RuntimeError as exc:  # torch reports a failed write (disk full) as RuntimeError
-            if "writ" not in str(exc).lower():
-                raise
-            raise OutputError(f"cannot write {path}: {str(exc).splitlines()[0][:120]} (disk full?); "
-                              "free space or train into another --out") from None
-
-
-def _write_history(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, HISTORY_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _read_history(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [{k: (float(v) if k != "epoch" else int(v)) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def plot_history(history: list[dict], out_dir: Path) -> list[Path]:

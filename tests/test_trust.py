@@ -112,17 +112,19 @@ def _umask() -> int:
 
 
 def test_unfinished_run_hints_lead_somewhere(tiny_run: Path, synth_dir: Path, tmp_path: Path) -> None:
-    """--resume on a run with no resume state says --overwrite; never a circle of hints."""
+    """A run that stopped before its first epoch ended has nothing to resume and nothing to lose:
+    --resume says to start it again, a plain retry replaces it, and no hint sends the user in a circle."""
+    from segdeploy.train import plan_output
+
     rec = recipe.load(RECIPES / "demo.yaml", demo_overrides(), synth_dir)
     early = tmp_path / "early"
     shutil.copytree(tiny_run, early)
     (early / "last.ckpt").unlink()
     (early / "meta.json").write_text(json.dumps({"status": "training", "epochs_done": 0}))
-    with pytest.raises(ArtifactError, match="stopped before its first epoch ended.*start it again with --overwrite"):
+    with pytest.raises(ArtifactError, match="stopped before its first epoch ended.*start it again without --resume"):
         fit(rec, early, resume=True, progress=False)
-    with pytest.raises(ArtifactError, match="start it again with --overwrite"):
-        fit(rec, early, progress=False)
-    with pytest.raises(ArtifactError, match=r"segdeploy train .*early/recipe.yaml --out .*early --overwrite"):
+    assert plan_output(early, resume=False, overwrite=False) == "replace"  # the plain retry the hint names
+    with pytest.raises(ArtifactError, match=r"segdeploy train .*early/recipe.yaml --out .*early`"):
         from segdeploy.artifact import require_finished
 
         require_finished(early)
@@ -593,3 +595,32 @@ def test_outputs_that_exist_are_replaced_not_refused(tiny_run: Path, synth_dir: 
         result = run(*args)
         assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "p.json").read_text())["results"][0]["output"] == str(tmp_path / "p.tif")
+
+
+def test_a_failure_mid_training_marks_the_run_failed_and_resumable(synth_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error after the first epoch is recorded in meta.json ("failed", with the error),
+    the run keeps its resume checkpoint, and every hint names --resume."""
+    import segdeploy.train as train_mod
+    from segdeploy.artifact import Run, run_state
+
+    real, calls = train_mod.validate, []
+
+    def flaky(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated loss of the data volume")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "validate", flaky)
+    rec = recipe.load(RECIPES / "demo.yaml", demo_overrides(**{"train.epochs": 2}), synth_dir)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated"):
+        fit(rec, out, progress=False)
+    info = json.loads((out / "meta.json").read_text())
+    assert info["status"] == "failed" and "simulated loss of the data volume" in info["error"]
+    assert info["epochs_done"] == 1 and run_state(out) == "unfinished"
+    with pytest.raises(ArtifactError, match=r"unfinished \(status 'failed'\).*--resume"):
+        Run(out).require_finished()
+    with pytest.raises(ArtifactError, match="continue it with --resume"):
+        fit(rec, out, progress=False)
