@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+# the suite spends most of its time on one core (Python, I/O): two workers use both
+TEST_WORKERS ?= 2
 
 .PHONY: install quickstart test clean
 
@@ -21,7 +23,7 @@ quickstart: $(STAMP)
 	$(BIN)/segdeploy quickstart quickstart $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) quickstart .pytest_cache

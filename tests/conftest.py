@@ -1,4 +1,8 @@
-"""Shared fixtures: a small synthetic dataset and one tiny trained run, built once per session.
+"""Shared fixtures: a small synthetic dataset and one tiny trained run, built once per test run.
+
+The suite runs in parallel workers (pytest-xdist, `make test`); the session fixtures below are
+built once for all of them, under a file lock, in the run's shared temporary directory. Tests
+treat them as read-only (copy a run before changing it).
 
 No test touches the network: HF_HUB_OFFLINE makes any weight download fail at once.
 """
@@ -13,8 +17,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -42,13 +48,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+def shared(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:  # noqa: ANN001
+    """The directory `name`, built once by `build(path)` for every xdist worker of this test run
+    (under a file lock; a marker file written last says it is complete)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = root / f"shared-{name}"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not (out / ".complete").exists():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            (out / ".complete").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from segdeploy.data.synth import synth
 
-    out = tmp_path_factory.mktemp("synth")
-    synth(out, tile=64, scene_size=256, sizes={"train": 24, "val": 8, "test": 8})
-    return out
+    return shared(tmp_path_factory, "synth",
+                  lambda out: synth(out, tile=64, scene_size=256, sizes={"train": 24, "val": 8, "test": 8}))
 
 
 def demo_overrides(**extra: object) -> list[str]:
@@ -64,9 +86,7 @@ def tiny_run(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from segdeploy.train import fit
 
     rec = recipe.load(RECIPES / "demo.yaml", demo_overrides(), synth_dir)
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    fit(rec, out, progress=False)
-    return out
+    return shared(tmp_path_factory, "runs", lambda out: fit(rec, out / "tiny", progress=False)) / "tiny"
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +96,8 @@ def tiny_onnx(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from segdeploy.export.pipeline import ExportOptions, export_run
 
-    run = tmp_path_factory.mktemp("onnx") / "run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export", "eval"))
-    export_run(run, ExportOptions(), log=lambda _: None)
-    return run / "export" / "model.onnx"
+    def build(out: Path) -> None:
+        shutil.copytree(tiny_run, out / "run", ignore=shutil.ignore_patterns("export", "eval"))
+        export_run(out / "run", ExportOptions(), log=lambda _: None)
+
+    return shared(tmp_path_factory, "onnx", build) / "run" / "export" / "model.onnx"
