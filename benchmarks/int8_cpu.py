@@ -23,8 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8_cpu": "model.int8.cpu.onnx",
          "int8_trt_form": "model.int8.onnx"}
-REPORTS = {"fp32": "onnxruntime_fp32", "fp16": "onnxruntime_fp16", "int8_cpu": "onnxruntime_int8_cpu",
-           "int8_trt_form": "onnxruntime_int8"}
+REPORTS = {"fp32": "fp32", "fp16": "fp16", "int8_cpu": "int8_cpu", "int8_trt_form": "int8"}  # export form keys
 
 
 def cpu_facts() -> dict:
@@ -57,7 +56,8 @@ def measure(run: Path, args: argparse.Namespace) -> dict:
         out["accuracy"][name] = {
             "agreement_vs_pytorch": rep.agreement, "mean_iou_drop_pt": round(sum(drops) / len(drops), 3),
             "worst_class_drop_pt": round(max(drops), 3), "reduced_flops_share": rep.reduced_flops_share,
-            "kept_fp32_nodes": len(rep.fp32_nodes), "fallback_rounds": rep.fallback_rounds,
+            "kept_fp32_nodes": len(rep.fp32_nodes),
+            "fallback_rounds": len(report.results[REPORTS[name]].rounds) - 1,
             "per_class": {c["class"]: {"iou_pytorch": c["iou_gt_reference"], "iou": c["iou_gt"]} for c in rep.per_class},
         }
     out["speedup_vs_fp32"] = {name: {b: round(out["latency_ms"]["fp32"][b] / v, 2) for b, v in lat.items()}

@@ -35,28 +35,80 @@ EVAL_DIR = "eval"
 PARITY_FILE, PARITY_SUMMARY = "parity.json", "parity.md"
 
 
+REJECTED_DIR = "export-rejected"  # the last failed export's parity report (export/ itself is left as it was)
+STAGING_PREFIX = ".staging-"  # an export builds its forms in RUN/export/.staging-*/ and renames them when all pass
+EXPORT_FLAGS = ("--fp16", "--int8", "--trt")  # the flags that ask for export forms, in the order commands show them
+
+
 @dataclass(frozen=True)
 class ExportForm:
-    """One exported form of a run's model: its file in RUN/export, the backend and precision it
-    runs at, the flags that make it, and the form it is derived from."""
+    """One exported form of a run's model: the one table (`EXPORT_FORMS`) that export's dispatch,
+    the runtime's suffix map, bench's candidates and hints, `form_of` and the CLI's precision names
+    all read (ultralytics' ``export_formats()`` is the model).
+
+    key: the form's name in parity.json and reports; file: its name in RUN/export; suffixes: the
+    file suffixes it is loaded by (the first is its own); tag: the precision tag a renamed copy
+    keeps in its name (``scene.int8.cpu.onnx``); backend / precision: what runs it, at what
+    precision; label: how reports name it; flags: the ``segdeploy export`` flags that make it (its
+    sources come with it); source: the key of the form it is derived from ("weights" for the FP32
+    ONNX); bench: whether bench measures it as the (backend, precision) candidate; size: its
+    expected size relative to the FP32 ONNX, for export's disk-space check (4 bytes per weight
+    there, 2 in FP16, 1 in INT8 plus scales; engines a little more)."""
 
     key: str
     file: str
+    suffixes: tuple[str, ...]
+    tag: str
     backend: str
     precision: str
-    flags: str
-    source: str  # key of the form it is made from ("weights" for the FP32 ONNX)
+    label: str
+    flags: tuple[str, ...]
+    source: str
+    bench: bool
+    size: float
 
 
 EXPORT_FORMS = {f.key: f for f in (
-    ExportForm("fp32", "model.onnx", "onnxruntime", "fp32", "", "weights"),
-    ExportForm("fp16", "model.fp16.onnx", "onnxruntime", "fp16", "--fp16", "fp32"),
-    # INT8 in two forms: symmetric activations for TensorRT, U8S8 for CPUs (what onnxruntime runs)
-    ExportForm("int8", "model.int8.onnx", "onnxruntime", "int8", "--int8", "fp32"),
-    ExportForm("int8_cpu", "model.int8.cpu.onnx", "onnxruntime", "int8", "--int8", "fp32"),
-    ExportForm("engine", "model.engine", "tensorrt", "fp16", "--trt", "fp16"),
-    ExportForm("int8_engine", "model.int8.engine", "tensorrt", "int8", "--trt --int8", "int8"),
+    ExportForm("fp32", "model.onnx", (".onnx",), "", "onnxruntime", "fp32", "onnxruntime", (), "weights", True, 1.0),
+    ExportForm("fp16", "model.fp16.onnx", (".onnx",), ".fp16", "onnxruntime", "fp16", "onnxruntime", ("--fp16",),
+               "fp32", True, 0.5),
+    # INT8 in two forms: symmetric activations for TensorRT (an engine's source), U8S8 for CPUs (what bench runs)
+    ExportForm("int8", "model.int8.onnx", (".onnx",), ".int8", "onnxruntime", "int8", "onnxruntime (TensorRT form)",
+               ("--int8",), "fp32", False, 0.3),
+    ExportForm("int8_cpu", "model.int8.cpu.onnx", (".onnx",), ".int8.cpu", "onnxruntime", "int8",
+               "onnxruntime (CPU form)", ("--int8",), "fp32", True, 0.3),
+    ExportForm("engine", "model.engine", (".engine", ".plan"), "", "tensorrt", "fp16", "tensorrt", ("--trt",), "fp16",
+               True, 0.6),
+    ExportForm("int8_engine", "model.int8.engine", (".engine", ".plan"), ".int8", "tensorrt", "int8",
+               "tensorrt (INT8)", ("--trt", "--int8"), "int8", True, 0.4),
 )}
+# derived from the table: a file suffix -> the backend that loads it; the precision names a user may type
+SUFFIX_BACKENDS = {s: f.backend for f in EXPORT_FORMS.values() for s in f.suffixes}
+PRECISIONS = tuple(dict.fromkeys(f.precision for f in EXPORT_FORMS.values()))
+
+
+def forms_for(flags: set[str] | tuple[str, ...]) -> list[ExportForm]:
+    """The forms a set of ``segdeploy export`` flags makes, sources included, in build order
+    (``--trt`` -> fp32, fp16, engine). Raises ValueError for a flag that makes no form."""
+    unknown = set(flags) - set(EXPORT_FLAGS)
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not export flags ({', '.join(EXPORT_FLAGS)})")
+    wanted = {f.key for f in EXPORT_FORMS.values() if set(f.flags) <= set(flags)}
+    for key in list(wanted):
+        while key in EXPORT_FORMS:
+            wanted.add(key)
+            key = EXPORT_FORMS[key].source
+    return [f for f in EXPORT_FORMS.values() if f.key in wanted]
+
+
+def bench_form(backend: str, precision: str) -> ExportForm | None:
+    """The form bench measures for (backend, precision), or None when no export makes one."""
+    return next((f for f in EXPORT_FORMS.values() if f.bench and (f.backend, f.precision) == (backend, precision)), None)
+
+
+def flag_order(flags: set[str] | tuple[str, ...] | list[str]) -> list[str]:
+    """Export flags in the order commands show them (`EXPORT_FLAGS`)."""
+    return [f for f in EXPORT_FLAGS if f in set(flags)]
 
 
 @dataclass
@@ -156,11 +208,12 @@ def source_record(source: Path, artifact_dir: Path) -> dict[str, str]:
 
 def check_source(artifact: Path, meta: ModelMeta, read_meta: Callable[[Path], ModelMeta] | None = None) -> None:
     """Refuse an artifact whose source (weights, FP32 ONNX) changed after it was derived, along the
-    whole chain (engine -> FP16 ONNX -> FP32 ONNX -> weights). A copy deployed without its source
-    has nothing to be stale against and passes."""
+    whole chain (engine -> FP16 ONNX -> FP32 ONNX -> weights), naming the command that rebuilds it
+    (`rebuild_command`). A copy deployed without its source has nothing to be stale against and passes.
+    Raises ArtifactError."""
     from segdeploy.utils import file_sha256
 
-    requested, link = artifact, artifact
+    requested, link, command = artifact, artifact, rebuild_command(artifact, meta)
     for _ in range(4):  # engine -> fp16 -> fp32 -> weights at most
         if not meta.source:
             return
@@ -170,10 +223,27 @@ def check_source(artifact: Path, meta: ModelMeta, read_meta: Callable[[Path], Mo
         if file_sha256(source) != meta.source["sha256"]:
             via = "" if link == requested else f" (which {link.name} was made from)"
             raise ArtifactError(f"{requested} is stale: {source} changed after it was exported{via}; "
-                                "re-export with `segdeploy export RUN`")
+                                f"re-export it with `{command}`")
         if source.suffix != ".onnx" or read_meta is None:
             return
         link, meta = source, read_meta(source)
+
+
+def rebuild_command(artifact: Path, meta: ModelMeta) -> str:
+    """The exact ``segdeploy export`` command that rebuilds an exported form: the arguments of the
+    command that made it (its gate record in the run's parity.json, thresholds and --data
+    included), else those that shaped it (its metadata's ``export_args``), else its form's flags."""
+    import shlex
+
+    form, run = form_of(artifact), Run.find(artifact)
+    args = None
+    if form is not None and run is not None and Path(artifact).resolve() == run.export_path(form.key).resolve():
+        args = run.gate_records().get(form.key, {}).get("args")
+    if args is None:
+        args = meta.extra.get("export_args")
+    if args is None:
+        args = list(form.flags) if form is not None else []
+    return shlex.join(["segdeploy", "export", str(Run.root_of(artifact)), *args])
 
 
 def read_onnx_meta(path: Path) -> ModelMeta:
@@ -249,11 +319,14 @@ def _string_pair(buf: bytes) -> tuple[str, str]:
 
 @dataclass
 class Export:
-    """An export of a run as found on disk: its form, path, and why it cannot be used (stale)."""
+    """An export of a run as found on disk: its form, path, why it cannot be used (stale: the
+    refusal, with the command that rebuilds it; '' when current) and its gate record from
+    parity.json (None when it has none)."""
 
     form: ExportForm
     path: Path
-    stale: str = ""  # the staleness error, '' when current
+    stale: str = ""
+    gate: dict[str, Any] | None = None
 
 
 class Run:
@@ -467,8 +540,9 @@ class Run:
         return model.eval()
 
     def exports(self) -> list[Export]:
-        """The exported forms present in RUN/export, each checked against its source's hash."""
-        found = []
+        """The exported forms present in RUN/export, each checked against its source's hash, with
+        its gate record."""
+        found, records = [], self.gate_records()
         for form in EXPORT_FORMS.values():
             path = self.export_path(form.key)
             if not path.is_file():
@@ -478,8 +552,41 @@ class Run:
                 check_source(path, artifact_meta(path), read_onnx_meta)
             except ArtifactError as exc:
                 stale = str(exc)
-            found.append(Export(form, path, stale))
+            found.append(Export(form, path, stale, records.get(form.key)))
         return found
+
+    # -- the gate's records (parity.json: one record per form, kept across export commands)
+    @property
+    def parity_path(self) -> Path:
+        return self.export_dir / PARITY_FILE
+
+    @property
+    def rejected_dir(self) -> Path:
+        """Where a failed export leaves its parity report (export/ itself stays as it was)."""
+        return self.root / REJECTED_DIR
+
+    def gate_records(self) -> dict[str, dict[str, Any]]:
+        """Form key -> the gate record parity.json holds for it ({} when there is none or it is
+        unreadable: a record is a report, never a reason to refuse a model)."""
+        try:
+            doc = json.loads(self.parity_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        forms = doc.get("forms") if isinstance(doc, dict) else None
+        return {k: v for k, v in forms.items() if k in EXPORT_FORMS and isinstance(v, dict)} if isinstance(forms, dict) else {}
+
+    def write_gate_records(self, records: dict[str, dict[str, Any]], summary: str, where: Path | None = None) -> dict[str, str]:
+        """parity.json (``{"passed": every current record passed, "forms": {key: record}}``) and
+        parity.md (`summary`), atomically, in RUN/export (or `where`); returns their paths by role."""
+        from segdeploy.utils import atomic_path, write_json
+
+        folder = self.export_dir if where is None else where
+        folder.mkdir(parents=True, exist_ok=True)
+        passed = bool(records) and all(r.get("passed") and not r.get("stale") for r in records.values())
+        write_json(folder / PARITY_FILE, {"passed": passed, "forms": records})
+        with atomic_path(folder / PARITY_SUMMARY) as tmp:
+            tmp.write_text(summary)
+        return {"parity": str(folder / PARITY_FILE), "parity_summary": str(folder / PARITY_SUMMARY)}
 
 
 def engine_sidecar(engine_path: Path) -> Path:
@@ -499,14 +606,12 @@ def artifact_meta(path: Path) -> ModelMeta:
 
 
 def form_of(path: Path) -> ExportForm | None:
-    """The export form a file name stands for (a renamed copy: by suffix and precision tag)."""
+    """The export form a file stands for: by its name in RUN/export, else (a renamed copy) by its
+    suffix and the longest precision tag in its name (``scene.int8.cpu.onnx`` -> int8_cpu); None
+    when the suffix is no form's."""
+    path = Path(path)
     for form in EXPORT_FORMS.values():
         if path.name == form.file:
             return form
-    if path.suffix == ".onnx":
-        key = "int8_cpu" if ".int8.cpu." in path.name else "int8" if ".int8." in path.name else (
-            "fp16" if ".fp16." in path.name else "fp32")
-        return EXPORT_FORMS[key]
-    if path.suffix in (".engine", ".plan"):
-        return EXPORT_FORMS["int8_engine" if ".int8." in path.name else "engine"]
-    return None
+    matches = [f for f in EXPORT_FORMS.values() if path.suffix in f.suffixes and (not f.tag or f"{f.tag}." in path.name)]
+    return max(matches, key=lambda f: len(f.tag), default=None)

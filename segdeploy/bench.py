@@ -20,15 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from segdeploy.artifact import EXPORT_FORMS, Run, form_of
+from segdeploy.artifact import EXPORT_FORMS, PRECISIONS, Run, bench_form, form_of
 from segdeploy.errors import UserError
 from segdeploy.runtime import backend_class, backend_for, load_backend
 from segdeploy.runtime.base import Backend
 
 # plain words in JSON/CSV; the table shows them as marks (cli/bench.py)
 OK, GATE_FAIL, UNAVAILABLE = "ok", "gate_failed", "unavailable"
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+TORCH_PRECISIONS = ("fp32", "fp16")  # a run directory on PyTorch (FP16: autocast on CUDA); no PyTorch INT8 deployment path
+# every backend bench knows: PyTorch for a run directory, and those of the export forms (artifact.EXPORT_FORMS)
+BACKENDS = ("torch", *dict.fromkeys(f.backend for f in EXPORT_FORMS.values()))
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Candidate:
     precision: str
     artifact: Path | None  # None: not available for this model
     reason: str = ""
+    gate: dict | None = None  # the export's gate record of this form (parity.json): its thresholds judge it here too
 
 
 @dataclass
@@ -95,6 +97,8 @@ class BenchReport:
     machine: dict = field(default_factory=dict)
     # model -> the classes its mIoU/mDice columns average over (present in the tiles' ground truth)
     miou_classes: dict[str, list[str]] = field(default_factory=dict)
+    # model -> the tiles its accuracy columns come from ("16 × 64² tiles from the validation split")
+    accuracy_tiles: dict[str, str] = field(default_factory=dict)
     note: str = ("latency = backend forward only (normalised float32 in, logits out); "
                  "pre/post-processing excluded")
 
@@ -104,7 +108,8 @@ class BenchReport:
 
     def to_dict(self) -> dict:
         return {"note": self.note, "threads": self.threads, "machine": self.machine,
-                "miou_classes": self.miou_classes, "rows": [r.to_dict() for r in self.rows]}
+                "miou_classes": self.miou_classes, "accuracy_tiles": self.accuracy_tiles,
+                "rows": [r.to_dict() for r in self.rows]}
 
 
 # ------------------------------------------------------------------------------------ candidates
@@ -112,7 +117,8 @@ class BenchReport:
 
 def candidates(model: Path, opts: BenchOptions) -> list[Candidate]:
     """Every (backend, precision) this model has an artifact for, plus those it could have: a run
-    directory brings its exports (through `Run`), a single file only itself."""
+    directory brings its exports (through `Run`, each form bench measures per the table of export
+    forms, with its gate record), a single file only itself."""
     model = Path(model)
     if not model.exists():
         return [Candidate(str(model), "?", "?", None, f"{model} not found")]
@@ -120,29 +126,38 @@ def candidates(model: Path, opts: BenchOptions) -> list[Candidate]:
         kind = backend_for(model)
     except UserError as exc:
         return [Candidate(str(model), "?", "?", None, str(exc))]
-    found: dict[tuple[str, str], Path] = {}
+    found: dict[tuple[str, str], tuple[Path, dict | None]] = {}
     if kind == "torch":
-        found = {("torch", "fp32"): model, ("torch", "fp16"): model}
-        # onnxruntime runs the INT8 form made for CPUs (U8S8); the TensorRT form is only an engine's source
-        found |= {(e.form.backend, e.form.precision): e.path for e in Run(model).exports() if e.form.key != "int8"}
+        found = {("torch", p): (model, None) for p in TORCH_PRECISIONS}
+        found |= {(e.form.backend, e.form.precision): (e.path, e.gate) for e in Run(model).exports() if e.form.bench}
     elif (form := form_of(model)) is not None:
-        found[(form.backend, form.precision)] = model
+        found[(form.backend, form.precision)] = (model, _gate_record(model, form))
     out = []
     for backend in opts.backends:
         for precision in opts.precisions:
-            if (backend, precision) in (("tensorrt", "fp32"), ("torch", "int8")):
-                continue  # engines come from the mixed-precision ONNX; PyTorch INT8 is no deployment path
-            art = found.get((backend, precision))
+            if (precision not in TORCH_PRECISIONS) if backend == "torch" else bench_form(backend, precision) is None:
+                continue  # nothing makes it: engines come from the mixed-precision ONNX, PyTorch has no INT8 path
+            art, gate = found.get((backend, precision), (None, None))
             if art is None and kind != "torch":
                 continue  # a single artifact: only its own backend is relevant
-            out.append(Candidate(str(model), backend, precision, art, "" if art else _missing(backend, precision)))
+            out.append(Candidate(str(model), backend, precision, art, "" if art else _missing(backend, precision), gate))
     return out
 
 
+def _gate_record(path: Path, form) -> dict | None:  # noqa: ANN001 - an ExportForm
+    """The gate record of an export file in its run's RUN/export (None for a copy elsewhere)."""
+    run = Run.find(path)
+    if run is None or path.resolve() != run.export_path(form.key).resolve():
+        return None
+    return run.gate_records().get(form.key)
+
+
 def _missing(backend: str, precision: str) -> str:
-    keys = {("onnxruntime", "fp32"): "fp32", ("onnxruntime", "fp16"): "fp16", ("onnxruntime", "int8"): "int8_cpu",
-            ("tensorrt", "fp16"): "engine", ("tensorrt", "int8"): "int8_engine"}
-    command = " ".join(filter(None, ("segdeploy export RUN", EXPORT_FORMS[keys[(backend, precision)]].flags)))
+    """Why a run has no artifact for (backend, precision), and the command that makes it."""
+    import shlex
+
+    form = bench_form(backend, precision)
+    command = shlex.join(["segdeploy", "export", "RUN", *(form.flags if form else ())])
     return f"{'no engine' if backend == 'tensorrt' else 'not exported'}: run `{command}`"
 
 
@@ -263,6 +278,8 @@ def bench(models: list[Path], opts: BenchOptions, log=print) -> BenchReport:  # 
             report.rows += _bench_candidate(cand, opts, threads, reference, flops, log)
         if reference.classes:
             report.miou_classes[str(model)] = reference.classes
+        if reference.ref is not None:
+            report.accuracy_tiles[str(model)] = reference.ref.describe()
     return report
 
 
@@ -359,6 +376,16 @@ class AccuracyColumns:
         self.ref = ParityReference(TorchBackend(self.run.build_model(), self.run.meta, self.run.root), rec,
                                    self.run.meta, tile)
 
+    @staticmethod
+    def thresholds(cand: Candidate):  # noqa: ANN205 - a recipe.GateThresholds, or None for the recipe's
+        """The thresholds a form was gated with at export (its gate record), so bench judges it the
+        same way; None (the recipe's) for PyTorch and for forms without a record."""
+        if not cand.gate or "thresholds" not in cand.gate:
+            return None
+        from segdeploy.recipe import GateThresholds
+
+        return GateThresholds.from_dict(cand.gate["thresholds"])
+
     def accuracy(self, cand: Candidate, backend: Backend) -> Accuracy:
         """mIoU / mDice vs ground truth and agreement vs PyTorch FP32, on parity tiles."""
         if self.run is None:
@@ -369,14 +396,15 @@ class AccuracyColumns:
             if self.ref is None:
                 self._make(backend.static_shape[0] if backend.static_shape else backend.meta.tile_size)
             logits = self.ref.logits_of(backend)
-            rep = self.ref.compare(logits, backend.meta, cand.backend, cand.precision)
+            rep = self.ref.compare(logits, backend.meta, cand.backend, cand.precision, self.thresholds(cand))
             cm = ConfusionMatrix(backend.meta.num_classes, backend.meta.ignore_index)
             cm.update(logits.argmax(1), self.ref.y)
             m = cm.compute(backend.meta.classes)
             present = m.present()  # the same tiles for every row: every mean covers the same classes
             self.classes = self.classes or [m.names[i] for i in present]
+            judged = "the thresholds it was gated with at export" if cand.gate else "the recipe's thresholds"
             return Accuracy(_round(m.mean_over(m.iou, present), 4), _round(m.mean_over(m.dice, present), 4),
-                            _round(rep.agreement, 6), "" if rep.passed else "fails the parity gate: "
+                            _round(rep.agreement, 6), "" if rep.passed else f"fails the parity gate ({judged}): "
                             + "; ".join(rep.failures))
         except Exception as exc:  # noqa: BLE001 - no data here: accuracy columns stay empty
             self.log(f"accuracy skipped for {cand.backend} {cand.precision}: {_one_line(exc)}")

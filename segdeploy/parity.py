@@ -1,8 +1,11 @@
-"""The accuracy gate: an exported model against a fresh PyTorch FP32 run, on real tiles.
+"""The accuracy gate: an exported model against a fresh reference run (PyTorch FP32), on real tiles.
 
 Two-sided and per class: agreement with the reference's argmax, and each class's IoU against
-ground truth may not drop by more than a set number of points. A failure is a typed error with
-the numbers, never a warning.
+ground truth may not drop by more than a set number of points; a reduced-precision candidate
+must also run a least share of its FLOPs in that precision. `measure` takes the numbers,
+`judge` alone decides pass/fail and returns the typed verdict (`ParityReport`: thresholds used,
+per-class drops, what ran at which precision, the split the tiles came from). Export acts on
+the verdict; bench shows it.
 """
 
 from __future__ import annotations
@@ -17,18 +20,32 @@ from segdeploy.artifact import ModelMeta
 from segdeploy.data.dataset import SampleReader, discover
 from segdeploy.errors import DataError, ParityError
 from segdeploy.metrics import ConfusionMatrix
-from segdeploy.recipe import ParityConfig, Recipe
+from segdeploy.recipe import DataConfig, GateThresholds, Recipe
 from segdeploy.runtime.base import Backend
 from segdeploy.tiling import pad_to
 
-
 DROP_RESOLUTION = 0.005  # IoU points: reports print two decimals; smaller "drops" are noise
+SPLIT_WORDS = {"val": "validation", "train": "training", "test": "test"}
 
 
-@dataclass
-class ParityReport:
-    backend: str
-    precision: str
+@dataclass(frozen=True)
+class PrecisionUse:
+    """How much of a reduced-precision candidate runs in that precision: nodes counted (compute
+    nodes for INT8, every node for FP16), the share of the model's FLOPs (0..1), and the nodes
+    kept in FP32 by their ONNX names."""
+
+    reduced_nodes: int
+    total_nodes: int
+    reduced_flops_share: float
+    fp32_nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What `measure` finds, with no judgement: logit errors (absolute), cosine similarity (the
+    smallest per tile), argmax agreement over valid pixels (0..1), and per class the IoU/Dice of
+    reference and candidate against ground truth and of the candidate against the reference."""
+
     tiles: int
     tile: int
     max_abs: float
@@ -36,20 +53,49 @@ class ParityReport:
     p99_abs: float
     cosine: float
     agreement: float
-    min_agreement: float
-    max_class_iou_drop: float
-    per_class: list[dict] = field(default_factory=list)
+    per_class: list[dict]
+
+
+@dataclass
+class ParityReport:
+    """The gate's verdict on one candidate, made only by `judge`: what was measured, the thresholds
+    it was judged with, the split its tiles came from, what ran in reduced precision, and every
+    failure (none: passed)."""
+
+    backend: str
+    precision: str
+    split: str
+    tiles: int
+    tile: int
+    max_abs: float
+    median_abs: float
+    p99_abs: float
+    cosine: float
+    agreement: float
+    per_class: list[dict]
+    thresholds: GateThresholds
     failures: list[str] = field(default_factory=list)
-    fp32_nodes: list[str] = field(default_factory=list)
-    fallback_rounds: int = 0
-    # how much of the model runs in reduced precision (None for an FP32 candidate)
-    reduced_nodes: int | None = None
-    total_nodes: int | None = None
-    reduced_flops_share: float | None = None
+    usage: PrecisionUse | None = None
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    @property
+    def min_agreement(self) -> float:
+        return self.thresholds.min_agreement
+
+    @property
+    def max_class_iou_drop(self) -> float:
+        return self.thresholds.max_class_iou_drop
+
+    @property
+    def reduced_flops_share(self) -> float | None:
+        return None if self.usage is None else self.usage.reduced_flops_share
+
+    @property
+    def fp32_nodes(self) -> list[str]:
+        return [] if self.usage is None else list(self.usage.fp32_nodes)
 
     @property
     def worst_drop(self) -> float:
@@ -57,39 +103,75 @@ class ParityReport:
         return max(drops, default=0.0)
 
     def worst_classes(self, n: int = 3) -> list[dict]:
-        """Classes that really lost IoU (more than the report's 0.01 pt resolution), worst first."""
-        rows = [c for c in self.per_class if c["iou_drop_points"] is not None and c["iou_drop_points"] >= DROP_RESOLUTION]
-        return sorted(rows, key=lambda c: -c["iou_drop_points"])[:n]
+        """Classes that really lost IoU against ground truth (at least the report's 0.005 pt
+        resolution), worst first: every class over the threshold, then others up to `n` in all."""
+        rows = sorted((c for c in self.per_class if c["iou_drop_points"] is not None
+                       and c["iou_drop_points"] >= DROP_RESOLUTION), key=lambda c: -c["iou_drop_points"])
+        over = sum(1 for c in rows if c["iou_drop_points"] > self.thresholds.max_class_iou_drop)
+        return rows[: max(n, over)]
+
+    def most_disagreeing(self, n: int = 3) -> list[dict]:
+        """Classes whose pixels the candidate and the reference label least alike (lowest IoU of the
+        candidate against the reference, below 1), worst first."""
+        rows = [c for c in self.per_class if c["iou_vs_reference"] is not None and c["iou_vs_reference"] < 1.0]
+        return sorted(rows, key=lambda c: c["iou_vs_reference"])[:n]
+
+    def classes_line(self) -> str:
+        """The classes a reader should look at: those losing IoU, or else where the disagreement is."""
+        worst = self.worst_classes()
+        if worst:
+            return "worst classes by IoU drop: " + ", ".join(f"{c['class']} {c['iou_drop_points']:.2f} pt" for c in worst)
+        dis = self.most_disagreeing()
+        if dis:
+            return ("no class lost IoU against ground truth; most disagreement with the reference: "
+                    + ", ".join(f"{c['class']} (IoU vs reference {c['iou_vs_reference']:.2%})" for c in dis))
+        return "no class lost IoU and every class agrees with the reference"
 
     def precision_share(self) -> str:
-        if self.reduced_flops_share is None:
+        if self.usage is None:
             return ""
-        return (f"{self.precision.upper()} on {self.reduced_nodes}/{self.total_nodes} nodes, "
-                f"{self.reduced_flops_share:.1%} of FLOPs")
+        return (f"{self.precision.upper()} on {self.usage.reduced_nodes}/{self.usage.total_nodes} nodes, "
+                f"{self.usage.reduced_flops_share:.1%} of FLOPs")
+
+    def explain(self) -> str:
+        """One line: the candidate, its failures and the classes to look at."""
+        return f"{self.backend} {self.precision}: {'; '.join(self.failures) or 'passed'} ({self.classes_line()})"
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["passed"] = self.passed
+        d.pop("usage")
+        d["thresholds"] = self.thresholds.to_dict()
+        d.update({"passed": self.passed, "worst_classes": [c["class"] for c in self.worst_classes()],
+                  "reduced_nodes": None, "total_nodes": None, "reduced_flops_share": None, "fp32_nodes": []})
+        if self.usage is not None:
+            d.update(asdict(self.usage))
+            d["fp32_nodes"] = list(self.usage.fp32_nodes)
         return d
 
     def summary(self) -> str:
-        worst = ", ".join(f"{c['class']} {c['iou_drop_points']:.2f}" for c in self.worst_classes()) or "none"
-        share = f", {self.precision_share()}" if self.reduced_flops_share is not None else ""
+        share = f", {self.precision_share()}" if self.usage is not None else ""
         return (f"{self.backend} {self.precision}: agreement {self.agreement:.4%} (≥ {self.min_agreement:.2%}), "
-                f"worst class IoU drop {max(self.worst_drop, 0.0):.2f} pt (≤ {self.max_class_iou_drop}; classes "
-                f"losing IoU: {worst}), max |Δlogit| {self.max_abs:.3g}, cosine {self.cosine:.6f}{share} — "
-                f"{'PASS' if self.passed else 'FAIL'}")
+                f"worst class IoU drop {max(self.worst_drop, 0.0):.2f} pt (≤ {self.max_class_iou_drop}; "
+                f"{self.classes_line()}), max |Δlogit| {self.max_abs:.3g}, cosine {self.cosine:.6f}{share}, "
+                f"{self.tiles} {SPLIT_WORDS.get(self.split, self.split)} tiles — {'PASS' if self.passed else 'FAIL'}")
+
+
+def gate_split(data: DataConfig) -> tuple[str, str]:
+    """The split the gate's tiles come from: ("val", "") when the dataset has a validation split,
+    else ("train", why) — the gate then measures on images the model trained on, and says so."""
+    try:
+        discover(data, "val")
+        return "val", ""
+    except DataError as exc:
+        return "train", (f"no validation split ({exc}); the gate uses training tiles, which the model has seen")
 
 
 def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: str = "val",
                  keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised tiles of `tile`² from real images, the way predict will feed them: windows that
     run past the image edge are padded (reflect), their labels padded with ignore_index. The keys
-    of the images used are appended to `keys` when given."""
-    try:
-        items = discover(rec.data, split)
-    except DataError:
-        items = discover(rec.data, "train")
+    of the images used are appended to `keys` when given. Raises DataError when `split` has no images."""
+    items = discover(rec.data, split)  # the caller chose the split (`gate_split`): no silent substitute
     ds = SampleReader(items, rec.data, rec.classes, meta.mean, meta.std)
     xs, ys = [], []
     for i in range(len(ds)):
@@ -112,19 +194,30 @@ def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: s
 
 
 class ParityReference:
-    """The one parity reference: a fresh PyTorch FP32 run of the model on real validation tiles.
-    export's gate and bench's accuracy columns both compare candidates with it."""
+    """The one parity reference: a reference backend's logits (a fresh PyTorch FP32 run of the
+    model) on real tiles of the gate's split (`gate_split`, or `split`). export's gate and bench's
+    accuracy columns both compare candidates with it."""
 
-    def __init__(self, reference: Backend, rec: Recipe, meta: ModelMeta, tile: int) -> None:
+    def __init__(self, reference: Backend, rec: Recipe, meta: ModelMeta, tile: int, split: str | None = None) -> None:
         self.rec, self.meta = rec, meta
-        self.x, self.y = parity_tiles(rec, meta, tile, rec.parity.samples, "val")
+        self.split, self.split_note = (split, "") if split else gate_split(rec.data)
+        self.x, self.y = parity_tiles(rec, meta, tile, rec.parity.samples, self.split)
         self.logits = run_batched(reference, self.x)
+
+    def describe(self) -> str:
+        """"16 × 64² tiles from the validation split" (and why, when it is not the validation split)."""
+        words = f"{len(self.x)} × {self.x.shape[-1]}² tiles from the {SPLIT_WORDS.get(self.split, self.split)} split"
+        return f"{words} ({self.split_note})" if self.split_note else words
 
     def logits_of(self, backend: Backend) -> torch.Tensor:
         return run_batched(backend, self.x)
 
-    def compare(self, logits: torch.Tensor, meta: ModelMeta, backend: str, precision: str) -> ParityReport:
-        return compare(self.logits, logits, self.y, meta, self.rec.parity, backend, precision)
+    def compare(self, logits: torch.Tensor, meta: ModelMeta, backend: str, precision: str,
+                thresholds: GateThresholds | None = None, usage: PrecisionUse | None = None) -> ParityReport:
+        """The verdict on `logits` (N×C×H×W, this reference's tiles) with `thresholds` (default: the
+        recipe's for `precision`)."""
+        thresholds = thresholds or self.rec.parity.thresholds(precision)
+        return compare(self.logits, logits, self.y, meta, thresholds, backend, precision, self.split, usage)
 
 
 def run_batched(backend: Backend, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
@@ -132,10 +225,13 @@ def run_batched(backend: Backend, x: torch.Tensor, batch: int = 8) -> torch.Tens
     return torch.cat([torch.from_numpy(backend(x[i : i + limit].numpy())) for i in range(0, len(x), limit)])
 
 
-def compare(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, meta: ModelMeta, cfg: ParityConfig,
-            backend: str, precision: str) -> ParityReport:
+def measure(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, meta: ModelMeta) -> Measurement:
+    """Reference and candidate logits (N×C×H×W float) on the same tiles, and their labels (N×H×W,
+    `meta.ignore_index` on padding), compared: see `Measurement`. IoU drops are in points (0..100),
+    reference minus candidate (positive: the candidate is worse). Raises ParityError when the
+    shapes differ."""
     if ref.shape != cand.shape:
-        raise ParityError(f"{backend} {precision} output shape {tuple(cand.shape)} differs from PyTorch's "
+        raise ParityError(f"candidate output shape {tuple(cand.shape)} differs from the reference's "
                           f"{tuple(ref.shape)}; re-export the model")
     diff = (ref - cand).abs().flatten()
     q = torch.quantile(diff[:: max(1, len(diff) // 1_000_000)], torch.tensor([0.5, 0.99]))
@@ -143,39 +239,49 @@ def compare(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, meta: M
     pr, pc = ref.argmax(1), cand.argmax(1)
     valid = target != meta.ignore_index  # padded borders do not count
     agreement = float((pr[valid] == pc[valid]).float().mean()) if valid.any() else 1.0
-    c = meta.num_classes
-    cm_ref, cm_cand, cm_vs = (ConfusionMatrix(c, meta.ignore_index) for _ in range(3))
+    cm_ref, cm_cand, cm_vs = (ConfusionMatrix(meta.num_classes, meta.ignore_index) for _ in range(3))
     cm_ref.update(pr, target)
     cm_cand.update(pc, target)
     cm_vs.update(pc, torch.where(valid, pr, torch.full_like(pr, meta.ignore_index)))
     m_ref, m_cand, m_vs = cm_ref.compute(meta.classes), cm_cand.compute(meta.classes), cm_vs.compute(meta.classes)
-    min_agree, max_drop = cfg.thresholds(precision)
+    f = lambda v: None if math.isnan(v) else round(float(v), 6)  # noqa: E731
     per_class = []
     for i, name in enumerate(meta.classes):
         drop = (m_ref.iou[i] - m_cand.iou[i]) * 100 if not math.isnan(m_ref.iou[i]) else float("nan")
-        f = lambda v: None if math.isnan(v) else round(float(v), 6)  # noqa: E731
         per_class.append({"class": name, "iou_gt_reference": f(m_ref.iou[i]), "iou_gt": f(m_cand.iou[i]),
                           "dice_gt": f(m_cand.dice[i]), "iou_drop_points": f(drop),
                           "iou_vs_reference": f(m_vs.iou[i]), "dice_vs_reference": f(m_vs.dice[i])})
-    report = ParityReport(
-        backend=backend, precision=precision, tiles=len(ref), tile=int(ref.shape[-1]), max_abs=float(diff.max()),
-        median_abs=float(q[0]), p99_abs=float(q[1]), cosine=float(cos), agreement=agreement,
-        min_agreement=min_agree, max_class_iou_drop=max_drop, per_class=per_class)
-    if agreement < min_agree:
-        report.failures.append(f"argmax agreement {agreement:.4%} < {min_agree:.2%}")
-    for row in report.worst_classes(c):
-        if row["iou_drop_points"] > max_drop:
-            report.failures.append(f"class {row['class']!r} IoU drops {row['iou_drop_points']:.2f} pt (> {max_drop})")
-    return report
+    return Measurement(len(ref), int(ref.shape[-1]), float(diff.max()), float(q[0]), float(q[1]), float(cos),
+                       agreement, per_class)
 
 
-def gate(report: ParityReport) -> None:
-    """Raise ParityError naming the worst classes when the report failed."""
-    if report.passed:
-        return
-    worst = ", ".join(f"{c['class']} {c['iou_drop_points']:.2f} pt" for c in report.worst_classes()) or "none"
-    raise ParityError(f"parity gate failed for {report.backend} {report.precision}: {'; '.join(report.failures)} "
-                      f"(worst classes by IoU drop: {worst}); see parity.json", report)
+def judge(m: Measurement, thresholds: GateThresholds, backend: str, precision: str, split: str,
+          usage: PrecisionUse | None = None) -> ParityReport:
+    """The one place pass/fail is decided: agreement ≥ min_agreement, no class's IoU drop above
+    max_class_iou_drop, and (reduced precision) at least min_reduced_share of the FLOPs reduced.
+    Returns the verdict; raises nothing."""
+    a_key, drop_key, share_key = thresholds.keys
+    failures = []
+    if m.agreement < thresholds.min_agreement:
+        failures.append(f"argmax agreement {m.agreement:.4%} < {thresholds.min_agreement:.2%} ({a_key})")
+    drops = sorted((c for c in m.per_class if c["iou_drop_points"] is not None
+                    and c["iou_drop_points"] > thresholds.max_class_iou_drop), key=lambda c: -c["iou_drop_points"])
+    failures += [f"class {c['class']!r} IoU drops {c['iou_drop_points']:.2f} pt (> {thresholds.max_class_iou_drop} pt, "
+                 f"{drop_key})" for c in drops]
+    if usage is not None and thresholds.min_reduced_share is not None \
+            and usage.reduced_flops_share < thresholds.min_reduced_share:
+        p = precision.upper()
+        failures.append(f"only {usage.reduced_flops_share:.1%} of the FLOPs run in {p} (< {share_key} "
+                        f"{thresholds.min_reduced_share:.0%}): a mostly-FP32 model is not an {p} export; ship the FP32 "
+                        f"model or lower {share_key}")
+    return ParityReport(backend, precision, split, m.tiles, m.tile, m.max_abs, m.median_abs, m.p99_abs, m.cosine,
+                        m.agreement, m.per_class, thresholds, failures, usage)
+
+
+def compare(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, meta: ModelMeta, thresholds: GateThresholds,
+            backend: str, precision: str, split: str = "val", usage: PrecisionUse | None = None) -> ParityReport:
+    """`measure` then `judge`: the verdict on a candidate's logits against the reference's."""
+    return judge(measure(ref, cand, target, meta), thresholds, backend, precision, split, usage)
 
 
 def as_numpy_batches(x: torch.Tensor, batch: int = 8) -> list[np.ndarray]:

@@ -11,6 +11,7 @@ import copy
 import difflib
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -197,11 +198,45 @@ class ParityConfig(Strict):
     min_int8_share: float = Field(0.5, ge=0, le=1, description="least fraction of FLOPs an INT8 export must "
                                   "compute quantized after the fallback")
 
-    def thresholds(self, precision: str) -> tuple[float, float]:
-        """(least argmax agreement, most IoU points any class may lose) for a precision."""
+    def thresholds(self, precision: str) -> GateThresholds:
+        """The gate's thresholds for a candidate of `precision` (fp32 | fp16 | int8), with the recipe
+        keys that set them. Raises ValueError for another precision."""
         if precision == "int8":
-            return self.int8_agreement, self.int8_class_iou_drop
-        return (self.fp16_agreement if precision == "fp16" else self.fp32_agreement), self.max_class_iou_drop
+            return GateThresholds(self.int8_agreement, self.int8_class_iou_drop, self.min_int8_share,
+                                  ("parity.int8_agreement", "parity.int8_class_iou_drop", "parity.min_int8_share"))
+        if precision == "fp16":
+            return GateThresholds(self.fp16_agreement, self.max_class_iou_drop, self.min_fp16_share,
+                                  ("parity.fp16_agreement", "parity.max_class_iou_drop", "parity.min_fp16_share"))
+        if precision == "fp32":
+            return GateThresholds(self.fp32_agreement, self.max_class_iou_drop, None,
+                                  ("parity.fp32_agreement", "parity.max_class_iou_drop", ""))
+        raise ValueError(f"no gate thresholds for precision {precision!r}")
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """What one candidate must meet to pass the export gate (recipe `parity:`; docs/EXPORT.md).
+
+    min_agreement: least fraction of valid pixels whose argmax equals the reference's (0..1);
+    max_class_iou_drop: most IoU points (0..100) any class may lose against ground truth;
+    min_reduced_share: least fraction of the FLOPs that must run in reduced precision (None for
+    FP32); keys: the recipe keys that set the three, for messages."""
+
+    min_agreement: float
+    max_class_iou_drop: float
+    min_reduced_share: float | None = None
+    keys: tuple[str, str, str] = ("", "", "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_agreement": self.min_agreement, "max_class_iou_drop": self.max_class_iou_drop,
+                "min_reduced_share": self.min_reduced_share, "keys": list(self.keys)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GateThresholds:
+        """From `to_dict`'s output (a gate record in parity.json). Raises KeyError/TypeError when malformed."""
+        return cls(float(d["min_agreement"]), float(d["max_class_iou_drop"]),
+                   None if d.get("min_reduced_share") is None else float(d["min_reduced_share"]),
+                   tuple(d.get("keys") or ("", "", "")))  # type: ignore[arg-type]
 
 
 class Recipe(Strict):
@@ -380,6 +415,27 @@ def read_recipe_raw(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not base_path.is_file():
         raise RecipeError(f"{path}: extends {parent!r} but {base_path} does not exist")
     return _deep_merge(read_recipe_raw(base_path, (*_seen, base_path)), raw)
+
+
+# the sections a finished run's recipe may change after training: what it learnt must not change under it
+EXPORT_MUTABLE_SECTIONS = ("parity",)
+
+
+def check_export_overrides(assignments: list[str] | tuple[str, ...]) -> None:
+    """The recipe's rule for export: only the gate's thresholds (``parity.*``) may be overridden on a
+    trained run. Raises RecipeError naming the first other key."""
+    for assignment in assignments:
+        section = assignment.split("=", 1)[0].strip().split(".")[0]
+        if section not in EXPORT_MUTABLE_SECTIONS:
+            raise RecipeError(f"export --set {assignment!r}: only parity.* thresholds can change after training "
+                              "(the weights were trained with the rest); retrain to change it")
+
+
+def load_for_export(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                    data_root: str | Path | None = None) -> Recipe:
+    """A trained run's recipe with export's overrides (`check_export_overrides`) and ``--data``."""
+    check_export_overrides(overrides)
+    return load(path, overrides, data_root)
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), data_root: str | Path | None = None) -> Recipe:

@@ -109,7 +109,8 @@ def render(report, width: int) -> list[Table]:  # noqa: ANN001
     ]
     for model, classes in report.miou_classes.items():
         notes.append(f"mIoU/mDice of {short[model] if model in short else Path(model).name}: mean over the "
-                     f"{len(classes)} classes present in the validation tiles ({', '.join(classes)}), the same for every row")
+                     f"{len(classes)} classes present in its accuracy tiles ({', '.join(classes)}), the same for every "
+                     f"row; tiles: {report.accuracy_tiles.get(model, 'the gate’s')}")
     caption = "\n".join([escape(f"[{i + 1}] {n}") for i, n in enumerate(notes)] + [
         f"{report.note}. ✅ works · ⚠️ works but fails the parity gate · ❌ unavailable or failed"])
     title = (f"segdeploy bench · {', '.join(short.values())} · {report.threads} CPU threads · "

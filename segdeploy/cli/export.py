@@ -14,13 +14,14 @@ from segdeploy.cli.app import app, console, emit_json, guarded
 def export_cmd(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write model.fp16.onnx (mixed precision, FP32 I/O)."),
-    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT FP16 engine (implies --fp16; needs TensorRT + GPU); "
-                             "with --int8 also an INT8 engine."),
+    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT FP16 engine (brings --fp16, its source; needs "
+                             "TensorRT + a CUDA GPU, checked first); with --int8 also an INT8 engine."),
     int8: bool = typer.Option(False, "--int8", help="Also write calibrated INT8 ONNX: model.int8.onnx (symmetric, for "
                               "TensorRT) and model.int8.cpu.onnx (U8S8, for CPUs), each behind the gate."),
-    calib_images: int = typer.Option(32, "--calib-images", min=1, help="INT8 calibration tiles (training split only)."),
+    calib_images: int = typer.Option(32, "--calib-images", min=1, help="INT8 calibration tiles (training split only; "
+                                     "refused when the split holds fewer)."),
     calib_method: str = typer.Option("minmax", "--calib-method", help="INT8 calibration: minmax, entropy or percentile."),
-    opset: int = typer.Option(17, help="ONNX opset (≥ 17)."),
+    opset: int = typer.Option(17, min=17, help="ONNX opset (≥ 17)."),
     tile: int = typer.Option(None, help="Tile size prediction will use (default: the recipe's data.tile_size)."),
     batch: str = typer.Option("1:4:8", help="TensorRT batch profile MIN:OPT:MAX."),
     workspace: float = typer.Option(4.0, help="TensorRT workspace limit in GiB."),
@@ -28,20 +29,26 @@ def export_cmd(
     data: Path = typer.Option(None, "--data", help="Dataset for the parity gate (default: the run's data.root)."),
     json_out: Path = typer.Option(None, "--json", help="Write the export report as JSON ('-' for stdout)."),
 ) -> None:
-    """ONNX (FP32), mixed-precision FP16 ONNX, calibrated INT8 ONNX and TensorRT engines, each behind the parity gate."""
+    """ONNX (FP32), mixed-precision FP16 ONNX, calibrated INT8 ONNX and TensorRT engines, each behind the parity gate.
+
+    One transaction: every prerequisite is checked first, the asked forms are built beside the old
+    ones and replace them only when all pass; a failure leaves RUN/export as it was."""
     from segdeploy.errors import ParityError
     from segdeploy.export.pipeline import ExportOptions, export_run
 
-    opts = ExportOptions(fp16=fp16 or trt, trt=trt, int8=int8, calib_images=calib_images, calib_method=calib_method,
+    opts = ExportOptions(fp16=fp16, trt=trt, int8=int8, calib_images=calib_images, calib_method=calib_method,
                          opset=opset, tile=tile, batch=batch, workspace_gib=workspace,
                          data_root=data, parity_overrides=set_)
     try:
         report = export_run(run_dir, opts, log=lambda m: console.print(m, markup=False, highlight=False))
     except ParityError as exc:
         if json_out is not None and exc.report is not None:
-            emit_json({"passed": False, "error": str(exc), "parity": exc.report.to_dict()}, json_out)
+            emit_json({"error": str(exc), **exc.report.to_dict()}, json_out)
         raise
     for key, path in report.files.items():
-        console.print(f"  {key:<15} {path}")
-    console.print(f"[bold green]export passed the parity gate[/] in {report.seconds:.1f}s")
+        console.print(f"  {key:<15} {path}", markup=False, highlight=False)
+    for why in report.stale.values():
+        console.print(f"[yellow]stale[/] {why}", highlight=False)
+    console.print(f"[bold green]{', '.join(r.form.file for r in report.results.values())} passed the parity gate[/] "
+                  f"in {report.seconds:.1f}s", highlight=False)
     emit_json(report.to_dict(), json_out)

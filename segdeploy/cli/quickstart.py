@@ -54,7 +54,7 @@ def quickstart_cmd(
     exported = export_run(run_dir, ExportOptions(fp16=True),
                           log=lambda m: console.print(m, markup=False, highlight=False))
     console.rule("5/6 tiled prediction of the georeferenced scene with the FP16 ONNX")
-    pred, scene_acc = _predict_scene(Path(exported.files["onnx_fp16"]), info, out / "scene_pred.tif")
+    pred, scene_acc = _predict_scene(Path(exported.files["fp16"]), info, out / "scene_pred.tif")
     console.rule("6/6 bench: every backend available here, batch 1")
     bench_report = _bench(run_dir, rec.data.tile_size)
     summary = _summary(time.perf_counter() - t0, data_dir, run_dir, result, report, exported, info, pred, scene_acc,
@@ -122,8 +122,8 @@ def _summary(seconds: float, data_dir: Path, run_dir: Path, result, report, expo
             "history": str(run.history_path),
             "curves": str(run.plots_dir),
             "eval": str(report.out_dir),
-            "onnx": exported.files["onnx"],
-            "onnx_fp16": exported.files["onnx_fp16"],
+            "onnx": exported.files["fp32"],
+            "onnx_fp16": exported.files["fp16"],
             "parity": exported.files["parity_summary"],
             "scene": info["scene"],
             "scene_prediction": str(pred.output),

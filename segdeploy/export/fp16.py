@@ -25,7 +25,9 @@ FP16_MAX = 65504.0
 RANGE_LIMIT = FP16_MAX / 16
 
 
-def _float_value_infos(proto):  # noqa: ANN001, ANN202
+def float_value_infos(proto):  # noqa: ANN001, ANN202
+    """Tensor name -> ValueInfo of every float (FP32/FP16) intermediate tensor and graph output,
+    from ONNX shape inference."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(proto)
@@ -40,7 +42,7 @@ def with_all_outputs(proto):  # noqa: ANN001, ANN201
 
     model = onnx.ModelProto()
     model.CopyFrom(proto)
-    infos = _float_value_infos(model)
+    infos = float_value_infos(model)
     existing = {o.name for o in model.graph.output}
     for node in model.graph.node:
         for out in node.output:
@@ -104,11 +106,11 @@ def convert(proto, keep_fp32: Iterable[str]):  # noqa: ANN001, ANN201
                                    disable_shape_infer=False)
     _drop_duplicate_casts(out)
     _remove_cast_round_trips(out)
-    _topological_sort(out)
+    topological_sort(out)
     return out
 
 
-def _topological_sort(proto) -> None:  # noqa: ANN001
+def topological_sort(proto) -> None:  # noqa: ANN001
     """The converter appends its Cast nodes at the end; ONNX requires producers before consumers."""
     available = {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer} | {""}
     pending = list(proto.graph.node)

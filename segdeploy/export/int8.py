@@ -23,7 +23,7 @@ import numpy as np
 from segdeploy.artifact import EXPORT_FORMS
 from segdeploy.errors import UserError
 
-FORMS = {"tensorrt": EXPORT_FORMS["int8"].file, "cpu": EXPORT_FORMS["int8_cpu"].file}
+FORMS = {"tensorrt": EXPORT_FORMS["int8"], "cpu": EXPORT_FORMS["int8_cpu"]}  # INT8 form -> its export form
 METHODS = ("minmax", "entropy", "percentile")
 # the nodes whose arithmetic INT8 makes cheap; the share of their FLOPs that is quantized is reported
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -72,8 +72,22 @@ def quantize(model_path: Path, out_path: Path, batches: list[np.ndarray], form: 
     )
 
 
+def form_name(key: str) -> str:
+    """The INT8 form ("tensorrt" | "cpu") of an export form key ("int8" | "int8_cpu"); KeyError otherwise."""
+    return next(name for name, form in FORMS.items() if form.key == key)
+
+
 def compute_nodes(proto) -> set[str]:  # noqa: ANN001
     return {n.name for n in proto.graph.node if n.op_type in COMPUTE_OPS}
+
+
+def quantizable_nodes(proto) -> list[str]:  # noqa: ANN001
+    """The nodes quantize_static would quantize in QDQ format (onnxruntime's QDQ and QLinear op
+    registries, its default `op_types_to_quantize`): the ones the fallback may keep in float."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    ops = set(QDQRegistry) | set(QLinearOpsRegistry)
+    return [n.name for n in proto.graph.node if n.op_type in ops]
 
 
 def quantized_share(flops: dict[str, float], compute: set[str], excluded: Iterable[str]) -> float:

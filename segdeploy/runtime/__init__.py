@@ -1,10 +1,12 @@
-"""Artifact -> backend. Adding a backend is one module and one entry in `_BACKENDS`."""
+"""Artifact -> backend. Adding a backend is one module and one entry in `_BACKENDS`; which file
+suffix it loads comes from the table of export forms (`artifact.EXPORT_FORMS`)."""
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
 
+from segdeploy.artifact import SUFFIX_BACKENDS
 from segdeploy.errors import ArtifactError
 from segdeploy.runtime.base import Backend, LoadOptions
 
@@ -14,17 +16,17 @@ _BACKENDS = {
     "onnxruntime": ("segdeploy.runtime.onnxruntime", "OrtBackend"),
     "tensorrt": ("segdeploy.runtime.tensorrt", "TensorRTBackend"),
 }
-_SUFFIX = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt"}
 
 
 def backend_for(path: Path) -> str:
+    """The backend an artifact needs: "torch" for a run directory, else by file suffix from the table
+    of export forms (`artifact.SUFFIX_BACKENDS`). Raises ArtifactError for anything else."""
     if path.is_dir():
         return "torch"
-    if path.suffix in _SUFFIX:
-        return _SUFFIX[path.suffix]
-    raise ArtifactError(
-        f"{path} is not a model artifact: expected a run directory, a .onnx file or a .engine file"
-    )
+    if path.suffix in SUFFIX_BACKENDS:
+        return SUFFIX_BACKENDS[path.suffix]
+    raise ArtifactError(f"{path} is not a model artifact: expected a run directory or a "
+                        f"{', '.join(sorted(SUFFIX_BACKENDS))} file")
 
 
 def backend_class(name: str) -> type[Backend]:
