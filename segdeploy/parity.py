@@ -153,7 +153,13 @@ class ParityReport:
         return (f"{self.backend} {self.precision}: agreement {self.agreement:.4%} (≥ {self.min_agreement:.2%}), "
                 f"worst class IoU drop {max(self.worst_drop, 0.0):.2f} pt (≤ {self.max_class_iou_drop}; "
                 f"{self.classes_line()}), max |Δlogit| {self.max_abs:.3g}, cosine {self.cosine:.6f}{share}, "
-                f"{self.tiles} {SPLIT_WORDS.get(self.split, self.split)} tiles — {'PASS' if self.passed else 'FAIL'}")
+                f"{self.tiles} tiles from the {SPLIT_WORDS.get(self.split, self.split)} split — "
+                f"{'PASS' if self.passed else 'FAIL'}")
+
+
+def percent(share: float) -> str:
+    """0.5 -> "50%", 0.999 -> "99.9%": a threshold as the user set it, never rounded across it."""
+    return f"{share * 100:g}%"
 
 
 def gate_split(data: DataConfig) -> tuple[str, str]:
@@ -272,8 +278,8 @@ def judge(m: Measurement, thresholds: GateThresholds, backend: str, precision: s
             and usage.reduced_flops_share < thresholds.min_reduced_share:
         p = precision.upper()
         failures.append(f"only {usage.reduced_flops_share:.1%} of the FLOPs run in {p} (< {share_key} "
-                        f"{thresholds.min_reduced_share:.0%}): a mostly-FP32 model is not an {p} export; ship the FP32 "
-                        f"model or lower {share_key}")
+                        f"{percent(thresholds.min_reduced_share)}): a mostly-FP32 model is not an {p} export; ship the "
+                        f"FP32 model or lower {share_key}")
     return ParityReport(backend, precision, split, m.tiles, m.tile, m.max_abs, m.median_abs, m.p99_abs, m.cosine,
                         m.agreement, m.per_class, thresholds, failures, usage)
 

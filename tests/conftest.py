@@ -101,3 +101,29 @@ def tiny_onnx(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         export_run(out / "run", ExportOptions(), log=lambda _: None)
 
     return shared(tmp_path_factory, "onnx", build) / "run" / "export" / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny run exported with --fp16 (model.onnx + model.fp16.onnx, gated), shared by
+    the export, INT8 and bench tests: copy it before changing anything in it."""
+    import shutil
+
+    from segdeploy.export.pipeline import ExportOptions, export_run
+
+    def build(out: Path) -> None:
+        shutil.copytree(tiny_run, out / "run", ignore=shutil.ignore_patterns("export", "eval"))
+        export_run(out / "run", ExportOptions(fp16=True), log=lambda _: None)
+
+    return shared(tmp_path_factory, "fp16", build) / "run"
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` by relative path ({} when it does not exist): a failed or
+    interrupted command must leave it equal."""
+    import hashlib
+
+    if not root.exists():
+        return {}
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,13 @@ from typer.testing import CliRunner
 
 from segdeploy.bench import OK, UNAVAILABLE, BenchOptions, bench, candidates
 from segdeploy.cli import app
-from segdeploy.export.pipeline import ExportOptions, export_run
 
 FAST = dict(min_iters=3, min_seconds=0.0, warmup=1)
 
 
 @pytest.fixture(scope="module")
-def exported_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("bench") / "run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export", "eval"))
-    export_run(run, ExportOptions(fp16=True), log=lambda m: None)
-    return run
+def exported_run(tiny_fp16: Path) -> Path:
+    return tiny_fp16  # model.onnx + model.fp16.onnx; read only
 
 
 def test_every_backend_gets_a_row_and_unavailable_ones_say_why(exported_run: Path) -> None:
@@ -47,8 +42,39 @@ def test_every_backend_gets_a_row_and_unavailable_ones_say_why(exported_run: Pat
 def test_candidates_for_a_single_artifact_and_missing_exports(exported_run: Path, tiny_run: Path) -> None:
     only = candidates(exported_run / "export/model.fp16.onnx", BenchOptions())
     assert [(c.backend, c.precision) for c in only] == [("onnxruntime", "fp16")]
+    assert only[0].gate["thresholds"]["min_agreement"] == 0.999  # its gate record travels with it
     bare = {(c.backend, c.precision): c for c in candidates(tiny_run, BenchOptions())}
-    assert bare[("onnxruntime", "fp32")].artifact is None and "segdeploy export" in bare[("onnxruntime", "fp32")].reason
+    # every pair something makes: PyTorch FP32/FP16, and each bench form of the table of export forms
+    assert set(bare) == {("torch", "fp32"), ("torch", "fp16"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"),
+                         ("onnxruntime", "int8"), ("tensorrt", "fp16"), ("tensorrt", "int8")}
+    hints = {k: c.reason for k, c in bare.items() if c.artifact is None}
+    assert hints == {("onnxruntime", "fp32"): "not exported: run `segdeploy export RUN`",
+                     ("onnxruntime", "fp16"): "not exported: run `segdeploy export RUN --fp16`",
+                     ("onnxruntime", "int8"): "not exported: run `segdeploy export RUN --int8`",
+                     ("tensorrt", "fp16"): "no engine: run `segdeploy export RUN --trt`",
+                     ("tensorrt", "int8"): "no engine: run `segdeploy export RUN --trt --int8`"}
+
+
+def test_one_table_of_export_forms_drives_suffixes_names_and_precisions(tmp_path: Path) -> None:
+    """The runtime's suffix map, form_of (renamed copies too), bench's precision names and the CLI's
+    validation of them all come from artifact.EXPORT_FORMS."""
+    from segdeploy.artifact import EXPORT_FORMS, form_of, forms_for
+    from segdeploy.errors import ArtifactError
+    from segdeploy.runtime import backend_for
+
+    for form in EXPORT_FORMS.values():
+        assert form_of(Path(form.file)) is form
+        for suffix in form.suffixes:
+            assert backend_for(Path(f"m{suffix}")) == form.backend
+            if form.tag:
+                assert form_of(Path(f"scene_copy{form.tag}{suffix}")) is form
+    assert form_of(Path("scene_copy.onnx")).key == "fp32" and form_of(Path("a.plan")).key == "engine"
+    with pytest.raises(ArtifactError, match=r"expected a run directory or a .engine, .onnx, .plan file"):
+        backend_for(tmp_path / "m.pt")
+    assert [f.key for f in forms_for(["--trt", "--int8"])] == list(EXPORT_FORMS)  # sources come along
+    assert [f.key for f in forms_for(["--int8"])] == ["fp32", "int8", "int8_cpu"]
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "m.onnx"), "--precision", "int4"])
+    assert result.exit_code == 2 and "--precision 'int4' is unknown; choose from fp32, fp16, int8" in result.output
 
 
 def test_cli_writes_json_csv_plot_and_keeps_going_past_bad_models(exported_run: Path, tmp_path: Path) -> None:

@@ -110,8 +110,8 @@ def test_quickstart_trains_the_demo_to_real_accuracy(tmp_path: Path) -> None:
     assert summary["test_miou"] >= 0.75 and summary["best_val_miou"] >= 0.75
     for path in summary["artifacts"].values():
         assert Path(path).exists()
-    assert summary["parity"]["onnxruntime_fp32"]["passed"] and summary["parity"]["onnxruntime_fp16"]["passed"]
-    assert summary["parity"]["onnxruntime_fp16"]["agreement"] >= 0.999
+    assert summary["parity"]["fp32"]["passed"] and summary["parity"]["fp16"]["passed"]
+    assert summary["parity"]["fp16"]["agreement"] >= 0.999
     assert summary["scene_prediction"]["pixel_accuracy"] >= 0.9
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -31,7 +32,7 @@ from segdeploy.export.tensorrt import (
 )
 from segdeploy.runtime import load_backend
 from segdeploy.train import fit
-from tests.conftest import RECIPES, demo_overrides
+from tests.conftest import RECIPES, demo_overrides, tree_digest
 
 QUIET = lambda m: None  # noqa: E731
 
@@ -43,19 +44,22 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = copy_run(tiny_run, tmp_path_factory.mktemp("exp"))
-    export_run(run, ExportOptions(fp16=True), log=QUIET)
-    return run
+def exported(tiny_fp16: Path) -> Path:
+    return tiny_fp16  # read only: tests copy it before changing anything
 
 
 def test_export_writes_gated_onnx_pair_with_metadata(exported: Path) -> None:
     out = exported / "export"
-    assert {"model.onnx", "model.fp16.onnx", "parity.json", "parity.md"} <= {p.name for p in out.iterdir()}
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.fp16.onnx", "parity.json", "parity.md"}
     parity = json.loads((out / "parity.json").read_text())
-    assert parity["passed"]
-    fp32, fp16 = parity["reports"]["onnxruntime_fp32"], parity["reports"]["onnxruntime_fp16"]
+    assert parity["passed"] and set(parity["forms"]) == {"fp32", "fp16"}  # one record per form
+    fp32, fp16 = parity["forms"]["fp32"], parity["forms"]["fp16"]
     assert fp32["agreement"] >= 0.9999 and fp16["agreement"] >= 0.999
+    # each record: the thresholds it was judged with, the split its tiles came from, when, and the command
+    assert fp32["thresholds"]["min_agreement"] == 0.9999 and fp16["thresholds"]["min_agreement"] == 0.999
+    assert fp16["thresholds"]["min_reduced_share"] == 0.5 and fp32["thresholds"]["min_reduced_share"] is None
+    assert fp32["split"] == fp16["split"] == "val" and fp16["tiles"] == 8
+    assert fp16["command"] == f"segdeploy export {exported} --fp16" and fp16["gated_at"].endswith("+00:00")
     assert fp32["max_abs"] < 1e-3 and fp16["cosine"] > 0.999
     assert len(fp16["per_class"]) == 5 and {"iou_gt", "dice_gt", "iou_vs_reference", "iou_drop_points"} <= set(fp16["per_class"][0])
     for name in ("model.onnx", "model.fp16.onnx"):  # readable axis names, not the exporter's s0/s53
@@ -98,28 +102,106 @@ def test_fp16_fallback_keeps_more_nodes_fp32_until_a_strict_gate_passes(tiny_run
               "parity.min_fp16_share=0.0"]
     logs: list[str] = []
     report = export_run(run, ExportOptions(fp16=True, parity_overrides=strict, max_fallback_rounds=8), log=logs.append)
-    rep = report.parity["onnxruntime_fp16"]
+    rep, rounds = report.parity["fp16"], report.results["fp16"].rounds
     assert rep.passed and rep.agreement == 1.0
-    assert rep.fallback_rounds >= 1 and any("fallback round 1" in line for line in logs)
+    assert len(rounds) >= 2 and any("fallback round 1" in line for line in logs)
+    assert [r["round"] for r in rounds] == list(range(len(rounds))) and rounds[-1]["passed"]
+    assert rounds[-1]["agreement"] == 1.0 and all(not r["passed"] for r in rounds[:-1])
+    assert sum(len(r["added"]) for r in rounds) == len(rep.fp32_nodes) == rounds[-1]["fp32_nodes"]
     graph_nodes = {n.name for n in onnx.load(str(run / "export/model.onnx")).graph.node}
     assert rep.fp32_nodes and set(rep.fp32_nodes) <= graph_nodes  # reported by ONNX node name
     saved = read_metadata(run / "export/model.fp16.onnx").extra["fp32_nodes"]
     assert saved == rep.fp32_nodes
+    md = (run / "export/parity.md").read_text()  # what each round recovered, in agreement points
+    first, last = rounds[0], rounds[-1]
+    assert "| round | nodes kept FP32 |" in md and f"| {last['round']} | {last['fp32_nodes']} |" in md
+    recovered = (last["agreement"] - rounds[-2]["agreement"]) * 100
+    assert f"{recovered:+.3f}" in md and first["agreement"] < 1.0
 
 
-def test_fp16_gate_failure_names_worst_classes_and_leaves_no_fp16_model(tiny_run: Path, tmp_path: Path) -> None:
-    run = copy_run(tiny_run, tmp_path)
-    (run / "export").mkdir()
-    (run / "export/model.fp16.onnx").write_bytes(b"an older export")  # must not survive as if current
+def test_a_failed_gate_names_its_classes_and_leaves_export_byte_identical(exported: Path, tmp_path: Path) -> None:
+    run = copy_run(exported, tmp_path)
+    shutil.copytree(exported / "export", run / "export")
+    (run / "export/model.fp16.onnx").write_bytes(b"an older export")  # whatever is there stays as it was
+    before = tree_digest(run / "export")
     impossible = ["parity.fp16_agreement=1.0", "parity.max_class_iou_drop=0.0", "parity.samples=4"]
-    with pytest.raises(ParityError, match=r"parity gate failed for onnxruntime fp16: .*worst classes by IoU drop: ") as err:
+    with pytest.raises(ParityError, match=r"parity gate failed for onnxruntime fp16: .*\(worst classes by IoU drop: |"
+                                          r"no class lost IoU.*most disagreement") as err:
         export_run(run, ExportOptions(fp16=True, parity_overrides=impossible, max_fallback_rounds=0), log=QUIET)
-    assert err.value.report is not None and not err.value.report.passed
-    assert not (run / "export/model.fp16.onnx").exists()
-    assert (run / "export/model.onnx").exists()  # the FP32 model passed its own gate
-    assert json.loads((run / "export/parity.json").read_text())["passed"] is False
+    assert "Passed: model.onnx" in str(err.value) and "Nothing in" in str(err.value)
+    report = err.value.report
+    assert not report.passed and report.results["fp32"].passed and not report.results["fp16"].passed
+    assert tree_digest(run / "export") == before  # nothing replaced, nothing left behind
+    rejected = json.loads((run / "export-rejected/parity.json").read_text())
+    assert rejected["passed"] is False and rejected["forms"]["fp16"]["passed"] is False
+    assert rejected["forms"]["fp16"]["thresholds"]["min_agreement"] == 1.0
     with pytest.raises(UserError, match="only parity"):
         export_run(run, ExportOptions(parity_overrides=["train.epochs=3"]), log=QUIET)
+
+
+@pytest.mark.parametrize("fault", ["interrupt_in_fp16", "crash_writing_fp32"])
+def test_an_interrupted_or_crashed_export_leaves_export_byte_identical(exported: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       fault: str) -> None:
+    """Ctrl-C while the FP16 form is being made (the FP32 candidate already built), or a crash
+    half-way through writing the FP32 file: RUN/export is as it was, no staging folder left."""
+    from segdeploy.export import fp16 as fp16_mod
+    from segdeploy.export import pipeline
+
+    run = copy_run(exported, tmp_path)
+    shutil.copytree(exported / "export", run / "export")
+    before = tree_digest(run / "export")
+    if fault == "interrupt_in_fp16":
+        def convert(*args: object, **kwargs: object) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(fp16_mod, "convert", convert)
+        expected: type[BaseException] = KeyboardInterrupt
+    else:
+        def export_onnx(model: object, meta: object, path: Path, *args: object) -> list[str]:
+            path.write_bytes(b"half a model")
+            raise RuntimeError("disk went away")
+
+        monkeypatch.setattr(pipeline, "export_onnx", export_onnx)
+        expected = RuntimeError
+    with pytest.raises(expected):
+        export_run(run, ExportOptions(fp16=True), log=QUIET)
+    assert tree_digest(run / "export") == before
+    assert not list((run / "export").glob(".*")) and not (run / "export-rejected").exists()
+
+
+def test_every_prerequisite_is_checked_before_any_work(exported: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too few calibration tiles and too little disk space are refused before anything is built; the
+    suggested --calib-images gets past the checks (the build, stubbed from outside, is reached)."""
+    from segdeploy.export import pipeline
+
+    run = copy_run(exported, tmp_path)
+    shutil.copytree(exported / "export", run / "export")
+    before = tree_digest(run / "export")
+    built: list[str] = []
+
+    class Reached(Exception):
+        pass
+
+    def build_all(self: object) -> None:
+        built.append("build")
+        raise Reached
+
+    monkeypatch.setattr(pipeline._Builder, "build_all", build_all)
+    with pytest.raises(UserError, match=r"--calib-images 500: the training split holds only (\d+) tiles of 64² .*"
+                                        r"pass --calib-images (\d+)") as err:
+        export_run(run, ExportOptions(int8=True, calib_images=500), log=QUIET)
+    tiles = int(err.value.args[0].split("pass --calib-images ")[1].split()[0])
+    assert tiles == 24 and not built  # synth_dir: 24 training images of 64²
+    with pytest.raises(Reached):  # the fix works: the checks pass and the build starts
+        export_run(run, ExportOptions(int8=True, calib_images=tiles), log=QUIET)
+    assert built == ["build"]
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**12, used=10**12, free=1000))
+    with pytest.raises(UserError, match=r"not enough disk space for model.onnx, model.fp16.onnx \(about \d+ MB needed, "
+                                        r"0 MB free\)"):
+        export_run(run, ExportOptions(fp16=True), log=QUIET)
+    assert built == ["build"] and tree_digest(run / "export") == before
 
 
 @pytest.mark.parametrize(("arch", "encoder", "kwargs", "static", "finding"), [
@@ -134,7 +216,7 @@ def test_trt_hostile_architectures_export_after_preflight(arch: str, encoder: st
     rec = recipe.load(RECIPES / "demo.yaml", over, synth_dir)
     fit(rec, tmp_path / "run", progress=False)
     report = export_run(tmp_path / "run", ExportOptions(), log=QUIET)
-    assert report.parity["onnxruntime_fp32"].passed
+    assert report.parity["fp32"].passed
     assert report.plan.dynamic is (not static)
     if finding:
         assert any(finding in f.construct for f in report.plan.findings)
@@ -214,8 +296,9 @@ def test_bad_artifacts_are_one_line_errors(exported: Path, tmp_path: Path) -> No
         backend(torch.zeros(1, 4, 64, 64))
 
 
-def test_trt_export_without_tensorrt_does_everything_else_then_says_what_is_missing(exported: Path, tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
+def test_trt_export_without_tensorrt_is_refused_before_any_work(exported: Path, tmp_path: Path) -> None:
+    """Without TensorRT, `export --trt` used to export and gate FP32 and FP16 (129 s on a real model),
+    rewrite both, and only then fail: now it refuses first and leaves RUN/export byte-identical."""
     try:
         import tensorrt  # noqa: F401
 
@@ -227,8 +310,10 @@ def test_trt_export_without_tensorrt_does_everything_else_then_says_what_is_miss
     from segdeploy.cli import app
 
     run = copy_run(exported, tmp_path)
+    shutil.copytree(exported / "export", run / "export")
+    before = tree_digest(run / "export")
     result = CliRunner().invoke(app, ["export", str(run), "--trt"])
     assert result.exit_code == 2
     assert "TensorRT is not installed" in result.output and "pip install 'segdeploy[trt]'" in result.output
-    assert (run / "export/model.onnx").exists() and (run / "export/model.fp16.onnx").exists()
-    assert not (run / "export/model.engine").exists()
+    assert len(result.output.strip().splitlines()) == 1  # nothing was exported first
+    assert tree_digest(run / "export") == before

@@ -17,6 +17,7 @@ from segdeploy.export.int8 import structure
 from segdeploy.export.onnx import read_metadata
 from segdeploy.export.pipeline import ExportOptions, export_run
 from segdeploy.utils import file_sha256
+from tests.conftest import tree_digest
 
 QUIET = lambda m: None  # noqa: E731
 # the session's tiny run trained for 2 epochs: its near-tied logits flip under any noise, so the
@@ -25,9 +26,10 @@ LOOSE = ["parity.samples=4", "parity.int8_agreement=0.3", "parity.int8_class_iou
 
 
 @pytest.fixture(scope="module")
-def int8_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+def int8_run(tiny_fp16: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """`export --fp16` (the session's tiny_fp16), then `export --int8` in a copy of it."""
     run = tmp_path_factory.mktemp("int8") / "run"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("export", "eval"))
+    shutil.copytree(tiny_fp16, run, ignore=shutil.ignore_patterns("eval"))
     report = export_run(run, ExportOptions(int8=True, calib_images=6, parity_overrides=LOOSE), log=QUIET)
     return run, report
 
@@ -41,13 +43,33 @@ def test_both_forms_are_qdq_with_the_right_zero_points_and_per_channel_weights(i
         assert s["weights_per_channel"]
     assert trt["activation_dtypes"] == ["int8"] and trt["activation_zero_points_all_zero"]  # TensorRT's form
     assert "uint8" in cpu["activation_dtypes"] and not cpu["activation_zero_points_all_zero"]  # U8S8 for CPUs
-    for key in ("onnxruntime_int8", "onnxruntime_int8_cpu"):
+    for key in ("int8", "int8_cpu"):
         rep = report.parity[key]
         assert rep.precision == "int8" and rep.passed
         assert 0.5 <= rep.reduced_flops_share <= 1.0 and 0 < rep.reduced_nodes <= rep.total_nodes
         assert "INT8 on" in rep.summary() and "of FLOPs" in rep.summary()
-    assert report.files["onnx_int8"].endswith("model.int8.onnx")
-    assert report.files["onnx_int8_cpu"].endswith("model.int8.cpu.onnx")
+    assert report.files["int8"].endswith("model.int8.onnx")
+    assert report.files["int8_cpu"].endswith("model.int8.cpu.onnx")
+
+
+def test_gate_records_of_earlier_commands_persist_with_their_own_thresholds(int8_run: tuple, tiny_fp16: Path) -> None:
+    """`export --fp16` then `export --int8`: parity.json/parity.md hold all four forms, each with the
+    thresholds and time of the command that gated it; the FP32 model was rebuilt byte for byte, so
+    the FP16 form made from it earlier is still current."""
+    run, report = int8_run
+    forms = json.loads((run / "export/parity.json").read_text())["forms"]
+    earlier = json.loads((tiny_fp16 / "export/parity.json").read_text())["forms"]["fp16"]
+    assert set(forms) == {"fp32", "fp16", "int8", "int8_cpu"} and not report.stale
+    assert forms["fp16"] == earlier  # kept as the first command wrote it
+    assert forms["fp16"]["thresholds"]["min_agreement"] == 0.999 and forms["fp16"]["command"].endswith(" --fp16")
+    for key in ("int8", "int8_cpu"):
+        assert forms[key]["thresholds"]["min_agreement"] == 0.3 and forms[key]["thresholds"]["max_class_iou_drop"] == 100
+        assert forms[key]["gated_at"] >= forms["fp16"]["gated_at"] and "--int8 --calib-images 6" in forms[key]["command"]
+    assert file_sha256(run / "export/model.onnx") == file_sha256(tiny_fp16 / "export/model.onnx")
+    assert all(not r["stale"] for r in forms.values())
+    md = (run / "export/parity.md").read_text()
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8.cpu.onnx"):
+        assert f"## {name} (" in md
 
 
 def test_calibration_reads_training_keys_only_and_the_metadata_travels(int8_run: tuple) -> None:
@@ -63,21 +85,29 @@ def test_calibration_reads_training_keys_only_and_the_metadata_travels(int8_run:
     assert meta.extra["int8_form"] == "cpu" and read_metadata(run / "export/model.int8.onnx").extra["int8_form"] == "tensorrt"
 
 
-def test_a_harsh_gate_fails_cleanly_and_writes_no_int8_model(int8_run: tuple, tmp_path: Path) -> None:
+def test_a_harsh_gate_gates_each_form_on_its_own_stops_at_the_share_floor_and_replaces_nothing(
+        int8_run: tuple, tmp_path: Path) -> None:
     src, _ = int8_run
     run = tmp_path / "run"
-    shutil.copytree(src, run)  # holds int8 files of the earlier export: they must not survive as current
-    harsh = ["parity.samples=4", "parity.int8_agreement=0.99999", "parity.int8_class_iou_drop=0.0"]
+    shutil.copytree(src, run)  # holds the int8 files of the earlier export: they stay as they were
+    before = tree_digest(run / "export")
+    harsh = ["parity.samples=4", "parity.int8_agreement=0.99999", "parity.int8_class_iou_drop=0.0",
+             "parity.min_int8_share=0.99"]
     logs: list[str] = []
-    with pytest.raises(ParityError, match=r"parity gate failed for onnxruntime \(TensorRT form\) int8: .*worst classes") as err:
-        export_run(run, ExportOptions(int8=True, calib_images=4, parity_overrides=harsh, max_fallback_rounds=1),
+    with pytest.raises(ParityError, match=r"parity gate failed for onnxruntime \(TensorRT form\) int8: .*"
+                                          r"onnxruntime \(CPU form\) int8: .*Passed: model.onnx\.") as err:
+        export_run(run, ExportOptions(int8=True, calib_images=4, parity_overrides=harsh, max_fallback_rounds=2),
                    log=logs.append)
-    assert err.value.report.precision == "int8" and err.value.report.fallback_rounds == 1
-    assert any("INT8 fallback round 1: keeping" in line for line in logs)  # the fallback was tried first
-    assert not (run / "export/model.int8.onnx").exists() and not (run / "export/model.int8.cpu.onnx").exists()
-    assert not list((run / "export").glob(".*"))  # no candidate or calibration litter
-    assert (run / "export/model.onnx").exists()
-    assert json.loads((run / "export/parity.json").read_text())["passed"] is False
+    report = err.value.report
+    for key in ("int8", "int8_cpu"):  # the CPU form was tried although the TensorRT form had failed
+        result = report.results[key]
+        assert result.report is not None and not result.passed and result.report.precision == "int8"
+        shares = [r["reduced_flops_share"] for r in result.rounds]
+        assert all(s >= 0.99 for s in shares), shares  # never below parity.min_int8_share
+        assert result.note and any(w in result.note for w in ("share floor", "gave up", "no node left"))
+    assert any("INT8 fallback round 1: keeping" in line for line in logs)  # measured nodes were kept first
+    assert tree_digest(run / "export") == before and not list((run / "export").glob(".*"))
+    assert json.loads((run / "export-rejected/parity.json").read_text())["passed"] is False
 
 
 def test_int8_round_trips_through_eval_predict_and_bench(int8_run: tuple, synth_dir: Path, tmp_path: Path) -> None:
@@ -100,4 +130,17 @@ def test_int8_round_trips_through_eval_predict_and_bench(int8_run: tuple, synth_
     assert rows["int8"]["p50_ms"] > 0 and rows["int8"]["miou"] is not None and rows["int8"]["agreement"] is not None
     from segdeploy.bench import GATE_FAIL, OK
 
-    assert rows["int8"]["status"] in (OK, GATE_FAIL)
+    # judged with the thresholds it was gated with (LOOSE), not the recipe's defaults (99% agreement)
+    assert rows["int8"]["status"] == OK
+    original = (run / "export/parity.json").read_text()
+    records = json.loads(original)
+    records["forms"]["int8_cpu"]["thresholds"]["min_agreement"] = 0.99999  # as if it had been gated strictly
+    try:
+        (run / "export/parity.json").write_text(json.dumps(records))
+        result = runner.invoke(app, ["bench", str(run), "--backend", "onnxruntime", "--precision", "int8", "--batch",
+                                     "1", "--size", "64", "--iters", "2", "--seconds", "0", "--json", str(tmp_path / "b2.json")])
+    finally:
+        (run / "export/parity.json").write_text(original)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads((tmp_path / "b2.json").read_text())["rows"]
+    assert row["status"] == GATE_FAIL and "thresholds it was gated with" in row["reason"] and "99.999" in row["reason"]

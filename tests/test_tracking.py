@@ -52,7 +52,7 @@ def test_train_logs_to_tensorboard_and_mlflow_and_export_and_bench_join_the_run(
     assert result.exit_code == 0, result.output
     assert f"export logged to MLflow run {info['run_id']}" in result.output
     assert "export.json" in {f.path for f in client.list_artifacts(info["run_id"])}
-    assert client.get_run(info["run_id"]).data.metrics["parity_onnxruntime_fp32_agreement"] >= 0.9999
+    assert client.get_run(info["run_id"]).data.metrics["parity_fp32_agreement"] >= 0.9999
     result = runner.invoke(app, ["bench", "run", "--backend", "onnxruntime", "--precision", "fp32", "--batch", "1",
                                  "--size", "64", "--iters", "2", "--seconds", "0", "--no-accuracy"])
     assert result.exit_code == 0, result.output

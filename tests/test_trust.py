@@ -298,32 +298,33 @@ def test_fp16_that_keeps_most_of_the_compute_in_fp32_fails_and_writes_no_fp16_mo
     shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("export", "eval"))
     strict = ["parity.fp16_agreement=1.0", "parity.max_class_iou_drop=0.0", "parity.samples=4",
               "parity.min_fp16_share=0.999"]
-    with pytest.raises(ParityError, match=r"only [\d.]+% of the FLOPs run in FP16 .*parity.min_fp16_share"):
+    with pytest.raises(ParityError, match=r"FP16 fallback stopped at the share floor: keeping \S+ in FP32 too would "
+                                          r"leave only [\d.]+% of the FLOPs in FP16 \(< parity.min_fp16_share 99.9%\)"):
         export_run(run_dir, ExportOptions(fp16=True, parity_overrides=strict, max_fallback_rounds=3), log=lambda m: None)
-    assert not (run_dir / "export/model.fp16.onnx").exists()
-    assert (run_dir / "export/model.onnx").exists()
+    assert not (run_dir / "export").exists()  # nothing exported: not even the FP32 model that passed
 
 
-def test_a_stale_export_is_refused_by_eval_predict_and_bench(tiny_run: Path, synth_dir: Path, tmp_path: Path) -> None:
+def test_a_stale_export_is_refused_by_eval_predict_and_bench_with_the_command_that_rebuilds_it(
+        tiny_fp16: Path, synth_dir: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from segdeploy.export.pipeline import ExportOptions, export_run
+    from segdeploy.artifact import Run
 
     run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("export", "eval"))
-    report = export_run(run_dir, ExportOptions(fp16=True), log=lambda m: None)
-    fp16 = report.parity["onnxruntime_fp16"]
-    assert 0.5 <= fp16.reduced_flops_share <= 1.0 and fp16.reduced_nodes <= fp16.total_nodes
-    assert "of FLOPs" in fp16.summary() and "Reduced precision: FP16 on" in (run_dir / "export/parity.md").read_text()
+    shutil.copytree(tiny_fp16, run_dir)  # exported with --fp16
+    fp16 = json.loads((run_dir / "export/parity.json").read_text())["forms"]["fp16"]
+    assert 0.5 <= fp16["reduced_flops_share"] <= 1.0 and fp16["reduced_nodes"] <= fp16["total_nodes"]
+    assert "Reduced precision: FP16 on" in (run_dir / "export/parity.md").read_text()
     assert run("eval", run_dir / "export/model.fp16.onnx", "--out", tmp_path / "ok").exit_code == 0
     # retrain (here: change one weight) without re-exporting
     state = load_file(str(run_dir / "model.safetensors"))
     name = next(iter(state))
     state[name] = state[name] + 1
     save_file(state, str(run_dir / "model.safetensors"))
-    for artifact in ("model.onnx", "model.fp16.onnx"):
+    for artifact, flags in (("model.onnx", ""), ("model.fp16.onnx", " --fp16")):
         text = one_line_error(run("eval", run_dir / "export" / artifact, "--out", tmp_path / "e"))
-        assert f"{artifact} is stale" in text and "model.safetensors changed" in text and "re-export" in text
+        assert f"{artifact} is stale" in text and "model.safetensors changed" in text
+        assert f"re-export it with `segdeploy export {run_dir}{flags}`" in text
     text = one_line_error(run("predict", run_dir / "export/model.onnx", synth_dir / "scene/scene.tif",
                               "--out", tmp_path / "p.tif", "--no-progress"))
     assert "is stale" in text and not (tmp_path / "p.tif").exists()
@@ -332,6 +333,16 @@ def test_a_stale_export_is_refused_by_eval_predict_and_bench(tiny_run: Path, syn
     assert bench.exit_code == 1
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert rows and all(r["p50_ms"] is None and "is stale" in r["reason"] for r in rows)
+    # a plain export rebuilds model.onnx only: the FP16 form is left, named stale with its exact command ...
+    result = run("export", run_dir, "--json", tmp_path / "x.json")
+    assert result.exit_code == 0, result.output
+    stale = json.loads((tmp_path / "x.json").read_text())["stale"]
+    command = f"segdeploy export {run_dir} --fp16"
+    assert list(stale) == ["fp16"] and "model.onnx changed" in stale["fp16"] and f"`{command}`" in stale["fp16"]
+    assert json.loads((run_dir / "export/parity.json").read_text())["forms"]["fp16"]["stale"] == stale["fp16"]
+    # ... and that command makes it current again
+    assert run(*command.split()[1:]).exit_code == 0
+    assert [(e.form.key, e.stale) for e in Run(run_dir).exports()] == [("fp32", ""), ("fp16", "")]
 
 
 def test_comparison_table_averages_over_the_same_classes_in_every_row() -> None:
@@ -360,15 +371,21 @@ def test_comparison_table_averages_over_the_same_classes_in_every_row() -> None:
 
 
 def test_parity_report_reads_drop_as_worse_and_lists_only_real_drops() -> None:
-    from segdeploy.parity import ParityReport
+    from segdeploy.parity import Measurement, judge
+    from segdeploy.recipe import ParityConfig
 
-    rows = [{"class": "a", "iou_drop_points": 1.25}, {"class": "b", "iou_drop_points": 0.001},
-            {"class": "c", "iou_drop_points": -0.4}, {"class": "d", "iou_drop_points": None}]
-    rep = ParityReport("onnxruntime", "fp16", 4, 64, 0.1, 0.01, 0.05, 0.9999, 0.9995, 0.999, 0.5, per_class=rows)
+    rows = [{"class": "a", "iou_drop_points": 1.25, "iou_vs_reference": 0.9},
+            {"class": "b", "iou_drop_points": 0.001, "iou_vs_reference": 0.99},
+            {"class": "c", "iou_drop_points": -0.4, "iou_vs_reference": 0.98},
+            {"class": "d", "iou_drop_points": None, "iou_vs_reference": None}]
+    m = Measurement(4, 64, 0.1, 0.01, 0.05, 0.9999, 0.9995, rows)
+    rep = judge(m, ParityConfig().thresholds("fp16"), "onnxruntime", "fp16", "val")
     assert [c["class"] for c in rep.worst_classes(5)] == ["a"]
-    assert "classes losing IoU: a 1.25" in rep.summary() and "+" not in rep.summary()
-    rep.per_class = rows[1:]
-    assert "classes losing IoU: none" in rep.summary()
+    assert "worst classes by IoU drop: a 1.25 pt" in rep.summary() and "+" not in rep.summary()
+    rep = judge(Measurement(4, 64, 0.1, 0.01, 0.05, 0.9999, 0.9995, rows[1:]), ParityConfig().thresholds("fp16"),
+                "onnxruntime", "fp16", "val")
+    assert "no class lost IoU against ground truth; most disagreement with the reference: c (IoU vs reference " \
+           "98.00%), b (IoU vs reference 99.00%)" in rep.summary()
 
 
 def test_freezing_a_random_encoder_warns_once_and_the_untested_training_paths_run(

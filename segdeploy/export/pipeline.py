@@ -50,7 +50,7 @@ from segdeploy.export import fp16 as fp16_mod
 from segdeploy.export import int8 as int8_mod
 from segdeploy.export import sensitivity
 from segdeploy.export.onnx import ExportPlan, export_onnx, graph_findings, preflight, set_metadata
-from segdeploy.parity import SPLIT_WORDS, ParityReference, ParityReport, PrecisionUse, as_numpy_batches, parity_tiles
+from segdeploy.parity import SPLIT_WORDS, ParityReference, percent, ParityReport, PrecisionUse, as_numpy_batches, parity_tiles
 from segdeploy.recipe import Recipe
 from segdeploy.utils import file_sha256, versions, writable_location, write_json
 
@@ -514,7 +514,7 @@ def _next_nodes(effects: dict[str, float], keep: set[str], spec: _Reduced, thres
         share = spec.share(keep | set(added) | {name})
         if share < floor:
             why = (f"{p} fallback stopped at the share floor: keeping {name} in FP32 too would leave only {share:.1%} of "
-                   f"the FLOPs in {p} (< {thresholds.keys[2]} {floor:.0%})")
+                   f"the FLOPs in {p} (< {thresholds.keys[2]} {percent(floor)})")
             return added, "" if added else why
         added.append(name)
     return added, ""
@@ -615,7 +615,7 @@ def _record_lines(key: str, r: dict) -> list[str]:
                   f"`{r.get('command', '')}`.", ""]
         if r.get("reduced_flops_share") is not None:
             lines += [f"Reduced precision: {r['precision'].upper()} on {r['reduced_nodes']}/{r['total_nodes']} nodes, "
-                      f"{r['reduced_flops_share']:.1%} of FLOPs (≥ {t['min_reduced_share']:.0%}).", ""]
+                      f"{r['reduced_flops_share']:.1%} of FLOPs (≥ {percent(t['min_reduced_share'])}).", ""]
     lines += [f"- {f}" for f in r.get("failures", [])] + ([f"- {r['note']}"] if r.get("note") else [])
     lines += _rounds_table(r.get("rounds", [])) + _class_table(r.get("per_class", []))
     if r.get("fp32_nodes"):
