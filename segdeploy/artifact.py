@@ -213,7 +213,7 @@ def check_source(artifact: Path, meta: ModelMeta, read_meta: Callable[[Path], Mo
     Raises ArtifactError."""
     from segdeploy.utils import file_sha256
 
-    requested, link, command = artifact, artifact, rebuild_command(artifact, meta)
+    requested, link, requested_meta = artifact, artifact, meta
     for _ in range(4):  # engine -> fp16 -> fp32 -> weights at most
         if not meta.source:
             return
@@ -223,7 +223,7 @@ def check_source(artifact: Path, meta: ModelMeta, read_meta: Callable[[Path], Mo
         if file_sha256(source) != meta.source["sha256"]:
             via = "" if link == requested else f" (which {link.name} was made from)"
             raise ArtifactError(f"{requested} is stale: {source} changed after it was exported{via}; "
-                                f"re-export it with `{command}`")
+                                f"re-export it with `{rebuild_command(requested, requested_meta)}`")
         if source.suffix != ".onnx" or read_meta is None:
             return
         link, meta = source, read_meta(source)

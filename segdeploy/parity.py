@@ -150,7 +150,7 @@ class ParityReport:
 
     def summary(self) -> str:
         share = f", {self.precision_share()}" if self.usage is not None else ""
-        return (f"{self.backend} {self.precision}: agreement {self.agreement:.4%} (≥ {self.min_agreement:.2%}), "
+        return (f"{self.backend} {self.precision}: agreement {self.agreement:.4%} (≥ {percent(self.min_agreement)}), "
                 f"worst class IoU drop {max(self.worst_drop, 0.0):.2f} pt (≤ {self.max_class_iou_drop}; "
                 f"{self.classes_line()}), max |Δlogit| {self.max_abs:.3g}, cosine {self.cosine:.6f}{share}, "
                 f"{self.tiles} tiles from the {SPLIT_WORDS.get(self.split, self.split)} split — "
@@ -269,7 +269,7 @@ def judge(m: Measurement, thresholds: GateThresholds, backend: str, precision: s
     a_key, drop_key, share_key = thresholds.keys
     failures = []
     if m.agreement < thresholds.min_agreement:
-        failures.append(f"argmax agreement {m.agreement:.4%} < {thresholds.min_agreement:.2%} ({a_key})")
+        failures.append(f"argmax agreement {m.agreement:.4%} < {percent(thresholds.min_agreement)} ({a_key})")
     drops = sorted((c for c in m.per_class if c["iou_drop_points"] is not None
                     and c["iou_drop_points"] > thresholds.max_class_iou_drop), key=lambda c: -c["iou_drop_points"])
     failures += [f"class {c['class']!r} IoU drops {c['iou_drop_points']:.2f} pt (> {thresholds.max_class_iou_drop} pt, "

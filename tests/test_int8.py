@@ -46,7 +46,7 @@ def test_both_forms_are_qdq_with_the_right_zero_points_and_per_channel_weights(i
     for key in ("int8", "int8_cpu"):
         rep = report.parity[key]
         assert rep.precision == "int8" and rep.passed
-        assert 0.5 <= rep.reduced_flops_share <= 1.0 and 0 < rep.reduced_nodes <= rep.total_nodes
+        assert 0.5 <= rep.reduced_flops_share <= 1.0 and 0 < rep.usage.reduced_nodes <= rep.usage.total_nodes
         assert "INT8 on" in rep.summary() and "of FLOPs" in rep.summary()
     assert report.files["int8"].endswith("model.int8.onnx")
     assert report.files["int8_cpu"].endswith("model.int8.cpu.onnx")

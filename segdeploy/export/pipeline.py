@@ -608,7 +608,7 @@ def _record_lines(key: str, r: dict) -> list[str]:
         lines += [f"Stale: {r['stale']}", ""]
     if "agreement" in r:
         t = r["thresholds"]
-        lines += [f"Agreement {r['agreement']:.4%} (≥ {t['min_agreement']:.2%}), worst class IoU drop "
+        lines += [f"Agreement {r['agreement']:.4%} (≥ {percent(t['min_agreement'])}), worst class IoU drop "
                   f"{max((c['iou_drop_points'] or 0.0) for c in r['per_class']) if r['per_class'] else 0.0:.2f} pt "
                   f"(≤ {t['max_class_iou_drop']}), max |Δlogit| {r['max_abs']:.3g}, cosine {r['cosine']:.6f}; "
                   f"{r['tiles']} tiles of {r['tile']}² from the {SPLIT_WORDS.get(r['split'], r['split'])} split; gated {r.get('gated_at', '')} by "
