@@ -37,15 +37,12 @@ from segdeploy.artifact import (
     ExportForm,
     ModelMeta,
     Run,
-    artifact_meta,
-    check_source,
     engine_sidecar,
     flag_order,
     forms_for,
-    read_onnx_meta,
     source_record,
 )
-from segdeploy.errors import ArtifactError, DataError, OutputError, ParityError, UserError
+from segdeploy.errors import DataError, OutputError, ParityError, UserError
 from segdeploy.export import fp16 as fp16_mod
 from segdeploy.export import int8 as int8_mod
 from segdeploy.export import sensitivity
@@ -544,27 +541,20 @@ def _commit(job: _Job, stage: Path, report: ExportReport, log: Callable[[str], N
 
 def _merge_records(run: Run, report: ExportReport, log: Callable[[str], None]) -> dict[str, dict]:
     """One record per form in RUN/export: this command's, and the earlier ones of forms it did not
-    rebuild, each checked against its source now (stale: the refusal, with the command that
-    rebuilds it)."""
+    rebuild, each checked against its source now (`Run.exports`; stale: the refusal, with the
+    command that rebuilds it)."""
     records = {}
-    earlier = run.gate_records()
-    for form in EXPORT_FORMS.values():
-        path = run.export_path(form.key)
-        if form.key in report.results:
-            records[form.key] = report.results[form.key].record()
+    for export in run.exports():
+        key = export.form.key
+        if key in report.results:
+            records[key] = report.results[key].record()
             continue
-        if not path.is_file():
-            continue
-        record = earlier.get(form.key) or {"form": form.key, "file": form.file, "label": form.label, "passed": None,
-                                           "note": "no gate record: exported before segdeploy kept one"}
-        try:
-            check_source(path, artifact_meta(path), read_onnx_meta)
-            record["stale"] = ""
-        except ArtifactError as exc:
-            record["stale"] = str(exc)
-            report.stale[form.key] = str(exc)
-            log(f"stale: {exc}")
-        records[form.key] = record
+        records[key] = {**(export.gate or {"form": key, "file": export.form.file, "label": export.form.label,
+                                           "passed": None, "note": "no gate record: exported before segdeploy kept one"}),
+                        "stale": export.stale}
+        if export.stale:
+            report.stale[key] = export.stale
+            log(f"stale: {export.stale}")
     return records
 
 

@@ -105,6 +105,7 @@ def instrument(proto, candidates: list[str], reduction) -> object:  # noqa: ANN0
     g = model.graph
     infos = _value_infos(model)
     index = {name: i for i, name in enumerate(candidates)}
+    weights = {i.name: i for i in g.initializer}
     g.input.append(helper.make_tensor_value_info(REDUCE_INPUT, TensorProto.FLOAT, [len(candidates)]))
     nodes, inits = [], [numpy_helper.from_array(np.array(0.0, np.float32), "sens_zero")]
     for node in g.node:
@@ -115,7 +116,7 @@ def instrument(proto, candidates: list[str], reduction) -> object:  # noqa: ANN0
         inits.append(numpy_helper.from_array(np.array(index[node.name], np.int64), f"{tag}_i"))
         nodes += [helper.make_node("Gather", [REDUCE_INPUT, f"{tag}_i"], [f"{tag}_s"], name=f"{tag}_gather"),
                   helper.make_node("Greater", [f"{tag}_s", "sens_zero"], [f"{tag}_on"], name=f"{tag}_on")]
-        reduced, extra = _reduced_branch(node, tag, reduction, infos, {i.name: i for i in g.initializer})
+        reduced, extra = _reduced_branch(node, tag, reduction, infos, weights)
         inits += extra
         plain = _branch(f"{tag}_plain", [_copy(node, list(node.input), [f"{tag}_p{k}" for k in range(len(node.output))])],
                         [(f"{tag}_p{k}", infos.get(o)) for k, o in enumerate(node.output)])
