@@ -81,12 +81,20 @@ def compute_nodes(proto) -> set[str]:  # noqa: ANN001
     return {n.name for n in proto.graph.node if n.op_type in COMPUTE_OPS}
 
 
+# activations quantize_static folds into the quantization of the tensor before them: keeping one in
+# float does not remove that error, it moves the quantization before it (to a wider range)
+REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
 def quantizable_nodes(proto) -> list[str]:  # noqa: ANN001
-    """The nodes quantize_static would quantize in QDQ format (onnxruntime's QDQ and QLinear op
-    registries, its default `op_types_to_quantize`): the ones the fallback may keep in float."""
+    """The nodes the INT8 fallback may keep in float: those quantize_static quantizes in QDQ format
+    (onnxruntime's QDQ and QLinear op registries, its default `op_types_to_quantize`) but the
+    removable activations. Measured on the tiny test model (benchmarks/int8_fallback_ranking.py),
+    keeping its 12 most effective candidates in float raised the CPU form's agreement from 96.6% to
+    99.2% with Relu excluded, and left it at 96.4% with Relu among the candidates."""
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-    ops = set(QDQRegistry) | set(QLinearOpsRegistry)
+    ops = (set(QDQRegistry) | set(QLinearOpsRegistry)) - set(REMOVABLE_ACTIVATIONS)
     return [n.name for n in proto.graph.node if n.op_type in ops]
 
 
