@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segdeploy.data.decode import BandCountError, open_image
 from segdeploy.errors import DataError
 from segdeploy.utils import atomic_path, raise_write_error
 
@@ -119,114 +120,50 @@ def gdal_cache_bytes() -> int:
 
 
 class SceneReader:
-    """Windowed reads with padding past the edge, validity from GDAL's dataset mask (nodata, an
-    alpha band, a .msk sidecar or an internal mask). GeoTIFF via rasterio, pictures via PIL."""
+    """predict's view of one input, decoded by the one decoder (`segdeploy.data.decode`): rasters
+    read by windows (pictures decoded whole, EXIF orientation applied), each window's validity
+    (dataset mask, alpha, nodata of any band fed to the model, NaN/±Inf), the georeference in
+    every form GDAL has, and what was decided about the bands (`notes`)."""
 
     def __init__(self, path: Path | str, bands: int, band_order: list[int] | None = None) -> None:
         self.path = path  # a GDAL /vsi… path stays a string: Path would collapse its '//'
         if not is_remote(path) and not Path(path).exists():
             raise DataError(f"input {path} not found")
-        self.profile: dict = {}
-        self.array: np.ndarray | None = None
-        self.georeferenced = False
-        self.masked = False
-        self.indexes: list[int] = list(range(1, bands + 1))
-        self.notes: list[str] = []
-        if not is_remote(path) and Path(path).suffix.lower() in PICTURE:
-            from segdeploy.data.io import read_image
-
-            self.array = read_image(path, bands)
-            self.height, self.width, self.count = self.array.shape
-            self.dtype = str(self.array.dtype)
-            self.nodata = None
-        else:
-            self._open_raster(path, bands, band_order)
+        try:
+            self.source = open_image(path, bands, band_order)
+        except BandCountError as exc:
+            raise DataError(bands_fix(exc)) from None
+        src = self.source
+        self.array: np.ndarray | None = src.array if src.is_picture else None  # type: ignore[attr-defined]
+        self.height, self.width, self.count, self.dtype = src.height, src.width, src.count, src.dtype
+        self.indexes, self.notes, self.georef = src.indexes, src.notes, src.georef
+        self.georeferenced = self.georef.present
         if self.dtype not in SUPPORTED_DTYPES:
+            src.close()
             raise DataError(f"{path} has pixel type {self.dtype}; supported: {', '.join(sorted(SUPPORTED_DTYPES))}")
 
-    def _open_raster(self, path: Path, bands: int, band_order: list[int] | None) -> None:
-        import rasterio
-        from rasterio.enums import MaskFlags
-        from rasterio.errors import RasterioIOError
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.src = rasterio.open(path)
-        except RasterioIOError as exc:
-            why = "unreachable, missing or not a raster?" if is_remote(path) else "corrupt, truncated or not a raster?"
-            raise DataError(f"cannot open raster {path}: {str(exc).splitlines()[0][:200]} ({why})") from None
-        self.height, self.width = self.src.height, self.src.width
-        self.indexes, self.notes = choose_bands(path, self.src.colorinterp, bands, band_order)
-        self.count = len(self.indexes)
-        self.dtype = self.src.dtypes[self.indexes[0] - 1]
-        self.nodata = self.src.nodata
-        self.masked = any(flags != [MaskFlags.all_valid] for flags in self.src.mask_flag_enums)
-        self.profile = self.src.profile.copy()
-        self.georeferenced = self.src.crs is not None and not self.src.transform.is_identity
+    @property
+    def nonfinite(self) -> int:
+        """NaN/±Inf pixels read so far that no nodata value declared (treated as nodata all the same)."""
+        return self.source.nonfinite
 
     def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(H×W×B pixels, H×W valid mask) for the in-image part of a window."""
-        h, w = min(h, self.height - y), min(w, self.width - x)
-        if self.array is not None:
-            img = self.array[y : y + h, x : x + w]
-            return img, np.ones((h, w), dtype=bool)
-        from rasterio.windows import Window
-
-        win = Window(x, y, w, h)
-        try:
-            img = np.moveaxis(self.src.read(self.indexes, window=win), 0, -1)
-        except Exception as exc:  # noqa: BLE001 - GDAL errors on truncated files surface here
-            raise DataError(f"cannot read {self.path} at rows {y}..{y + h}: {str(exc)[:200]} "
-                            "(truncated or corrupt file)") from None
-        return img, self.valid(y, x, h, w)
-
-    def valid(self, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """H×W mask, False where GDAL's dataset mask says invalid (1 byte per pixel)."""
-        h, w = min(h, self.height - y), min(w, self.width - x)
-        if self.array is not None or not self.masked:
-            return np.ones((h, w), dtype=bool)
-        from rasterio.windows import Window
-
-        return self.src.dataset_mask(window=Window(x, y, w, h)) > 0
+        return self.source.read(y, x, h, w)
 
     def close(self) -> None:
-        if self.array is None:
-            self.src.close()
+        self.source.close()
 
 
-def choose_bands(path: Path, colorinterp: tuple, bands: int, requested: list[int] | None) -> tuple[list[int], list[str]]:
-    """1-based band indexes to feed a `bands`-band model, and what was decided and why.
-
-    `--bands` wins. Otherwise an alpha band is left out (it is the validity mask), and a file
-    whose colour interpretation says blue/green/red in another order is read as red, green, blue.
-    """
-    from rasterio.enums import ColorInterp
-
-    count = len(colorinterp)
-    if requested:
-        bad = [b for b in requested if not 1 <= b <= count]
-        if bad:
-            raise DataError(f"--bands {','.join(map(str, requested))}: {path} has bands 1..{count} only")
-        if len(requested) != bands:
-            raise DataError(f"--bands gives {len(requested)} bands but the model expects {bands}")
-        return list(requested), [f"bands {','.join(map(str, requested))} (from --bands)"]
-    notes = []
-    colour = [i for i, ci in enumerate(colorinterp, 1) if ci != ColorInterp.alpha]
-    if len(colour) < count:
-        notes.append(f"alpha band {','.join(str(i) for i in range(1, count + 1) if i not in colour)} used as the "
-                     "validity mask")
-    if len(colour) != bands:
-        if count == bands:
-            return list(range(1, count + 1)), []
-        raise DataError(f"{path} has {len(colour)} bands but the model expects {bands}; pick them with "
-                        f"--bands (e.g. --bands {','.join(str(i) for i in range(1, bands + 1))})")
-    rgb = {ColorInterp.red: 0, ColorInterp.green: 1, ColorInterp.blue: 2}
-    kinds = [colorinterp[i - 1] for i in colour]
-    if bands == 3 and set(kinds) == set(rgb) and [rgb[k] for k in kinds] != [0, 1, 2]:
-        colour = sorted(colour, key=lambda i: rgb[colorinterp[i - 1]])
-        notes.append(f"bands {','.join(map(str, colour))} read as red, green, blue (the file's colour interpretation)")
-    return colour, notes
+def bands_fix(exc: BandCountError) -> str:
+    """predict's refusal of an input whose bands do not fit the model, with the --bands that does."""
+    have, want = len(exc.colour), exc.bands
+    if have > want:
+        pick = ",".join(map(str, exc.colour[:want]))
+        return (f"{exc.path} has {have} bands but the model expects {want}; pick {want} of them with --bands "
+                f"(e.g. --bands {pick})")
+    return (f"{exc.path} has {have} band{'s' if have != 1 else ''} but the model expects {want}, and no choice of "
+            f"its bands makes up the other {want - have}; predict it with a model trained on {have}-band images")
 
 
 # --------------------------------------------------------------------------------------- writers
@@ -249,7 +186,8 @@ def _with_errno(exc: Exception, directory: Path) -> OSError:
 
 class ClassRasterWriter:
     """Class-index GeoTIFF (uint8 while classes fit), tiled, compressed, BigTIFF when needed,
-    georeference and nodata copied, palette as colormap; written by whole block rows."""
+    georeference copied in every form the input has (geotransform, GCPs, RPCs, with their CRS),
+    nodata, palette as colormap; written by whole block rows. The confidence raster gets the same."""
 
     def __init__(self, final: Path, tmp: Path, state_path: Path, reader: SceneReader, classes: int,
                  palette: list[list[int]], block: int, probs_tmp: Path | None, resume: bool) -> None:
@@ -260,8 +198,7 @@ class ClassRasterWriter:
         self.paths = [tmp] + ([probs_tmp] if probs_tmp else [])
         profile = {
             "driver": "GTiff", "width": reader.width, "height": reader.height, "count": 1,
-            "crs": reader.profile.get("crs"), "transform": reader.profile.get("transform"),
-            "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate", "predictor": 2,
+            **reader.georef.creation_options(), "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate", "predictor": 2,
             "BIGTIFF": "IF_SAFER",
         }
         if not resume:

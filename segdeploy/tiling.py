@@ -56,12 +56,27 @@ def forward_padded(backend, batch: np.ndarray) -> np.ndarray:  # noqa: ANN001 - 
     return backend(x)[..., :h, :w]
 
 
-def normalize(pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def normalize(pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarray,
+              valid: np.ndarray | None = None) -> np.ndarray:
     """The model's input, the one definition every verb uses: pixels / full scale, minus the band
-    mean, over the band std; float32, bands on axis -3 (B×H×W or N×B×H×W)."""
+    mean, over the band std; float32, bands on axis -3 (B×H×W or N×B×H×W).
+
+    Invalid pixels never reach the model: wherever `valid` (H×W or N×H×W bool, broadcast over
+    the bands; None: all valid) is False, and wherever the result is not finite (NaN/±Inf input,
+    with or without a nodata tag), every band is exactly 0.0 — the training mean, the neutral
+    value. Callers mark those pixels nodata (predict) or ignore_index (eval, train). One
+    ``isfinite`` pass per call, only for float input.
+    """
     mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(std, np.float32).reshape(-1, 1, 1)
-    return (np.asarray(pixels, np.float32) / np.float32(scale) - mean) / std
+    x = np.asarray(pixels, np.float32) / np.float32(scale)
+    x -= mean
+    x /= std
+    if valid is not None:
+        np.copyto(x, np.float32(0), where=~np.expand_dims(np.asarray(valid, bool), -3))
+    if np.asarray(pixels).dtype.kind == "f" and not np.isfinite(x).all():
+        np.copyto(x, np.float32(0), where=~np.isfinite(x).all(axis=-3, keepdims=True))
+    return x
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -184,11 +184,16 @@ def prepare_data(rec: Recipe, console: Console) -> TrainingData:
     if "test" in samples:  # read to be checked, not kept
         checked.append(SegmentationDataset(samples["test"], rec.data.model_copy(update={"cache": False}), cls, zeros, ones))
     pixel_format = PixelFormatCheck(rec.data)
+    nonfinite: list[str] = []
     for ds in checked:
         for i, sample in enumerate(ds.samples):
-            problem = pixel_format.problem(sample.image, ds.load(i)[0])
+            loaded = ds.sample(i)
+            problem = pixel_format.problem(sample.image, loaded.image, loaded.valid)
             if problem:
                 raise DataError(problem)
+            if loaded.nonfinite:
+                nonfinite.append(f"{sample.image} ({loaded.nonfinite} px)")
+    _warn_nonfinite(nonfinite, console)
     mean, std = rec.data.mean, rec.data.std
     if mean == "auto" or std == "auto":
         auto_mean, auto_std = band_stats(train_ds)
@@ -200,6 +205,18 @@ def prepare_data(rec: Recipe, console: Console) -> TrainingData:
     val_ds.set_normalization(mean, std)
     splits = {name: [s.key for s in items] for name, items in samples.items()}
     return TrainingData(train_ds, val_ds, splits, list(mean), list(std), pixel_format.dtype or "uint8", counts)
+
+
+def _warn_nonfinite(files: list[str], console: Console) -> None:
+    """Name every image with NaN/Inf pixels no nodata value declares: they are trained as invalid
+    (ignore_index, filled with the mean), as predict outputs them as nodata, but are worth knowing."""
+    if not files:
+        return
+    console.print(f"[yellow]warning:[/] {len(files)} image(s) have NaN/Inf pixels that no nodata value declares; "
+                  "they are ignored in training and validation (`segdeploy data inspect` says how to declare them):",
+                  highlight=False, soft_wrap=True)
+    for f in files:
+        console.print(f"  {f}", highlight=False, soft_wrap=True)
 
 
 def _report_class_balance(names: list[str], counts: np.ndarray, console: Console) -> None:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from segdeploy.data.io import decode_mask, read_image, read_mask_raw
+from segdeploy.data.decode import ORIENTATIONS, BandCountError, ImageSource, open_image, read_mask
+from segdeploy.data.io import decode_mask
 from segdeploy.errors import DataError
 from segdeploy.recipe import ClassesConfig, DataConfig
 from segdeploy.tiling import normalize
@@ -141,7 +142,8 @@ class PixelFormatCheck:
         self.dtype: str | None = None
         self.first: Path | None = None
 
-    def problem(self, path: Path, image: np.ndarray) -> str | None:
+    def problem(self, path: Path, image: np.ndarray, valid: np.ndarray | None = None) -> str | None:
+        """What is wrong with this image's pixel format, or None; only `valid` pixels count."""
         dtype = str(image.dtype)
         if self.dtype is None:
             self.dtype, self.first = dtype, path
@@ -152,7 +154,8 @@ class PixelFormatCheck:
         elif dtype != self.dtype:
             return (f"image {path} is {dtype} but {self.first} is {self.dtype}: mixed bit depths would be scaled "
                     f"alike and read wrong; convert {path.name} to {self.dtype} (or all files to one type)")
-        peak = float(image.max()) if image.size else 0.0
+        values = image if valid is None else image[valid]
+        peak = float(values.max()) if values.size else 0.0
         if peak > self.max_value:
             return (f"image {path} has values up to {peak:g}, above data.max_pixel_value {self.max_value:g}; "
                     "set data.max_pixel_value to the data's full scale (65535 for 16-bit) or rescale the file")
@@ -168,10 +171,28 @@ def keys_in_several_splits(splits: dict[str, list[Sample]]) -> dict[str, list[st
     return {k: v for k, v in where.items() if len(v) > 1}
 
 
+@dataclass
+class LoadedSample:
+    """One decoded pair, as every verb sees it.
+
+    `image`: H×W×B in the file's dtype, invalid pixels as stored (NaN, the nodata value, …);
+    `mask`: H×W class indices, ``ignore_index`` wherever the image is invalid (never scored,
+    never trained on); `valid`: H×W bool, None when every pixel is valid; `nonfinite`: NaN/±Inf
+    pixels that nothing declared invalid (invalid all the same; `data inspect` names the file).
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    valid: np.ndarray | None
+    nonfinite: int = 0
+
+
 class SampleReader:
-    """A split's samples read as numpy: (H×W×B raw image, H×W mask) by `load`, or the model's
-    normalised float32 B×H×W input and the int64 mask by `item`. Eval and parity need no more
-    (and no torch); training wraps it in `torchdata.SegmentationDataset` for augmentation."""
+    """A split's samples read as numpy through the one decoder (`data.decode`): `sample` gives the
+    `LoadedSample` (image, mask with invalid pixels as ignore_index, validity), `load` its
+    (image, mask), `item` the model's normalised float32 B×H×W input (invalid pixels exactly 0,
+    the training mean) and the int64 mask. Eval and parity need no more (and no torch); training
+    wraps it in `torchdata.SegmentationDataset` for augmentation."""
 
     def __init__(self, samples: list[Sample], data: DataConfig, classes: ClassesConfig, mean: list[float],
                  std: list[float]) -> None:
@@ -179,42 +200,68 @@ class SampleReader:
         self.data = data
         self.classes = classes
         self.set_normalization(mean, std)
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: dict[int, LoadedSample] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Raw image (H×W×B, file dtype) and decoded mask (H×W int64)."""
+    def sample(self, i: int) -> LoadedSample:
+        """The decoded pair `i` (cached when ``data.cache``)."""
         if i in self._cache:
             return self._cache[i]
         s = self.samples[i]
-        image = read_image(s.image, self.data.bands)
-        mask = decode_mask(
-            read_mask_raw(s.mask),
-            s.mask,
-            self.data.mask_encoding,
-            self.classes.num_classes,
-            self.classes.ignore_index,
-            self.classes.palette,
-        )
+        image, valid, source = self._read_image(s.image)
+        mask = decode_mask(read_mask(s.mask), s.mask, self.data.mask_encoding, self.classes.num_classes,
+                           self.classes.ignore_index, self.classes.palette)
         if image.shape[:2] != mask.shape[:2]:
-            raise DataError(
-                f"image {s.image} is {image.shape[1]}×{image.shape[0]} but mask {s.mask} is "
-                f"{mask.shape[1]}×{mask.shape[0]}; they must match"
-            )
+            raise DataError(_size_mismatch(s, image, mask, source))
+        if valid is not None:
+            mask[~valid] = self.classes.ignore_index
         mask = mask.astype(np.uint8 if mask.max() < 256 else np.int64)
+        loaded = LoadedSample(image, mask, valid, source.nonfinite)
         if self.data.cache:
-            self._cache[i] = (image, mask)
-        return image, mask
+            self._cache[i] = loaded
+        return loaded
+
+    def _read_image(self, path: Path) -> tuple[np.ndarray, np.ndarray | None, ImageSource]:
+        try:
+            with open_image(path, self.data.bands) as source:
+                image, valid = source.read()
+        except BandCountError as exc:
+            raise DataError(_band_fix(exc, self.data)) from None
+        return image, None if valid.all() else valid, source
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw image (H×W×B, file dtype) and decoded mask (H×W; ignore_index where the image is invalid)."""
+        s = self.sample(i)
+        return s.image, s.mask
 
     def set_normalization(self, mean: list[float], std: list[float]) -> None:
         self.mean_values, self.std_values = list(mean), list(std)
 
     def item(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        image, mask = self.load(i)
-        x = normalize(image.transpose(2, 0, 1), self.data.max_pixel_value, self.mean_values, self.std_values)
-        return x, mask.astype(np.int64)
+        s = self.sample(i)
+        x = normalize(s.image.transpose(2, 0, 1), self.data.max_pixel_value, self.mean_values, self.std_values,
+                      valid=s.valid)
+        return x, s.mask.astype(np.int64)
+
+
+def _band_fix(exc: BandCountError, data: DataConfig) -> str:
+    """The refusal of an image whose bands do not fit data.bands, with the override that trains on them."""
+    n = len(exc.colour)
+    stats = "" if data.mean == "auto" and data.std == "auto" else " data.mean=auto data.std=auto"
+    return (f"image {exc.path} has {n} band{'s' if n != 1 else ''} but the recipe says data.bands={exc.bands}; "
+            f"train on its bands with --set data.bands={n}{stats} (or convert the images)")
+
+
+def _size_mismatch(s: Sample, image: np.ndarray, mask: np.ndarray, source: ImageSource) -> str:
+    h, w = image.shape[:2]
+    msg = f"image {s.image} is {w}×{h} but mask {s.mask} is {mask.shape[1]}×{mask.shape[0]}"
+    if source.orientation != 1 and mask.shape[:2] == source.stored_size:
+        return (f"{msg}, the image's size as stored: its EXIF orientation {source.orientation} "
+                f"({ORIENTATIONS[source.orientation]}) shows it as {w}×{h}, and masks are read as their image is "
+                "displayed (as labelling tools draw them); export the mask from the displayed image")
+    return f"{msg}; they must match"
 
 
 def class_pixel_counts(dataset: SampleReader) -> np.ndarray:

@@ -15,6 +15,7 @@ from segdeploy import recipe as recipe_mod
 from segdeploy.data.dataset import (
     SPLITS,
     PixelFormatCheck,
+    LoadedSample,
     SampleReader,
     _pairs,
     data_root,
@@ -128,17 +129,46 @@ def _read_split(rec: Recipe, split: str, samples: list, pixel_format: PixelForma
     counts = np.zeros(n, dtype=np.int64)
     for i, s in enumerate(samples):
         try:
-            image, mask = ds.load(i)
+            loaded = ds.sample(i)
         except DataError as exc:
             report.problems.append({"split": split, "file": str(s.image), "problem": str(exc)})
             continue
-        problem = pixel_format.problem(s.image, image)
-        if problem:
-            report.problems.append({"split": split, "file": str(s.image), "problem": problem})
+        image, mask = loaded.image, loaded.mask
+        for problem in (pixel_format.problem(s.image, image, loaded.valid), nonfinite_problem(s.image, loaded)):
+            if problem:
+                report.problems.append({"split": split, "file": str(s.image), "problem": problem})
         sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
         valid = mask[mask < n]
         counts += np.bincount(valid.ravel(), minlength=n)[:n]
     return counts
+
+
+def nonfinite_problem(path: Path, loaded: LoadedSample) -> str | None:
+    """NaN/±Inf pixels that no nodata value declares: invalid all the same (ignored in training and
+    eval, nodata in predict), but likely a processing fault the user should know of."""
+    if not loaded.nonfinite:
+        return None
+    what = (f"image {path} has {loaded.nonfinite} NaN/Inf pixels that no nodata value declares; they are treated as "
+            "invalid (ignored in training and eval, nodata in predict)")
+    if path.suffix.lower() == ".npy":
+        return f"{what}; store NaN there (NaN marks invalid pixels of a .npy image)"
+    nodata = _nodata_of(path)
+    if nodata is None:
+        import shlex
+
+        return f"{what}; declare them with `rio edit-info --nodata nan {shlex.quote(str(path))}`"
+    return f"{what}; the file declares nodata {nodata:g}: write that value there instead"
+
+
+def _nodata_of(path: Path) -> float | None:
+    import warnings
+
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(path) as src:
+            return src.nodata
 
 
 def plot_distribution(report: InspectReport, path: Path) -> Path:

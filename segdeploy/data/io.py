@@ -1,81 +1,13 @@
-"""Reading images and masks, with errors that name the file and the fix."""
+"""Mask decoding (index, binary, palette colours), with errors that name the file and the fix.
+Images and raw masks are read by `segdeploy.data.decode`, the one decoder."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from segdeploy.errors import DataError
-
-RASTER_SUFFIXES = {".tif", ".tiff"}
-
-
-def read_image(path: Path, bands: int) -> np.ndarray:
-    """H×W×B array in the file's own dtype (uint8, uint16 or float32)."""
-    suffix = path.suffix.lower()
-    if not path.is_file():
-        raise DataError(f"image {path} not found")
-    try:
-        if suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-            if arr.ndim == 2:
-                arr = arr[..., None]
-        elif suffix in RASTER_SUFFIXES:
-            import rasterio
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # NotGeoreferencedWarning is fine for training tiles
-                with rasterio.open(path) as src:
-                    arr = np.moveaxis(src.read(), 0, -1)
-        else:
-            with Image.open(path) as im:
-                im.load()
-                if bands == 3 and im.mode not in ("RGB", "I;16", "I", "F"):
-                    im = im.convert("RGB")
-                arr = np.asarray(im)
-                if arr.ndim == 2:
-                    arr = arr[..., None]
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path}: {exc} (re-export or remove the file)") from None
-    except Exception as exc:  # rasterio's own errors
-        raise DataError(f"cannot read image {path}: {exc} (re-export or remove the file)") from None
-    if arr.shape[-1] != bands:
-        if bands == 3 and arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-        else:
-            raise DataError(
-                f"image {path} has {arr.shape[-1]} bands but the recipe says data.bands={bands}; "
-                "set data.bands to match"
-            )
-    return arr
-
-
-def read_mask_raw(path: Path) -> np.ndarray:
-    """The mask as stored: H×W (indices/binary) or H×W×3 (palette colours)."""
-    if not path.is_file():
-        raise DataError(f"mask {path} not found (every image needs a mask with the same key)")
-    try:
-        if path.suffix.lower() == ".npy":
-            return np.load(path, allow_pickle=False)
-        if path.suffix.lower() in RASTER_SUFFIXES:
-            import rasterio
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with rasterio.open(path) as src:
-                    return src.read(1)
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "P":
-                return np.asarray(im)  # palette PNGs store indices; their colours are display only
-            if im.mode in ("RGBA", "LA"):
-                im = im.convert("RGB" if im.mode == "RGBA" else "L")
-            return np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read mask {path}: {exc} (re-export or remove the file)") from None
 
 
 def decode_mask(

@@ -41,8 +41,15 @@ def build_augment(aug: AugmentConfig, tile: int, ignore_index: int, bands: int) 
     return v2.Compose(ops)
 
 
+INVALID = -1  # in the mask while augmenting: "the image is invalid here" (an ignore_index pixel may be valid)
+
+
 class SegmentationDataset(SampleReader, Dataset):
-    """Yields (float32 B×H×W normalised image, int64 H×W mask) tensors, augmented when asked."""
+    """Yields (float32 B×H×W normalised image, int64 H×W mask) tensors, augmented when asked.
+
+    Invalid pixels (see `data.decode`) are ignore_index in the mask and exactly 0 in the input (the
+    training mean), after augmentation too: they are filled with the mean before it (so colour
+    jitter never sees NaN or a nodata value) and travel through it as INVALID in the mask."""
 
     def __init__(self, samples: list[Sample], data: DataConfig, classes: ClassesConfig, mean: list[float],
                  std: list[float], augment: AugmentConfig | None = None) -> None:
@@ -55,30 +62,40 @@ class SegmentationDataset(SampleReader, Dataset):
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32))
         return x / self.data.max_pixel_value
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor, valid: np.ndarray | None = None) -> torch.Tensor:
         """Already scaled to [0, 1] by `to_tensor` (augmentations work on that): tiling's normalize."""
-        return torch.from_numpy(normalize(x.numpy(), 1.0, self.mean_values, self.std_values))
+        return torch.from_numpy(normalize(x.numpy(), 1.0, self.mean_values, self.std_values, valid))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.load(i)
+        s = self.sample(i)
+        image, y = s.image, torch.from_numpy(s.mask.astype(np.int64))
+        if s.valid is not None:
+            fill = np.asarray(self.mean_values, np.float64) * self.data.max_pixel_value
+            image = np.where(s.valid[..., None], image, fill.astype(image.dtype if image.dtype.kind == "f" else np.float64))
+            y[torch.from_numpy(~s.valid)] = INVALID
         x = self.to_tensor(image)
-        y = torch.from_numpy(mask.astype(np.int64))
         if self.transform is not None:
             xi, ym = self.transform(tv_tensors.Image(x), tv_tensors.Mask(y))
             x, y = xi.as_subclass(torch.Tensor), ym.as_subclass(torch.Tensor)
-        return self.normalize(x), y
+        if s.valid is None:
+            return self.normalize(x), y
+        invalid = y == INVALID
+        y[invalid] = self.classes.ignore_index
+        return self.normalize(x, ~invalid.numpy()), y
 
 
-def band_stats(dataset: SegmentationDataset, limit: int = 256) -> tuple[list[float], list[float]]:
-    """Per-band mean/std (in [0, 1] units after max_pixel_value) over up to `limit` images."""
-    total = torch.zeros(dataset.data.bands, dtype=torch.float64)
-    total_sq = torch.zeros_like(total)
-    count = 0
+def band_stats(dataset: SampleReader, limit: int = 256) -> tuple[list[float], list[float]]:
+    """Per-band mean/std (in [0, 1] units after max_pixel_value) of the valid pixels of up to
+    `limit` images (an invalid pixel's NaN or nodata value is no statistic of the data)."""
+    bands = dataset.data.bands
+    total, total_sq, count = np.zeros(bands), np.zeros(bands), 0
     for i in range(min(len(dataset), limit)):
-        x = dataset.to_tensor(dataset.load(i)[0]).double()
-        total += x.sum((1, 2))
-        total_sq += (x * x).sum((1, 2))
-        count += x.shape[1] * x.shape[2]
-    mean = total / count
-    std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
+        s = dataset.sample(i)
+        x = s.image.reshape(-1, bands) if s.valid is None else s.image[s.valid]
+        x = x.astype(np.float64) / dataset.data.max_pixel_value
+        total += x.sum(0)
+        total_sq += (x * x).sum(0)
+        count += len(x)
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 1e-12))
     return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-6), 6) for v in std]
