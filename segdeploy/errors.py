@@ -50,3 +50,8 @@ class OutputError(UserError):
 
 class BackendUnavailable(UserError):
     """A runtime (TensorRT, CUDA, an onnxruntime provider) is not installed here."""
+
+
+class NonFiniteError(UserError):
+    """A model produced NaN/Inf (logits at inference, the loss in training) where a number was due;
+    the message names the tile, image or step, and what to do."""

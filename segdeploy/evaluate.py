@@ -16,6 +16,7 @@ from segdeploy.metrics import ConfusionMatrix, SegMetrics, level_mious
 from segdeploy.recipe import Recipe
 from segdeploy.runtime import load_backend
 from segdeploy.runtime.base import Backend
+from segdeploy.runtime.finite import FiniteLogits
 from segdeploy.tiling import forward_padded
 from segdeploy.utils import atomic_path, writable_location, write_json
 from segdeploy.viz import overlay_figure, save_figure
@@ -31,10 +32,14 @@ class EvalReport:
     seconds: float
     out_dir: Path
     files: list[Path] = field(default_factory=list)
+    # images whose logits were not finite at the model's precision, recomputed at FP32
+    recomputed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "backend": self.backend, "split": self.split, "images": self.images,
                 "seconds": round(self.seconds, 3), **self.metrics.to_dict(),
+                "recomputed_at_fp32": self.recomputed, "notes": self.notes,
                 "files": [str(p) for p in self.files]}
 
 
@@ -79,6 +84,7 @@ def evaluate(
     cm = ConfusionMatrix(meta.num_classes, meta.ignore_index)
     n_overlays = rec.eval.overlays if overlays is None else overlays
     keep: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    finite = FiniteLogits(backend, unit="image")
     t0 = time.perf_counter()
     i = 0
     max_batch = backend.max_batch or batch_size
@@ -93,17 +99,21 @@ def evaluate(
             xs.append(x)
             ys.append(y)
             i += 1
-        pred = forward_padded(backend, np.stack(xs)).argmax(1)
+        batch, first_i = np.stack(xs), i - len(xs)
+        logits = finite.check(batch, forward_padded(backend, batch), lambda j: f"image {ds.samples[first_i + j].image}",
+                              run=forward_padded)
+        pred = logits.argmax(1)
         y = np.stack(ys)
         cm.update(pred, y)
         for j in range(len(xs)):
             if len(keep) < n_overlays:
-                keep.append((ds.load(i - len(xs) + j)[0], y[j], pred[j]))
+                keep.append((_display_image(ds, i - len(xs) + j), y[j], pred[j]))
     seconds = time.perf_counter() - t0
     mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
     if meta.hierarchy:
         mets.levels = level_mious(cm.matrix, rec.classes.names, meta.hierarchy, rec.eval.exclude_background)
-    report = EvalReport(str(model_path), backend.describe(), split, len(ds), mets, seconds, Path(out_dir))
+    report = EvalReport(str(model_path), backend.describe(), split, len(ds), mets, seconds, Path(out_dir),
+                        recomputed=finite.recomputed, notes=[finite.summary()] if finite.recomputed else [])
     if plots:
         report.files.append(plot_confusion(mets, out_dir / "confusion_matrix.png"))
         palette = [tuple(c) for c in meta.palette]
@@ -114,6 +124,12 @@ def evaluate(
     report.files.insert(0, metrics_path)
     write_json(metrics_path, report.to_dict())
     return report
+
+
+def _display_image(ds: SampleReader, i: int) -> np.ndarray:
+    """The image for an overlay, invalid pixels black (a NaN or nodata value would wreck the stretch)."""
+    s = ds.sample(i)
+    return s.image if s.valid is None else np.where(s.valid[..., None], s.image, 0).astype(s.image.dtype)
 
 
 def plot_confusion(mets: SegMetrics, path: Path) -> Path:

@@ -18,7 +18,7 @@ import torch
 
 from segdeploy.artifact import ModelMeta
 from segdeploy.data.dataset import SampleReader, discover
-from segdeploy.errors import DataError, ParityError
+from segdeploy.errors import DataError, NonFiniteError, ParityError
 from segdeploy.metrics import ConfusionMatrix
 from segdeploy.recipe import DataConfig, GateThresholds, Recipe
 from segdeploy.runtime.base import Backend
@@ -54,6 +54,7 @@ class Measurement:
     cosine: float
     agreement: float
     per_class: list[dict]
+    nonfinite_tiles: int = 0  # candidate tiles with any NaN/Inf logit
 
 
 @dataclass
@@ -173,10 +174,11 @@ def gate_split(data: DataConfig) -> tuple[str, str]:
 
 
 def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: str = "val",
-                 keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 keys: list[str] | None = None, tile_keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised tiles of `tile`² from real images, the way predict will feed them: windows that
-    run past the image edge are padded (reflect), their labels padded with ignore_index. The keys
-    of the images used are appended to `keys` when given. Raises DataError when `split` has no images."""
+    run past the image edge are padded (reflect), their labels padded with ignore_index; invalid
+    pixels are 0 (the mean) and ignore_index. The keys of the images used are appended to `keys`,
+    and each tile's image key to `tile_keys`, when given. Raises DataError when `split` has no images."""
     items = discover(rec.data, split)  # the caller chose the split (`gate_split`): no silent substitute
     ds = SampleReader(items, rec.data, rec.classes, meta.mean, meta.std)
     xs, ys = [], []
@@ -194,6 +196,8 @@ def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: s
                     yt = torch.nn.functional.pad(yt, (0, pw, 0, ph), value=meta.ignore_index)
                 xs.append(xt)
                 ys.append(yt)
+                if tile_keys is not None:
+                    tile_keys.append(ds.samples[i].key)
                 if len(xs) >= samples:
                     return torch.stack(xs), torch.stack(ys)
     return torch.stack(xs), torch.stack(ys)
@@ -207,8 +211,14 @@ class ParityReference:
     def __init__(self, reference: Backend, rec: Recipe, meta: ModelMeta, tile: int, split: str | None = None) -> None:
         self.rec, self.meta = rec, meta
         self.split, self.split_note = (split, "") if split else gate_split(rec.data)
-        self.x, self.y = parity_tiles(rec, meta, tile, rec.parity.samples, self.split)
+        tile_keys: list[str] = []
+        self.x, self.y = parity_tiles(rec, meta, tile, rec.parity.samples, self.split, tile_keys=tile_keys)
         self.logits = run_batched(reference, self.x)
+        bad = (~torch.isfinite(self.logits)).flatten(1).any(1).nonzero().flatten().tolist()
+        if bad:  # the yardstick itself: nothing finite to fall back to
+            raise NonFiniteError(f"the reference ({reference.describe()}) gives non-finite logits on parity tile {bad[0]} "
+                                 f"of image {tile_keys[bad[0]]!r} ({len(bad)} of {len(self.x)} tiles); "
+                                 "the weights or that image are broken: check it with `segdeploy data inspect`")
 
     def describe(self) -> str:
         """"16 × 64² tiles from the validation split" (and why, when it is not the validation split)."""
@@ -257,17 +267,21 @@ def measure(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, meta: M
         per_class.append({"class": name, "iou_gt_reference": f(m_ref.iou[i]), "iou_gt": f(m_cand.iou[i]),
                           "dice_gt": f(m_cand.dice[i]), "iou_drop_points": f(drop),
                           "iou_vs_reference": f(m_vs.iou[i]), "dice_vs_reference": f(m_vs.dice[i])})
+    nonfinite = int((~torch.isfinite(cand)).flatten(1).any(1).sum())
     return Measurement(len(ref), int(ref.shape[-1]), float(diff.max()), float(q[0]), float(q[1]), float(cos),
-                       agreement, per_class)
+                       agreement, per_class, nonfinite)
 
 
 def judge(m: Measurement, thresholds: GateThresholds, backend: str, precision: str, split: str,
           usage: PrecisionUse | None = None) -> ParityReport:
-    """The one place pass/fail is decided: agreement ≥ min_agreement, no class's IoU drop above
-    max_class_iou_drop, and (reduced precision) at least min_reduced_share of the FLOPs reduced.
+    """The one place pass/fail is decided: finite logits on every tile, agreement ≥ min_agreement, no
+    class's IoU drop above max_class_iou_drop, and (reduced precision) at least min_reduced_share of
+    the FLOPs reduced.
     Returns the verdict; raises nothing."""
     a_key, drop_key, share_key = thresholds.keys
     failures = []
+    if m.nonfinite_tiles:  # never a class: a candidate that overflows on the gate's tiles does not ship
+        failures.append(f"{m.nonfinite_tiles} of {m.tiles} tiles give non-finite logits (NaN/Inf)")
     if m.agreement < thresholds.min_agreement:
         failures.append(f"argmax agreement {m.agreement:.4%} < {percent(thresholds.min_agreement)} ({a_key})")
     drops = sorted((c for c in m.per_class if c["iou_drop_points"] is not None

@@ -35,6 +35,7 @@ from segdeploy.raster import (
     write_picture_outputs,
 )
 from segdeploy.runtime.base import Backend
+from segdeploy.runtime.finite import FiniteLogits
 from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, normalize, pad_to, window_starts
 from segdeploy.utils import peak_rss_mb, writable_location, write_json
 
@@ -76,6 +77,10 @@ class PredictResult:
     accumulator_mb: float = 0.0
     bands: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # tiles whose logits were not finite at the model's precision, recomputed at FP32
+    recomputed_tiles: list[str] = field(default_factory=list)
+    # NaN/±Inf input pixels no nodata value declared (output as nodata all the same)
+    nonfinite_pixels: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,7 +206,10 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     plan = plan_tiles(backend, reader, opts)
     is_picture = reader.array is not None
     if not is_picture and not reader.georeferenced:
-        warnings.warn(f"{src} has no georeference; the output will not have one either", stacklevel=3)
+        warnings.warn(f"{src} has no georeference (no geotransform, GCPs or RPCs); the output will not have one "
+                      "either", stacklevel=3)
+    elif not is_picture and reader.georef.transform is None:
+        reader.notes.append(f"georeference kept as {' and '.join(reader.georef.forms())}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -217,9 +225,15 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     files = sink.finish()
     seconds = time.perf_counter() - t0
     mp = reader.width * reader.height / 1e6
+    notes = list(reader.notes) + [n for n in (pipeline.finite.summary(), _nonfinite_note(reader.nonfinite)) if n]
     return PredictResult(str(src), str(out), reader.width, reader.height, plan.total, pipeline.skipped,
                          round(seconds, 3), round(mp / seconds, 3), round(peak_rss_mb(), 1), files, rows_on_disk,
-                         round(pipeline.acc.nbytes() / 2**20, 2), list(reader.indexes), list(reader.notes))
+                         round(pipeline.acc.nbytes() / 2**20, 2), list(reader.indexes), notes,
+                         list(pipeline.finite.recomputed), reader.nonfinite)
+
+
+def _nonfinite_note(pixels: int) -> str:
+    return (f"{pixels} NaN/Inf input pixels that no nodata value declares were output as nodata" if pixels else "")
 
 
 # --------------------------------------------------------------------------------------- output rows
@@ -343,6 +357,7 @@ class TilePipeline:
         self.stop = threading.Event()
         self.skipped = 0
         self.done = 0
+        self.finite = FiniteLogits(backend)
 
     def tiles(self) -> Iterator[Tile]:
         """(row, col, B×tile×tile pixels padded past the edge or None when all nodata, tile×tile
@@ -354,10 +369,9 @@ class TilePipeline:
                 if not valid.any():
                     yield r, c, None, None  # all nodata: skipped, never blended, emitted as nodata
                     continue
-                if not valid.all() or valid.shape != (plan.tile, plan.tile):
-                    valid = pad_to(valid, plan.tile, plan.tile, "constant")  # False past the edge
-                else:
-                    valid = None  # all valid: nothing to mark
+                # padded like the pixels, so a reflected invalid pixel is filled too (the accumulator
+                # keeps only the in-image part)
+                valid = None if valid.all() else pad_to(valid, plan.tile, plan.tile, self.opts.pad)
                 yield r, c, pad_to(np.moveaxis(img, -1, 0), plan.tile, plan.tile, self.opts.pad), valid
 
     def read_loop(self) -> None:
@@ -392,15 +406,25 @@ class TilePipeline:
             self.fail(exc)
 
     def infer(self, items: list[Tile]) -> list[Tile]:
-        """Pixels → logits per tile (None stays None for skipped tiles). The softmax is the writer
-        thread's, folded into the blend, so this thread goes straight back to the backend."""
-        arrays = [a for _, _, a, _ in items if a is not None]
+        """Pixels → logits per tile (None stays None for skipped tiles). Invalid pixels are filled
+        with the training mean by `normalize`; a tile whose logits are not finite is recomputed at
+        FP32 or named in an error (`FiniteLogits`). The softmax is the writer thread's, folded into
+        the blend, so this thread goes straight back to the backend."""
+        tiles = [(r, c, a, v) for r, c, a, v in items if a is not None]
         logits: Iterator[np.ndarray] = iter(())
-        if arrays:
-            meta = self.backend.meta
-            logits = iter(self.backend(normalize(np.stack(arrays), self.plan.scale, meta.mean, meta.std)))
-        self.skipped += len(items) - len(arrays)
+        if tiles:
+            meta, t = self.backend.meta, self.plan.tile
+            valid = None
+            if any(v is not None for *_, v in tiles):
+                valid = np.stack([np.ones((t, t), bool) if v is None else v for *_, v in tiles])
+            x = normalize(np.stack([a for _, _, a, _ in tiles]), self.plan.scale, meta.mean, meta.std, valid)
+            logits = iter(self.finite.check(x, self.backend(x), lambda i: self.tile_name(*tiles[i][:2])))
+        self.skipped += len(items) - len(tiles)
         return [(r, c, next(logits) if a is not None else None, v) for r, c, a, v in items]
+
+    def tile_name(self, row: int, col: int) -> str:
+        y, x, t = self.plan.rows[row], self.plan.cols[col], self.plan.tile
+        return f"tile {row},{col} (rows {y}..{y + t}, columns {x}..{x + t}) of {self.reader.path}"
 
     def fail(self, exc: BaseException) -> None:
         self.errors.append(exc)

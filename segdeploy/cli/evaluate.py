@@ -32,6 +32,8 @@ def eval_cmd(
         report = evaluate(model, split, recipe_path=recipe, data_root=data, out_dir=out)
         console.print(metrics_table(report.metrics, f"{model} · {report.split} · {report.images} images · "
                                                     f"{report.backend.split(' (')[0]}"))
+        for note in report.notes:
+            console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
         console.print(f"plots and metrics.json in {report.out_dir}")
         reports.append(report)
     if len(reports) > 1:
