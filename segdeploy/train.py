@@ -33,7 +33,7 @@ from segdeploy.data.dataset import (
 )
 from segdeploy.data.torchdata import SegmentationDataset, band_stats
 from segdeploy.distributed import ShardSampler, World, all_sum, barrier, from_main, join, leave, sync_buffers
-from segdeploy.errors import ArtifactError, DataError, UserError
+from segdeploy.errors import ArtifactError, DataError, NonFiniteError, UserError
 from segdeploy.losses import build_loss
 from segdeploy.metrics import ConfusionMatrix, level_mious
 from segdeploy.models import build_model, check_model_names, freeze_encoder, input_divisor, static_size
@@ -133,12 +133,14 @@ def validate(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Modul
     cm = ConfusionMatrix(rec.classes.num_classes, rec.classes.ignore_index)
     total, n = 0.0, 0
     for x, y in loader:
+        labelled = bool((y != rec.classes.ignore_index).any())  # on the host copy: no device sync
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         xp, (h, w) = pad_tensor(x, divisor)
         with torch.autocast("cuda", enabled=amp):
             logits = model(xp)[..., :h, :w].float()
-        total += float(loss_fn(logits, y)) * len(x)
-        n += len(x)
+        if labelled:  # the mean loss over no labelled pixel is NaN
+            total += float(loss_fn(logits, y)) * len(x)
+            n += len(x)
         cm.update(logits.argmax(1), y)
     if world.active:
         sums = all_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=device), world)
@@ -273,6 +275,32 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
     data = prepare_data(rec, console)
     mlflow_uri = resolve_mlflow_uri(mlflow)
     kw = {"progress": progress, "console": console, "mlflow_uri": mlflow_uri, "world": world}
+    try:
+        return _fit(rec, out, mode, data, device, kw)
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"{exc}; {_nonfinite_fix(rec, out, mode)}") from None
+
+
+def _nonfinite_fix(rec: Recipe, out: Path, mode: str) -> str:
+    """What to do after a non-finite loss: the run is "failed" (never "complete"); the command that
+    continues it from its last good epoch at a tenth of the learning rate that epoch was trained
+    with (or of the recipe's, if lower)."""
+    run = art.Run(out)
+    resumable = mode != "replace" and run.last_checkpoint.is_file()
+    good = _base_lr(run.load_checkpoint()["optimizer"]["param_groups"][0]) if resumable else rec.optimizer.lr
+    lower = f"--set optimizer.lr={float(f'{min(good, rec.optimizer.lr) / 10:.3g}')!r}"
+    if mode == "replace":
+        return f"{out} is unchanged; retry with a lower learning rate ({lower}) or --set train.grad_clip=1"
+    if resumable:
+        return (f"{out} is marked failed and resumes from its last good epoch with a lower learning rate: "
+                f"`segdeploy train {run.recipe_path} --out {out} --resume {lower}` (or --set train.grad_clip=1)")
+    return (f"{out} is marked failed before its first epoch ended; retry with a lower learning rate: "
+            f"`segdeploy train {run.recipe_path} --out {out} {lower}` (or --set train.grad_clip=1)")
+
+
+def _fit(rec: Recipe, out: Path, mode: str, data: TrainingData, device: str, kw: dict) -> TrainResult:
+    """Train into `out` as `mode` says: in place (new, resume) or into a hidden sibling that replaces it."""
+    world = kw["world"]
     if mode != "replace":
         result = _train(rec, out, data, device, resume=mode == "resume", **kw)
         leave(world)
@@ -382,36 +410,60 @@ def _restore(run: art.Run, rec: Recipe, st: _Setup, console: Console) -> tuple[i
         raise ArtifactError(f"{out} was trained with a different recipe (data/classes/model differ); "
                             "resume with the same recipe or start a new --out")
     st.net.load_state_dict(ckpt["model"])
+    planned = [{k: g[k] for k in LR_KEYS if k in g} for g in st.opt.param_groups]  # the recipe's schedule
     st.opt.load_state_dict(ckpt["optimizer"])
+    old_lr = _base_lr(st.opt.param_groups[0])
+    lr_changed = not math.isclose(old_lr, rec.optimizer.lr, rel_tol=1e-9)
+    if lr_changed:  # e.g. lowered after a non-finite loss: the optimizer's moments are kept, the rates are the recipe's
+        for group, rates in zip(st.opt.param_groups, planned, strict=True):
+            group.update(rates)
+        console.print(f"learning rate {old_lr:g} -> {rec.optimizer.lr:g} (optimizer.lr changed)")
     if st.scheduler is not None and ckpt.get("scheduler"):
-        if int(ckpt.get("epochs", rec.train.epochs)) == rec.train.epochs:
+        if int(ckpt.get("epochs", rec.train.epochs)) == rec.train.epochs and not lr_changed:
             st.scheduler.load_state_dict(ckpt["scheduler"])
-        else:  # train.epochs changed: re-plan the schedule for the new length, then fast-forward
+        else:  # train.epochs or optimizer.lr changed: re-plan the schedule, then fast-forward
             import warnings
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for _ in range(int(ckpt["epoch"]) * len(st.train_loader)):
                     st.scheduler.step()
-            console.print(f"schedule re-planned for {rec.train.epochs} epochs")
+            console.print(f"schedule re-planned for {rec.train.epochs} epochs at optimizer.lr {rec.optimizer.lr:g}")
     console.print(f"resuming {out} at epoch {int(ckpt['epoch']) + 1}")
     return int(ckpt["epoch"]) + 1, float(ckpt["best_miou"]), int(ckpt["best_epoch"]), run.read_history()
 
 
-def _train_epoch(rec: Recipe, st: _Setup, device: str, on_batch: Callable[[float], None]) -> tuple[float, int, float]:
-    """One pass over the training split: (mean loss, images, seconds)."""
+LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # what torch's schedulers keep in a param group
+
+
+def _base_lr(group: dict) -> float:
+    """The learning rate a param group was planned with (OneCycle's peak, other schedules' start)."""
+    return float(group.get("max_lr", group.get("initial_lr", group["lr"])))
+
+
+def _train_epoch(rec: Recipe, st: _Setup, device: str, on_batch: Callable[[float], None],
+                 epoch: int = 0) -> tuple[float, int, float]:
+    """One pass over the training split: (mean loss, images, seconds). Stops at the first
+    non-finite loss (NonFiniteError naming the epoch and step) before it reaches the weights."""
     cuda = device == "cuda"
     st.model.train()
     for m in st.frozen_bn:
         m.eval()
     scaler = st.scaler
     e0, running, seen = time.perf_counter(), 0.0, 0
-    for x, y in st.train_loader:
+    for step, (x, y) in enumerate(st.train_loader, 1):
+        labelled = bool((y != rec.classes.ignore_index).any())  # on the host copy: no device sync
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cuda and rec.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", enabled=st.amp):
-            loss = st.loss_fn(st.model(x), y)
+            logits = st.model(x)
+            # a batch with no labelled pixel (all ignore or invalid) teaches nothing: a zero loss, not
+            # the mean over no pixels (NaN); still a backward pass, so DDP ranks stay in step
+            loss = st.loss_fn(logits, y) if labelled else logits.sum() * 0.0
+        value = float(all_sum(loss.detach().float().reshape(1), st.world)[0]) if st.world.active else float(loss.detach())
+        if not math.isfinite(value):  # every rank sees the same sum: all stop together
+            raise NonFiniteError(f"training loss is {value} at epoch {epoch}, step {step} of {len(st.train_loader)}")
         st.opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if rec.train.grad_clip:
@@ -474,10 +526,12 @@ def _epochs(rec: Recipe, run: art.Run, st: _Setup, device: str, state: tuple[int
             if isinstance(st.train_loader.sampler, DistributedSampler):
                 st.train_loader.sampler.set_epoch(epoch)
             loss, seen, seconds = _train_epoch(
-                rec, st, device, lambda running: bar.update(task, advance=1, loss=f"{running:.4f}", epoch=epoch))
+                rec, st, device, lambda running: bar.update(task, advance=1, loss=f"{running:.4f}", epoch=epoch), epoch)
             train_time, train_images = train_time + seconds, train_images + seen * st.world.size
             sync_buffers(st.net, st.world)
             val_loss, cm = validate(st.net, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp, st.world)
+            if not math.isfinite(val_loss):  # non-finite logits: their argmax is no class and no mIoU
+                raise NonFiniteError(f"validation loss is {val_loss} after epoch {epoch} (train loss {loss:.4g})")
             mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
             history.append({"epoch": epoch, "train_loss": loss, "val_loss": val_loss, "val_miou": mets.miou,
                             "val_mdice": mets.mdice, "lr": st.opt.param_groups[0]["lr"],
