@@ -98,13 +98,16 @@ def input_scale(reader: SceneReader, meta, opts: PredictOptions) -> float:  # no
                             f"{reader.dtype} input assumed to match, scaled by 1/{meta.max_pixel_value:g}")
     elif reader.dtype != meta.input_dtype:
         raise DataError(f"{reader.path} is {reader.dtype} but the model was trained on {meta.input_dtype} images "
-                        f"(full scale {meta.max_pixel_value:g}); pass --input-max with this raster's full scale "
-                        f"(e.g. {_full_scale(reader.dtype)}) to rescale it, or convert it to {meta.input_dtype}")
+                        f"(full scale {meta.max_pixel_value:g}); rescale it with {_full_scale(reader.dtype)}, or "
+                        f"convert it to {meta.input_dtype}")
     return float(meta.max_pixel_value)
 
 
 def _full_scale(dtype: str) -> str:
-    return f"{np.iinfo(np.dtype(dtype)).max}" if np.dtype(dtype).kind in "ui" else "1.0"
+    """The --input-max that maps this pixel type's full scale to the model's (a flag that works as printed)."""
+    if np.dtype(dtype).kind in "ui":
+        return f"--input-max {np.iinfo(np.dtype(dtype)).max} (its pixel type's full scale)"
+    return "--input-max 1.0 if its values run 0..1 (else --input-max with its largest value)"
 
 
 def _refuse_unfinished(out: Path, state_path: Path, tmp: Path) -> None:
@@ -225,11 +228,11 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     files = sink.finish()
     seconds = time.perf_counter() - t0
     mp = reader.width * reader.height / 1e6
-    notes = list(reader.notes) + [n for n in (pipeline.finite.summary(), _nonfinite_note(reader.nonfinite)) if n]
+    notes = list(reader.notes) + [n for n in (pipeline.finite.summary(), _nonfinite_note(pipeline.nonfinite)) if n]
     return PredictResult(str(src), str(out), reader.width, reader.height, plan.total, pipeline.skipped,
                          round(seconds, 3), round(mp / seconds, 3), round(peak_rss_mb(), 1), files, rows_on_disk,
                          round(pipeline.acc.nbytes() / 2**20, 2), list(reader.indexes), notes,
-                         list(pipeline.finite.recomputed), reader.nonfinite)
+                         list(pipeline.finite.recomputed), pipeline.nonfinite)
 
 
 def _nonfinite_note(pixels: int) -> str:
@@ -358,6 +361,7 @@ class TilePipeline:
         self.skipped = 0
         self.done = 0
         self.finite = FiniteLogits(backend)
+        self.nonfinite = 0  # NaN/Inf input pixels no nodata value declared, each counted once
 
     def tiles(self) -> Iterator[Tile]:
         """(row, col, B×tile×tile pixels padded past the edge or None when all nodata, tile×tile
@@ -366,6 +370,8 @@ class TilePipeline:
         for r in range(self.replay_from, len(plan.rows)):
             for c in range(len(plan.cols)):
                 img, valid = self.reader.read(plan.rows[r], plan.cols[c], plan.tile, plan.tile)
+                if self.reader.source.nonfinite_mask is not None and r >= self.start_row:
+                    self.nonfinite += self._owned(r, c, self.reader.source.nonfinite_mask)
                 if not valid.any():
                     yield r, c, None, None  # all nodata: skipped, never blended, emitted as nodata
                     continue
@@ -373,6 +379,13 @@ class TilePipeline:
                 # keeps only the in-image part)
                 valid = None if valid.all() else pad_to(valid, plan.tile, plan.tile, self.opts.pad)
                 yield r, c, pad_to(np.moveaxis(img, -1, 0), plan.tile, plan.tile, self.opts.pad), valid
+
+    def _owned(self, r: int, c: int, mask: np.ndarray) -> int:
+        """Pixels of `mask` (a window's) that no later tile reads: each counted once."""
+        plan = self.plan
+        h = (plan.rows[r + 1] if r + 1 < len(plan.rows) else self.reader.height) - plan.rows[r]
+        w = (plan.cols[c + 1] if c + 1 < len(plan.cols) else self.reader.width) - plan.cols[c]
+        return int(np.count_nonzero(mask[:h, :w]))
 
     def read_loop(self) -> None:
         try:

@@ -142,11 +142,6 @@ class SceneReader:
             src.close()
             raise DataError(f"{path} has pixel type {self.dtype}; supported: {', '.join(sorted(SUPPORTED_DTYPES))}")
 
-    @property
-    def nonfinite(self) -> int:
-        """NaN/±Inf pixels read so far that no nodata value declared (treated as nodata all the same)."""
-        return self.source.nonfinite
-
     def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(H×W×B pixels, H×W valid mask) for the in-image part of a window."""
         return self.source.read(y, x, h, w)

@@ -136,7 +136,9 @@ class ImageSource:
     """A decoded image, read by windows: ``read(y, x, h, w)`` gives (H×W×B pixels in the file's
     dtype, after band choice and colour-table expansion; H×W bool validity). `indexes` are the
     1-based bands of the decoded image fed to the model; `nonfinite` counts the NaN/±Inf pixels
-    read so far that nothing declared invalid."""
+    read so far that nothing declared invalid, and `nonfinite_mask` marks them in the last window
+    read (None when there were none), for a caller that counts each pixel once over overlapping
+    windows."""
 
     path: Path | str
     height: int
@@ -151,6 +153,7 @@ class ImageSource:
     def __init__(self) -> None:
         self.notes: list[str] = []
         self.nonfinite = 0
+        self.nonfinite_mask: np.ndarray | None = None
         self.georef = Georeference()
 
     @property
@@ -190,17 +193,21 @@ class ArraySource(ImageSource):
         self.height, self.width = array.shape[:2]
         self.stored_size = (self.height, self.width)
         self.dtype = str(array.dtype)
+        self.undeclared: np.ndarray | None = None
         if array.dtype.kind == "f":
             finite = np.isfinite(array).all(-1)
             if not finite.all():
+                # in a .npy, NaN marks invalid pixels (numpy has no nodata tag); pictures are never float
                 declared = np.isnan(array).any(-1) if Path(path).suffix.lower() in NUMPY_SUFFIXES else ~finite
-                self.nonfinite = int((~finite & ~declared).sum())
+                self.undeclared = ~finite & ~declared & (True if valid is None else valid)
+                self.nonfinite = int(self.undeclared.sum())
                 valid = finite if valid is None else valid & finite
         self.valid_mask = valid
 
     def read(self, y: int = 0, x: int = 0, h: int | None = None, w: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         h, w = self._clip(y, x, h, w)
         valid = (np.ones((h, w), bool) if self.valid_mask is None else self.valid_mask[y : y + h, x : x + w])
+        self.nonfinite_mask = None if self.undeclared is None else self.undeclared[y : y + h, x : x + w]
         return self.array[y : y + h, x : x + w], valid
 
 
@@ -327,10 +334,12 @@ class RasterSource(ImageSource):
             raise DataError(f"cannot read {self.path} at rows {y}..{y + h}: {str(exc)[:200]} "
                             "(truncated or corrupt file)") from None
         self._mask_nodata(raw, unique, valid)
+        self.nonfinite_mask = None
         if raw.dtype.kind == "f":
             finite = np.isfinite(raw).all(0)
             if not finite.all():
-                self.nonfinite += int(np.count_nonzero(valid & ~finite))
+                self.nonfinite_mask = valid & ~finite
+                self.nonfinite += int(np.count_nonzero(self.nonfinite_mask))
                 valid &= finite
         if self.lut is not None:
             rgba = self.lut[raw[0]]
