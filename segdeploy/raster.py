@@ -1,5 +1,5 @@
 """Raster I/O for predict: inputs (files, directories, globs, @manifests, remote rasters as GDAL
-/vsi… strings), the windowed scene reader (bands, GDAL's dataset mask), the class-raster writer
+/vsi… strings), the windowed scene reader (bands, validity per window), the class-raster writer
 (tiled GeoTIFF or COG, the input's georeference in every form, palette, nodata, failing writes as
 one line) and the picture outputs. Inputs are decoded by `segdeploy.data.decode`, the one decoder.
 numpy, rasterio and PIL only."""
