@@ -218,7 +218,7 @@ def test_the_gate_fails_a_candidate_with_nonfinite_logits_and_refuses_a_nonfinit
     ref = ParityReference(reference, rec, run.meta, 64)
     cand = ref.logits.clone()
     cand[3, :, 5, 7] = float("nan")
-    report = compare(ref.logits, cand, ref.y, run.meta, rec.parity, "onnxruntime", "fp16")
+    report = compare(ref.logits, cand, ref.y, run.meta, rec.parity.thresholds("fp16"), "onnxruntime", "fp16")
     assert not report.passed and f"1 of {len(cand)} tiles give non-finite logits (NaN/Inf)" in report.failures
 
     class Overflowing(TorchBackend):
