@@ -123,7 +123,7 @@ def gdal_cache_bytes() -> int:
 class SceneReader:
     """predict's view of one input, decoded by the one decoder (`segdeploy.data.decode`): rasters
     read by windows (pictures decoded whole, EXIF orientation applied), each window's validity
-    (dataset mask, alpha, nodata of any band fed to the model, NaN/±Inf), the georeference in
+    (dataset mask, alpha, nodata — any fed band of a float raster, every fed band of an integer one —, NaN/±Inf), the georeference in
     every form GDAL has, and what was decided about the bands (`notes`)."""
 
     def __init__(self, path: Path | str, bands: int, band_order: list[int] | None = None) -> None:

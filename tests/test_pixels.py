@@ -438,3 +438,32 @@ def test_the_training_hint_for_images_with_other_bands_works(tmp_path: Path) -> 
     assert fix, refused.value
     data = prepare_data(recipe.load(path, fix.group(1).split(), tmp_path), Console(quiet=True))
     assert data.train.sample(0).image.shape == (32, 32, 4) and len(data.mean) == 4
+
+
+def test_integer_nodata_follows_gdals_rule_and_float_nodata_masks_any_band(tmp_path: Path) -> None:
+    """8-bit RGB with nodata 0: a dark pixel with one channel at 0 is data (GDAL's dataset mask
+    marks only pixels where every band is nodata); float: -9999 in any one band is invalid."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from segdeploy.data.decode import open_image
+
+    rgb = np.full((3, 4, 4), 50, np.uint8)
+    rgb[0, 0, 0] = 0          # dark water: red at 0, green/blue not
+    rgb[:, 1, 1] = 0          # every band at nodata: a hole
+    flt = rgb.astype(np.float32)
+    flt[flt == 0] = -9999.0
+    for name, arr, nodata in (("u8.tif", rgb, 0), ("f32.tif", flt, -9999.0)):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", width=4, height=4, count=3, dtype=arr.dtype,
+                           nodata=nodata, crs="EPSG:32633", transform=from_origin(0, 4, 1, 1)) as dst:
+            dst.write(arr)
+    with rasterio.open(tmp_path / "u8.tif") as src:
+        gdal_valid = src.dataset_mask() > 0  # GDAL's own answer for the integer file
+    src = open_image(tmp_path / "u8.tif", 3)
+    _, valid = src.read()
+    src.close()
+    assert np.array_equal(valid, gdal_valid) and valid[0, 0] and not valid[1, 1]
+    src = open_image(tmp_path / "f32.tif", 3)
+    _, valid = src.read()
+    src.close()
+    assert not valid[0, 0] and not valid[1, 1] and valid.sum() == 14

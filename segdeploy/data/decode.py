@@ -12,9 +12,10 @@ The same rules for every format and every verb:
 - alpha is validity, never a model band: an alpha band or channel (RGBA, LA, PA, a tRNS colour,
   a colour-table alpha) of 0 marks the pixel invalid;
 - a pixel is invalid where GDAL's dataset mask says so (alpha band, ``.msk`` sidecar, internal
-  mask), where *any* band fed to the model holds that band's declared nodata value (GDAL's
-  per-band meaning of nodata: the value is no measurement, so it is never fed raw), and where
-  any band is NaN or ±Inf, with or without a nodata tag. In a ``.npy`` image NaN is how invalid
+  mask), where it holds the declared nodata value — in *any* fed band of a float raster (a float
+  sentinel is never a measurement, so it is never fed raw), in *every* fed band of an integer
+  raster (GDAL's dataset-mask rule: a dark 8-bit pixel with one channel at nodata 0 is data) —
+  and where any band is NaN or ±Inf, with or without a nodata tag. In a ``.npy`` image NaN is how invalid
   pixels are marked (numpy has no nodata tag); non-finite values nothing declares invalid are
   counted (`ImageSource.nonfinite`) so `data inspect` can name the file;
 - one gray band into a 3-band model is repeated as R, G, B (what Pillow's ``convert("RGB")``
@@ -269,7 +270,7 @@ def _open_numpy(path: Path, bands: int, requested: list[int] | None) -> ArraySou
 
 class RasterSource(ImageSource):
     """A GDAL raster read window by window: validity per window is GDAL's dataset mask (only where
-    the file has an alpha band or a mask) ∧ no band at its nodata value ∧ every band finite."""
+    the file has an alpha band or a mask) ∧ not at nodata (`_mask_nodata`) ∧ every band finite."""
 
     def __init__(self, path: Path | str, bands: int, requested: list[int] | None) -> None:
         super().__init__()
@@ -350,15 +351,30 @@ class RasterSource(ImageSource):
         return np.moveaxis(raw if pick == list(range(len(unique))) else raw[pick], 0, -1), valid
 
     def _mask_nodata(self, raw: np.ndarray, bands: list[int], valid: np.ndarray) -> None:
-        """valid &= no band at its declared nodata value (NaN nodata matches NaN), in place."""
+        """valid &= not at the declared nodata value, in place (NaN nodata matches NaN).
+
+        Float bands: a pixel is invalid where *any* fed band holds its nodata value — a float
+        sentinel (-9999, -3.4e38, NaN) is never a measurement, and fed raw it would change the
+        classes of its valid neighbours. Integer bands: invalid where *every* fed band holds it,
+        GDAL's own dataset-mask rule (RFC 15) — in an 8-bit RGB scene with nodata 0, a dark pixel
+        with one channel at 0 is a measurement, not a hole."""
+        hits = []
         for k, b in enumerate(bands):
             nodata = self.src.nodatavals[b - 1]
             if nodata is None:
-                continue
-            if raw.dtype.kind == "f":
-                valid &= ~np.isnan(raw[k]) if math.isnan(nodata) else raw[k] != nodata
+                hits.append(None)
+            elif raw.dtype.kind == "f":
+                hits.append(np.isnan(raw[k]) if math.isnan(nodata) else raw[k] == nodata)
             elif nodata == int(nodata) and np.iinfo(raw.dtype).min <= nodata <= np.iinfo(raw.dtype).max:
-                valid &= raw[k] != raw.dtype.type(nodata)  # a value the type cannot hold marks nothing
+                hits.append(raw[k] == raw.dtype.type(nodata))
+            else:
+                hits.append(None)  # a value the type cannot hold marks nothing
+        if raw.dtype.kind == "f":
+            for hit in hits:
+                if hit is not None:
+                    valid &= ~hit
+        elif hits and all(hit is not None for hit in hits):
+            valid &= ~np.logical_and.reduce(hits)
 
     def close(self) -> None:
         self.src.close()
