@@ -129,6 +129,8 @@ class ModelMeta:
     recipe_digest: str = ""
     # pixel type the model was trained on (None: recorded before segdeploy checked it)
     input_dtype: str | None = None
+    # the class pictures leave unpainted (recipe classes.background); None: by name, see viz.background_index
+    background: int | None = None
     # what a derived artifact was made from: {"path": relative to the artifact, "sha256": ...}
     source: dict[str, str] | None = None
     versions: dict[str, str] = field(default_factory=dict)
@@ -188,9 +190,9 @@ def run_state(path: Path) -> str:
 
 
 def continue_hint(run_dir: Path) -> str:
-    """The one command that gets an unfinished run to finished."""
+    """The one command that gets an unfinished run to finished (the README shows the same)."""
     if (run_dir / LAST_CKPT).is_file():
-        return f"continue it with `segdeploy train {run_dir / RECIPE_FILE} --out {run_dir} --resume`"
+        return f"continue it with `segdeploy train --resume --out {run_dir}`"
     return (f"it stopped before its first epoch ended; start it again with "
             f"`segdeploy train {run_dir / RECIPE_FILE} --out {run_dir}`")
 
@@ -406,6 +408,13 @@ class Run:
 
     def export_path(self, key: str) -> Path:
         return self.export_dir / EXPORT_FORMS[key].file
+
+    def split_keys(self) -> dict[str, list[str]]:
+        """The keys of every split the run was trained with ({} for a run without splits.json)."""
+        try:
+            return json.loads(self.splits_path.read_text())
+        except (OSError, ValueError):
+            return {}
 
     # -- writing (the one place a run directory is written)
     @classmethod

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import math
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from segdeploy.artifact import EXPORT_FORMS, PRECISIONS, Run, bench_form, form_o
 from segdeploy.errors import UserError
 from segdeploy.runtime import backend_class, backend_for, load_backend
 from segdeploy.runtime.base import Backend
+from segdeploy.utils import RssSampler
 
 # plain words in JSON/CSV; the table shows them as marks (cli/bench.py)
 OK, GATE_FAIL, UNAVAILABLE = "ok", "gate_failed", "unavailable"
@@ -175,39 +175,6 @@ def load(c: Candidate, threads: int) -> Backend:
 
 
 # ------------------------------------------------------------------------------------ measuring
-
-
-class RssSampler:
-    """Peak resident memory of this process while a block runs (sampled every 10 ms)."""
-
-    def __enter__(self) -> RssSampler:
-        self.peak = _rss_mb()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _rss_mb())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss_mb())
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    from segdeploy.utils import peak_rss_mb
-
-    return peak_rss_mb()
 
 
 def time_backend(backend: Backend, x: np.ndarray, opts: BenchOptions) -> dict:

@@ -55,3 +55,9 @@ class BackendUnavailable(UserError):
 class NonFiniteError(UserError):
     """A model produced NaN/Inf (logits at inference, the loss in training) where a number was due;
     the message names the tile, image or step, and what to do."""
+
+
+class Interrupted(UserError):
+    """The user stopped the work (Ctrl-C); the message says what was kept and the command that continues."""
+
+    exit_code = 130

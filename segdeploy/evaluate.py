@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from segdeploy.runtime import load_backend
 from segdeploy.runtime.base import Backend
 from segdeploy.runtime.finite import FiniteLogits
 from segdeploy.tiling import forward_padded
-from segdeploy.utils import atomic_path, writable_location, write_json
+from segdeploy.utils import atomic_path, check_replaceable, staged_dir, writable_location, write_json
 from segdeploy.viz import overlay_figure, save_figure
+
+METRICS_FILE = "metrics.json"  # what marks a directory as an evaluation's (replaceable with --overwrite)
 
 
 @dataclass
@@ -64,7 +67,13 @@ def evaluate(
     batch_size: int = 8,
     overlays: int | None = None,
     plots: bool = True,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
+    """Metrics of `model_path` over a split, written with the plots to `out_dir` (default: the run's
+    eval/SPLIT, or eval/NAME-SPLIT beside an exported file). An earlier evaluation there is replaced
+    only with `overwrite` (the new one is written beside it and swapped in when complete).
+    `progress(images done, images in all)` is called after each batch. Raises UserError subclasses."""
     model_path = Path(model_path)
     backend = backend or load_backend(model_path)
     rec = recipe_for(model_path, recipe_path, data_root)
@@ -78,6 +87,7 @@ def evaluate(
         out_dir = (Run(model_path).eval_dir(split) if model_path.is_dir()
                    else model_path.parent / EVAL_DIR / f"{model_path.name}-{split}")
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, overwrite, METRICS_FILE, "evaluation")  # before the work, not after it
     writable_location(out_dir)  # an unwritable output fails before the evaluation, not after
     samples = discover(rec.data, split)
     ds = SampleReader(samples, rec.data, rec.classes, meta.mean, meta.std)
@@ -108,22 +118,33 @@ def evaluate(
         for j in range(len(xs)):
             if len(keep) < n_overlays:
                 keep.append((_display_image(ds, i - len(xs) + j), y[j], pred[j]))
+        if progress is not None:
+            progress(i, len(ds))
     seconds = time.perf_counter() - t0
     mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
     if meta.hierarchy:
         mets.levels = level_mious(cm.matrix, rec.classes.names, meta.hierarchy, rec.eval.exclude_background)
     report = EvalReport(str(model_path), backend.describe(), split, len(ds), mets, seconds, Path(out_dir),
                         recomputed=finite.recomputed, notes=[finite.summary()] if finite.recomputed else [])
-    if plots:
-        report.files.append(plot_confusion(mets, out_dir / "confusion_matrix.png"))
+    with staged_dir(out_dir, overwrite, METRICS_FILE, "evaluation") as work:
+        names = _write_outputs(work, report, keep if plots else None, rec, meta)
+    report.files = [out_dir / name for name in names]
+    return report
+
+
+def _write_outputs(work: Path, report: EvalReport, keep: list | None, rec: Recipe, meta) -> list[str]:  # noqa: ANN001
+    """metrics.json, the confusion matrix and the overlays into `work`; their file names."""
+    names = [METRICS_FILE]
+    if keep is not None:
+        names.append(plot_confusion(report.metrics, work / "confusion_matrix.png").name)
         palette = [tuple(c) for c in meta.palette]
         for k, (img, truth, pred) in enumerate(keep):
-            fig = overlay_figure(img, truth, pred, rec.classes.names, palette, meta.max_pixel_value, meta.ignore_index)
-            report.files.append(save_figure(fig, out_dir / f"overlay_{k:02d}.png"))
-    metrics_path = out_dir / "metrics.json"
-    report.files.insert(0, metrics_path)
-    write_json(metrics_path, report.to_dict())
-    return report
+            fig = overlay_figure(img, truth, pred, rec.classes.names, palette, meta.max_pixel_value, meta.ignore_index,
+                                 background=rec.classes.background)
+            names.append(save_figure(fig, work / f"overlay_{k:02d}.png").name)
+    report.files = [report.out_dir / name for name in names]
+    write_json(work / METRICS_FILE, report.to_dict())
+    return names
 
 
 def _display_image(ds: SampleReader, i: int) -> np.ndarray:

@@ -39,10 +39,18 @@ class Outcome:
         return {"input": str(self.job.src), "output": str(self.job.out), "error": self.error}
 
 
-def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool) -> tuple[list[Job], list[Job]]:
-    """(to run, already finished). Without --resume every raster runs (an unfinished one is refused
-    by `predict_file`, never silently restarted). With --resume a finished output is skipped, an
-    unfinished one continues, and one never started starts."""
+def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool,
+              overwrite: bool = False) -> tuple[list[Job], list[Job]]:
+    """(to run, already finished), by the rule every verb keeps: a finished output is replaced only
+    with `overwrite`, an unfinished one continues only with `resume` (without it `predict_file`
+    refuses to start it over, unless `overwrite`). With `resume` a finished output is skipped.
+
+    Raises UserError, before any work, for an output name that cannot hold the result (a picture's
+    prediction is a PNG, a raster's a GeoTIFF; several inputs need a directory), two inputs that
+    would write one output, and finished outputs without --overwrite or --resume."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one of them")
+    check_output_name(files, out, many)
     todo: list[Job] = []
     finished: list[Job] = []
     seen: dict[Path, str] = {}
@@ -54,8 +62,36 @@ def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool) -> t
         seen[target] = str(src)
         state, _ = partial_paths(target)
         job = Job(i, src, target, resume=resume and state.is_file())
-        (finished if resume and target.is_file() and not state.is_file() else todo).append(job)
+        done = target.is_file() and not state.is_file()
+        (finished if done and not overwrite else todo).append(job)
+    if finished and not resume:
+        first = finished[0].out
+        what = f"{first} already exists" if len(finished) == 1 else \
+            f"{len(finished)} of the {len(files)} outputs already exist (first: {first})"
+        raise UserError(f"{what}: a finished prediction is replaced only with --overwrite; pass --overwrite to "
+                        "replace it, --resume to skip finished outputs, or another --out")
     return todo, finished
+
+
+def check_output_name(files: list[Path | str], out: Path, many: bool) -> None:
+    """Refuse an --out that cannot hold what predict writes, instead of writing another name."""
+    from segdeploy.raster import PICTURE, RASTER, is_picture
+
+    if many:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{len(files)} inputs give one output each, so --out must be a directory, and {out} is "
+                            f"a file; pass a directory (e.g. --out {out.with_suffix('')}/)")
+        if not out.exists() and out.suffix.lower() in RASTER | PICTURE:
+            raise UserError(f"{len(files)} inputs give one output each, so --out must be a directory, not a "
+                            f"{out.suffix} file name; pass e.g. --out {out.with_suffix('')}/")
+        return
+    src, suffix = files[0], out.suffix.lower()
+    if is_picture(src) and suffix != ".png":
+        raise UserError(f"{src} is a picture, and its prediction is a class PNG (plus an overlay PNG), which "
+                        f"{out.name} cannot hold; pass --out {out.with_suffix('.png')}")
+    if not is_picture(src) and suffix not in (".tif", ".tiff"):
+        raise UserError(f"{src} is a raster, and its prediction is a GeoTIFF, which {out.name} cannot hold; "
+                        f"pass --out {out.with_suffix('.tif')} (or a directory)")
 
 
 def run_one(backend, job: Job, opts: PredictOptions,  # noqa: ANN001 - a runtime Backend
@@ -111,7 +147,7 @@ class Tally:
         if outcome.error:
             self.failed += 1
         else:
-            self.pixels_done += outcome.result.width * outcome.result.height  # type: ignore[union-attr]
+            self.pixels_done += outcome.result.pixels  # type: ignore[union-attr] - written now, not resumed
 
     @property
     def completed(self) -> float:

@@ -129,7 +129,8 @@ def fail_fast_when_offline(weights: str | None) -> Iterator[None]:
 def _offline_error(encoder: str, exc: BaseException) -> ModelError:
     return ModelError(
         f"could not download imagenet weights for encoder {encoder!r} ({type(exc).__name__}); "
-        "offline? download them once elsewhere and set model.weights: /path/to/encoder.safetensors (or .pth)"
+        "offline? set model.weights: null to train from scratch (--set model.weights=null), or download them "
+        "once elsewhere and set model.weights: /path/to/encoder.safetensors (or .pth)"
     )
 
 

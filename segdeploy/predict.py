@@ -37,9 +37,9 @@ from segdeploy.raster import (
 from segdeploy.runtime.base import Backend
 from segdeploy.runtime.finite import FiniteLogits
 from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, normalize, pad_to, window_starts
-from segdeploy.utils import peak_rss_mb, writable_location, write_json
+from segdeploy.utils import RssSampler, writable_location, write_json
 
-Progress = Callable[[int, int, int], None]  # (tiles done, tiles in all, pixels in the scene)
+Progress = Callable[[int, int, int], None]  # (tiles done, tiles this run computes, pixels it writes)
 # (row, col, pixels or logits or None for a skipped all-nodata tile, validity or None when all valid)
 Tile = tuple[int, int, "np.ndarray | None", "np.ndarray | None"]
 
@@ -52,6 +52,7 @@ class PredictOptions:
     blend: str = "gaussian"
     probs: bool = False
     resume: bool = False
+    overwrite: bool = False  # start an unfinished output over instead of refusing to (a finished one: jobs.plan_jobs)
     pad: str = "reflect"
     # 1-based input bands to feed the model, in order (None: all, or chosen by colour interpretation)
     bands: list[int] | None = None
@@ -63,17 +64,24 @@ class PredictOptions:
 
 @dataclass
 class PredictResult:
+    """One raster's prediction. The counts and speeds are this invocation's work: a resumed run
+    counts the tiles it ran (the row above the resume point is recomputed to rebuild the blend)
+    and the pixels it wrote, not those already on disk (`resumed_from_row`, `tiles_total`).
+    `peak_rss_mb` is the process's resident memory sampled every 10 ms during this call."""
+
     input: str
     output: str
     width: int
     height: int
-    tiles: int
+    tiles: int  # run in this invocation, all-nodata ones included
     skipped_tiles: int
     seconds: float
-    megapixels_per_s: float
+    megapixels_per_s: float  # pixels written in this invocation / seconds
     peak_rss_mb: float
     files: list[str] = field(default_factory=list)
-    resumed_from_row: int = 0
+    resumed_from_row: int = 0  # image rows already on disk when this invocation started
+    tiles_total: int = 0  # tiles of the whole scene
+    pixels: int = 0  # pixels written in this invocation
     accumulator_mb: float = 0.0
     bands: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -119,7 +127,7 @@ def _refuse_unfinished(out: Path, state_path: Path, tmp: Path) -> None:
     except (json.JSONDecodeError, AttributeError):
         done = "?"
     raise UserError(f"an unfinished prediction of {out} exists ({done} rows on disk); pass --resume to continue it, "
-                    f"or delete {tmp} and {state_path} to start over")
+                    "or --overwrite to start it over")
 
 
 def default_overlap(tile: int) -> int:
@@ -154,8 +162,11 @@ class TilePlan:
 
 def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> TilePlan:
     meta = backend.meta
+    for flag, value in (("--tile", opts.tile), ("--batch", opts.batch)):
+        if value is not None and value < 1:  # never a silent default for a number the user gave
+            raise UserError(f"{flag} must be at least 1 (got {value})")
     scale = input_scale(reader, meta, opts)
-    tile = opts.tile or meta.tile_size
+    tile = meta.tile_size if opts.tile is None else opts.tile
     if backend.static_shape and (tile, tile) != backend.static_shape:
         tile = backend.static_shape[0]
     if tile % meta.input_divisor:
@@ -165,7 +176,7 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> T
         raise UserError(f"--overlap {overlap} must be between 0 and half the tile ({tile // 2})")
     if opts.blend not in BLENDS:
         raise UserError(f"--blend {opts.blend!r} is unknown; choose one of {', '.join(BLENDS)}")
-    batch = opts.batch or (8 if backend.device.startswith("cuda") else 2)
+    batch = opts.batch if opts.batch is not None else (8 if backend.device.startswith("cuda") else 2)
     batch = min(batch, backend.max_batch or batch)
     return TilePlan(tile, overlap, batch, scale, window_starts(reader.height, tile, overlap),
                     window_starts(reader.width, tile, overlap))
@@ -185,7 +196,8 @@ def resume_point(out: Path, opts: PredictOptions, settings: dict, stride: int) -
         return rows_on_disk // stride, rows_on_disk  # tile rows whose output is not fully on disk yet
     if opts.resume:
         raise UserError(f"nothing to resume for {out} (no {state_path.name}); drop --resume")
-    _refuse_unfinished(out, state_path, tmp)
+    if not opts.overwrite:
+        _refuse_unfinished(out, state_path, tmp)
     return 0, 0
 
 
@@ -198,8 +210,10 @@ def predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpti
     a GDAL virtual path of a remote raster (`/vsicurl/https://…`, `/vsis3/…`, `/vsigs/…`)."""
     import rasterio
 
-    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(), **remote_settings()):
-        return _predict_file(backend, src, Path(out), opts, progress)
+    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(), **remote_settings()), RssSampler() as rss:
+        result = _predict_file(backend, src, Path(out), opts, progress)
+    result.peak_rss_mb = round(rss.peak, 1)
+    return result
 
 
 def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOptions,
@@ -222,16 +236,16 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     start_row, rows_on_disk = (0, 0) if is_picture else resume_point(out, opts, settings, plan.stride)
     writable_location(out)
     sink = RowSink(out, reader, backend.meta, opts, settings, start_row, plan)
-    pipeline = TilePipeline(backend, reader, plan, opts, sink, start_row, progress)
+    pixels = (reader.height - rows_on_disk) * reader.width  # what this invocation writes
+    pipeline = TilePipeline(backend, reader, plan, opts, sink, start_row, progress, pixels)
     pipeline.run()
     backend.trim()  # the outputs and the preview are made after inference: not on top of its peak
     files = sink.finish()
     seconds = time.perf_counter() - t0
-    mp = reader.width * reader.height / 1e6
     notes = list(reader.notes) + [n for n in (pipeline.finite.summary(), _nonfinite_note(pipeline.nonfinite)) if n]
-    return PredictResult(str(src), str(out), reader.width, reader.height, plan.total, pipeline.skipped,
-                         round(seconds, 3), round(mp / seconds, 3), round(peak_rss_mb(), 1), files, rows_on_disk,
-                         round(pipeline.acc.nbytes() / 2**20, 2), list(reader.indexes), notes,
+    return PredictResult(str(src), str(out), reader.width, reader.height, pipeline.done, pipeline.skipped,
+                         round(seconds, 3), round(pixels / 1e6 / seconds, 3), 0.0, files, rows_on_disk, plan.total,
+                         pixels, round(pipeline.acc.nbytes() / 2**20, 2), list(reader.indexes), notes,
                          list(pipeline.finite.recomputed), pipeline.nonfinite)
 
 
@@ -343,9 +357,10 @@ class TilePipeline:
     the rows on disk and the resume state for --resume."""
 
     def __init__(self, backend: Backend, reader: SceneReader, plan: TilePlan, opts: PredictOptions, sink: RowSink,
-                 start_row: int, progress: Progress | None) -> None:
+                 start_row: int, progress: Progress | None, pixels: int | None = None) -> None:
         self.backend, self.reader, self.plan, self.opts, self.sink = backend, reader, plan, opts, sink
         self.start_row, self.progress = start_row, progress
+        self.pixels = reader.width * reader.height if pixels is None else pixels  # written by this run
         meta = backend.meta
         self.acc = StripAccumulator(reader.height, reader.width, meta.num_classes, plan.tile, plan.overlap,
                                     blend_weights(plan.tile, opts.blend, plan.overlap),
@@ -354,6 +369,7 @@ class TilePipeline:
         self.replay_from = max(start_row - 1, 0)
         if self.replay_from:
             self.acc.start_at(self.replay_from)
+        self.total = (len(plan.rows) - self.replay_from) * len(plan.cols)  # tiles this run computes
         self.work: queue.Queue = queue.Queue(maxsize=2)
         self.results: queue.Queue = queue.Queue(maxsize=2)
         self.errors: list[BaseException] = []
@@ -405,14 +421,13 @@ class TilePipeline:
             _put(self.work, None, self.stop, force=True)
 
     def write_loop(self) -> None:
-        pixels = self.reader.width * self.reader.height
         try:
             while (got := self.results.get()) is not None:
                 for r, c, logits, valid in got:
                     emitted = self.acc.add_logits(r, c, logits, valid)
                     self.done += 1
                     if self.progress:
-                        self.progress(self.done, self.plan.total, pixels)
+                        self.progress(self.done, self.total, self.pixels)
                     if emitted is not None and r >= self.start_row:
                         self.sink.add(self.plan.rows[r], *emitted)
         except BaseException as exc:  # noqa: BLE001

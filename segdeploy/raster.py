@@ -95,11 +95,15 @@ def read_manifest(path: Path) -> list[str]:
             for i in items]
 
 
+def is_picture(src: Path | str) -> bool:
+    """A PNG/JPEG/BMP photo (read whole with PIL; predicted into a class PNG and an overlay), not a raster."""
+    return not is_remote(src) and Path(src).suffix.lower() in PICTURE
+
+
 def output_for(src: Path | str, out: Path, many: bool) -> Path:
     if not many:
         return out
-    suffix = ".png" if not is_remote(src) and Path(src).suffix.lower() in PICTURE else ".tif"
-    return out / f"{input_stem(src)}_pred{suffix}"
+    return out / f"{input_stem(src)}_pred{'.png' if is_picture(src) else '.tif'}"
 
 
 def partial_paths(out: Path) -> tuple[Path, Path]:
@@ -272,25 +276,26 @@ def _to_cog(path: Path, resampling: str) -> None:
 
 
 def write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.ndarray | None]], meta, out: Path) -> list[str]:  # noqa: ANN001
-    """Class PNG (palette mode) and a colourised overlay beside it."""
+    """The class PNG (palette mode: the labels themselves) and, beside it, NAME_overlay.png for
+    people: the classes over the photo, the background class not painted, with a legend."""
     from PIL import Image
 
-    from segdeploy.viz import colorize_classes, display_rgb
+    from segdeploy.viz import background_index, display_rgb, save_overlay_picture
 
     labels = np.concatenate([r[0] for r in rows]).astype(np.uint8)
-    png = out if out.suffix.lower() == ".png" else out.with_suffix(".png")
+    if out.suffix.lower() != ".png":  # jobs.check_output_name refuses such a name before the work
+        raise DataError(f"the prediction of a picture is a PNG; {out} is not a .png name")
     im = Image.fromarray(labels, mode="P")
     flat = [v for c in meta.palette for v in c][: 256 * 3]
     im.putpalette(flat + [0] * (768 - len(flat)))
-    with atomic_path(png) as tmp:
+    with atomic_path(out) as tmp:
         im.save(tmp, format="PNG")
-    rgb = display_rgb(reader.array, meta.max_pixel_value).astype(np.float32)
-    colour = colorize_classes(labels, [tuple(c) for c in meta.palette], 255).astype(np.float32)
-    overlay = (0.55 * rgb + 0.45 * colour).astype(np.uint8)
-    ov_path = png.with_name(f"{png.stem}_overlay.png")
-    with atomic_path(ov_path) as tmp:
-        Image.fromarray(overlay).save(tmp, format="PNG")
-    return [str(png), str(ov_path)]
+    rgb = display_rgb(reader.array, meta.max_pixel_value)
+    ov_path = out.with_name(f"{out.stem}_overlay.png")
+    save_overlay_picture(rgb, labels, meta.classes, [tuple(c) for c in meta.palette], ov_path,
+                         background_index(meta.classes, meta.background),
+                         title=f"{Path(str(reader.path)).name} · {reader.width} x {reader.height} px")
+    return [str(out), str(ov_path)]
 
 
 def pixel_agreement(pred: Path, labels: Path) -> float:

@@ -37,11 +37,18 @@ class ClassesConfig(Strict):
     # parent -> children; leaves are entries of `names`. Metrics are reported per depth.
     hierarchy: dict[str, list[str]] | None = None
     ignore_index: int = 255
+    # the class pictures leave unpainted (overlays show the photo there): a name or an index;
+    # None: a class named "background" (any case) if there is one, else every class is painted
+    background: str | int | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ClassesConfig:
         if len(set(self.names)) != len(self.names):
             raise ValueError("classes.names has duplicates")
+        if isinstance(self.background, int) and not 0 <= self.background < len(self.names):
+            raise ValueError(f"classes.background {self.background} is not a class index (0..{len(self.names) - 1})")
+        if isinstance(self.background, str) and self.background not in self.names:
+            raise ValueError(f"classes.background {self.background!r} is not one of classes.names {self.names}")
         if self.palette is not None:
             if len(self.palette) != len(self.names):
                 raise ValueError(
@@ -65,6 +72,12 @@ class ClassesConfig(Strict):
     @property
     def num_classes(self) -> int:
         return len(self.names)
+
+    def background_index(self) -> int | None:
+        """The index pictures leave unpainted (see `background`), or None."""
+        from segdeploy.viz import background_index
+
+        return background_index(self.names, self.background)
 
     def display_palette(self) -> list[RGB]:
         if self.palette is not None:
@@ -176,7 +189,9 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(None, gt=0)
     early_stopping: int | None = Field(None, ge=1, description="patience in epochs")
     max_minutes: float | None = Field(None, gt=0, description="stop after this wall time")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the initial weights, the data order and the augmentation")
+    deterministic: bool = Field(False, description="PyTorch's deterministic algorithms on CUDA (slower); CPU runs "
+                                "repeat bit for bit without it")
 
 
 class EvalConfig(Strict):
@@ -278,6 +293,7 @@ class Recipe(Strict):
         """Stable hash of what determines the model's behaviour (not paths or epochs)."""
         d = self.model_dump(mode="json", include={"data", "classes", "model"})
         d["data"].pop("root", None)
+        d["classes"].pop("background", None)  # display only: pictures, not the model
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,6 +124,39 @@ def peak_rss_mb() -> float:
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
+class RssSampler:
+    """Peak resident memory of this process while a block runs, in MiB (VmRSS sampled every 10 ms by a
+    thread, and at entry and exit); `.peak` after the block. Unlike `peak_rss_mb`, which is the
+    process's lifetime peak, this measures one piece of work."""
+
+    def __enter__(self) -> RssSampler:
+        self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def versions() -> dict[str, str]:
     """Versions of what made or runs a model, from the installed distributions' metadata (no
     package is imported for this: the core install has no torch)."""
@@ -141,6 +175,44 @@ def versions() -> dict[str, str]:
                 break
             except PackageNotFoundError:
                 continue
+    return out
+
+
+def environment() -> dict[str, str]:
+    """What `segdeploy --version` shows: each runtime's version and the devices it sees, one line
+    each. A runtime that is not installed is said so (with the extra that brings it) and is not
+    imported; one that is installed is imported to ask for its devices."""
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.util import find_spec
+    import platform
+
+    out = {"python": f"{platform.python_version()} ({platform.machine()}, {cpu_count()} CPU cores usable)"}
+    if find_spec("torch") is None:
+        out["torch"] = "not installed (pip install 'segdeploy[train]' for train/export)"
+    else:
+        import torch
+
+        gpus = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+        cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build"
+        out["torch"] = f"{torch.__version__}{cuda}; devices: {', '.join(['cpu', *gpus])}"
+    if find_spec("onnxruntime") is None:
+        out["onnxruntime"] = "not installed (pip install segdeploy)"
+    else:
+        import onnxruntime
+
+        out["onnxruntime"] = f"{onnxruntime.__version__}; providers: {', '.join(onnxruntime.get_available_providers())}"
+    trt = None
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu11"):
+        try:
+            trt = version(dist)
+            break
+        except PackageNotFoundError:
+            continue
+    out["tensorrt"] = trt or "not installed (pip install 'segdeploy[trt]'; needs an NVIDIA GPU)"
+    if find_spec("rasterio") is not None:
+        import rasterio
+
+        out["rasterio"] = f"{rasterio.__version__}, GDAL {rasterio.__gdal_version__}"
     return out
 
 
@@ -170,6 +242,68 @@ def writable_location(path: Path) -> Path:
     except OSError as exc:
         raise_write_error(path, exc)
     return probe_dir
+
+
+def check_replaceable(out: Path, overwrite: bool, marker: str, what: str) -> bool:
+    """The one rule for an output directory, in every verb: a new or empty one is written; one that
+    holds an earlier result (it has `marker`) is replaced only with `overwrite`; one that holds
+    anything else is never touched (segdeploy deletes only what it wrote). Returns whether `out`
+    will be replaced; raises OutputError naming the flag that fits."""
+    from segdeploy.errors import OutputError
+
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise OutputError(f"{out} is a file, not a directory; choose another output directory")
+    if not any(out.iterdir()):
+        return False
+    if not (out / marker).is_file():
+        raise OutputError(f"{out} is not empty and does not hold an earlier {what} (no {marker}); choose a new or "
+                          "empty directory (segdeploy never deletes files it did not write)")
+    if not overwrite:
+        article = "an" if what[:1] in "aeiou" else "a"
+        raise OutputError(f"{out} already holds {article} {what}; pass --overwrite to replace it (the old one is kept "
+                          "until the new one is complete), or choose another directory")
+    return True
+
+
+@contextmanager
+def staged_dir(out: Path, overwrite: bool, marker: str, what: str) -> Iterator[Path]:
+    """Write a directory output into a hidden sibling and put it in place only when the block
+    succeeds, replacing an earlier one (by `check_replaceable`'s rule): an interrupted or failed
+    run leaves the old output as it was and no half-made one. Yields the directory to write into."""
+    import shutil
+
+    check_replaceable(out, overwrite, marker, what)
+    writable_location(out.parent if out.parent.exists() else out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.new-*"):  # left by a killed earlier run
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    try:
+        yield work
+        swap_in(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Put the finished directory `new` where `out` is (or was); the old one goes only after that
+    succeeded, and comes back if it did not."""
+    import shutil
+
+    os.chmod(new, 0o777 & ~current_umask())  # mkdtemp made it 0700
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def file_sha256(path: Path | str) -> str:

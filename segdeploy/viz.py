@@ -15,6 +15,38 @@ from segdeploy.utils import atomic_path
 
 NODATA_RGB = (40, 40, 40)  # dark grey: clearly "no data", unlike any palette's black
 PREVIEW_MAX = 1024
+BACKGROUND_NAMES = ("background", "_background_", "bg")
+# colours an error panel may use for "wrong", most visible first; the first far from every class is taken
+ERROR_CANDIDATES = ((230, 30, 30), (255, 0, 255), (0, 255, 255), (255, 255, 255), (255, 140, 0), (0, 0, 0),
+                    (128, 0, 255), (0, 255, 0))
+
+
+def background_index(names: list[str], explicit: str | int | None = None) -> int | None:
+    """The class pictures leave unpainted: `explicit` (a name or index: recipe classes.background),
+    else a class named "background" (or "bg", "_background_"; any case), else None (all painted)."""
+    if isinstance(explicit, int):
+        return explicit
+    if isinstance(explicit, str):
+        return names.index(explicit)
+    for i, name in enumerate(names):
+        if name.lower() in BACKGROUND_NAMES:
+            return i
+    return None
+
+
+def error_colour(palette: list[tuple[int, int, int]], avoid: tuple[tuple[int, int, int], ...] = (NODATA_RGB,)) -> tuple:
+    """The colour for "wrong" pixels: the first of ERROR_CANDIDATES at least 100 (Euclidean RGB
+    distance) from every class colour and from `avoid`, else the candidate farthest from them all,
+    so an error can never be read as a class."""
+    taken = np.asarray([*palette, *avoid], dtype=np.float64).reshape(-1, 3)
+
+    def gap(c: tuple) -> float:
+        return float(np.sqrt(((taken - np.asarray(c, dtype=np.float64)) ** 2).sum(1)).min())
+
+    for c in ERROR_CANDIDATES:
+        if gap(c) >= 100:
+            return c
+    return max(ERROR_CANDIDATES, key=gap)
 
 
 def display_rgb(image: np.ndarray, max_value: float) -> np.ndarray:
@@ -37,6 +69,32 @@ def colorize_classes(mask: np.ndarray, palette: list[tuple[int, int, int]], igno
     return out
 
 
+def paint_classes(rgb: np.ndarray, labels: np.ndarray, palette: list[tuple[int, int, int]], background: int | None,
+                  ignore_index: int | None = None, alpha: float = 1.0) -> np.ndarray:
+    """Class colours over an H×W×3 uint8 picture: each pixel of a class gets its colour (blended
+    with the picture by `alpha`); the background class and `ignore_index` keep the picture."""
+    colour = colorize_classes(labels, palette, -1 if ignore_index is None else ignore_index).astype(np.float32)
+    out = rgb.astype(np.float32) * (1 - alpha) + colour * alpha
+    keep = np.zeros(labels.shape, dtype=bool)
+    if background is not None:
+        keep |= labels == background
+    if ignore_index is not None:
+        keep |= labels == ignore_index
+    out[keep] = rgb[keep]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def save_overlay_picture(rgb: np.ndarray, labels: np.ndarray, names: list[str], palette: list[tuple[int, int, int]],
+                         path: Path, background: int | None, title: str = "") -> Path:
+    """A photo's prediction for people: class colours at 45% over the photo (the background class
+    not painted), a title, and a legend of the classes. Pillow only (predict imports no matplotlib)."""
+    painted = paint_classes(rgb, labels, palette, background, alpha=0.45)
+    entries = [(n, tuple(c)) for i, (n, c) in enumerate(zip(names, palette, strict=False)) if i != background]
+    if background is not None:
+        entries.append((f"{names[background]} (not painted)", None))
+    return _save_with_legend(painted, entries, path, title or path.name)
+
+
 def _pyplot():  # noqa: ANN202
     import matplotlib
 
@@ -56,24 +114,33 @@ def _legend(fig, names: list[str], palette: list[tuple[int, int, int]], extra: d
 
 
 def overlay_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names: list[str],
-                   palette: list[tuple[int, int, int]], max_value: float, ignore_index: int):  # noqa: ANN201
-    """image | ground truth | prediction | errors, titled, with a legend of the classes."""
+                   palette: list[tuple[int, int, int]], max_value: float, ignore_index: int,
+                   background: str | int | None = None):  # noqa: ANN201
+    """image | ground truth | prediction | errors, titled, with a legend of the classes. The
+    background class (`background_index`) is left as the image in the class panels; "wrong" has a
+    colour no class has (`error_colour`)."""
     plt = _pyplot()
     rgb = display_rgb(image, max_value)
     valid = truth != ignore_index
     wrong = valid & (pred != truth)
+    wrong_rgb = error_colour(palette)
     errors = (rgb.astype(np.float32) * 0.35).astype(np.uint8)
-    errors[wrong] = (230, 30, 30)
+    errors[wrong] = wrong_rgb
     errors[~valid] = NODATA_RGB
-    panels = [("image", rgb), ("ground truth", colorize_classes(truth, palette, ignore_index, NODATA_RGB)),
-              ("prediction", colorize_classes(pred, palette, ignore_index, NODATA_RGB)),
+    bg = background_index(names, background)
+    panels = [("image", rgb), ("ground truth", paint_classes(rgb, truth, palette, bg, ignore_index)),
+              ("prediction", paint_classes(rgb, pred, palette, bg, ignore_index)),
               (f"errors ({wrong.sum() / max(valid.sum(), 1):.1%} of pixels)", errors)]
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.9), dpi=100)
     for ax, (title, panel) in zip(axes, panels, strict=True):
         ax.imshow(panel, interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.axis("off")
-    _legend(fig, names, palette, {"wrong": (230, 30, 30), "ignored": NODATA_RGB})
+    shown = [(n, c) for i, (n, c) in enumerate(zip(names, palette, strict=False)) if i != bg]
+    extra = {"wrong": wrong_rgb, "ignored": NODATA_RGB}
+    if bg is not None:
+        extra = {f"{names[bg]} (not painted)": (255, 255, 255), **extra}
+    _legend(fig, [n for n, _ in shown], [c for _, c in shown], extra)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
 
@@ -103,28 +170,37 @@ def save_class_preview(raster: Path, path: Path, names: list[str], palette: list
     """A quick look at a class raster: the palette's colours under a title, a legend of the
     classes below, and nodata in dark grey. Drawn with Pillow, not matplotlib: predict makes one
     per raster, and importing matplotlib alone took longer than drawing it (0.7 s measured)."""
-    from PIL import Image, ImageDraw
-
     labels, nodata = read_preview(raster)
     nodata_value = -1 if nodata is None else int(nodata)
     rgb = colorize_classes(labels, palette, nodata_value, NODATA_RGB)
-    entries = list(zip(names, palette, strict=False))
+    entries: list[tuple[str, tuple | None]] = [(n, tuple(c)) for n, c in zip(names, palette, strict=False)]
     if nodata is not None:
         entries.append(("no data", NODATA_RGB))
+    return _save_with_legend(rgb, entries, path, title or raster.name)
+
+
+def _save_with_legend(rgb: np.ndarray, entries: list[tuple[str, tuple | None]], path: Path, title: str) -> Path:
+    """An H×W×3 picture under a title with a legend below (a None colour: a white swatch crossed
+    out, "not painted"), written as PNG atomically."""
+    from PIL import Image, ImageDraw
+
     font = _font(14)
-    h, w = labels.shape
+    h, w = rgb.shape[:2]
     width = max(w, 480)
     pad, line = 8, 22
     legend = _legend_rows(entries, font, width - 2 * pad)
     canvas = Image.new("RGB", (width, line + h + pad + line * len(legend) + pad), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 4), title or raster.name, fill="black", font=font)
+    draw.text((pad, 4), title, fill="black", font=font)
     canvas.paste(Image.fromarray(rgb), ((width - w) // 2, line))
     y = line + h + pad
     for row in legend:
         x = pad
         for name, colour, step in row:
-            draw.rectangle((x, y + 3, x + 14, y + 17), fill=tuple(int(v) for v in colour), outline="black")
+            box = (x, y + 3, x + 14, y + 17)
+            draw.rectangle(box, fill="white" if colour is None else tuple(int(v) for v in colour), outline="black")
+            if colour is None:
+                draw.line(box, fill="black")
             draw.text((x + _SWATCH, y + 2), name, fill="black", font=font)
             x += step
         y += line

@@ -91,7 +91,7 @@ def test_data_inspect_json_and_chart(synth_dir: Path, tmp_path: Path) -> None:
 
 
 def test_eval_json_has_per_class_and_confusion(tiny_run: Path, tmp_path: Path) -> None:
-    result = run("eval", tiny_run, "--split", "test", "--json", tmp_path / "e.json")
+    result = run("eval", tiny_run, "--split", "test", "--json", tmp_path / "e.json", "--overwrite")
     assert result.exit_code == 0, result.output
     rep = json.loads((tmp_path / "e.json").read_text())
     assert rep["split"] == "test" and rep["images"] == 8
@@ -145,7 +145,7 @@ def test_eval_several_runs_prints_a_comparison_table(tiny_run: Path, tmp_path: P
 
     other = tmp_path / "other"
     shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("eval", "export"))
-    result = runner.invoke(app, ["eval", str(tiny_run), str(other), "--json", str(tmp_path / "c.json")],
+    result = runner.invoke(app, ["eval", str(tiny_run), str(other), "--json", str(tmp_path / "c.json"), "--overwrite"],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "model comparison" in result.output

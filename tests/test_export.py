@@ -88,9 +88,9 @@ def test_onnx_backend_runs_dynamic_shapes_and_eval_matches_the_run(exported: Pat
     backend = load_backend(exported / "export/model.onnx")
     for shape in ((1, 3, 64, 64), (3, 3, 96, 160)):
         assert backend(np.random.default_rng(0).standard_normal(shape, dtype=np.float32)).shape == (shape[0], 5, *shape[2:])
-    ref = evaluate(exported, "test", plots=False).metrics
+    ref = evaluate(exported, "test", plots=False, overwrite=True).metrics
     for name in ("model.onnx", "model.fp16.onnx"):
-        got = evaluate(exported / "export" / name, "test", plots=False).metrics
+        got = evaluate(exported / "export" / name, "test", plots=False, overwrite=True).metrics
         assert got.miou == pytest.approx(ref.miou, abs=2e-3)
         np.testing.assert_allclose(got.iou, ref.iou, atol=5e-3)
 

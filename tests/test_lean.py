@@ -63,7 +63,7 @@ def test_eval_and_bench_on_onnx_run_without_torch(tiny_onnx: Path, tiny_run: Pat
     assert proc.returncode == 0 and loaded == [], proc.stderr
     from segdeploy.evaluate import evaluate
 
-    reference = evaluate(tiny_run, "test", plots=False).metrics  # PyTorch on the same weights
+    reference = evaluate(tiny_run, "test", plots=False, out_dir=tmp_path / "ref").metrics  # PyTorch on the same weights
     assert json.loads((tmp_path / "eval.json").read_text())["miou"] == __import__("pytest").approx(reference.miou,
                                                                                                   abs=2e-3)
     lone = tmp_path / "deployed" / "model.onnx"  # an ONNX file shipped without its run

@@ -142,7 +142,9 @@ def test_the_plan_skips_finished_outputs_continues_unfinished_ones_and_starts_th
     todo, finished = plan_jobs(files, out, many=True, resume=True)
     assert [j.src.stem for j in finished] == ["done"]
     assert [(j.src.stem, j.resume) for j in todo] == [("half", True), ("new", False)]
-    todo, finished = plan_jobs(files, out, many=True, resume=False)  # without --resume nothing is skipped
+    with pytest.raises(UserError, match=r"done_pred.tif already exists: .* only with --overwrite"):
+        plan_jobs(files, out, many=True, resume=False)  # a finished output is never replaced silently
+    todo, finished = plan_jobs(files, out, many=True, resume=False, overwrite=True)  # --overwrite: all start over
     assert finished == [] and [j.resume for j in todo] == [False] * 3
     with pytest.raises(UserError, match="would both be written to"):
         plan_jobs([tmp_path / "a/x.tif", tmp_path / "b/x.tif"], out, many=True, resume=False)

@@ -71,7 +71,7 @@ def test_bad_data_fails_before_anything_is_written(synth_dir: Path, tmp_path: Pa
 
 
 def test_eval_matches_training_validation_and_writes_plots(tiny_run: Path) -> None:
-    report = evaluate(tiny_run, "val")
+    report = evaluate(tiny_run, "val", overwrite=True)  # the session run may have been evaluated before
     meta = json.loads((tiny_run / "meta.json").read_text())
     assert report.images == 8
     assert report.metrics.miou == pytest.approx(meta["best_val_miou"], abs=1e-6)

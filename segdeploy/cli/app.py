@@ -13,8 +13,13 @@ import typer
 import typer.core
 from rich.console import Console
 
+try:  # Typer >= 0.28 carries its own copy of click and raises that copy's exceptions
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - Typer on the installed click
+    from click import exceptions as click_exceptions
+
 from segdeploy import __version__
-from segdeploy.errors import UserError
+from segdeploy.errors import Interrupted, UserError
 
 GLOBAL_FLAGS = ("--debug",)
 # what `segdeploy[train]` adds to the core (deployment) install
@@ -24,7 +29,12 @@ OPTIONAL_VALUE = {"--mlflow": "local"}  # options whose value may be left out
 
 
 class _GlobalFlagsAnywhere(typer.core.TyperGroup):
-    """`segdeploy train … --debug` means the same as `segdeploy --debug train …`."""
+    """`segdeploy train … --debug` means the same as `segdeploy --debug train …`; help texts are
+    shown as written (rich markup would eat `[ray]`); a usage error is one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _escape_help(self)
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         flags = [a for a in args if a in GLOBAL_FLAGS]
@@ -34,6 +44,69 @@ class _GlobalFlagsAnywhere(typer.core.TyperGroup):
                 rest.insert(i + 1, OPTIONAL_VALUE[a])
         return super().parse_args(ctx, flags + rest)
 
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Click's usage errors (a missing argument, `--tile 0` out of its range) as one line that
+        names the option, exit code 2, like every other refusal."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exceptions.ClickException as exc:
+            if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                ctx = getattr(exc, "ctx", None)
+                where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+                typer.echo(f"error: {one_line(exc.format_message()).rstrip('.')}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click_exceptions.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _escape_help(group: Any) -> None:
+    """Escape rich markup in every help text of the command tree: help is plain text here."""
+    from rich.markup import escape
+
+    for cmd in group.commands.values():
+        if cmd.help:
+            cmd.help = escape(cmd.help)
+        for param in cmd.params:
+            if getattr(param, "help", None):
+                param.help = escape(param.help)
+        if getattr(cmd, "commands", None):
+            _escape_help(cmd)
+
+
+_TYPE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT", bool: "BOOLEAN"}
+
+
+def _plain_type(self: Any, ctx: Any) -> str | None:
+    """The value column of --help: click's INTEGER / PATH / TEXT… (TEXT... for a repeated one),
+    nothing for a flag, instead of Typer's Python annotations (`<bool>`, `<list[str]>`)."""
+    from typing import get_args
+
+    if getattr(self, "is_flag", False):
+        return None
+    if self.metavar is not None and self.param_type_name == "option":
+        return self.metavar
+    desc = self.type_descriptor
+    element = get_args(desc.annotation)[0] if desc.is_list and get_args(desc.annotation) else desc.annotation
+    shown = "PATH" if desc.is_path else _TYPE_NAMES.get(element, getattr(element, "__name__", "TEXT").upper())
+    return f"{shown}..." if desc.is_list else shown
+
+
+def _usage_name(self: Any) -> str:
+    """MODEL, [OUT], INPUTS... in the usage line (click's convention), not {model}."""
+    name = (self.metavar or self.name or "").upper()
+    name = name if self.required else f"[{name}]"
+    return name + ("..." if self.nargs != 1 else "")
+
+
+typer.core.TyperOption.display_type_rich = _plain_type  # type: ignore[method-assign]
+typer.core.TyperArgument.display_type_rich = _plain_type  # type: ignore[method-assign]
+typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
+
 
 app = typer.Typer(
     name="segdeploy",
@@ -41,7 +114,8 @@ app = typer.Typer(
     help="Train segmentation models, export them to ONNX/TensorRT behind an accuracy gate, "
     "and run them on huge rasters.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -55,14 +129,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _version(value: bool) -> None:
     if value:
+        from segdeploy.utils import environment
+
+        env = environment()
         typer.echo(f"segdeploy {__version__}")
+        for name, text in env.items():
+            typer.echo(f"  {name:<12} {text}")
         raise typer.Exit()
 
 
 @app.callback()
 def root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version, those of Python, PyTorch, onnxruntime, TensorRT and "
+                                 "GDAL, and the devices they see."),
 ) -> None:
     STATE["debug"] = debug
     if not debug:  # GDAL's own messages (e.g. libtiff's write errors) would add lines to one-line errors
@@ -88,7 +169,8 @@ def guarded(fn: F) -> F:
         except UserError as exc:
             if STATE["debug"]:
                 raise
-            typer.echo(f"error: {one_line(str(exc))}", err=True)
+            prefix = "interrupted" if isinstance(exc, Interrupted) else "error"
+            typer.echo(f"{prefix}: {one_line(str(exc))}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except ModuleNotFoundError as exc:
             if STATE["debug"] or (exc.name or "").split(".")[0] not in TRAINING_STACK:
@@ -128,6 +210,23 @@ def _check_report_targets(kwargs: dict[str, Any]) -> None:
         target = kwargs.get(key)
         if target is not None and str(target) != "-":
             writable_location(Path(target))
+
+
+def positive(value: float | None) -> float | None:
+    """Option callback for a number that must be > 0 (Typer's `min=` includes its bound)."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"{value:g} is not > 0")
+    return value
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...] | list[str]) -> None:
+    """A word option outside its choices fails before any work, naming the option as typed."""
+    if value not in choices:
+        import difflib
+
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"{option} {value!r} is not one of {', '.join(choices)}{hint}")
 
 
 def emit_json(obj: Any, target: Path | None) -> None:

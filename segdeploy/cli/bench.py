@@ -22,12 +22,12 @@ def bench_cmd(
     backend: str = typer.Option("torch,onnxruntime,tensorrt", help="Backends to measure (comma-separated)."),
     precision: str = typer.Option("fp32,fp16,int8", help="Precisions to measure (comma-separated)."),
     batch: str = typer.Option("1,8", help="Batch sizes (comma-separated)."),
-    size: int = typer.Option(512, help="Square input size in pixels."),
+    size: int = typer.Option(512, min=16, help="Square input size in pixels."),
     data: Path = typer.Option(None, "--data", help="Dataset for the accuracy columns (default: the run's data)."),
     tiled: Path = typer.Option(None, "--tiled", help="Also time `predict` end to end on this image."),
-    threads: int = typer.Option(None, help="CPU threads for every CPU backend (default: torch's)."),
-    iters: int = typer.Option(20, help="Minimum timed iterations per row."),
-    seconds: float = typer.Option(2.0, help="Minimum timed seconds per row."),
+    threads: int = typer.Option(None, min=1, help="CPU threads for every CPU backend (default: torch's)."),
+    iters: int = typer.Option(20, min=1, help="Minimum timed iterations per row."),
+    seconds: float = typer.Option(2.0, min=0, help="Minimum timed seconds per row."),
     accuracy: bool = typer.Option(True, help="Compute the accuracy columns."),
     json_out: Path = typer.Option(None, "--json", help="Write every row as JSON ('-' for stdout)."),
     csv_out: Path = typer.Option(None, "--csv", help="Write every row as CSV."),
@@ -48,8 +48,8 @@ def bench_cmd(
         batches = _split(batch, int)
     except ValueError:
         raise UserError(f"--batch {batch!r} must be comma-separated integers, e.g. 1,8") from None
-    if not batches or min(batches) < 1 or size < 16:
-        raise UserError("--batch values must be ≥ 1 and --size ≥ 16")
+    if not batches or min(batches) < 1:
+        raise UserError(f"--batch {batch!r} must be comma-separated integers ≥ 1, e.g. 1,8")
     opts = BenchOptions(backends=backends, precisions=precisions, batches=batches, size=size, threads=threads,
                         data=data, tiled=tiled, min_iters=iters, min_seconds=seconds, accuracy=accuracy)
     report = bench(models, opts, log=lambda m: console.print(m, markup=False, highlight=False))

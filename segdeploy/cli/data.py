@@ -14,22 +14,20 @@ from segdeploy.cli.app import console, data_app, emit_json, guarded
 @guarded
 def synth_cmd(
     out: Path = typer.Argument(..., help="Directory to create (train/val/test splits, dataset.yaml, scene/)."),
-    tile: int = typer.Option(128, help="Size of each training image."),
-    scene_size: int = typer.Option(2048, help="Width/height of the georeferenced scene (scene/scene.tif)."),
-    train: int = typer.Option(160, help="Training images."),
-    val: int = typer.Option(32, help="Validation images."),
-    test: int = typer.Option(32, help="Test images."),
+    tile: int = typer.Option(128, min=32, help="Size of each training image."),
+    scene_size: int = typer.Option(2048, min=64, help="Width/height of the georeferenced scene (scene/scene.tif)."),
+    train: int = typer.Option(160, min=1, help="Training images."),
+    val: int = typer.Option(32, min=1, help="Validation images."),
+    test: int = typer.Option(32, min=0, help="Test images."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier synth output in OUT (kept until the "
+                                   "new one is complete); a folder with other files is never touched."),
     json_out: Path = typer.Option(None, "--json", help="Write a summary as JSON ('-' for stdout)."),
 ) -> None:
     """Write the deterministic synthetic land-cover dataset and a large GeoTIFF scene (no downloads)."""
     from segdeploy.data.synth import synth
 
-    if tile < 32 or scene_size < 64:
-        raise typer.BadParameter("--tile must be ≥ 32 and --scene-size ≥ 64")
-    from segdeploy.utils import writable_location
-
-    writable_location(out)
-    summary = synth(out, tile=tile, scene_size=scene_size, sizes={"train": train, "val": val, "test": test})
+    summary = synth(out, tile=tile, scene_size=scene_size, sizes={"train": train, "val": val, "test": test},
+                    overwrite=overwrite)
     console.print(f"wrote {train}/{val}/{test} train/val/test images ({tile}×{tile}) to {out}, "
                   f"scene {summary['scene']} ({scene_size}×{scene_size}, EPSG:32633)")
     emit_json(summary, json_out)
@@ -41,7 +39,8 @@ def inspect_cmd(
     data: Path = typer.Argument(..., help="A recipe YAML, or a directory with a dataset.yaml."),
     data_root: Path = typer.Option(None, "--data", help="Override the recipe's data.root."),
     json_out: Path = typer.Option(None, "--json", help="Write the report as JSON ('-' for stdout)."),
-    plot: Path = typer.Option(None, help="Class-distribution chart (default: DATA_ROOT/inspect.png)."),
+    plot_out: Path = typer.Option(None, "--plot", help="Class-distribution chart PNG (default: beside the --json report, "
+                              "REPORT.png; none without either)."),
     strict: bool = typer.Option(True, help="Exit non-zero when problems are found."),
 ) -> None:
     """Check integrity (pairs, readability, sizes, mask values) and the class distribution."""
@@ -59,10 +58,12 @@ def inspect_cmd(
                   f"{report.suggested_class_weights[i]:.3f}")
     t.caption = "image sizes: " + ", ".join(f"{k} ×{v}" for k, v in list(report.image_sizes.items())[:5])
     console.print(t)
-    plot_path = plot or Path(report.root) / "inspect.png"
-    if report.pixel_counts:
+    plot_path = plot_out or (json_out.with_suffix(".png") if json_out is not None and str(json_out) != "-" else None)
+    if report.pixel_counts and plot_path is not None:
         plot_distribution(report, plot_path)
         console.print(f"chart: {plot_path}")
+    elif report.pixel_counts:
+        console.print("no chart written (the data folder is left as it is); add --plot FILE.png for one")
     if report.problems:
         console.print(f"[red]{len(report.problems)} problem(s):")
         for p in report.problems[:20]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from segdeploy.cli.app import app, console, emit_json, guarded
+from segdeploy.cli.app import app, check_choice, console, emit_json, guarded
 
 
 @app.command("eval")
@@ -18,18 +18,26 @@ def eval_cmd(
     data: Path = typer.Option(None, "--data", help="Dataset directory (overrides the recipe's data.root)."),
     recipe: Path = typer.Option(None, help="Recipe, when MODEL is not inside a run directory."),
     out: Path = typer.Option(None, help="Where plots and metrics.json go (default: next to MODEL, eval/)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier evaluation in the output directory "
+                                   "(without it, one is refused)."),
+    progress: bool = typer.Option(True, help="Show progress (plain progress lines when not on a terminal)."),
     json_out: Path = typer.Option(None, "--json", help="Write metrics (per class + confusion matrix) as JSON."),
 ) -> None:
     """Per-class IoU/Dice/precision/recall/F1, a confusion-matrix PNG and overlays on a split."""
     from segdeploy.cli.render import metrics_table
     from segdeploy.errors import UserError
     from segdeploy.evaluate import evaluate
+    from segdeploy.progress import WorkProgress
 
+    check_choice("--split", split, ("train", "val", "test"))
     if out is not None and len(models) > 1:
         raise UserError("--out takes one model; with several, each writes next to itself")
     reports = []
     for model in models:
-        report = evaluate(model, split, recipe_path=recipe, data_root=data, out_dir=out)
+        with WorkProgress(console, f"eval {model} · {split}", None, "images", enabled=progress,
+                          transient=True) as bar:
+            report = evaluate(model, split, recipe_path=recipe, data_root=data, out_dir=out, overwrite=overwrite,
+                              progress=lambda done, total: bar.update(done - bar.done, total=total))
         console.print(metrics_table(report.metrics, f"{model} · {report.split} · {report.images} images · "
                                                     f"{report.backend.split(' (')[0]}"))
         for note in report.notes:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from segdeploy.cli.app import app, console, emit_json, guarded
+from segdeploy.cli.app import app, console, emit_json, guarded, positive
 
 
 @app.command("export")
@@ -22,9 +22,9 @@ def export_cmd(
                                      "refused when the split holds fewer)."),
     calib_method: str = typer.Option("minmax", "--calib-method", help="INT8 calibration: minmax, entropy or percentile."),
     opset: int = typer.Option(17, min=17, help="ONNX opset (≥ 17)."),
-    tile: int = typer.Option(None, help="Tile size prediction will use (default: the recipe's data.tile_size)."),
+    tile: int = typer.Option(None, min=1, help="Tile size prediction will use (default: the recipe's data.tile_size)."),
     batch: str = typer.Option("1:4:8", help="TensorRT batch profile MIN:OPT:MAX."),
-    workspace: float = typer.Option(4.0, help="TensorRT workspace limit in GiB."),
+    workspace: float = typer.Option(4.0, callback=positive, help="TensorRT workspace limit in GiB."),
     set_: list[str] = typer.Option([], "--set", help="Override a gate threshold: --set parity.fp16_agreement=0.9995."),
     data: Path = typer.Option(None, "--data", help="Dataset for the parity gate (default: the run's data.root)."),
     json_out: Path = typer.Option(None, "--json", help="Write the export report as JSON ('-' for stdout)."),
@@ -36,6 +36,9 @@ def export_cmd(
     from segdeploy.errors import ParityError
     from segdeploy.export.pipeline import ExportOptions, export_run
 
+    from segdeploy.export.tensorrt import parse_batch
+
+    parse_batch(batch)  # a malformed --batch fails before minutes of export, not after
     opts = ExportOptions(fp16=fp16, trt=trt, int8=int8, calib_images=calib_images, calib_method=calib_method,
                          opset=opset, tile=tile, batch=batch, workspace_gib=workspace,
                          data_root=data, parity_overrides=set_)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from segdeploy.cli.app import app, console, emit_json, guarded
+from segdeploy.cli.app import app, check_choice, console, emit_json, guarded, positive
 
 
 @app.command("predict")
@@ -15,11 +15,12 @@ def predict_cmd(
     model: Path = typer.Argument(..., help="Run directory, .onnx or .engine."),
     inputs: list[str] = typer.Argument(..., help="GeoTIFF / PNG / JPEG files, directories, globs, remote rasters "
                                        "(https://…, s3://…, gs://…, /vsicurl/…) or @manifest.txt (one per line)."),
-    out: Path = typer.Option(..., "--out", help="Output file (one input) or directory (several)."),
-    tile: int = typer.Option(None, help="Tile size (default: the model's tile size)."),
-    overlap: int = typer.Option(None, help="Overlap between tiles in pixels, ≤ tile/2 (default: tile/8, in "
+    out_arg: str = typer.Option(..., "--out", help="Output file (one input: NAME.tif for a raster, NAME.png for a "
+                                "picture) or directory (several inputs, or a name ending in /)."),
+    tile: int = typer.Option(None, min=1, help="Tile size (default: the model's tile size)."),
+    overlap: int = typer.Option(None, min=0, help="Overlap between tiles in pixels, ≤ tile/2 (default: tile/8, in "
                                 "multiples of 8: 16 for a 128² tile, 64 for 512²)."),
-    batch: int = typer.Option(None, help="Tiles per inference batch (default: 8 on a GPU, 2 on CPU, where larger "
+    batch: int = typer.Option(None, min=1, help="Tiles per inference batch (default: 8 on a GPU, 2 on CPU, where larger "
                               "batches cost memory and gain no speed)."),
     blend: str = typer.Option("gaussian", help="Blend window: gaussian, hann, pyramid or crop."),
     probs: bool = typer.Option(False, "--probs", help="Also write a confidence raster (max softmax, percent)."),
@@ -27,20 +28,22 @@ def predict_cmd(
                              "(mode resampling for classes, never averaged)."),
     preview: bool = typer.Option(True, "--preview/--no-preview", help="Write a quick-look PNG (≤ 1024 px, palette, "
                                  "legend, nodata in grey) beside each raster output."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted prediction."),
+    resume: bool = typer.Option(False, "--resume", help="Continue interrupted predictions and skip finished ones."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace finished (or start over unfinished) outputs; "
+                                   "without it an existing output is refused."),
     bands: str = typer.Option(None, "--bands", help="Input bands to use, 1-based, in the model's order: "
                               "3,2,1 for a BGR file, 1,2,3 for RGB out of RGBN (default: all bands, alpha left out, "
                               "R/G/B order from the file's colour interpretation)."),
-    input_max: float = typer.Option(None, "--input-max", help="Full-scale value of the input's pixel type when it "
+    input_max: float = typer.Option(None, "--input-max", callback=positive, help="Full-scale value of the input's pixel type when it "
                                     "differs from the model's (e.g. 65535 for a uint16 raster and a uint8 model)."),
     device: str = typer.Option("auto", help="torch backend device: auto, cpu or cuda."),
-    threads: int = typer.Option(None, help="CPU threads for the backend (per worker with --ray)."),
+    threads: int = typer.Option(None, min=1, help="CPU threads for the backend (per worker with --ray)."),
     ray: bool = typer.Option(False, "--ray", help="Predict the rasters on a Ray cluster: a local one on 127.0.0.1 "
                              "started on demand, or the one at --ray-address / $RAY_ADDRESS (pip install "
                              "'segdeploy[ray]')."),
     ray_address: str = typer.Option(None, "--ray-address", help="Join this Ray cluster (HOST:PORT or "
                                     "ray://HOST:PORT) instead of starting a local one; implies --ray."),
-    workers: int = typer.Option(None, "--workers", help="Ray workers, one backend each (default: one per CPU, "
+    workers: int = typer.Option(None, "--workers", min=1, help="Ray workers, one backend each (default: one per CPU, "
                                 "or per GPU)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
     json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON ('-' for stdout)."),
@@ -54,21 +57,24 @@ def predict_cmd(
     from segdeploy.runtime import backend_for
     from segdeploy.utils import writable_location
 
+    from segdeploy.tiling import BLENDS
+
+    check_choice("--blend", blend, BLENDS)
+    check_choice("--device", device, ("auto", "cpu", "cuda"))
     files = expand_inputs(inputs)
     try:
         band_list = [int(b) for b in bands.split(",")] if bands else None
     except ValueError:
         raise UserError(f"--bands {bands!r} must be 1-based band numbers separated by commas, e.g. 3,2,1") from None
-    if workers is not None and workers < 1:
-        raise UserError(f"--workers must be at least 1 (got {workers})")
     kind = backend_for(model)
     options: dict = {"threads": threads} if threads else {}
     if kind == "torch":
         options["device"] = device
-    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
+    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume, overwrite=overwrite,
                           bands=band_list, input_max=input_max, preview=preview, cog=cog)
-    many = len(files) > 1 or out.is_dir()
-    jobs, finished = plan_jobs(files, out, many, resume)
+    out = Path(out_arg)
+    many = len(files) > 1 or out.is_dir() or out_arg.endswith(("/", "\\"))
+    jobs, finished = plan_jobs(files, out, many, resume, overwrite)
     for job in jobs:  # an unwritable output fails before any progress is drawn
         writable_location(job.out)
     for job in finished:
@@ -140,8 +146,13 @@ def _print_outcome(outcome) -> None:  # noqa: ANN001
     r = outcome.result
     for w in outcome.warnings:
         console.print(f"[yellow]warning:[/] {w}")
+    resumed = ""
+    if r.resumed_from_row:
+        resumed = (f"; resumed at row {r.resumed_from_row} of {r.height} ({r.resumed_from_row / r.height:.0%} was on "
+                   f"disk; {r.tiles_total - r.tiles} of the scene's {r.tiles_total} tiles were not run again, and the "
+                   "counts and speed are this run's)")
     console.print(f"{r.input} → {', '.join(r.files)}: {r.width}×{r.height} px, {r.tiles} tiles "
                   f"({r.skipped_tiles} all-nodata skipped) in {r.seconds:.1f}s = {r.megapixels_per_s:.2f} MP/s, "
-                  f"peak RSS {r.peak_rss_mb:.0f} MB", soft_wrap=True)
+                  f"peak RSS {r.peak_rss_mb:.0f} MB during it{resumed}", soft_wrap=True)
     for note in r.notes:
         console.print(f"  {note}")

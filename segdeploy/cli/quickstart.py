@@ -19,8 +19,8 @@ DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
 @guarded
 def quickstart_cmd(
     out: Path = typer.Argument(Path("quickstart"), help="Working directory for data and the run."),
-    epochs: int = typer.Option(None, help="Override the demo recipe's epochs."),
-    scene_size: int = typer.Option(2048, help="Size of the synthetic GeoTIFF scene."),
+    epochs: int = typer.Option(None, min=1, help="Override the demo recipe's epochs."),
+    scene_size: int = typer.Option(2048, min=256, help="Size of the synthetic GeoTIFF scene."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier quickstart in OUT "
                                    "(its run is kept until the new one has trained)."),
@@ -42,7 +42,7 @@ def quickstart_cmd(
     t0 = time.perf_counter()
     data_dir, run_dir = out / "data", out / "run"
     console.rule("1/6 synthetic data")
-    info = synth(data_dir, scene_size=scene_size)
+    info = synth(data_dir, scene_size=scene_size, overwrite=overwrite)
     console.print(f"{sum(info['splits'].values())} images + {scene_size}² scene in {data_dir}")
     console.rule("2/6 train recipes/demo.yaml")
     rec = recipe_mod.load(DEMO_RECIPE, [f"train.epochs={epochs}"] if epochs else [], data_dir)

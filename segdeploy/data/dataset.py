@@ -87,7 +87,10 @@ def discover(cfg: DataConfig, split: str, *, strict: bool = True) -> list[Sample
             samples = [by_key[k] for k in keys]
             unpaired = [p for p in unpaired if p.name[: -len(cfg.image_suffix)] in set(keys)]
         else:
+            paired = len(samples)
             samples = ratio_split(samples, cfg.split.ratios, cfg.split.seed).get(split, [])
+            if not samples and paired:
+                raise DataError(_empty_ratio_split(cfg, split, paired, where))
     if strict and unpaired:
         raise DataError(
             f"image {unpaired[0]} has no mask {root / cfg.mask_dir.format(split=split if mode == 'folders' else '')}"
@@ -100,6 +103,23 @@ def discover(cfg: DataConfig, split: str, *, strict: bool = True) -> list[Sample
             "check data.root, data.image_dir and data.image_suffix"
         )
     return samples
+
+
+def _empty_ratio_split(cfg: DataConfig, split: str, paired: int, where: Path) -> str:
+    """Why a ratio split is empty although the images are there: the ratios, not the files; and
+    ratios that would give it some (its share raised to max(0.1, 5/N), taken from the largest)."""
+    ratios = dict(cfg.split.ratios)
+    share = min(0.5, max(0.1, round(5 / paired, 2)))
+    fixed = dict(ratios)
+    largest = max((k for k in fixed if k != split), key=lambda k: fixed[k], default=None)
+    if largest is not None:
+        fixed[largest] = round(fixed[largest] - (share - fixed.get(split, 0.0)), 4)
+    fixed[split] = share
+    flow = "{" + ", ".join(f"{k}: {v:g}" for k, v in fixed.items()) + "}"
+    given = f"gives it {ratios[split]:g}" if split in ratios else "has no entry for it"
+    return (f"split {split!r} is empty because of the ratios, not the files: data.split.ratios {given} of the "
+            f"{paired} image+mask pairs under {where} (seed {cfg.split.seed}), and the per-key hash put none there; "
+            f"use e.g. --set 'data.split.ratios={flow}', or add images, or split by folders or lists")
 
 
 def read_list(path: Path) -> list[str]:

@@ -21,6 +21,7 @@ from segdeploy.utils import atomic_path
 CLASSES = ["field", "forest", "water", "road", "building"]
 PALETTE = [(255, 255, 0), (0, 160, 0), (0, 0, 255), (128, 128, 128), (255, 0, 255)]
 SPLIT_SIZES = {"train": 160, "val": 32, "test": 32}
+SUMMARY_FILE = "synth.json"  # what marks a directory as synth output (replaceable with --overwrite)
 
 
 def synth_tile(seed: int, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
@@ -158,17 +159,26 @@ def write_scene(
                     lab.close()
 
 
-def synth(out: Path, tile: int = 128, scene_size: int = 2048, sizes: dict[str, int] | None = None) -> dict:
-    counts = write_dataset(out, tile=tile, sizes=sizes)
-    scene_dir = out / "scene"
-    scene_dir.mkdir(exist_ok=True)
-    write_scene(scene_dir / "scene.tif", scene_dir / "scene_labels.tif", size=scene_size)
+def synth(out: Path, tile: int = 128, scene_size: int = 2048, sizes: dict[str, int] | None = None,
+          overwrite: bool = False) -> dict:
+    """Write the dataset, the scene and synth.json into `out`, built beside it and put in place when
+    complete. A non-empty `out` is refused unless it holds an earlier synth output and `overwrite`
+    is set; then it is replaced whole (never merged: old files would otherwise stay beside the new
+    ones). Raises OutputError."""
+    from segdeploy.utils import staged_dir
     from segdeploy.viz import preview_path, save_class_preview
 
-    preview = save_class_preview(scene_dir / "scene_labels.tif", preview_path(scene_dir / "scene_labels.tif"),
-                                 CLASSES, PALETTE, title=f"synthetic scene labels · {scene_size} x {scene_size} px")
-    summary = {"dir": str(out), "splits": counts, "tile": tile, "scene": str(scene_dir / "scene.tif"),
-               "scene_labels": str(scene_dir / "scene_labels.tif"), "scene_preview": str(preview),
-               "scene_size": scene_size}
-    (out / "synth.json").write_text(json.dumps(summary, indent=2))
+    out = Path(out)
+    with staged_dir(out, overwrite, SUMMARY_FILE, "synthetic dataset") as work:
+        counts = write_dataset(work, tile=tile, sizes=sizes)
+        scene_dir = work / "scene"
+        scene_dir.mkdir(exist_ok=True)
+        write_scene(scene_dir / "scene.tif", scene_dir / "scene_labels.tif", size=scene_size)
+        save_class_preview(scene_dir / "scene_labels.tif", preview_path(scene_dir / "scene_labels.tif"),
+                           CLASSES, PALETTE, title=f"synthetic scene labels · {scene_size} x {scene_size} px")
+        final = out / "scene"  # what the summary names: the paths once the directory is in place
+        summary = {"dir": str(out), "splits": counts, "tile": tile, "scene": str(final / "scene.tif"),
+                   "scene_labels": str(final / "scene_labels.tif"),
+                   "scene_preview": str(preview_path(final / "scene_labels.tif")), "scene_size": scene_size}
+        (work / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
