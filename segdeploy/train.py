@@ -31,20 +31,21 @@ from segdeploy.data.dataset import (
     split_defined,
     suggested_class_weights,
 )
-from segdeploy.data.torchdata import SegmentationDataset, band_stats
+from segdeploy.data.torchdata import SeededSampler, SegmentationDataset, band_stats
 from segdeploy.distributed import ShardSampler, World, all_sum, barrier, from_main, join, leave, sync_buffers
-from segdeploy.errors import ArtifactError, DataError, NonFiniteError, UserError
+from segdeploy.errors import ArtifactError, DataError, Interrupted, NonFiniteError, RecipeError, UserError
 from segdeploy.losses import build_loss
 from segdeploy.metrics import ConfusionMatrix, level_mious
 from segdeploy.models import build_model, check_model_names, freeze_encoder, input_divisor, static_size
+from segdeploy.progress import WorkProgress
 from segdeploy.recipe import Recipe
+from segdeploy.reproducible import deterministic_mode, epoch_seed, seed_everything
 from segdeploy.tracking import Tracker, resolve_mlflow_uri
 from segdeploy.tiling import pad_mode, padded_size
 from segdeploy.utils import (
     atomic_path,
-    current_umask,
-    live_progress,
     pick_device,
+    swap_in,
     versions,
     writable_location,
 )
@@ -259,10 +260,75 @@ def plan_output(out: Path, resume: bool, overwrite: bool) -> str:
                         "or replace it with --overwrite")
 
 
+# recipe keys --resume may change with --set (applied and stated); anything else would make the
+# resumed run a different run than the one its checkpoint belongs to
+RESUMABLE_KEYS = ("train.epochs", "train.early_stopping", "train.max_minutes", "train.num_workers", "train.device",
+                  "train.deterministic", "train.grad_clip", "optimizer.lr", "data.root", "data.cache")
+IGNORED_KEYS = ("name", "description")  # labels, not behaviour
+
+
+def resume_recipe(out: Path, recipe_path: Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                  data_root: Path | None = None) -> tuple[Recipe, list[str]]:
+    """The recipe `--resume` continues with: the run's own RUN/recipe.yaml, changed only where
+    `--set`/`--data` say so and only in RESUMABLE_KEYS. A recipe file may be given again, but then
+    it (with the --set overrides) must resolve to the run's recipe: a value that differs there is
+    refused, also for a resumable key (the file would change the run silently; --set says so).
+    Returns the recipe and one line per change; raises ArtifactError (no run) or RecipeError
+    naming each key that differs and the command that fits."""
+    from segdeploy import recipe as recipe_mod
+
+    run = art.Run(out)
+    if art.run_state(out) in ("absent", "empty", "foreign"):
+        raise ArtifactError(f"nothing to resume in {out} (no run there); drop --resume to start it")
+    saved = recipe_mod.load(run.recipe_path)
+    root = data_root if data_root is not None or recipe_path is None else saved.data.root
+    rec = recipe_mod.load(recipe_path or run.recipe_path, overrides, root)
+    explicit = {a.split("=", 1)[0].strip() for a in overrides} | ({"data.root"} if data_root is not None else set())
+    changed = _differences(saved, rec, skip=IGNORED_KEYS)
+    from_file = {k: v for k, v in changed.items()
+                 if not any(k == e or k.startswith(e + ".") or e.startswith(k + ".") for e in explicit)}
+    if from_file:
+        raise RecipeError(f"{recipe_path} gives {_listed(from_file)}: --resume continues "
+                          f"the run as recorded in {run.recipe_path}; drop the recipe argument (`segdeploy train "
+                          f"--resume --out {out}`) and change a resumable key with --set, or start a new run with "
+                          "another --out")
+    fixed = {k: v for k, v in changed.items() if k not in RESUMABLE_KEYS}
+    if fixed:
+        raise RecipeError(f"--resume cannot change {_listed(fixed)}: the checkpoint in {out} was trained with the "
+                          f"recorded values; only {', '.join(RESUMABLE_KEYS)} may change on resume (start a new run "
+                          "with another --out for the rest)")
+    done = int(run.info.get("epochs_done", run.info.get("epochs_run", 0)) or 0)
+    if rec.train.epochs <= done:
+        raise RecipeError(f"{out} has run {done} of its {rec.train.epochs} epochs already; to train it further pass "
+                          f"--set train.epochs=N with N > {done} (`segdeploy train --resume --out {out} --set "
+                          f"train.epochs={done + max(done // 2, 1)}`)")
+    return rec, [f"{k}: {a} → {b} (applied to the resumed run)" for k, (a, b) in changed.items()]
+
+
+def _differences(a: Recipe, b: Recipe, skip: tuple[str, ...] = ()) -> dict[str, tuple[object, object]]:
+    """Dotted keys whose values differ between two recipes: {key: (value in a, value in b)}."""
+    def flat(d: object, prefix: str = "") -> dict[str, object]:
+        if isinstance(d, dict):
+            return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: d}
+
+    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k) and k not in skip}
+
+
+def _listed(diff: dict[str, tuple[object, object]], most: int = 4) -> str:
+    shown = [f"{k} {b!r} where the run has {a!r}" for k, (a, b) in list(diff.items())[:most]]
+    more = f" and {len(diff) - most} more" if len(diff) > most else ""
+    return "; ".join(shown) + more
+
+
 def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
         console: Console | None = None, mlflow: str | None = None) -> TrainResult:
     """Train `rec` into `out`. Everything is validated before anything is written; an overwrite
-    trains into a hidden sibling and replaces `out` only once the new run is complete."""
+    trains into a hidden sibling and replaces `out` only once the new run is complete. Seeded once
+    before the model is built (see `segdeploy.reproducible`); a Ctrl-C becomes `Interrupted`
+    naming the command that continues."""
     console = console or Console(stderr=True)
     out = Path(out)
     mode = plan_output(out, resume, overwrite)
@@ -272,13 +338,23 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
     world = join(device)
     if not world.main:  # rank 0 alone talks
         console, progress = Console(file=io.StringIO()), False
+    seed_everything(rec.train.seed)  # before the model is built: its initial weights repeat
+    # built before the data is read: unavailable weights (offline `imagenet`) fail in seconds
+    model = build_model(rec.model, rec.data.bands, rec.classes.num_classes)
     data = prepare_data(rec, console)
-    mlflow_uri = resolve_mlflow_uri(mlflow)
-    kw = {"progress": progress, "console": console, "mlflow_uri": mlflow_uri, "world": world}
+    if mode == "resume":
+        check_same_splits(art.Run(out), data.splits)
+    kw = {"progress": progress, "console": console, "mlflow_uri": resolve_mlflow_uri(mlflow), "world": world,
+          "model": model}
     try:
-        return _fit(rec, out, mode, data, device, kw)
+        with deterministic_mode(rec.train.deterministic) as determinism:
+            result = _fit_mode(rec, out, mode, data, device, kw)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_hint(out, mode, world.size)) from None
     except NonFiniteError as exc:
         raise NonFiniteError(f"{exc}; {_nonfinite_fix(rec, out, mode)}") from None
+    _report_determinism(determinism, result, console)
+    return result
 
 
 def _nonfinite_fix(rec: Recipe, out: Path, mode: str) -> str:
@@ -293,13 +369,13 @@ def _nonfinite_fix(rec: Recipe, out: Path, mode: str) -> str:
         return f"{out} is unchanged; retry with a lower learning rate ({lower}) or --set train.grad_clip=1"
     if resumable:
         return (f"{out} is marked failed and resumes from its last good epoch with a lower learning rate: "
-                f"`segdeploy train {run.recipe_path} --out {out} --resume {lower}` (or --set train.grad_clip=1)")
+                f"`segdeploy train --resume --out {out} {lower}` (or --set train.grad_clip=1)")
     return (f"{out} is marked failed before its first epoch ended; retry with a lower learning rate: "
             f"`segdeploy train {run.recipe_path} --out {out} {lower}` (or --set train.grad_clip=1)")
 
 
-def _fit(rec: Recipe, out: Path, mode: str, data: TrainingData, device: str, kw: dict) -> TrainResult:
-    """Train into `out` as `mode` says: in place (new, resume) or into a hidden sibling that replaces it."""
+def _fit_mode(rec: Recipe, out: Path, mode: str, data: TrainingData, device: str, kw: dict) -> TrainResult:
+    """Train in place (new, resume) or into a hidden sibling swapped in when complete (replace)."""
     world = kw["world"]
     if mode != "replace":
         result = _train(rec, out, data, device, resume=mode == "resume", **kw)
@@ -314,7 +390,7 @@ def _fit(rec: Recipe, out: Path, mode: str, data: TrainingData, device: str, kw:
     try:
         result = _train(rec, work, data, device, resume=False, **kw)
         if world.main:
-            _swap_in(work, out)
+            swap_in(work, out)
     finally:
         if world.main:
             shutil.rmtree(work, ignore_errors=True)
@@ -322,17 +398,43 @@ def _fit(rec: Recipe, out: Path, mode: str, data: TrainingData, device: str, kw:
     return replace(result, run_dir=out)
 
 
-def _swap_in(new: Path, out: Path) -> None:
-    """Put the finished `new` run where `out` was; the old run goes only after that succeeded."""
-    os.chmod(new, 0o777 & ~current_umask())  # mkdtemp made it 0700
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except OSError:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def interrupted_hint(out: Path, mode: str, world_size: int = 1) -> str:
+    """What a Ctrl-C kept, and the exact command that goes on from there."""
+    prefix = f"torchrun --nproc-per-node {world_size} -m segdeploy" if world_size > 1 else "segdeploy"
+    if mode == "replace" and art.run_state(out) == "complete":
+        return (f"{out} is unchanged (its replacement was training in a hidden directory, now removed); "
+                f"start the replacement again with --overwrite")
+    state = art.run_state(out)
+    if state == "unfinished":
+        done = art.Run(out).info.get("epochs_done", "?")
+        return f"{out} keeps {done} finished epoch(s); continue with `{prefix} train --resume --out {out}`"
+    return (f"{out} had not finished its first epoch, so there is nothing to resume; start it again with the same "
+            "command (a run that never finished an epoch is replaced by a plain retry)")
+
+
+def _report_determinism(determinism, result: TrainResult, console: Console) -> None:  # noqa: ANN001
+    """Name the ops that ran without a deterministic implementation under train.deterministic."""
+    ops = determinism.nondeterministic_ops
+    if not ops or not result.main:
+        return
+    console.print(f"[yellow]warning:[/] train.deterministic is set, but {len(ops)} op(s) have no deterministic "
+                  f"implementation on this device and ran anyway: {', '.join(ops)}; repeats of this run may differ "
+                  "(recorded in meta.json as nondeterministic_ops)", soft_wrap=True)
+    run = art.Run(result.run_dir)
+    info = {k: v for k, v in run.info.items() if k not in ("status", "model_meta")}
+    run.write_status(run.info["status"], **info, nondeterministic_ops=ops)
+
+
+def check_same_splits(run: art.Run, splits: dict[str, list[str]]) -> None:
+    """On --resume the data must split as it did (a moved dataset with --data is fine)."""
+    saved = run.split_keys()
+    if not saved:
+        return  # an older run without splits.json: nothing to compare
+    for name in ("train", "val"):
+        if sorted(saved.get(name, [])) != sorted(splits.get(name, [])):
+            raise DataError(f"the data now gives the {name} split {len(splits.get(name, []))} images where "
+                            f"{run.splits_path} records {len(saved.get(name, []))}: --resume needs the same data; "
+                            "point --data at the run's dataset, or start a new run with another --out")
 
 
 @dataclass
@@ -353,7 +455,8 @@ class _Setup:
     world: World
 
 
-def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world: World) -> _Setup:
+def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world: World,
+           model: torch.nn.Module) -> _Setup:
     cls = rec.classes
     if data.class_counts is not None:
         _report_class_balance(cls.names, data.class_counts, console)
@@ -365,7 +468,6 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world
         console.print(f"[yellow]warning:[/] model.trainable_encoder_stages={rec.model.trainable_encoder_stages} "
                       "freezes a randomly initialised encoder, whose frozen stages will stay random; set model.weights "
                       "(imagenet or a local file) or model.trainable_encoder_stages: null")
-    model = build_model(rec.model, rec.data.bands, cls.num_classes)
     divisor = input_divisor(model)
     frozen_bn = freeze_encoder(model, rec.model.trainable_encoder_stages)
     model.to(device)
@@ -378,12 +480,14 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world
     workers = _num_workers(rec.train.num_workers, device)
     collate = pad_collate(divisor, cls.ignore_index)
     # train.batch_size is per process: the global batch is world size × batch_size
-    sampler = (DistributedSampler(data.train, world.size, world.rank, shuffle=True, seed=rec.train.seed)
-               if world.active else None)
+    # order and augmentation: functions of (seed, epoch), whatever the workers (segdeploy.reproducible)
+    sampler = SeededSampler(len(data.train), rec.train.seed, DistributedSampler(
+        data.train, world.size, world.rank, shuffle=True, seed=rec.train.seed) if world.active else None)
     per_rank = len(data.train) // world.size
-    train_loader = DataLoader(data.train, rec.train.batch_size, shuffle=sampler is None, sampler=sampler,
+    train_loader = DataLoader(data.train, rec.train.batch_size, sampler=sampler,
                               drop_last=per_rank > rec.train.batch_size, num_workers=workers,
-                              collate_fn=collate, pin_memory=cuda, persistent_workers=workers > 0)
+                              collate_fn=collate, pin_memory=cuda, persistent_workers=workers > 0,
+                              generator=torch.Generator().manual_seed(rec.train.seed))
     val_loader = DataLoader(data.val, rec.train.batch_size, num_workers=workers, collate_fn=collate, pin_memory=cuda,
                             sampler=ShardSampler(len(data.val), world) if world.active else None)
     net = model
@@ -394,7 +498,7 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world
         max_pixel_value=rec.data.max_pixel_value, bands=rec.data.bands, input_divisor=divisor,
         tile_size=rec.data.tile_size, ignore_index=cls.ignore_index, static_size=static_size(model),
         hierarchy=cls.hierarchy, arch=rec.model.arch, encoder=rec.model.encoder, recipe_digest=rec.digest(),
-        input_dtype=data.input_dtype, versions=versions(),
+        input_dtype=data.input_dtype, versions=versions(), background=cls.background_index(),
     )
     amp = cuda and rec.train.amp
     return _Setup(model, divisor, frozen_bn, loss_fn, params, opt, _scheduler(opt, rec, len(train_loader)),
@@ -412,6 +516,8 @@ def _restore(run: art.Run, rec: Recipe, st: _Setup, console: Console) -> tuple[i
     st.net.load_state_dict(ckpt["model"])
     planned = [{k: g[k] for k in LR_KEYS if k in g} for g in st.opt.param_groups]  # the recipe's schedule
     st.opt.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        st.scaler.load_state_dict(ckpt["scaler"])
     old_lr = _base_lr(st.opt.param_groups[0])
     lr_changed = not math.isclose(old_lr, rec.optimizer.lr, rel_tol=1e-9)
     if lr_changed:  # e.g. lowered after a non-finite loss: the optimizer's moments are kept, the rates are the recipe's
@@ -480,8 +586,9 @@ def _train_epoch(rec: Recipe, st: _Setup, device: str, on_batch: Callable[[float
 
 
 def _train(rec: Recipe, out: Path, data: TrainingData, device: str, *, resume: bool, progress: bool,
-           console: Console, mlflow_uri: str | None = None, world: World = World()) -> TrainResult:
-    st = _setup(rec, data, device, console, world)
+           console: Console, model: torch.nn.Module, mlflow_uri: str | None = None,
+           world: World = World()) -> TrainResult:
+    st = _setup(rec, data, device, console, world, model)
     run = art.Run(out)
     start_epoch, best_miou, best_epoch, history = 1, -1.0, 0, []
     if resume:
@@ -518,15 +625,16 @@ def _epochs(rec: Recipe, run: art.Run, st: _Setup, device: str, state: tuple[int
     t0 = time.perf_counter()
     train_time, train_images, stopped, epoch = 0.0, 0, None, start_epoch - 1
     steps, main = len(st.train_loader), st.world.main
-    with live_progress(_progress_bar(console, progress)) as bar:
-        task = bar.add_task("train", total=(rec.train.epochs - start_epoch + 1) * steps, epoch=start_epoch,
-                            epochs=rec.train.epochs, loss="…", miou=f"{best_miou:.3f}" if best_miou >= 0 else "-")
+    epochs = rec.train.epochs
+    with WorkProgress(console, f"train epoch {start_epoch}/{epochs}", (epochs - start_epoch + 1) * steps, "steps",
+                      enabled=progress, rate_unit="images", per_step=rec.train.batch_size * st.world.size) as bar:
+        bar.update(0, loss="…", val_mIoU=f"{best_miou:.3f}" if best_miou >= 0 else "-")
         for epoch in range(start_epoch, rec.train.epochs + 1):
-            torch.manual_seed(rec.train.seed + epoch)  # resumable: each epoch's shuffling/augmentation is fixed
-            if isinstance(st.train_loader.sampler, DistributedSampler):
-                st.train_loader.sampler.set_epoch(epoch)
+            seed_everything(epoch_seed(rec.train.seed, epoch))  # the step's own randomness (dropout, …)
+            st.train_loader.sampler.set_epoch(epoch)  # order and augmentation of this epoch
             loss, seen, seconds = _train_epoch(
-                rec, st, device, lambda running: bar.update(task, advance=1, loss=f"{running:.4f}", epoch=epoch), epoch)
+                rec, st, device, lambda running: bar.update(1, description=f"train epoch {epoch}/{epochs}",
+                                                            loss=f"{running:.4f}"), epoch)
             train_time, train_images = train_time + seconds, train_images + seen * st.world.size
             sync_buffers(st.net, st.world)
             val_loss, cm = validate(st.net, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp, st.world)
@@ -541,7 +649,7 @@ def _epochs(rec: Recipe, run: art.Run, st: _Setup, device: str, state: tuple[int
                 best_miou, best_epoch, best_per_class = mets.miou, epoch, mets.per_class()
             if main:
                 _record_epoch(run, rec, st, history, improved, best_miou, best_epoch, tracker)
-            bar.update(task, miou=f"{mets.miou:.3f}")
+            bar.update(0, val_mIoU=f"{mets.miou:.3f}")
             console.print(f"epoch {epoch:>3}  loss {loss:.4f}  val loss {val_loss:.4f}  "
                           f"val mIoU {mets.miou:.4f}  mDice {mets.mdice:.4f}{'  *best' if improved else ''}")
             stopped = from_main(_stop_reason(rec, epoch, best_epoch, t0), st.world)  # clocks differ per rank
@@ -580,6 +688,7 @@ def _record_epoch(run: art.Run, rec: Recipe, st: _Setup, history: list[dict], im
     epoch = int(history[-1]["epoch"])
     run.save_checkpoint({"model": st.net.state_dict(), "optimizer": st.opt.state_dict(),
                          "scheduler": st.scheduler.state_dict() if st.scheduler is not None else None,
+                         "scaler": st.scaler.state_dict(),  # AMP's loss scale: resume goes on with it
                          "epoch": epoch, "epochs": rec.train.epochs, "best_miou": best_miou,
                          "best_epoch": best_epoch, "recipe_digest": rec.digest()})
     run.write_status("training", st.meta, epochs_done=epoch, world_size=st.world.size)
@@ -591,15 +700,6 @@ def _stop_reason(rec: Recipe, epoch: int, best_epoch: int, t0: float) -> str | N
     if rec.train.max_minutes and (time.perf_counter() - t0) / 60 > rec.train.max_minutes:
         return f"train.max_minutes={rec.train.max_minutes} reached"
     return None
-
-
-def _progress_bar(console: Console, enabled: bool):  # noqa: ANN202 - rich.progress.Progress
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = [TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}  val mIoU {task.fields[miou]}"), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn()]
-    return Progress(*columns, console=console, disable=not enabled, transient=False)
 
 
 def plot_history(history: list[dict], out_dir: Path) -> list[Path]:

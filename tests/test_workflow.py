@@ -214,3 +214,214 @@ def test_eval_refuses_to_replace_an_earlier_evaluation_without_overwrite(tiny_on
     again = run("eval", tiny_onnx, "--split", "test", "--out", out, "--overwrite")
     assert again.exit_code == 0, again.output
     assert json.loads((out / "metrics.json").read_text())["split"] == "test"
+
+
+# ------------------------------------------------------------------------------ 1. reproducible runs, 3. resume
+
+TINY = ["train.epochs=1", "train.batch_size=4", "data.tile_size=32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from segdeploy.data.synth import synth
+
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    synth(out, tile=32, scene_size=64, sizes={"train": 8, "val": 2, "test": 2})
+    return out
+
+
+def tensors_equal(a: dict, b: dict) -> list[str]:
+    """Names of the tensors that differ in any bit (or exist in one dict only)."""
+    import torch
+
+    return sorted(k for k in set(a) | set(b) if k not in a or k not in b or not torch.equal(a[k], b[k]))
+
+
+def metrics_of(run_dir: Path) -> list[dict]:
+    import csv
+
+    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")}
+            for row in csv.DictReader((run_dir / "history.csv").open())]
+
+
+def test_the_same_recipe_and_seed_give_bit_identical_weights_and_metrics(tiny_data: Path, tmp_path: Path) -> None:
+    from segdeploy import recipe
+    from segdeploy.artifact import Run
+    from segdeploy.train import fit
+
+    rec = recipe.load(RECIPES / "demo.yaml", TINY, tiny_data)
+    for name in ("a", "b"):
+        fit(rec, tmp_path / name, progress=False)
+    a, b = Run(tmp_path / "a"), Run(tmp_path / "b")
+    assert tensors_equal(a.load_weights(), b.load_weights()) == []
+    assert tensors_equal(a.load_checkpoint()["model"], b.load_checkpoint()["model"]) == []
+    assert metrics_of(a.root) == metrics_of(b.root)
+    assert a.info["best_val_miou"] == b.info["best_val_miou"]
+
+
+def test_the_seed_decides_the_augmentation_whatever_the_loader_workers(tiny_data: Path) -> None:
+    """Sample i of epoch e is augmented from sample_seed(seed, e, i) alone: the same in the main
+    process and in a worker, and a resumed run draws what an uninterrupted one did."""
+    import torch
+
+    from segdeploy import recipe
+    from segdeploy.data.dataset import discover
+    from segdeploy.data.torchdata import SeededSampler, SegmentationDataset
+    from segdeploy.reproducible import sample_seed
+
+    rec = recipe.load(RECIPES / "demo.yaml", TINY, tiny_data)
+    ds = SegmentationDataset(discover(rec.data, "train"), rec.data, rec.classes, [0.0] * 3, [1.0] * 3, rec.augment)
+    torch.manual_seed(123)
+    x1, y1 = ds[(3, sample_seed(0, 2, 3))]
+    torch.manual_seed(456)  # the global generator is neither used nor moved
+    state = torch.get_rng_state()
+    x2, y2 = ds[(3, sample_seed(0, 2, 3))]
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and torch.equal(state, torch.get_rng_state())
+    sampler = SeededSampler(len(ds), seed=0)
+    sampler.set_epoch(2)
+    first = list(sampler)
+    sampler.set_epoch(3)
+    sampler.set_epoch(2)
+    assert list(sampler) == first and sorted(i for i, _ in first) == list(range(len(ds)))
+    assert dict(first)[3] == sample_seed(0, 2, 3)
+
+
+def test_interrupted_training_names_the_command_that_resumes_it_exactly(tiny_data: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after epoch 1 of 2; the command the message names continues the run, with progress
+    lines in a log, the next commands at the end, and the weights of an uninterrupted run."""
+    from segdeploy import recipe
+    from segdeploy.artifact import Run
+    from segdeploy.errors import Interrupted
+    from segdeploy.train import fit
+
+    two = [*TINY[1:], "train.epochs=2"]
+    rec = recipe.load(RECIPES / "demo.yaml", two, tiny_data)
+    fit(rec, tmp_path / "straight", progress=False)
+    real = Run.write_status
+
+    def ctrl_c_after_epoch_1(self, status, meta=None, **fields):  # noqa: ANN001, ANN202 - Ctrl-C from outside
+        real(self, status, meta, **fields)
+        if status == "training" and fields.get("epochs_done") == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "write_status", ctrl_c_after_epoch_1)
+    out = tmp_path / "cut"
+    with pytest.raises(Interrupted) as info:
+        fit(rec, out, progress=False)
+    monkeypatch.setattr(Run, "write_status", real)
+    command = re.search(r"continue with `(segdeploy train [^`]+)`", str(info.value)).group(1)
+    assert command == f"segdeploy train --resume --out {out}"
+    result = run(*command.split()[1:], env={"SEGDEPLOY_PROGRESS_SECONDS": "0"})
+    assert result.exit_code == 0, result.output
+    assert re.search(r"train epoch 2/2: \d+/\d+ steps \(\d+%\), [\d.]+ images/s, loss [\d.]+.*ETA", result.output)
+    assert f"next: segdeploy eval {out} --split test" in result.output
+    assert f"next: segdeploy export {out} --fp16" in result.output
+    straight, resumed = Run(tmp_path / "straight"), Run(out)
+    assert tensors_equal(straight.load_checkpoint()["model"], resumed.load_checkpoint()["model"]) == []
+    assert tensors_equal(straight.load_weights(), resumed.load_weights()) == []
+    assert metrics_of(straight.root) == metrics_of(resumed.root)
+
+
+def test_resume_uses_the_runs_recipe_and_says_what_a_different_one_changes(tiny_data: Path, tmp_path: Path) -> None:
+    from segdeploy import recipe
+    from segdeploy.artifact import Run
+    from segdeploy.errors import RecipeError
+    from segdeploy.train import resume_recipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    two = [*TINY[1:], "train.epochs=2"]
+    rec = recipe.load(RECIPES / "demo.yaml", two, tiny_data)
+    Run(out).recipe_path.write_text(rec.to_yaml())
+    Run(out).meta_path.write_text(json.dumps({"status": "training", "epochs_done": 1, "model_meta": {}}))
+    Run(out).last_checkpoint.write_bytes(b"")
+    same, notes = resume_recipe(out)
+    assert same == rec and notes == []
+    # the README's old resume line re-read recipes/demo.yaml (12 epochs) over a run trained with 1
+    with pytest.raises(RecipeError, match=r"demo.yaml gives .*train.epochs 12 where the run has 2.*"
+                                          r"`segdeploy train --resume --out "):
+        resume_recipe(out, RECIPES / "demo.yaml", [], tiny_data)
+    with pytest.raises(RecipeError, match=r"--resume cannot change optimizer.lr 0.1 where the run has 0.003"):
+        resume_recipe(out, None, ["optimizer.lr=0.1"])
+    longer, notes = resume_recipe(out, None, ["train.epochs=3"])  # a key that may change: applied and stated
+    assert longer.train.epochs == 3 and notes == ["train.epochs: 2 → 3 (applied to the resumed run)"]
+    with pytest.raises(RecipeError, match=r"has run 1 of its 1 epochs already.*--set train.epochs=2"):
+        resume_recipe(out, None, ["train.epochs=1"])
+    same_again, _ = resume_recipe(out, RECIPES / "demo.yaml", two, tiny_data)  # the full original command
+    assert same_again == rec
+    assert one_line_error(run("train", "--resume")).endswith("segdeploy train --resume --out RUN")
+
+
+def test_readme_and_the_tools_hint_show_the_same_resume_command(tmp_path: Path) -> None:
+    from segdeploy.artifact import continue_hint
+
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    hint = continue_hint(tmp_path)
+    assert f"`segdeploy train --resume --out {tmp_path}`" in hint
+    readme = (RECIPES.parent / "README.md").read_text()
+    assert "segdeploy train --resume --out runs/demo" in readme
+    assert "--out runs/demo --resume" not in readme  # the old form that re-read the recipe file
+
+
+def test_interrupted_before_any_epoch_says_there_is_nothing_to_resume(tmp_path: Path) -> None:
+    from segdeploy.train import interrupted_hint
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/meta.json").write_text(json.dumps({"status": "training", "epochs_done": 0, "model_meta": {}}))
+    assert "nothing to resume; start it again with the same command" in interrupted_hint(tmp_path / "run", "new")
+
+
+def test_deterministic_mode_sets_and_restores_torchs_switches_and_names_ops_without_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import warnings
+
+    import torch
+
+    from segdeploy.reproducible import deterministic_mode
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with deterministic_mode(True) as det:
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        warnings.warn("upsample_bilinear2d_backward_out_cuda does not have a deterministic implementation, but you "
+                      "set 'torch.use_deterministic_algorithms(True, warn_only=True)'", UserWarning, stacklevel=1)
+    assert det.nondeterministic_ops == ["upsample_bilinear2d_backward_out_cuda"]
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with deterministic_mode(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+
+
+# ------------------------------------------------------------------------------ 6. hints that point the right way
+
+
+def test_offline_imagenet_weights_fail_before_the_data_is_read_and_name_weights_null(tiny_data: Path,
+                                                                                     tmp_path: Path) -> None:
+    data = tmp_path / "d"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("scene"))
+    (data / "val/val0000_mask.png").write_bytes(b"not a png")  # what a full read would stop at
+    args = ["train", RECIPES / "demo.yaml", "--data", data, "--out", tmp_path / "r", "--no-progress", "--set",
+            "data.tile_size=32"]
+    line = one_line_error(run(*args, "--set", "model.weights=imagenet"))  # HF_HUB_OFFLINE=1 (conftest)
+    assert "imagenet" in line and "model.weights: null" in line and "val0000" not in line
+    fixed = one_line_error(run(*args, "--set", "model.weights=null"))  # the fix: past the weights, to the data
+    assert "val0000_mask.png" in fixed
+
+
+def test_a_ratio_split_left_empty_says_so_and_its_fix_works(tiny_data: Path) -> None:
+    from segdeploy import recipe
+    from segdeploy.data.dataset import discover
+    from segdeploy.errors import DataError
+
+    tiny = ["data.image_dir=train", "data.mask_dir=train", "data.split.mode=ratio",
+            "data.split.ratios={train: 0.98, val: 0.01, test: 0.01}"]
+    rec = recipe.load(RECIPES / "demo.yaml", tiny, tiny_data)
+    with pytest.raises(DataError, match=r"split 'val' is empty because of the ratios, not the files") as info:
+        discover(rec.data, "val")
+    assert "no '*_sat.png' images" not in str(info.value)
+    fix = re.search(r"--set '([^']+)'", str(info.value)).group(1)
+    fixed = recipe.load(RECIPES / "demo.yaml", [*tiny[:-1], fix], tiny_data)
+    assert len(discover(fixed.data, "val")) >= 1

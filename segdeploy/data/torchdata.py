@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from segdeploy.data.dataset import Sample, SampleReader
 from segdeploy.recipe import AugmentConfig, ClassesConfig, DataConfig
+from segdeploy.reproducible import epoch_seed, sample_seed
 from segdeploy.tiling import normalize
 
 
@@ -66,7 +67,11 @@ class SegmentationDataset(SampleReader, Dataset):
         """Already scaled to [0, 1] by `to_tensor` (augmentations work on that): tiling's normalize."""
         return torch.from_numpy(normalize(x.numpy(), 1.0, self.mean_values, self.std_values, valid))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample `item`, or `(index, seed)` from a `SeededSampler`: then its augmentation is drawn
+        from `seed` alone (the global generator is left as it was), so it is the same whichever
+        loader worker reads it and whether the run was resumed."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
         s = self.sample(i)
         image, y = s.image, torch.from_numpy(s.mask.astype(np.int64))
         if s.valid is not None:
@@ -75,13 +80,43 @@ class SegmentationDataset(SampleReader, Dataset):
             y[torch.from_numpy(~s.valid)] = INVALID
         x = self.to_tensor(image)
         if self.transform is not None:
-            xi, ym = self.transform(tv_tensors.Image(x), tv_tensors.Mask(y))
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                xi, ym = self.transform(tv_tensors.Image(x), tv_tensors.Mask(y))
             x, y = xi.as_subclass(torch.Tensor), ym.as_subclass(torch.Tensor)
         if s.valid is None:
             return self.normalize(x), y
         invalid = y == INVALID
         y[invalid] = self.classes.ignore_index
         return self.normalize(x, ~invalid.numpy()), y
+
+
+class SeededSampler(Sampler):
+    """Training order and per-sample augmentation seeds as pure functions of (seed, epoch): yields
+    `(index, sample_seed(seed, epoch, index))`. Shuffled by a generator seeded with
+    `epoch_seed(seed, epoch)`, or, under DDP, by `base` (a DistributedSampler, given the epoch).
+    Call `set_epoch` before each epoch; a resumed run then draws what an uninterrupted one did."""
+
+    def __init__(self, size: int, seed: int, base: Sampler | None = None) -> None:
+        self.size, self.seed, self.base, self.epoch = size, seed, base, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)  # type: ignore[union-attr]
+
+    def order(self) -> list[int]:
+        if self.base is not None:
+            return list(self.base)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self):  # noqa: ANN204 - Iterator[tuple[int, int]]
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in self.order()])
+
+    def __len__(self) -> int:
+        return len(self.base) if self.base is not None else self.size  # type: ignore[arg-type]
 
 
 def band_stats(dataset: SampleReader, limit: int = 256) -> tuple[list[float], list[float]]:
