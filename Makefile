@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 # the suite spends most of its time on one core (Python, I/O): two workers use both
 TEST_WORKERS ?= 2
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+
+# README's verbs walked in order on a fresh directory with tiny settings (2-4 min; skipped by `make test`)
+readme: $(STAMP)
+	SEGDEPLOY_SLOW=1 $(BIN)/python -m pytest -q tests/test_readme.py
 
 clean:
 	rm -rf $(VENV) quickstart .pytest_cache

@@ -14,12 +14,13 @@ import csv
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from segdeploy.artifact import EXPORT_FORMS, PRECISIONS, Run, bench_form, form_of
+from segdeploy.artifact import EXPORT_FORMS, PRECISIONS, Run, artifact_meta, bench_form, form_of
 from segdeploy.errors import UserError
 from segdeploy.runtime import backend_class, backend_for, load_backend
 from segdeploy.runtime.base import Backend
@@ -80,12 +81,14 @@ class BenchOptions:
     backends: tuple[str, ...] = BACKENDS
     precisions: tuple[str, ...] = PRECISIONS
     batches: tuple[int, ...] = (1, 8)
-    size: int = 512
+    size: int | None = None  # None: each model's tile size (what predict feeds it)
     threads: int | None = None
     data: Path | None = None
     tiled: Path | None = None
-    min_iters: int = 20
-    min_seconds: float = 2.0
+    # a row: warm-up, then >= min_iters runs and >= min_seconds; a first table of the demo model at
+    # its 128² tile on 2 CPU cores takes about a minute with these (--iters/--seconds for more)
+    min_iters: int = 10
+    min_seconds: float = 1.0
     warmup: int = 3
     accuracy: bool = True
 
@@ -231,18 +234,36 @@ def count_flops(run: Run | None, bands: int, size: int) -> float | None:
 # ------------------------------------------------------------------------------------ driver
 
 
-def bench(models: list[Path], opts: BenchOptions, log=print) -> BenchReport:  # noqa: ANN001
-    """One job per (candidate, batch): load the candidate once, measure accuracy once, time each batch."""
+def bench(models: list[Path], opts: BenchOptions, log=print,  # noqa: ANN001
+          progress: Callable[[int, str], None] | None = None) -> BenchReport:
+    """One job per (candidate, batch): load the candidate once, measure accuracy once, time each batch.
+    `progress(rows in all, "")` is called once the rows are known, then `progress(rows done, label)`
+    after each row (for a bar with an estimate)."""
+    from dataclasses import replace
+
     from segdeploy.utils import cpu_count
 
     threads = opts.threads or cpu_count()  # every CPU backend gets this many (torch's own load sets it)
     report = BenchReport(threads=threads, machine=_machine())
-    for model in models:
-        run = Run.find(Path(model))
-        reference = AccuracyColumns(run, opts, log)
+    plan = [(Path(m), replace(opts, size=opts.size or model_size(Path(m)))) for m in models]
+    plan = [(m, o, candidates(m, o)) for m, o in plan]
+    total = sum(len(cands) * len(o.batches) for _, o, cands in plan)
+    done = 0
+    if progress:
+        progress(total, "")
+
+    def rows_done(n: int, label: str) -> None:  # an unavailable candidate is one row for all its batches
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, label)
+
+    for model, mopts, cands in plan:
+        run = Run.find(model)
+        reference = AccuracyColumns(run, mopts, log)
         flops = FlopCache(run)
-        for cand in candidates(Path(model), opts):
-            report.rows += _bench_candidate(cand, opts, threads, reference, flops, log)
+        for cand in cands:
+            report.rows += _bench_candidate(cand, mopts, threads, reference, flops, log, rows_done)
         if reference.classes:
             report.miou_classes[str(model)] = reference.classes
         if reference.ref is not None:
@@ -250,9 +271,21 @@ def bench(models: list[Path], opts: BenchOptions, log=print) -> BenchReport:  # 
     return report
 
 
+def model_size(model: Path) -> int:
+    """The tile size a model was trained for (bench's default input size), 512 when unknown."""
+    try:
+        run = Run.find(model)
+        return int((run.meta if run is not None and model.is_dir() else artifact_meta(model)).tile_size)
+    except Exception:  # noqa: BLE001 - an unreadable model is reported by its row, not here
+        return 512
+
+
 def _bench_candidate(cand: Candidate, opts: BenchOptions, threads: int, reference: AccuracyColumns, flops: FlopCache,
-                     log) -> list[BenchRow]:  # noqa: ANN001
+                     log, on_rows: Callable[[int, str], None] = lambda n, label: None) -> list[BenchRow]:  # noqa: ANN001
+    """The candidate's rows, one per batch (one in all when it cannot run); `on_rows(n, label)`
+    after each n rows of the plan are done."""
     def unavailable(why: str) -> list[BenchRow]:
+        on_rows(len(opts.batches), f"{cand.backend} {cand.precision}")
         return [BenchRow(cand.model, cand.backend, cand.precision, 0, opts.size, UNAVAILABLE, why)]
 
     why = availability(cand)
@@ -275,6 +308,7 @@ def _bench_candidate(cand: Candidate, opts: BenchOptions, threads: int, referenc
         log(f"{cand.backend} {cand.precision} batch {batch}: {row.status} "
             f"{'' if row.p50_ms is None else f'{row.p50_ms:.1f} ms p50'} {row.reason}")
         rows.append(row)
+        on_rows(1, f"{cand.backend} {cand.precision} batch {batch}")
     return rows
 
 

@@ -57,7 +57,7 @@ class NonFiniteError(UserError):
     the message names the tile, image or step, and what to do."""
 
 
-class Interrupted(UserError):
-    """The user stopped the work (Ctrl-C); the message says what was kept and the command that continues."""
-
-    exit_code = 130
+class Interrupted(KeyboardInterrupt):
+    """The user stopped the work (Ctrl-C); the message says what was kept and the command that
+    continues. A KeyboardInterrupt still (an `except Exception` never swallows a Ctrl-C); the CLI
+    prints the message and exits 130."""

@@ -110,3 +110,71 @@ class WorkProgress:
         status = self._status()
         return (f"{self.what}: {counts}, {self.rate(now):.1f} {self.rate_unit}/s{', ' + status if status else ''}"
                 f", {format_seconds(elapsed)} elapsed{eta}")
+
+
+class Heartbeat:
+    """For work whose steps cannot be counted (an ONNX export, a TensorRT build, a calibration):
+    `stage(text)` records (and prints) what it is doing; on a terminal a spinner shows the stage and
+    the time spent, otherwise a thread prints "WHAT: still STAGE (2m30s elapsed)" whenever
+    `every` seconds pass without a line, so a log never goes silent."""
+
+    def __init__(self, console: Console, what: str, *, enabled: bool = True, every: float | None = None) -> None:
+        import threading
+
+        self.console, self.what, self.enabled = console, what, enabled
+        self.every = plain_interval() if every is None else every
+        self.current, self.t0, self.last = "starting", time.perf_counter(), time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="segdeploy-heartbeat")
+        self.status = console.status("", spinner="dots") if enabled and console.is_terminal else None
+
+    def __enter__(self) -> Heartbeat:
+        if self.status is not None:
+            self.status.start()
+        elif self.enabled and self.every > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.status is not None:
+            self.status.stop()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def stage(self, text: str) -> None:
+        """Print `text` as a line of the log and make it the stage the heartbeat reports."""
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        self.current, self.last = text.rstrip(".…"), time.perf_counter()
+        if self.status is not None:
+            self.status.update(f"{self.what}: {self.current[:80]}")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(self.every, 1.0)):
+            now = time.perf_counter()
+            if now - self.last >= self.every:
+                self.last = now
+                self.console.print(f"{self.what}: still {self.current[:120]} ({format_seconds(now - self.t0)} elapsed)",
+                                   markup=False, highlight=False, soft_wrap=True)
+
+
+class Ticker:
+    """Plain progress lines for a log from a verb that keeps its own counts: `tick(line)` prints
+    `line()` when `every` seconds have passed since the last one (never on a terminal, where the
+    verb's own bar shows progress)."""
+
+    def __init__(self, console: Console, enabled: bool = True, every: float | None = None) -> None:
+        self.console, self.every = console, plain_interval() if every is None else every
+        self.enabled = enabled and not console.is_terminal
+        self.t0 = self.last = time.perf_counter()
+
+    def tick(self, line: Any) -> None:  # line: Callable[[], str], called only when a line is due
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every:
+            self.last = now
+            self.console.print(line(), markup=False, highlight=False, soft_wrap=True)
+
+    def eta(self, done: float, total: float) -> str:
+        """'ETA 3m05s' from the rate so far, or '' before any progress."""
+        elapsed = time.perf_counter() - self.t0
+        return f"ETA {format_seconds(elapsed / done * (total - done))}" if done > 0 else ""

@@ -52,8 +52,9 @@ def error_colour(palette: list[tuple[int, int, int]], avoid: tuple[tuple[int, in
 def display_rgb(image: np.ndarray, max_value: float) -> np.ndarray:
     """First three bands (or the single band) as uint8 RGB; high-bit-depth data is stretched."""
     img = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, -1)
+    stretch = max_value > 255 or img.dtype.kind == "f"  # 8-bit pictures are shown as they are
     img = img.astype(np.float32)
-    if max_value > 255 or img.dtype.kind == "f":
+    if stretch:
         lo, hi = np.percentile(img, 2), np.percentile(img, 98)
         img = (img - lo) / max(hi - lo, 1e-6) * 255
     return np.clip(img, 0, 255).astype(np.uint8)

@@ -41,8 +41,11 @@ def has_tensorrt() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none visible: torch.cuda.is_available() is False)")
     skip_trt = pytest.mark.skip(reason="needs TensorRT (pip install segdeploy[trt]) and a CUDA GPU")
+    skip_slow = pytest.mark.skip(reason="slow end-to-end walk: run with SEGDEPLOY_SLOW=1 (make readme)")
     for item in items:
-        if "trt" in item.keywords and not has_tensorrt():
+        if "slow" in item.keywords and not os.environ.get("SEGDEPLOY_SLOW"):
+            item.add_marker(skip_slow)
+        elif "trt" in item.keywords and not has_tensorrt():
             item.add_marker(skip_trt)
         elif "gpu" in item.keywords and not has_cuda():
             item.add_marker(skip_gpu)

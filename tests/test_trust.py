@@ -604,12 +604,12 @@ def test_bad_predict_arguments_are_one_line(tiny_run: Path, synth_dir: Path, tmp
 
 
 def test_outputs_that_exist_are_replaced_not_refused(tiny_run: Path, synth_dir: Path, tmp_path: Path) -> None:
-    """The writability check looks at the folder: an existing output file is simply replaced."""
+    """The writability check looks at the folder: an existing output file is replaced (with --overwrite)."""
     scene = synth_dir / "scene/scene.tif"
     args = ["predict", tiny_run, scene, "--out", tmp_path / "p.tif", "--tile", "64", "--overlap", "16",
             "--no-progress", "--no-preview", "--json", tmp_path / "p.json"]
-    for _ in range(2):
-        result = run(*args)
+    for again in ([], ["--overwrite"]):  # a finished output is replaced with --overwrite (README: Outputs)
+        result = run(*args, *again)
         assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "p.json").read_text())["results"][0]["output"] == str(tmp_path / "p.tif")
 

@@ -425,3 +425,188 @@ def test_a_ratio_split_left_empty_says_so_and_its_fix_works(tiny_data: Path) -> 
     fix = re.search(r"--set '([^']+)'", str(info.value)).group(1)
     fixed = recipe.load(RECIPES / "demo.yaml", [*tiny[:-1], fix], tiny_data)
     assert len(discover(fixed.data, "val")) >= 1
+
+
+# ------------------------------------------------------------------------------ 6. segdeploy info
+
+
+def test_info_describes_a_run_its_exports_gates_and_staleness(tiny_onnx: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_onnx.parent.parent, run_dir)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    parity = json.loads((run_dir / "export/parity.json").read_text())["reports"]["onnxruntime_fp32"]
+    result = run("info", run_dir, "--json", tmp_path / "i.json")
+    assert result.exit_code == 0, result.output
+    facts = json.loads((tmp_path / "i.json").read_text())
+    assert facts["status"] == "complete" and facts["epochs_done"] == meta["epochs_run"]
+    assert facts["best"] == {"val_miou": meta["best_val_miou"], "epoch": meta["best_epoch"], "levels": None}
+    assert facts["model"]["classes"] == meta["model_meta"]["classes"]
+    assert facts["versions"]["torch"] == meta["model_meta"]["versions"]["torch"]
+    forms = {e["form"]: e for e in facts["exports"]}
+    fp32 = forms["fp32"]
+    assert fp32["present"] and fp32["stale"] is None
+    assert fp32["size_mb"] == round((run_dir / "export/model.onnx").stat().st_size / 2**20, 2)
+    assert fp32["gate"]["passed"] is parity["passed"] and fp32["gate"]["agreement"] == parity["agreement"]
+    assert forms["fp16"] == {"form": "fp16", "file": "model.fp16.onnx", "backend": "onnxruntime", "precision": "fp16",
+                             "present": False, "make_with": f"segdeploy export {run_dir} --fp16"}
+    assert "exports" in result.output and "not made: segdeploy export" in result.output
+    # the weights change after the export: the ONNX is named stale, here and for the file itself
+    weights = run_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    facts = json.loads(run("info", run_dir, "--json", "-").output)
+    assert "is stale" in {e["form"]: e for e in facts["exports"]}["fp32"]["stale"]
+    model = json.loads(run("info", run_dir / "export/model.onnx", "--json", "-").output)
+    assert model["form"] == "fp32" and "is stale" in model["stale"] and model["gate"]["passed"] is parity["passed"]
+    assert model["source"]["path"] == "../model.safetensors"
+
+
+def test_info_on_an_unfinished_run_says_how_to_finish_it_and_needs_no_torch(tiny_onnx: Path, tmp_path: Path) -> None:
+    from tests.test_lean import run_without_torch
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_onnx.parent.parent, run_dir, ignore=shutil.ignore_patterns("export"))
+    meta = json.loads((run_dir / "meta.json").read_text())
+    (run_dir / "meta.json").write_text(json.dumps({**meta, "status": "failed", "error": "disk full"}))
+    facts = json.loads(run("info", run_dir, "--json", "-").output)
+    assert facts["status"] == "failed" and facts["error"] == "disk full"
+    assert f"segdeploy train --resume --out {run_dir}" in facts["next"]
+    proc, loaded = run_without_torch(tmp_path, "info", str(tiny_onnx))
+    assert proc.returncode == 0 and loaded == [], proc.stderr
+    assert "onnxruntime fp32" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ 6. pictures
+
+
+def test_the_error_colour_is_never_a_class_colour_and_the_legend_says_so() -> None:
+    from segdeploy.viz import ERROR_CANDIDATES, error_colour, overlay_figure
+
+    palette = [(230, 30, 30), (255, 0, 255), (0, 160, 0)]  # a class already has the old "wrong" red
+    wrong = error_colour(palette)
+    taken = np.asarray([*palette, (40, 40, 40)], float)
+    assert wrong in ERROR_CANDIDATES and np.sqrt(((taken - wrong) ** 2).sum(1)).min() >= 100
+    truth = np.zeros((16, 16), np.int64)
+    pred = truth.copy()
+    pred[:4] = 1
+    fig = overlay_figure(np.full((16, 16, 3), 128, np.uint8), truth, pred, ["a", "b", "c"], palette, 255.0, 255)
+    panel = fig.axes[3].get_images()[0].get_array()
+    assert tuple(panel[0, 0]) == wrong and tuple(panel[8, 8]) != wrong
+    legend = {t.get_text(): h.get_facecolor()[:3] for t, h in zip(fig.legends[0].get_texts(),
+                                                                    fig.legends[0].legend_handles, strict=True)}
+    assert np.allclose(legend["wrong"], np.asarray(wrong) / 255)
+
+
+def test_pictures_leave_the_background_class_unpainted_and_carry_a_legend(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from segdeploy.predict import PredictOptions, predict_file
+    from segdeploy.recipe import ClassesConfig
+    from tests.test_predict import EchoBackend
+
+    assert ClassesConfig(names=["background", "lesion"]).background_index() == 0
+    assert ClassesConfig(names=["field", "forest"]).background_index() is None  # every land-cover class is painted
+    assert ClassesConfig(names=["sky", "car"], background="sky").background_index() == 0
+    photo = np.random.default_rng(1).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    labels = np.zeros((40, 50), np.uint8)
+    labels[10:20, 10:30] = 1
+    photo[..., 0] = labels  # the echo model predicts band 0: these labels
+    Image.fromarray(photo).save(tmp_path / "x.png")
+    backend = EchoBackend(2, 32, bands=3)
+    backend.meta.classes, backend.meta.palette = ["background", "lesion"], [[0, 0, 0], [255, 0, 0]]
+    res = predict_file(backend, tmp_path / "x.png", tmp_path / "p.png", PredictOptions(tile=32, overlap=8))
+    overlay = np.asarray(Image.open(res.files[1]).convert("RGB"))
+    assert overlay.shape[0] > 40 + 30  # a title line above and a legend row below the 40 px picture
+    top, left = 22, (overlay.shape[1] - 50) // 2  # where the picture is pasted (viz._save_with_legend)
+    body = overlay[top:top + 40, left:left + 50].astype(int)
+    assert np.array_equal(body[labels == 0], photo[labels == 0])  # background: the photo, no colour cast
+    expected = np.clip(photo[labels == 1] * 0.55 + np.array([255, 0, 0]) * 0.45, 0, 255).astype(int)
+    assert np.abs(body[labels == 1] - expected).max() <= 1
+    legend = overlay[top + 40:]
+    assert (np.abs(legend.astype(int) - [255, 0, 0]).sum(-1) == 0).sum() >= 100  # the lesion swatch
+
+
+# ------------------------------------------------------------------------------ 5. numbers that mean what they say
+
+
+def test_a_resumed_predict_counts_only_the_work_of_this_run(tmp_path: Path) -> None:
+    from segdeploy.predict import PredictOptions, predict_file
+    from segdeploy.tiling import window_starts
+    from tests.test_predict import ConvBackend, write_tif as write_raster
+
+    h, w = 600, 100
+    write_raster(tmp_path / "in.tif", (np.random.default_rng(4).random((3, h, w)) * 255).astype(np.uint8))
+    backend = ConvBackend()
+    backend.meta.max_pixel_value = 255.0
+    opts = PredictOptions(tile=64, overlap=16, batch=4)
+    rows, cols = window_starts(h, 64, 16), window_starts(w, 64, 16)
+
+    def ctrl_c(done: int, total: int, pixels: int) -> None:
+        if done >= 8 * len(cols):  # past the first 256-row block written to disk
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        predict_file(backend, tmp_path / "in.tif", tmp_path / "o.tif", opts, progress=ctrl_c)
+    on_disk = json.loads((tmp_path / "o.tif.partial.json").read_text())["rows_on_disk"]
+    seen = []
+    res = predict_file(backend, tmp_path / "in.tif", tmp_path / "o.tif", PredictOptions(tile=64, overlap=16, batch=4,
+                       resume=True), progress=lambda d, t, p: seen.append((d, t, p)))
+    replay_from = on_disk // 48 - 1  # the tile row above the resume point is recomputed
+    assert res.resumed_from_row == on_disk and res.tiles_total == len(rows) * len(cols)
+    assert res.tiles == (len(rows) - replay_from) * len(cols) < res.tiles_total
+    assert 0 < on_disk < h and res.pixels == (h - on_disk) * w
+    assert res.megapixels_per_s == pytest.approx(res.pixels / 1e6 / res.seconds, rel=0.02)
+    assert seen[-1] == (res.tiles, res.tiles, res.pixels)  # the bar ends at 100% of this run's work
+
+
+def test_predicts_peak_memory_is_measured_during_the_call_not_over_the_process(tmp_path: Path) -> None:
+    from segdeploy.predict import PredictOptions, predict_file
+    from segdeploy.utils import peak_rss_mb
+    from tests.test_predict import EchoBackend
+
+    write_tif(tmp_path / "s.tif", 64)
+    big = np.ones(400 * 2**20 // 8)  # 400 MB touched, then freed: the process's lifetime peak
+    del big
+    res = predict_file(EchoBackend(3, 32, bands=3), tmp_path / "s.tif", tmp_path / "o.tif",
+                       PredictOptions(tile=32, overlap=8, preview=False))
+    assert res.peak_rss_mb < peak_rss_mb() - 300
+
+
+# ------------------------------------------------------------------------------ 6. long work is never silent
+
+
+def test_bench_defaults_to_the_models_tile_size_and_shows_progress_with_an_estimate(tiny_onnx: Path,
+                                                                                    tmp_path: Path) -> None:
+    result = run("bench", tiny_onnx, "--batch", "1,2", "--iters", "2", "--seconds", "0", "--no-accuracy",
+                 "--json", tmp_path / "b.json", env={"SEGDEPLOY_PROGRESS_SECONDS": "0"})
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    tile = json.loads((tiny_onnx.parent.parent / "meta.json").read_text())["model_meta"]["tile_size"]
+    assert [r["size"] for r in rows] == [tile, tile] and [r["batch"] for r in rows] == [1, 2]
+    assert re.search(r"bench: 1/2 rows \(50%\), [\d.]+ rows/s, last onnxruntime fp32 batch 1, \S+ elapsed, ETA \S+",
+                     result.output), result.output
+    from segdeploy.bench import BenchOptions
+
+    assert (BenchOptions().min_iters, BenchOptions().min_seconds, BenchOptions().size) == (10, 1.0, None)
+
+
+def test_eval_and_export_report_progress_in_a_log(tiny_onnx: Path, tmp_path: Path) -> None:
+    result = run("eval", tiny_onnx, "--split", "val", "--out", tmp_path / "ev", env={"SEGDEPLOY_PROGRESS_SECONDS": "0"})
+    assert result.exit_code == 0, result.output
+    assert re.search(r"eval \S+ · val: 8/8 images \(100%\), [\d.]+ images/s", result.output), result.output
+
+
+def test_a_heartbeat_keeps_a_log_alive_through_uncountable_work() -> None:
+    import io
+    import time
+
+    from rich.console import Console
+
+    from segdeploy.progress import Heartbeat
+
+    log = io.StringIO()
+    with Heartbeat(Console(file=log, width=200), "export", every=0.2) as beat:
+        beat.stage("exporting FP32 ONNX…")
+        time.sleep(0.7)
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "exporting FP32 ONNX…"
+    assert any(re.fullmatch(r"export: still exporting FP32 ONNX \(\d+s elapsed\)", line) for line in lines[1:]), lines

@@ -169,8 +169,7 @@ def guarded(fn: F) -> F:
         except UserError as exc:
             if STATE["debug"]:
                 raise
-            prefix = "interrupted" if isinstance(exc, Interrupted) else "error"
-            typer.echo(f"{prefix}: {one_line(str(exc))}", err=True)
+            typer.echo(f"error: {one_line(str(exc))}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except ModuleNotFoundError as exc:
             if STATE["debug"] or (exc.name or "").split(".")[0] not in TRAINING_STACK:
@@ -178,8 +177,9 @@ def guarded(fn: F) -> F:
             typer.echo(f"error: this needs the PyTorch stack ({exc.name} is not installed): pip install "
                        "'segdeploy[train]' (predicting with an .onnx model needs none of it)", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
+        except KeyboardInterrupt as exc:  # an `Interrupted` says what was kept and how to go on
+            said = one_line(str(exc)) if isinstance(exc, Interrupted) else ""
+            typer.echo(f"interrupted: {said}" if said else "interrupted", err=True)
             raise typer.Exit(130) from None
         except OSError as exc:  # a file system refusal the verb did not word itself: still one line
             if STATE["debug"]:

@@ -22,12 +22,15 @@ def bench_cmd(
     backend: str = typer.Option("torch,onnxruntime,tensorrt", help="Backends to measure (comma-separated)."),
     precision: str = typer.Option("fp32,fp16,int8", help="Precisions to measure (comma-separated)."),
     batch: str = typer.Option("1,8", help="Batch sizes (comma-separated)."),
-    size: int = typer.Option(512, min=16, help="Square input size in pixels."),
+    size: int = typer.Option(None, min=16, help="Square input size in pixels (default: each model's tile size, "
+                             "what predict feeds it)."),
     data: Path = typer.Option(None, "--data", help="Dataset for the accuracy columns (default: the run's data)."),
     tiled: Path = typer.Option(None, "--tiled", help="Also time `predict` end to end on this image."),
     threads: int = typer.Option(None, min=1, help="CPU threads for every CPU backend (default: torch's)."),
-    iters: int = typer.Option(20, min=1, help="Minimum timed iterations per row."),
-    seconds: float = typer.Option(2.0, min=0, help="Minimum timed seconds per row."),
+    iters: int = typer.Option(10, min=1, help="Minimum timed iterations per row."),
+    seconds: float = typer.Option(1.0, min=0, help="Minimum timed seconds per row (the defaults give a first "
+                                  "table of the demo model in about a minute on 2 CPU cores)."),
+    progress: bool = typer.Option(True, help="Show progress with an estimate (plain lines when not on a terminal)."),
     accuracy: bool = typer.Option(True, help="Compute the accuracy columns."),
     json_out: Path = typer.Option(None, "--json", help="Write every row as JSON ('-' for stdout)."),
     csv_out: Path = typer.Option(None, "--csv", help="Write every row as CSV."),
@@ -52,7 +55,16 @@ def bench_cmd(
         raise UserError(f"--batch {batch!r} must be comma-separated integers ≥ 1, e.g. 1,8")
     opts = BenchOptions(backends=backends, precisions=precisions, batches=batches, size=size, threads=threads,
                         data=data, tiled=tiled, min_iters=iters, min_seconds=seconds, accuracy=accuracy)
-    report = bench(models, opts, log=lambda m: console.print(m, markup=False, highlight=False))
+    from segdeploy.progress import WorkProgress
+
+    with WorkProgress(console, "bench", None, "rows", enabled=progress, transient=True) as bar:
+        def on_row(done: int, label: str) -> None:
+            if not label:  # the first call: how many rows there are
+                bar.update(0, total=done)
+            else:
+                bar.update(done - bar.done, last=label)
+
+        report = bench(models, opts, log=lambda m: console.print(m, markup=False, highlight=False), progress=on_row)
     for table in render(report, console.width):  # the terminal's width, or COLUMNS when piped
         console.print(table)
     from segdeploy.bench import log_to_mlflow

@@ -27,6 +27,8 @@ def export_cmd(
     workspace: float = typer.Option(4.0, callback=positive, help="TensorRT workspace limit in GiB."),
     set_: list[str] = typer.Option([], "--set", help="Override a gate threshold: --set parity.fp16_agreement=0.9995."),
     data: Path = typer.Option(None, "--data", help="Dataset for the parity gate (default: the run's data.root)."),
+    progress: bool = typer.Option(True, help="Show what export is doing (on a terminal a spinner; otherwise a line "
+                                  "every 30 s of silence, SEGDEPLOY_PROGRESS_SECONDS)."),
     json_out: Path = typer.Option(None, "--json", help="Write the export report as JSON ('-' for stdout)."),
 ) -> None:
     """ONNX (FP32), mixed-precision FP16 ONNX, calibrated INT8 ONNX and TensorRT engines, each behind the parity gate.
@@ -42,8 +44,11 @@ def export_cmd(
     opts = ExportOptions(fp16=fp16, trt=trt, int8=int8, calib_images=calib_images, calib_method=calib_method,
                          opset=opset, tile=tile, batch=batch, workspace_gib=workspace,
                          data_root=data, parity_overrides=set_)
+    from segdeploy.progress import Heartbeat
+
     try:
-        report = export_run(run_dir, opts, log=lambda m: console.print(m, markup=False, highlight=False))
+        with Heartbeat(console, "export", enabled=progress) as beat:
+            report = export_run(run_dir, opts, log=beat.stage)
     except ParityError as exc:
         if json_out is not None and exc.report is not None:
             emit_json({"error": str(exc), **exc.report.to_dict()}, json_out)

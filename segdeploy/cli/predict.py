@@ -95,9 +95,11 @@ def _run(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: s
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     from segdeploy.jobs import Tally, run_jobs
+    from segdeploy.progress import Ticker, format_seconds
     from segdeploy.utils import live_progress
 
     tally = Tally(len(jobs))
+    ticker = Ticker(console, enabled=progress)  # plain lines when stderr is a log, not a terminal
     columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                TextColumn("{task.fields[done]}/{task.total:.0f} rasters"), TextColumn("{task.fields[mps]:.2f} MP/s"),
                TextColumn("{task.fields[failed]}"), TextColumn("ETA"), TimeRemainingColumn()]
@@ -108,6 +110,9 @@ def _run(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: s
         def redraw() -> None:
             bar.update(task, completed=tally.completed, done=tally.done, mps=tally.megapixels_per_s,
                        failed=f"{tally.failed} failed" if tally.failed else "")
+            ticker.tick(lambda: f"predict: {tally.completed:.2f}/{len(jobs)} rasters ({tally.completed / len(jobs):.0%}), "
+                                f"{tally.megapixels_per_s:.2f} MP/s, {format_seconds(tally.seconds)} elapsed, "
+                                f"{ticker.eta(tally.completed, len(jobs))}")
 
         def on_tiles(index: int, done: int, total: int, pixels: int) -> None:
             tally.tiles(index, done, total, pixels)

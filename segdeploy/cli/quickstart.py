@@ -66,16 +66,43 @@ def quickstart_cmd(
     emit_json(summary, json_out)
 
 
-def _predict_scene(model: Path, info: dict, pred_path: Path):  # noqa: ANN202 - (PredictResult, accuracy)
-    from segdeploy.predict import PredictOptions, predict_file
+def _predict_scene(model: Path, info: dict, pred_path: Path):  # noqa: ANN202 - (prediction summary, accuracy)
+    """`segdeploy predict` on the scene as a user would run it: its own process, so its peak
+    memory is predict's (this process also holds the training stack: its peak says nothing about
+    predict's)."""
     from segdeploy.raster import pixel_agreement
-    from segdeploy.runtime import load_backend
 
-    pred = predict_file(load_backend(model), Path(info["scene"]), pred_path, PredictOptions(tile=256, overlap=32, batch=4))
+    args = ["predict", str(model), info["scene"], "--out", str(pred_path), "--tile", "256", "--overlap", "32",
+            "--batch", "4", "--no-progress", "--overwrite", "--json", "-"]
+    pred, peak_mb = run_own_process(args)
+    pred["peak_rss_mb"] = peak_mb
     scene_acc = pixel_agreement(pred_path, Path(info["scene_labels"]))
-    console.print(f"{pred.width}×{pred.height} px in {pred.seconds:.1f}s = {pred.megapixels_per_s:.2f} MP/s, "
-                  f"peak RSS {pred.peak_rss_mb:.0f} MB, pixel accuracy vs scene labels {scene_acc:.4f}")
+    console.print(f"{pred['width']}×{pred['height']} px in {pred['seconds']:.1f}s = {pred['megapixels_per_s']:.2f} MP/s, "
+                  f"peak RSS of the predict process {peak_mb:.0f} MB, pixel accuracy vs scene labels {scene_acc:.4f}")
     return pred, scene_acc
+
+
+def run_own_process(args: list[str]) -> tuple[dict, float]:
+    """Run `python -m segdeploy ARGS --json -` in a child process: (its one result, its peak RSS in
+    MB from the kernel's accounting of that child alone: os.wait4). Raises UserError with its error."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "segdeploy", *args], stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            lines = err.read().strip().splitlines()
+            raise UserError(f"segdeploy {' '.join(args[:3])} failed: {lines[-1] if lines else proc.returncode}")
+        result = json.loads(out.read())
+    peak = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    return result["results"][0], peak
 
 
 def _bench(run_dir: Path, size: int):  # noqa: ANN202 - a BenchReport
@@ -111,8 +138,8 @@ def _summary(seconds: float, data_dir: Path, run_dir: Path, result, report, expo
         "run_dir": str(run_dir),
         "best_val_miou": round(result.best_miou, 4),
         "test_miou": round(report.metrics.miou, 4),
-        "scene_prediction": {"megapixels_per_s": pred.megapixels_per_s, "seconds": pred.seconds,
-                             "peak_rss_mb": pred.peak_rss_mb, "pixel_accuracy": round(scene_acc, 4)},
+        "scene_prediction": {"megapixels_per_s": pred["megapixels_per_s"], "seconds": pred["seconds"],
+                             "peak_rss_mb": round(pred["peak_rss_mb"], 1), "pixel_accuracy": round(scene_acc, 4)},
         "bench": [{"backend": r.backend, "precision": r.precision, "status": r.status, "p50_ms": r.p50_ms,
                    "reason": r.reason} for r in bench_report.rows],
         "parity": {k: {"agreement": round(r.agreement, 6), "worst_iou_drop_points": round(r.worst_drop, 3),
@@ -126,8 +153,8 @@ def _summary(seconds: float, data_dir: Path, run_dir: Path, result, report, expo
             "onnx_fp16": exported.files["fp16"],
             "parity": exported.files["parity_summary"],
             "scene": info["scene"],
-            "scene_prediction": str(pred.output),
-            "scene_preview": str(preview_path(Path(pred.output))),
+            "scene_prediction": pred["output"],
+            "scene_preview": str(preview_path(Path(pred["output"]))),
         },
     }
 
