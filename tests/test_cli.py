@@ -113,6 +113,10 @@ def test_quickstart_trains_the_demo_to_real_accuracy(tmp_path: Path) -> None:
     assert summary["parity"]["fp32"]["passed"] and summary["parity"]["fp16"]["passed"]
     assert summary["parity"]["fp16"]["agreement"] >= 0.999
     assert summary["scene_prediction"]["pixel_accuracy"] >= 0.9
+    # predict's peak memory is its own process's, not this (training) process's lifetime peak
+    from segdeploy.utils import peak_rss_mb
+
+    assert 0 < summary["scene_prediction"]["peak_rss_mb"] < peak_rss_mb() / 2
 
 
 def test_predict_cli_writes_geotiff_and_json_and_fails_in_one_line(tiny_run: Path, synth_dir: Path, tmp_path: Path) -> None:

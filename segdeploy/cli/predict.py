@@ -80,7 +80,13 @@ def predict_cmd(
     for job in finished:
         console.print(f"{job.src}: already predicted ({job.out}), skipped", soft_wrap=True)
     use_ray = ray or ray_address is not None
-    summary = _run(model, options, jobs, opts, use_ray, ray_address, workers, progress)
+    try:
+        summary = _run(model, options, jobs, opts, use_ray, ray_address, workers, progress)
+    except KeyboardInterrupt:
+        from segdeploy.errors import Interrupted
+
+        raise Interrupted("the rows already on disk are kept (hidden .partial files beside each output); continue "
+                          "with the same command plus --resume (and without --overwrite)") from None
     emit_json(summary | {"skipped": [str(j.src) for j in finished]}, json_out)
     failures = summary["failures"]
     if failures:
