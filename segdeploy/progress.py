@@ -108,7 +108,9 @@ class WorkProgress:
         if self.total and self.done:
             eta = f", ETA {format_seconds(elapsed / self.done * (self.total - self.done))}"
         status = self._status()
-        return (f"{self.what}: {counts}, {self.rate(now):.1f} {self.rate_unit}/s{', ' + status if status else ''}"
+        rate = self.rate(now)
+        speed = f"{1 / rate:.1f} s per {self.rate_unit.rstrip('s')}" if 0 < rate < 1 else f"{rate:.1f} {self.rate_unit}/s"
+        return (f"{self.what}: {counts}, {speed}{', ' + status if status else ''}"
                 f", {format_seconds(elapsed)} elapsed{eta}")
 
 

@@ -91,7 +91,7 @@ def test_data_inspect_json_and_chart(synth_dir: Path, tmp_path: Path) -> None:
 
 
 def test_eval_json_has_per_class_and_confusion(tiny_run: Path, tmp_path: Path) -> None:
-    result = run("eval", tiny_run, "--split", "test", "--json", tmp_path / "e.json", "--overwrite")
+    result = run("eval", tiny_run, "--split", "test", "--json", tmp_path / "e.json", "--out", tmp_path / "ev")
     assert result.exit_code == 0, result.output
     rep = json.loads((tmp_path / "e.json").read_text())
     assert rep["split"] == "test" and rep["images"] == 8
@@ -147,12 +147,13 @@ def test_data_synth_cli(tmp_path: Path) -> None:
 def test_eval_several_runs_prints_a_comparison_table(tiny_run: Path, tmp_path: Path) -> None:
     import shutil
 
-    other = tmp_path / "other"
-    shutil.copytree(tiny_run, other, ignore=shutil.ignore_patterns("eval", "export"))
-    result = runner.invoke(app, ["eval", str(tiny_run), str(other), "--json", str(tmp_path / "c.json"), "--overwrite"],
+    first, other = tmp_path / "first", tmp_path / "other"  # copies: the session run is shared, read-only
+    for copy in (first, other):
+        shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("eval", "export"))
+    result = runner.invoke(app, ["eval", str(first), str(other), "--json", str(tmp_path / "c.json")],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "model comparison" in result.output
     rep = json.loads((tmp_path / "c.json").read_text())
-    assert [m["model"] for m in rep["models"]] == [str(tiny_run), str(other)]
+    assert [m["model"] for m in rep["models"]] == [str(first), str(other)]
     assert rep["models"][0]["miou"] == rep["models"][1]["miou"]  # same weights, same numbers

@@ -70,8 +70,8 @@ def test_bad_data_fails_before_anything_is_written(synth_dir: Path, tmp_path: Pa
     assert not (tmp_path / "run").exists()
 
 
-def test_eval_matches_training_validation_and_writes_plots(tiny_run: Path) -> None:
-    report = evaluate(tiny_run, "val", overwrite=True)  # the session run may have been evaluated before
+def test_eval_matches_training_validation_and_writes_plots(tiny_run: Path, tmp_path: Path) -> None:
+    report = evaluate(tiny_run, "val", out_dir=tmp_path / "ev")  # the session run is shared: written elsewhere
     meta = json.loads((tiny_run / "meta.json").read_text())
     assert report.images == 8
     assert report.metrics.miou == pytest.approx(meta["best_val_miou"], abs=1e-6)

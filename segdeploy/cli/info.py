@@ -18,8 +18,10 @@ def info_cmd(
     target: Path = typer.Argument(..., help="A run directory, or an exported .onnx / .engine file."),
     json_out: Path = typer.Option(None, "--json", help="Write the description as JSON ('-' for stdout)."),
 ) -> None:
-    """What a run or model is: status, epochs, best metrics, every export with its gate result,
-    staleness and size, the data it came from, versions."""
+    """What a run or model is: status, epochs, best metrics, exports with their gate results.
+
+    Also each export's staleness and size, the data and splits it came from, the evaluations on
+    disk and the versions that made it."""
     from segdeploy.info import describe
 
     from rich.console import Console

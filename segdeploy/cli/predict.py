@@ -48,8 +48,9 @@ def predict_cmd(
     progress: bool = typer.Option(True, help="Show the progress bar."),
     json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON ('-' for stdout)."),
 ) -> None:
-    """Tiled inference on scenes of any size with bounded memory; georeference kept. Many rasters
-    run one after another, or side by side on a Ray cluster with --ray."""
+    """Tiled inference on scenes of any size with bounded memory, georeference kept.
+
+    Many rasters run one after another, or side by side on a Ray cluster with --ray."""
     from segdeploy.errors import UserError
     from segdeploy.jobs import plan_jobs
     from segdeploy.predict import PredictOptions
@@ -57,21 +58,14 @@ def predict_cmd(
     from segdeploy.runtime import backend_for
     from segdeploy.utils import writable_location
 
-    from segdeploy.tiling import BLENDS
-
-    check_choice("--blend", blend, BLENDS)
-    check_choice("--device", device, ("auto", "cpu", "cuda"))
     files = expand_inputs(inputs)
-    try:
-        band_list = [int(b) for b in bands.split(",")] if bands else None
-    except ValueError:
-        raise UserError(f"--bands {bands!r} must be 1-based band numbers separated by commas, e.g. 3,2,1") from None
+    band_list = _checked(blend, device, bands)
     kind = backend_for(model)
     options: dict = {"threads": threads} if threads else {}
     if kind == "torch":
         options["device"] = device
-    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume, overwrite=overwrite,
-                          bands=band_list, input_max=input_max, preview=preview, cog=cog)
+    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
+                          overwrite=overwrite, bands=band_list, input_max=input_max, preview=preview, cog=cog)
     out = Path(out_arg)
     many = len(files) > 1 or out.is_dir() or out_arg.endswith(("/", "\\"))
     jobs, finished = plan_jobs(files, out, many, resume, overwrite)
@@ -93,6 +87,19 @@ def predict_cmd(
         raise UserError(f"{len(failures)} of {len(jobs)} rasters failed: "
                         f"{', '.join(f['input'] for f in failures[:5])}{' …' if len(failures) > 5 else ''}"
                         " (reasons above); the others are written, and --resume skips them")
+
+
+def _checked(blend: str, device: str, bands: str | None) -> list[int] | None:
+    """Word options checked before any work; the --bands list."""
+    from segdeploy.errors import UserError
+    from segdeploy.tiling import BLENDS
+
+    check_choice("--blend", blend, BLENDS)
+    check_choice("--device", device, ("auto", "cpu", "cuda"))
+    try:
+        return [int(b) for b in bands.split(",")] if bands else None
+    except ValueError:
+        raise UserError(f"--bands {bands!r} must be 1-based band numbers separated by commas, e.g. 3,2,1") from None
 
 
 def _run(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: str | None,  # noqa: ANN001

@@ -36,9 +36,11 @@ def quickstart_cmd(
 
     if not DEMO_RECIPE.is_file():
         raise UserError(f"demo recipe {DEMO_RECIPE} not found; run quickstart from a source checkout (pip install -e .)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already holds results of an earlier quickstart; pass another directory "
-                        f"(segdeploy quickstart {out}-2) or --overwrite to replace them")
+    from segdeploy.utils import check_replaceable
+
+    # the outputs rule: an earlier quickstart (its data/synth.json) is replaced only with --overwrite,
+    # and a folder holding anything else is never written into
+    check_replaceable(out, overwrite, "data/synth.json", "quickstart output")
     t0 = time.perf_counter()
     data_dir, run_dir = out / "data", out / "run"
     console.rule("1/6 synthetic data")
