@@ -116,10 +116,20 @@ def pick_device(requested: str = "auto") -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
+    """Peak resident memory of this process so far, in MiB: VmHWM where /proc has it. Not
+    getrusage's ru_maxrss there: on Linux a process started by another counts that parent's
+    resident memory at the fork (exec folds the old address space's high-water mark into it:
+    a bare `python -c pass` spawned by a 600 MB process reports 617 MB)."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
@@ -244,11 +254,11 @@ def writable_location(path: Path) -> Path:
     return probe_dir
 
 
-def check_replaceable(out: Path, overwrite: bool, marker: str, what: str) -> bool:
+def check_replaceable(out: Path, overwrite: bool, marker: str | tuple[str, ...], what: str) -> bool:
     """The one rule for an output directory, in every verb: a new or empty one is written; one that
-    holds an earlier result (it has `marker`) is replaced only with `overwrite`; one that holds
-    anything else is never touched (segdeploy deletes only what it wrote). Returns whether `out`
-    will be replaced; raises OutputError naming the flag that fits."""
+    holds an earlier result (it has `marker`, a relative path, or one of several) is replaced only
+    with `overwrite`; one that holds anything else is never touched (segdeploy deletes only what it
+    wrote). Returns whether `out` will be replaced; raises OutputError naming the flag that fits."""
     from segdeploy.errors import OutputError
 
     if not out.exists():
@@ -257,9 +267,10 @@ def check_replaceable(out: Path, overwrite: bool, marker: str, what: str) -> boo
         raise OutputError(f"{out} is a file, not a directory; choose another output directory")
     if not any(out.iterdir()):
         return False
-    if not (out / marker).is_file():
-        raise OutputError(f"{out} is not empty and does not hold an earlier {what} (no {marker}); choose a new or "
-                          "empty directory (segdeploy never deletes files it did not write)")
+    markers = (marker,) if isinstance(marker, str) else marker
+    if not any((out / m).is_file() for m in markers):
+        raise OutputError(f"{out} is not empty and does not hold an earlier {what} (no {' or '.join(markers)}); "
+                          "choose a new or empty directory (segdeploy never deletes files it did not write)")
     if not overwrite:
         article = "an" if what[:1] in "aeiou" else "a"
         raise OutputError(f"{out} already holds {article} {what}; pass --overwrite to replace it (the old one is kept "
@@ -268,7 +279,7 @@ def check_replaceable(out: Path, overwrite: bool, marker: str, what: str) -> boo
 
 
 @contextmanager
-def staged_dir(out: Path, overwrite: bool, marker: str, what: str) -> Iterator[Path]:
+def staged_dir(out: Path, overwrite: bool, marker: str | tuple[str, ...], what: str) -> Iterator[Path]:
     """Write a directory output into a hidden sibling and put it in place only when the block
     succeeds, replacing an earlier one (by `check_replaceable`'s rule): an interrupted or failed
     run leaves the old output as it was and no half-made one. Yields the directory to write into."""

@@ -58,7 +58,7 @@ class _GlobalFlagsAnywhere(typer.core.TyperGroup):
                 where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
                 typer.echo(f"error: {one_line(exc.format_message()).rstrip('.')}{where}", err=True)
             sys.exit(exc.exit_code)
-        except click_exceptions.Abort:
+        except typer.Abort:
             typer.echo("aborted", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)

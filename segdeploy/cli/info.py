@@ -28,7 +28,7 @@ def info_cmd(
 
     facts = describe(target)
     if json_out is None or str(json_out) != "-":  # the description is this verb's output: stdout
-        out = Console(highlight=False, width=console.width)
+        out = Console(highlight=False)  # the terminal's width, or COLUMNS when piped
         for line in (run_lines(facts) if facts["kind"] == "run" else model_lines(facts)):
             out.print(line, soft_wrap=True)
         if facts["kind"] == "run":

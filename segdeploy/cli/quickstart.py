@@ -38,9 +38,9 @@ def quickstart_cmd(
         raise UserError(f"demo recipe {DEMO_RECIPE} not found; run quickstart from a source checkout (pip install -e .)")
     from segdeploy.utils import check_replaceable
 
-    # the outputs rule: an earlier quickstart (its data/synth.json) is replaced only with --overwrite,
+    # the outputs rule: an earlier quickstart (its data or its run) is replaced only with --overwrite,
     # and a folder holding anything else is never written into
-    check_replaceable(out, overwrite, "data/synth.json", "quickstart output")
+    check_replaceable(out, overwrite, ("data/synth.json", "run/meta.json"), "quickstart output")
     t0 = time.perf_counter()
     data_dir, run_dir = out / "data", out / "run"
     console.rule("1/6 synthetic data")
@@ -70,41 +70,33 @@ def quickstart_cmd(
 
 def _predict_scene(model: Path, info: dict, pred_path: Path):  # noqa: ANN202 - (prediction summary, accuracy)
     """`segdeploy predict` on the scene as a user would run it: its own process, so its peak
-    memory is predict's (this process also holds the training stack: its peak says nothing about
-    predict's)."""
+    memory is predict's (this process also holds the training stack, whose memory says nothing
+    about predict's)."""
     from segdeploy.raster import pixel_agreement
 
-    args = ["predict", str(model), info["scene"], "--out", str(pred_path), "--tile", "256", "--overlap", "32",
-            "--batch", "4", "--no-progress", "--overwrite", "--json", "-"]
-    pred, peak_mb = run_own_process(args)
-    pred["peak_rss_mb"] = peak_mb
+    pred = run_own_process(["predict", str(model), info["scene"], "--out", str(pred_path), "--tile", "256",
+                            "--overlap", "32", "--batch", "4", "--no-progress", "--overwrite", "--json", "-"])
+    pred = pred["results"][0]
     scene_acc = pixel_agreement(pred_path, Path(info["scene_labels"]))
     console.print(f"{pred['width']}×{pred['height']} px in {pred['seconds']:.1f}s = {pred['megapixels_per_s']:.2f} MP/s, "
-                  f"peak RSS of the predict process {peak_mb:.0f} MB, pixel accuracy vs scene labels {scene_acc:.4f}")
+                  f"peak RSS of the predict process while it predicted {pred['peak_rss_mb']:.0f} MB, pixel accuracy vs "
+                  f"scene labels {scene_acc:.4f}")
     return pred, scene_acc
 
 
-def run_own_process(args: list[str]) -> tuple[dict, float]:
-    """Run `python -m segdeploy ARGS --json -` in a child process: (its one result, its peak RSS in
-    MB from the kernel's accounting of that child alone: os.wait4). Raises UserError with its error."""
+def run_own_process(args: list[str]) -> dict:
+    """`python -m segdeploy ARGS` (with `--json -`) in a child process: its JSON result. Its
+    memory is measured inside it (RssSampler): the kernel's ru_maxrss of a child started from this
+    process counts this process's memory at the fork. Raises UserError with the child's error."""
     import json
-    import os
     import subprocess
     import sys
-    import tempfile
 
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "segdeploy", *args], stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if proc.returncode:
-            lines = err.read().strip().splitlines()
-            raise UserError(f"segdeploy {' '.join(args[:3])} failed: {lines[-1] if lines else proc.returncode}")
-        result = json.loads(out.read())
-    peak = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-    return result["results"][0], peak
+    proc = subprocess.run([sys.executable, "-m", "segdeploy", *args], capture_output=True, text=True, check=False)
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines()
+        raise UserError(f"segdeploy {' '.join(args[:3])} failed: {lines[-1] if lines else proc.returncode}")
+    return json.loads(proc.stdout)
 
 
 def _bench(run_dir: Path, size: int):  # noqa: ANN202 - a BenchReport
