@@ -25,7 +25,7 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
-# README's verbs walked in order on a fresh directory with tiny settings (2-4 min; skipped by `make test`)
+# README's verbs walked in order on a fresh directory with tiny settings (about 2 min; skipped by `make test`)
 readme: $(STAMP)
 	SEGDEPLOY_SLOW=1 $(BIN)/python -m pytest -q tests/test_readme.py
 

@@ -409,18 +409,6 @@ class Run:
     def export_path(self, key: str) -> Path:
         return self.export_dir / EXPORT_FORMS[key].file
 
-    def gate_records(self) -> dict[str, dict[str, Any]]:
-        """The parity gate's record of each export form in RUN/export/parity.json, by form key
-        (EXPORT_FORMS), {} when there is none. Reads records keyed by form or by the gate's
-        "backend_precision" candidate names (onnxruntime_fp16, tensorrt_int8, …)."""
-        try:
-            reports = json.loads((self.export_dir / PARITY_FILE).read_text()).get("reports", {})
-        except (OSError, ValueError, AttributeError):
-            return {}
-        by_name = {"onnxruntime_fp32": "fp32", "onnxruntime_fp16": "fp16", "onnxruntime_int8": "int8",
-                   "onnxruntime_int8_cpu": "int8_cpu", "tensorrt_fp16": "engine", "tensorrt_int8": "int8_engine"}
-        return {by_name.get(k, k): v for k, v in reports.items() if isinstance(v, dict)}
-
     def split_keys(self) -> dict[str, list[str]]:
         """The keys of every split the run was trained with ({} for a run without splits.json)."""
         try:

@@ -93,17 +93,16 @@ def _exports(run: Run) -> list[dict[str, Any]]:
     """Every export form: present or not (with the command that makes it), its size, staleness and
     the gate's verdict on it."""
     present = {e.form.key: e for e in run.exports()}
-    gates = run.gate_records()
     rows = []
     for key, form in EXPORT_FORMS.items():
         row: dict[str, Any] = {"form": key, "file": form.file, "backend": form.backend, "precision": form.precision}
         found = present.get(key)
         if found is None:
             row["present"] = False
-            row["make_with"] = " ".join(filter(None, (f"segdeploy export {run.root}", form.flags)))
+            row["make_with"] = " ".join((f"segdeploy export {run.root}", *form.flags))
         else:
             row |= {"present": True, "path": str(found.path), "size_mb": round(found.path.stat().st_size / 2**20, 2),
-                    "stale": found.stale or None, "gate": _gate_summary(gates.get(key))}
+                    "stale": found.stale or None, "gate": _gate_summary(found.gate)}
         rows.append(row)
     return rows
 
@@ -111,7 +110,7 @@ def _exports(run: Run) -> list[dict[str, Any]]:
 def _gate_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
     if not record:
         return None
-    keys = ("passed", "agreement", "min_agreement", "max_class_iou_drop", "reduced_flops_share", "failures")
+    keys = ("passed", "agreement", "thresholds", "reduced_flops_share", "failures", "gated_at", "command", "note")
     out = {k: record.get(k) for k in keys if k in record}
     drops = [c.get("iou_drop_points") for c in record.get("per_class", []) if c.get("iou_drop_points") is not None]
     out["worst_class_iou_drop_points"] = round(max(drops), 3) if drops else None

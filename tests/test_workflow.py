@@ -447,7 +447,7 @@ def test_info_describes_a_run_its_exports_gates_and_staleness(tiny_onnx: Path, t
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_onnx.parent.parent, run_dir, ignore=shutil.ignore_patterns("eval"))  # shared: others write there
     meta = json.loads((run_dir / "meta.json").read_text())
-    parity = json.loads((run_dir / "export/parity.json").read_text())["reports"]["onnxruntime_fp32"]
+    parity = json.loads((run_dir / "export/parity.json").read_text())["forms"]["fp32"]
     result = run("info", run_dir, "--json", tmp_path / "i.json")
     assert result.exit_code == 0, result.output
     facts = json.loads((tmp_path / "i.json").read_text())

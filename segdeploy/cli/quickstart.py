@@ -36,11 +36,13 @@ def quickstart_cmd(
 
     if not DEMO_RECIPE.is_file():
         raise UserError(f"demo recipe {DEMO_RECIPE} not found; run quickstart from a source checkout (pip install -e .)")
+    from segdeploy.artifact import META_FILE
+    from segdeploy.data.synth import SUMMARY_FILE
     from segdeploy.utils import check_replaceable
 
     # the outputs rule: an earlier quickstart (its data or its run) is replaced only with --overwrite,
     # and a folder holding anything else is never written into
-    check_replaceable(out, overwrite, ("data/synth.json", "run/meta.json"), "quickstart output")
+    check_replaceable(out, overwrite, (f"data/{SUMMARY_FILE}", f"run/{META_FILE}"), "quickstart output")
     t0 = time.perf_counter()
     data_dir, run_dir = out / "data", out / "run"
     console.rule("1/6 synthetic data")
