@@ -116,7 +116,8 @@ def test_training_stops_at_the_first_nonfinite_loss_and_resumes_from_the_last_go
     assert meta["status"] == "failed" and "best_val_miou" not in meta and "epoch 2" in meta["error"]
     assert art.run_state(run) == "unfinished" and len(art.Run(run).read_history()) == 1
     command = re.search(r"`segdeploy ([^`]+)`", str(failed.value)).group(1)
-    assert command.endswith("--resume --set optimizer.lr=0.0001")  # a tenth of the last good epoch's rate
+    assert command.startswith("train --resume --out ")  # the one resume command (README, hints)
+    assert command.endswith(" --set optimizer.lr=0.0001")  # a tenth of the last good epoch's rate
     done = runner.invoke(app, [*shlex.split(command), "--no-progress"])  # as printed
     assert done.exit_code == 0, done.output
     meta = json.loads((run / "meta.json").read_text())

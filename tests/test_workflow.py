@@ -355,8 +355,8 @@ def test_resume_uses_the_runs_recipe_and_says_what_a_different_one_changes(tiny_
     with pytest.raises(RecipeError, match=r"demo.yaml gives .*train.epochs 12 where the run has 2.*"
                                           r"`segdeploy train --resume --out "):
         resume_recipe(out, RECIPES / "demo.yaml", [], tiny_data)
-    with pytest.raises(RecipeError, match=r"--resume cannot change optimizer.lr 0.1 where the run has 0.003"):
-        resume_recipe(out, None, ["optimizer.lr=0.1"])
+    with pytest.raises(RecipeError, match=r"--resume cannot change augment.hflip 0.1 where the run has 0.5"):
+        resume_recipe(out, None, ["augment.hflip=0.1"])
     longer, notes = resume_recipe(out, None, ["train.epochs=3"])  # a key that may change: applied and stated
     assert longer.train.epochs == 3 and notes == ["train.epochs: 2 → 3 (applied to the resumed run)"]
     with pytest.raises(RecipeError, match=r"has run 1 of its 1 epochs already.*--set train.epochs=2"):

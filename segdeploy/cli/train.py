@@ -18,7 +18,7 @@ def train_cmd(
     out: Path = typer.Option(None, "--out", help="Run directory (default: runs/<recipe name>)."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.epochs=5 (repeatable). With "
                                    "--resume only train.epochs, early_stopping, max_minutes, num_workers, device, "
-                                   "deterministic and data.root/cache may change."),
+                                   "deterministic, grad_clip, optimizer.lr and data.root/cache may change."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its saved recipe "
                                 "(segdeploy train --resume --out RUN)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
