@@ -71,8 +71,10 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
     """Metrics of `model_path` over a split, written with the plots to `out_dir` (default: the run's
-    eval/SPLIT, or eval/NAME-SPLIT beside an exported file). An earlier evaluation there is replaced
-    only with `overwrite` (the new one is written beside it and swapped in when complete).
+    eval/SPLIT, or eval/NAME-SPLIT beside an exported file: the model's own record of that split,
+    which the next evaluation replaces). An earlier evaluation in a directory the caller names is
+    replaced only with `overwrite`; either way the new one is written beside it and swapped in when
+    complete.
     `progress(images done, images in all)` is called after each batch. Raises UserError subclasses."""
     model_path = Path(model_path)
     backend = backend or load_backend(model_path)
@@ -83,9 +85,10 @@ def evaluate(
                             f"{rec.classes.num_classes}; evaluate with the recipe it was trained on")
     if meta.bands != rec.data.bands:
         raise ArtifactError(f"{model_path} expects {meta.bands} bands but the data has {rec.data.bands}")
-    if out_dir is None:
+    if out_dir is None:  # the model's own record of this split: the next evaluation replaces it
         out_dir = (Run(model_path).eval_dir(split) if model_path.is_dir()
                    else model_path.parent / EVAL_DIR / f"{model_path.name}-{split}")
+        overwrite = True
     out_dir = Path(out_dir)
     check_replaceable(out_dir, overwrite, METRICS_FILE, "evaluation")  # before the work, not after it
     writable_location(out_dir)  # an unwritable output fails before the evaluation, not after

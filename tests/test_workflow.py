@@ -228,6 +228,21 @@ def test_eval_refuses_to_replace_an_earlier_evaluation_without_overwrite(tiny_on
     assert json.loads((out / "metrics.json").read_text())["split"] == "test"
 
 
+def test_eval_replaces_its_own_record_in_the_default_place(tiny_onnx: Path, tmp_path: Path) -> None:
+    """The default eval/NAME-SPLIT beside a model is that model's current record: a second eval
+    replaces it without --overwrite (a directory the user names follows the one rule, above)."""
+    import shutil
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(tiny_onnx.parents[1], run_copy)
+    model = run_copy / "export" / tiny_onnx.name
+    for _ in range(2):
+        result = run("eval", model, "--split", "val")
+        assert result.exit_code == 0, result.output
+    record = model.parent / "eval" / f"{model.name}-val" / "metrics.json"
+    assert json.loads(record.read_text())["split"] == "val"
+
+
 # ------------------------------------------------------------------------------ 1. reproducible runs, 3. resume
 
 TINY = ["train.epochs=1", "train.batch_size=4", "data.tile_size=32"]
