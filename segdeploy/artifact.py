@@ -123,6 +123,8 @@ class ModelMeta:
     tile_size: int
     ignore_index: int = 255
     static_size: int | None = None
+    # the smallest tile (px) the model runs at (None: recorded before segdeploy knew it)
+    min_tile_size: int | None = None
     hierarchy: dict[str, list[str]] | None = None
     arch: str = ""
     encoder: str = ""

@@ -324,6 +324,9 @@ def _time_row(row: BenchRow, backend: Backend, opts: BenchOptions, flops: FlopCa
     if opts.size % meta.input_divisor:
         row.status, row.reason = UNAVAILABLE, f"--size must be a multiple of {meta.input_divisor}"
         return
+    if meta.min_tile_size and opts.size < meta.min_tile_size:
+        row.status, row.reason = UNAVAILABLE, f"--size must be ≥ {meta.min_tile_size}, the smallest the model runs at"
+        return
     x = np.random.default_rng(0).standard_normal((row.batch, meta.bands, opts.size, opts.size), dtype=np.float32)
     try:
         t = time_backend(backend, x, opts)

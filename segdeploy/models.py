@@ -2,15 +2,21 @@
 timm encoder as ``tu-<name>``), SegNet with pooling indices, a strided-conv U-Net, and a ViT
 segmenter on a timm backbone.
 
-Every builder takes (ModelConfig, in_channels, num_classes) and returns an nn.Module mapping a
-float32 N×B×H×W batch to N×C×H×W logits; H and W must be multiples of ``input_divisor(model)``.
+Every architecture is registered once, with what the rest of segdeploy needs to know about it
+(`Architecture`: input divisor, static size, minimum tile, what ``model.encoder`` names, export
+rewrites), the way timm registers a model with its pretrained config. Its builder takes
+(ModelConfig, in_channels, num_classes) and returns an nn.Module mapping a float32 N×B×H×W batch to
+N×C×H×W logits; H and W must be multiples of ``facts(cfg, model).input_divisor``. Adding an
+architecture is one `register_architecture` call here; nothing else probes a model's attributes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +27,60 @@ from segdeploy.recipe import ModelConfig
 from segdeploy.registry import Registry, did_you_mean
 
 Builder = Callable[[ModelConfig, int, int], nn.Module]
-ARCHITECTURES: Registry[Builder] = Registry("architecture")
+Fact = Callable[[nn.Module], int]
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """What an architecture, as built, requires of its input.
+
+    input_divisor: H and W must be multiples of it (px). static_size: the one H = W it accepts, or
+    None. min_tile: the smallest H = W (a multiple of the divisor) at which a batch-2 forward and
+    backward pass works, as registered; `check_tile_size` verifies it before suggesting it."""
+
+    input_divisor: int
+    static_size: int | None
+    min_tile: int
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A catalogue entry: the builder and the facts the rest of segdeploy needs (timm's
+    ``register_model`` + pretrained cfg is the model). Every fact is required: an architecture
+    registered without one fails at import, never defaults to 32.
+
+    encoder: what ``model.encoder`` names for it: "smp" (an smp encoder or ``tu-<timm name>``),
+    "timm" (a timm backbone, no prefix) or "none" (ignored). export_rewrite: applied to a copy of the
+    model before ONNX export; returns (construct, where, action) for each rewrite it made."""
+
+    name: str
+    build: Builder
+    encoder: Literal["smp", "timm", "none"]
+    input_divisor: Fact
+    min_tile: Fact
+    static_size: Callable[[nn.Module], int | None]
+    export_rewrite: Callable[[nn.Module], list[tuple[str, str, str]]] | None = None
+
+    def facts(self, model: nn.Module) -> ArchFacts:
+        divisor = int(self.input_divisor(model))
+        static = self.static_size(model)
+        return ArchFacts(divisor, None if static is None else int(static), int(self.min_tile(model)))
+
+
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")
+
+
+def register_architecture(name: str, *, encoder: Literal["smp", "timm", "none"], input_divisor: Fact, min_tile: Fact,
+                          static_size: Callable[[nn.Module], int | None],
+                          export_rewrite: Callable[[nn.Module], list[tuple[str, str, str]]] | None = None,
+                          ) -> Callable[[Builder], Builder]:
+    """Decorator registering a builder under `name` with its facts (see `Architecture`)."""
+
+    def deco(build: Builder) -> Builder:
+        ARCHITECTURES.add(name, Architecture(name, build, encoder, input_divisor, min_tile, static_size, export_rewrite))
+        return build
+
+    return deco
 
 
 # ----------------------------------------------------------------------------- smp architectures
@@ -51,11 +110,52 @@ def _smp_builder(arch: str) -> Builder:
     return build
 
 
+# smp 0.6 facts (segmentation_models_pytorch/base/model.py, encoders/_base.py): every encoder reports
+# `output_stride` = min(its stride, 2**depth), dilation included, and `check_input_shape` refuses sizes
+# that are not multiples of it wherever `requires_divisible_input_shape` is True (all but Unet, whose
+# decoder interpolates; segdeploy pads Unet's input to the stride too, so feature maps align as in
+# training). What smp does not declare is measured and written here, per architecture, as multiples
+# of that stride: (input divisor, smallest tile). tests/test_models_losses.py re-measures them.
+SMP_FACTS: dict[str, tuple[int, int]] = {
+    "unet": (1, 1), "unetplusplus": (1, 1), "manet": (1, 1), "linknet": (1, 1), "fpn": (1, 1),
+    "pspnet": (1, 1), "deeplabv3": (1, 1), "deeplabv3plus": (1, 1), "upernet": (1, 1), "segformer": (1, 1),
+    # PAN's feature pyramid attention pools the deepest map three times by 2 and then convolves a 1-px
+    # map: it needs ≥ 8 px there (96² at stride 16 fails with "Output size is too small")
+    "pan": (1, 8),
+    # DPT's last reassemble stage halves the stride-16 map and its fusion doubles it back: odd maps fail
+    "dpt": (2, 2),
+}
+# a stage that needs more pixels than the stride says: mit (SegFormer's encoder) reduces keys by an 8×8
+# convolution at stride 4 in its first stage, so it needs ≥ 32 px whatever the depth
+SMP_ENCODER_MIN_TILE = {"MixVisionTransformerEncoder": 32}
+
+
+def any_size(model: nn.Module) -> None:
+    """The static-size fact of an architecture that accepts any multiple of its divisor."""
+    return None
+
+
+def _smp_stride(model: nn.Module) -> int:
+    return int(model.encoder.output_stride)  # smp's own property on every encoder (no default)
+
+
+def _smp_min_tile(arch: str) -> Fact:
+    def fact(model: nn.Module) -> int:
+        stride = _smp_stride(model)
+        return max(SMP_FACTS[arch][1] * stride, SMP_ENCODER_MIN_TILE.get(type(model.encoder).__name__, 0))
+
+    return fact
+
+
 def _register_smp() -> None:
+    """Every smp architecture whose facts are known; one smp adds later stays unregistered (an
+    unknown model.arch), and a test fails until its facts are written into SMP_FACTS."""
     import segmentation_models_pytorch as smp
 
     for arch in smp.MODEL_ARCHITECTURES_MAPPING:
-        ARCHITECTURES.add(arch, _smp_builder(arch))
+        if arch in SMP_FACTS:
+            register_architecture(arch, encoder="smp", input_divisor=lambda m, k=SMP_FACTS[arch][0]: k * _smp_stride(m),
+                                  min_tile=_smp_min_tile(arch), static_size=any_size)(_smp_builder(arch))
 
 
 def check_encoder_name(name: str) -> None:
@@ -239,7 +339,6 @@ class ViTSegmenter(nn.Module):
         dim = self.backbone.num_features
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
-        self.input_divisor = self.patch
         self.static_size = img_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,17 +357,28 @@ def _widths_kwargs(cfg: ModelConfig) -> dict:
     return kw
 
 
-@ARCHITECTURES.register("segnet")
+def _segnet_export_rewrite(model: nn.Module) -> list[tuple[str, str, str]]:
+    """TensorRT has no MaxUnpool and no MaxPool indices output: switch to the exact one-hot form."""
+    model.export_friendly = True
+    return [("MaxPool indices + MaxUnpool (no TensorRT equivalent)", "model",
+             "rewritten as first-max one-hot switches (exact)")]
+
+
+@register_architecture("segnet", encoder="none", input_divisor=lambda m: m.input_divisor,
+                       min_tile=lambda m: m.input_divisor,  # the deepest pooled map is 1 px
+                       static_size=any_size, export_rewrite=_segnet_export_rewrite)
 def _segnet(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     return SegNet(in_channels, num_classes, **_widths_kwargs(cfg))
 
 
-@ARCHITECTURES.register("unet_strided")
+@register_architecture("unet_strided", encoder="none", input_divisor=lambda m: m.input_divisor,
+                       min_tile=lambda m: m.input_divisor, static_size=any_size)
 def _unet_strided(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     return StridedUNet(in_channels, num_classes, **_widths_kwargs(cfg))
 
 
-@ARCHITECTURES.register("vit_segmenter")
+@register_architecture("vit_segmenter", encoder="timm", input_divisor=lambda m: m.patch,
+                       min_tile=lambda m: m.static_size, static_size=lambda m: m.static_size)
 def _vit(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     import timm
 
@@ -295,33 +405,110 @@ _register_smp()
 
 def check_model_names(cfg: ModelConfig) -> None:
     """Fail fast on an unknown architecture or encoder name, before data or weights load."""
-    ARCHITECTURES.get(cfg.arch, where="model.arch")
-    if cfg.arch in ARCHITECTURES and cfg.arch not in ("segnet", "unet_strided", "vit_segmenter"):
+    arch = ARCHITECTURES.get(cfg.arch, where="model.arch")
+    if arch.encoder == "smp":
         check_encoder_name(cfg.encoder)
 
 
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    builder = ARCHITECTURES.get(cfg.arch, where="model.arch")
+    """The recipe's model with random, imagenet or local weights. Raises UnknownNameError for an
+    unknown model.arch, ModelError for bad kwargs, encoders or weights files."""
+    arch = ARCHITECTURES.get(cfg.arch, where="model.arch")
     with fail_fast_when_offline(cfg.weights):
-        model = builder(cfg, in_channels, num_classes)
+        model = arch.build(cfg, in_channels, num_classes)
     if cfg.weights not in (None, "imagenet"):
         load_encoder_weights(model, Path(cfg.weights), cfg.encoder)
     return model
 
 
-def input_divisor(model: nn.Module) -> int:
-    """Spatial sizes must be multiples of this (encoder output stride, patch size, …)."""
-    if hasattr(model, "input_divisor"):
-        return int(model.input_divisor)
-    encoder = getattr(model, "encoder", None)
-    if encoder is not None and hasattr(encoder, "output_stride"):
-        return int(encoder.output_stride)
-    return 32
+def facts(cfg: ModelConfig, model: nn.Module) -> ArchFacts:
+    """The registered facts of `cfg.arch` for this built model (its kwargs and encoder decide the
+    divisor). Raises UnknownNameError for an unregistered architecture."""
+    return ARCHITECTURES.get(cfg.arch, where="model.arch").facts(model)
 
 
-def static_size(model: nn.Module) -> int | None:
-    """The one input size the model accepts, or None when any multiple of the divisor works."""
-    return getattr(model, "static_size", None)
+def export_rewrites(arch: str, model: nn.Module) -> list[tuple[str, str, str]]:
+    """Apply the architecture's registered export rewrites to `model` in place (a copy: the rewritten
+    model is for export only); (construct, where, action) per rewrite."""
+    rewrite = ARCHITECTURES.get(arch, where="the run's model_meta.arch").export_rewrite
+    return rewrite(model) if rewrite is not None else []
+
+
+def check_tile_size(cfg: ModelConfig, model: nn.Module, tile: int, bands: int) -> ArchFacts:
+    """Refuse, before anything is written, a tile size (px) the model cannot train at: the static
+    size and the divisor first, then one forward and backward pass of a random batch of 2 at
+    `tile`² in training mode (2, because BatchNorm cannot train on one value per channel: a batch of
+    1 would fail for that reason instead; `check_batch_of_one` asks that question). The model's
+    buffers, gradients, mode and the global RNG are left as they were.
+
+    Raises ModelError naming data.tile_size and the smallest size that works (the registered
+    `min_tile`, verified by the same pass). Returns the architecture's facts."""
+    f = facts(cfg, model)
+    what = f"model.arch={cfg.arch}" + ("" if ARCHITECTURES.get(cfg.arch).encoder == "none" else f" ({cfg.encoder})")
+    if f.static_size is not None and tile != f.static_size:
+        raise ModelError(f"data.tile_size={tile} but {what} accepts only {f.static_size}×{f.static_size} inputs; "
+                         f"set data.tile_size={f.static_size}")
+    if tile % f.input_divisor:
+        down = tile - tile % f.input_divisor
+        fits = [n for n in (down, down + f.input_divisor) if n >= f.min_tile]
+        raise ModelError(f"data.tile_size={tile} is not a multiple of {f.input_divisor}, the input divisor of {what}; "
+                         f"set data.tile_size={' or '.join(map(str, fits))}")
+    problem = _trial(model, tile, bands, 2)
+    if problem:
+        raise ModelError(f"{what} cannot train at data.tile_size={tile} ({problem}); "
+                         f"{_smallest_working(model, f, tile, bands)}")
+    return f
+
+
+def check_batch_of_one(cfg: ModelConfig, model: nn.Module, tile: int, bands: int) -> None:
+    """Refuse a model that cannot train on a batch of 1 (BatchNorm after global pooling: PSPNet,
+    DeepLabV3, UPerNet) when the training loader would give one. Raises ModelError naming
+    train.batch_size."""
+    problem = _trial(model, tile, bands, 1)
+    if problem:
+        raise ModelError(f"model.arch={cfg.arch} cannot train on a batch of 1 ({problem}), and the training loader "
+                         "would give one (train.batch_size 1, or one training sample per process); set "
+                         "train.batch_size=2 or more, with at least 2 training samples per process")
+
+
+def _smallest_working(model: nn.Module, f: ArchFacts, tile: int, bands: int, tries: int = 12) -> str:
+    """'the smallest size it trains at is N: set data.tile_size=N', found from the registered
+    minimum upward in steps of the divisor, each size verified by a forward+backward pass."""
+    start = max(f.min_tile, f.input_divisor)
+    if start <= tile:  # the registered minimum is met: the failure is not (only) the size
+        start = tile + f.input_divisor
+    for size in range(start, start + tries * f.input_divisor, f.input_divisor):
+        if not _trial(model, size, bands, 2):
+            return f"the smallest size it trains at is {size}: set data.tile_size={size}"
+    return (f"no size from {start} to {start + (tries - 1) * f.input_divisor} works either; "
+            "check model.kwargs or choose another model.arch")
+
+
+def _trial(model: nn.Module, size: int, bands: int, batch: int) -> str:
+    """'' when a training-mode forward+backward of a random batch×bands×size×size input works,
+    else the first line of the error. Leaves buffers (BatchNorm statistics), gradients, the mode
+    and the RNG as they were."""
+    device = next(model.parameters()).device
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.train()
+            out = model(torch.randn(batch, bands, size, size, device=device))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            out.float().mean().backward()
+        return ""
+    except (RuntimeError, ValueError, IndexError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(saved[name])
+        model.train(was_training)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -171,6 +171,9 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> T
         tile = backend.static_shape[0]
     if tile % meta.input_divisor:
         raise UserError(f"--tile {tile} must be a multiple of the model's input divisor {meta.input_divisor}")
+    if meta.min_tile_size and tile < meta.min_tile_size:
+        raise UserError(f"--tile {tile} is below the smallest tile {meta.min_tile_size} the model runs at; "
+                        f"use --tile {meta.min_tile_size} or larger")
     overlap = default_overlap(tile) if opts.overlap is None else opts.overlap
     if not 0 <= overlap <= tile // 2:
         raise UserError(f"--overlap {overlap} must be between 0 and half the tile ({tile // 2})")

@@ -36,7 +36,14 @@ from segdeploy.distributed import ShardSampler, World, all_sum, barrier, from_ma
 from segdeploy.errors import ArtifactError, DataError, Interrupted, NonFiniteError, RecipeError, UserError
 from segdeploy.losses import build_loss
 from segdeploy.metrics import ConfusionMatrix, level_mious
-from segdeploy.models import build_model, check_model_names, freeze_encoder, input_divisor, static_size
+from segdeploy.models import (
+    build_model,
+    check_batch_of_one,
+    check_model_names,
+    check_tile_size,
+    facts,
+    freeze_encoder,
+)
 from segdeploy.progress import WorkProgress
 from segdeploy.recipe import Recipe
 from segdeploy.reproducible import deterministic_mode, epoch_seed, seed_everything
@@ -340,7 +347,9 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
         console, progress = Console(file=io.StringIO()), False
     seed_everything(rec.train.seed)  # before the model is built: its initial weights repeat
     # built before the data is read: unavailable weights (offline `imagenet`) fail in seconds
-    model = build_model(rec.model, rec.data.bands, rec.classes.num_classes)
+    model = build_model(rec.model, rec.data.bands, rec.classes.num_classes).to(device)
+    # so does a tile size the model cannot train at (one forward+backward; buffers and RNG untouched)
+    check_tile_size(rec.model, model, rec.data.tile_size, rec.data.bands)
     data = prepare_data(rec, console)
     if mode == "resume":
         check_same_splits(art.Run(out), data.splits)
@@ -468,7 +477,8 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world
         console.print(f"[yellow]warning:[/] model.trainable_encoder_stages={rec.model.trainable_encoder_stages} "
                       "freezes a randomly initialised encoder, whose frozen stages will stay random; set model.weights "
                       "(imagenet or a local file) or model.trainable_encoder_stages: null")
-    divisor = input_divisor(model)
+    arch = facts(rec.model, model)
+    divisor = arch.input_divisor
     frozen_bn = freeze_encoder(model, rec.model.trainable_encoder_stages)
     model.to(device)
     cuda = device == "cuda"
@@ -484,6 +494,8 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world
     sampler = SeededSampler(len(data.train), rec.train.seed, DistributedSampler(
         data.train, world.size, world.rank, shuffle=True, seed=rec.train.seed) if world.active else None)
     per_rank = len(data.train) // world.size
+    if min(per_rank, rec.train.batch_size) < 2:  # drop_last below keeps every other batch full
+        check_batch_of_one(rec.model, model.to(device), rec.data.tile_size, rec.data.bands)
     train_loader = DataLoader(data.train, rec.train.batch_size, sampler=sampler,
                               drop_last=per_rank > rec.train.batch_size, num_workers=workers,
                               collate_fn=collate, pin_memory=cuda, persistent_workers=workers > 0,
@@ -496,7 +508,8 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world
     meta = art.ModelMeta(
         classes=cls.names, palette=[list(c) for c in cls.display_palette()], mean=data.mean, std=data.std,
         max_pixel_value=rec.data.max_pixel_value, bands=rec.data.bands, input_divisor=divisor,
-        tile_size=rec.data.tile_size, ignore_index=cls.ignore_index, static_size=static_size(model),
+        tile_size=rec.data.tile_size, ignore_index=cls.ignore_index, static_size=arch.static_size,
+        min_tile_size=arch.min_tile,
         hierarchy=cls.hierarchy, arch=rec.model.arch, encoder=rec.model.encoder, recipe_digest=rec.digest(),
         input_dtype=data.input_dtype, versions=versions(), background=cls.background_index(),
     )

@@ -10,7 +10,17 @@ from torch import nn
 
 from segdeploy.errors import ModelError, RecipeError, UnknownNameError
 from segdeploy.losses import build_loss
-from segdeploy.models import build_model, freeze_encoder, read_state_dict
+from segdeploy.models import (
+    ARCHITECTURES,
+    ArchFacts,
+    build_model,
+    check_batch_of_one,
+    check_tile_size,
+    facts,
+    freeze_encoder,
+    read_state_dict,
+    register_architecture,
+)
 from segdeploy.recipe import LossTerm, ModelConfig
 
 
@@ -26,6 +36,82 @@ def test_strided_unet_has_no_pooling_and_no_interpolation() -> None:
     assert not any(isinstance(x, (nn.MaxPool2d, nn.AvgPool2d, nn.Upsample)) for x in m.modules())
     assert sum(isinstance(x, nn.ConvTranspose2d) for x in m.modules()) == 2
     assert sum(isinstance(x, nn.Conv2d) and x.stride == (2, 2) for x in m.modules()) == 2
+
+
+def trains_at(model: nn.Module, size: int, bands: int = 3) -> bool:
+    """Plain torch, no segdeploy code: does a batch-2 training forward+backward work at size²?"""
+    try:
+        model.train()
+        model(torch.randn(2, bands, size, size)).mean().backward()
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
+# expected smallest tiles, worked out from each architecture (and checked below with plain torch):
+# PAN pools its deepest map 3× by 2 before a 7×7 conv → 8 px there; DPT halves the stride-16 map and
+# doubles it back → even maps; mit's first stage reduces keys by an 8×8 conv at stride 4 → 32 px
+@pytest.mark.parametrize(("arch", "encoder", "kwargs", "tile", "expected", "step"), [
+    ("pan", "tu-test_resnet", {}, 96, 128, 16),  # the issue's example: "Output size is too small"
+    ("segformer", "mit_b0", {"encoder_depth": 3, "decoder_segmentation_channels": 16}, 16, 32, 8),
+    ("dpt", "tu-test_vit", {"decoder_intermediate_channels": (8, 8, 8, 8), "decoder_fusion_channels": 8}, 16, 32, 16),
+])
+def test_a_tile_the_model_cannot_train_at_is_refused_naming_the_smallest_that_works(
+        arch: str, encoder: str, kwargs: dict, tile: int, expected: int, step: int) -> None:
+    import segmentation_models_pytorch as smp
+
+    reference = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=3, **kwargs)
+    assert not trains_at(reference, expected - step) and trains_at(reference, expected)
+    cfg = ModelConfig(arch=arch, encoder=encoder, kwargs=kwargs)
+    model = build_model(cfg, 3, 3)
+    with pytest.raises(ModelError) as err:
+        check_tile_size(cfg, model, tile, 3)
+    msg = str(err.value)
+    assert "\n" not in msg and f"data.tile_size={tile}" in msg and msg.endswith(f"set data.tile_size={expected}")
+    assert check_tile_size(cfg, model, expected, 3).min_tile == expected  # the suggested fix works
+
+
+def test_the_tile_check_leaves_the_model_and_the_rng_as_they_were() -> None:
+    cfg = ModelConfig(arch="pan", encoder="tu-test_resnet")
+    model = build_model(cfg, 3, 3).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(1)
+    with pytest.raises(ModelError):
+        check_tile_size(cfg, model, 96, 3)
+    check_tile_size(cfg, model, 128, 3)
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_static_size_divisor_and_batch_of_one_refusals_name_the_key_to_change() -> None:
+    vit = ModelConfig(arch="vit_segmenter", encoder="test_vit", kwargs={"img_size": 64})
+    with pytest.raises(ModelError, match=r"accepts only 64×64 inputs; set data.tile_size=64$"):
+        check_tile_size(vit, build_model(vit, 3, 2), 96, 3)
+    unet = ModelConfig(arch="unet", encoder="resnet18")
+    with pytest.raises(ModelError, match=r"data.tile_size=100 is not a multiple of 32.*set data.tile_size=96 or 128$"):
+        check_tile_size(unet, build_model(unet, 3, 2), 100, 3)
+    deeplab = ModelConfig(arch="deeplabv3", encoder="tu-test_resnet")
+    with pytest.raises(ModelError, match=r"batch of 1 .*set train.batch_size=2"):
+        check_batch_of_one(deeplab, build_model(deeplab, 3, 2), 32, 3)
+    small = ModelConfig(arch="unet", encoder="tu-test_resnet")
+    check_batch_of_one(small, build_model(small, 3, 2), 64, 3)  # no BatchNorm on a 1-px map: fine
+
+
+def test_every_smp_architecture_is_registered_with_facts_read_from_smp() -> None:
+    import segmentation_models_pytorch as smp
+
+    assert set(smp.MODEL_ARCHITECTURES_MAPPING) <= set(ARCHITECTURES.names())
+    for arch, encoder, kwargs, divisor in [("unet", "resnet18", {}, 32), ("deeplabv3", "resnet18", {}, 8),
+                                           ("pan", "resnet18", {}, 16), ("fpn", "resnet18", {"encoder_depth": 4}, 16)]:
+        cfg = ModelConfig(arch=arch, encoder=encoder, kwargs=kwargs)
+        assert facts(cfg, build_model(cfg, 3, 2)).input_divisor == divisor
+    seg = ModelConfig(arch="segnet", kwargs={"widths": [8, 16, 16]})
+    assert facts(seg, build_model(seg, 3, 2)) == ArchFacts(input_divisor=8, static_size=None, min_tile=8)
+    with pytest.raises(TypeError, match="min_tile"):  # a missing fact is an error, not a default
+        register_architecture("incomplete", encoder="none", input_divisor=lambda m: 8, static_size=lambda m: None)
 
 
 def test_freeze_all_but_last_two_encoder_stages() -> None:

@@ -9,7 +9,7 @@ import torch
 
 from segdeploy import recipe
 from segdeploy.errors import RecipeError
-from segdeploy.models import ARCHITECTURES, build_model, input_divisor, static_size
+from segdeploy.models import ARCHITECTURES, build_model, facts
 from tests.conftest import RECIPES
 
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
@@ -29,7 +29,8 @@ def test_every_recipe_validates_and_builds_its_model(path: Path) -> None:
     rec = recipe.load(path)
     # the architecture under test, not the download: weights stay random here (offline)
     model = build_model(rec.model.model_copy(update={"weights": None}), rec.data.bands, rec.classes.num_classes).eval()
-    size = static_size(model) or max(128, input_divisor(model) * 2)
+    known = facts(rec.model, model)
+    size = known.static_size or max(128, known.input_divisor * 2, known.min_tile)
     with torch.inference_mode():
         out = model(torch.randn(1, rec.data.bands, size, size))
     assert out.shape == (1, rec.classes.num_classes, size, size)

@@ -76,12 +76,17 @@ def _pair(v: int | tuple[int | None, int | None] | None, like: tuple[int, int]) 
 
 
 def preflight(model: nn.Module, meta: ModelMeta, tile: int) -> ExportPlan:
-    """Rewrite TensorRT-hostile constructs in place and decide static vs dynamic shapes."""
-    from segdeploy.models import SegNet
+    """Rewrite TensorRT-hostile constructs in place (the architecture's registered export rewrites,
+    then adaptive pooling) and decide static vs dynamic shapes. Raises UserError for a tile the
+    model cannot run at (not a multiple of its divisor, below its smallest tile)."""
+    from segdeploy.models import export_rewrites
 
     if tile % meta.input_divisor:
         raise UserError(f"--tile {tile} is not a multiple of the model's input divisor {meta.input_divisor}; "
                         f"use {tile - tile % meta.input_divisor or meta.input_divisor}")
+    if meta.min_tile_size and tile < meta.min_tile_size and not meta.static_size:
+        raise UserError(f"--tile {tile} is below the smallest tile {meta.min_tile_size} the model runs at "
+                        f"({meta.arch}); use --tile {meta.min_tile_size} or larger")
     plan = ExportPlan(dynamic=True, tile=tile)
     if meta.static_size:
         plan.dynamic = False
@@ -89,11 +94,7 @@ def preflight(model: nn.Module, meta: ModelMeta, tile: int) -> ExportPlan:
             plan.static_reasons.append(f"the model accepts only {meta.static_size}×{meta.static_size}; tile set to it")
             plan.tile = meta.static_size
         plan.static_reasons.append("learnt positional embeddings fix the input size")
-    for name, mod in model.named_modules():
-        if isinstance(mod, SegNet):
-            mod.export_friendly = True
-            plan.findings.append(Finding("MaxPool indices + MaxUnpool (no TensorRT equivalent)", name or "model",
-                                         "rewritten as first-max one-hot switches (exact)"))
+    plan.findings += [Finding(*rewrite) for rewrite in export_rewrites(meta.arch, model)]
     # adaptive pooling to more than one bin: measure each input size at the tile, then rewrite
     sizes: dict[str, tuple[int, int]] = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, tuple(i[0].shape[-2:])))
