@@ -25,6 +25,8 @@ def export_cmd(
     tile: int = typer.Option(None, min=1, help="Tile size prediction will use (default: the recipe's data.tile_size)."),
     batch: str = typer.Option("1:4:8", help="TensorRT batch profile MIN:OPT:MAX."),
     workspace: float = typer.Option(4.0, callback=positive, help="TensorRT workspace limit in GiB."),
+    export_time_limit: float = typer.Option(300.0, "--export-time-limit", callback=positive,
+                                            help="Seconds each ONNX exporter may take before the next is tried."),
     set_: list[str] = typer.Option([], "--set", help="Override a gate threshold: --set parity.fp16_agreement=0.9995."),
     data: Path = typer.Option(None, "--data", help="Dataset for the parity gate (default: the run's data.root)."),
     progress: bool = typer.Option(True, help="Show what export is doing (on a terminal a spinner; otherwise a line "
@@ -42,7 +44,7 @@ def export_cmd(
 
     parse_batch(batch)  # a malformed --batch fails before minutes of export, not after
     opts = ExportOptions(fp16=fp16, trt=trt, int8=int8, calib_images=calib_images, calib_method=calib_method,
-                         opset=opset, tile=tile, batch=batch, workspace_gib=workspace,
+                         opset=opset, tile=tile, batch=batch, workspace_gib=workspace, export_time_limit=export_time_limit,
                          data_root=data, parity_overrides=set_)
     from segdeploy.progress import Heartbeat
 

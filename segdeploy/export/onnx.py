@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -140,24 +142,26 @@ def graph_findings(model_proto) -> list[Finding]:  # noqa: ANN001 - onnx.ModelPr
     return out
 
 
+EXPORT_TIME_LIMIT_S = 300.0  # per exporter attempt; ExportOptions.export_time_limit, --export-time-limit
+# (eight model/encoder pairs took 20–120 s on two cores; tf_efficientnet's "same" padding never
+# finished in the dynamic-shape torch.export exporter)
+
+
 def export_onnx(model: nn.Module, meta: ModelMeta, path: Path, plan: ExportPlan, opset: int = 17,
-                max_batch: int = 8) -> list[str]:
-    """Export, check, simplify and annotate; returns notes (e.g. the exporter used). Atomic."""
+                max_batch: int = 8, time_limit: float = EXPORT_TIME_LIMIT_S,
+                log: Callable[[str], None] = lambda _: None) -> list[str]:
+    """Export, check, simplify and annotate; returns notes (the exporter used and why others were
+    not). Atomic. Each exporter attempt runs in a child process stopped after `time_limit` seconds
+    (`export_bounded`); when no attempt gives a dynamic-shape model, `plan` becomes static at its
+    tile and the metadata says so. Raises ArtifactError when every exporter fails."""
     import onnx
 
     if opset < 17:
         raise UserError(f"--opset {opset} is too old: ≥ 17 keeps LayerNorm as one op")
     model = model.eval().cpu()
-    x = torch.zeros(2, meta.bands, plan.tile, plan.tile)
     notes: list[str] = []
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            _export_dynamo(model, x, tmp, plan, opset, max_batch)
-            notes.append("exporter: torch.export (dynamo)")
-        except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter
-            notes.append(f"exporter: TorchScript (dynamo failed: {type(exc).__name__})")
-            _export_torchscript(model, x, tmp, plan, opset)
+    with atomic_path(path) as tmp:
+        export_bounded(model, meta, tmp, plan, opset, max_batch, time_limit, notes, log)
         proto = onnx.load(str(tmp))
         try:
             onnx.checker.check_model(proto, full_check=True)
@@ -166,16 +170,126 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: Path, plan: ExportPlan,
         proto = simplify(proto, notes)
         name_nodes(proto)
         name_dynamic_axes(proto)
-        set_metadata(proto, meta, {"export": plan.to_dict()})
+        set_metadata(proto, replace(meta, static_size=None if plan.dynamic else plan.tile), {"export": plan.to_dict()})
         onnx.save(proto, str(tmp))
     return notes
 
 
-def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, plan: ExportPlan, opset: int, max_batch: int) -> None:
+EXPORTERS = {"dynamo": "torch.export (dynamo)", "torchscript": "TorchScript"}
+
+
+def export_bounded(model: nn.Module, meta: ModelMeta, path: Path, plan: ExportPlan, opset: int, max_batch: int,
+                   time_limit: float, notes: list[str], log: Callable[[str], None]) -> None:
+    """Try the exporters in turn, each in a child process given `time_limit` seconds: torch.export
+    then TorchScript with dynamic height and width (when the plan allows them; the result must
+    match PyTorch at another size, `dynamic_mismatch`), then both static at the plan's tile. The
+    first that succeeds is kept; why the others were not is logged and noted."""
+    x = torch.zeros(2, meta.bands, plan.tile, plan.tile)
+    shapes = (True, False) if plan.dynamic else (False,)
+    failed: list[str] = []
+    for dynamic in shapes:
+        for exporter in EXPORTERS:
+            label = f"{EXPORTERS[exporter]} with {'dynamic' if dynamic else f'static {plan.tile}×{plan.tile}'} shapes"
+            problem = run_bounded(partial(_export_with, exporter, model, x, path, dynamic, opset, max_batch), time_limit)
+            if not problem and dynamic:
+                problem = dynamic_mismatch(model, path, meta, plan.tile)
+            if not problem:
+                notes.append(f"exporter: {label}" + (f" (not: {'; '.join(failed)})" if failed else ""))
+                if not dynamic and plan.dynamic:
+                    plan.dynamic = False
+                    plan.static_reasons.append("no exporter gave a correct dynamic-shape model: " + "; ".join(failed))
+                return
+            failed.append(f"{label}: {problem}")
+            log(f"export: {failed[-1]}; trying the next exporter")
+    raise ArtifactError(f"no exporter could export {meta.arch or 'the model'}: {'; '.join(failed)}; if one only ran "
+                        f"out of time, pass --export-time-limit with more seconds (now {time_limit:g})")
+
+
+def run_bounded(fn: Callable[[], None], seconds: float) -> str:
+    """Run `fn` in a child process (forked where the platform can: nothing to pickle or re-import)
+    and wait at most `seconds`: '' when it returned, else why not (its error's first line, or the
+    time limit; the child is then killed — a thread stuck in an exporter could not be stopped)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(fn, send), daemon=True, name="segdeploy-exporter")
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(seconds):
+            return f"stopped after {seconds:g} s (--export-time-limit)"
+        return receive.recv()
+    except EOFError:
+        child.join(5)
+        return f"the exporter process died (exit code {child.exitcode})"
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receive.close()
+
+
+def _child(fn: Callable[[], None], send) -> None:  # noqa: ANN001 - a multiprocessing Connection
+    """The exporter's process: its chatter goes to /dev/null, its outcome through the pipe. One
+    intra-op thread: GNU OpenMP, initialised by the parent's computations, deadlocks a forked child
+    that opens a parallel region (TorchScript's tracing of a ConvNeXt hung until killed); with one
+    thread PyTorch never opens one."""
+    import os
+
+    torch.set_num_threads(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn()
+        send.send("")
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        send.send(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+    finally:
+        send.close()
+
+
+def dynamic_mismatch(model: nn.Module, path: Path, meta: ModelMeta, tile: int) -> str:
+    """'' when the ONNX file at `path` gives PyTorch's logits (max |Δ| ≤ 1e-3 of the largest, or
+    1e-3) on a batch of 1 at (tile + d) × (tile + 2d), d the input divisor: a size and batch the
+    exporter never saw, where an exporter that baked a shape into the graph fails or differs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    d = meta.input_divisor
+    x = torch.randn(1, meta.bands, tile + d, tile + 2 * d, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(x).float().numpy()
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    except Exception as exc:  # noqa: BLE001 - any failure is the export's
+        return f"fails at {tile + d}×{tile + 2 * d} ({type(exc).__name__})"
+    if got.shape != expected.shape:
+        return f"gives shape {got.shape} at {tile + d}×{tile + 2 * d}, not {expected.shape}"
+    err = float(np.abs(got - expected).max())
+    if err > 1e-3 * max(1.0, float(np.abs(expected).max())):
+        return f"differs from PyTorch at {tile + d}×{tile + 2 * d} (max |Δlogit| {err:.3g})"
+    return ""
+
+
+def _export_with(exporter: str, model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool, opset: int,
+                 max_batch: int) -> None:
+    if exporter == "dynamo":
+        _export_dynamo(model, x, path, dynamic, opset, max_batch)
+    else:
+        _export_torchscript(model, x, path, dynamic, opset)
+
+
+def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool, opset: int, max_batch: int) -> None:
     from torch.export import Dim
 
     shapes = {0: Dim("batch", min=1, max=max(max_batch, 2) * 64)}
-    if plan.dynamic:
+    if dynamic:
         shapes.update({2: Dim.DYNAMIC, 3: Dim.DYNAMIC})
     torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                       opset_version=max(opset, 18), dynamo=True, dynamic_shapes=({**shapes},), external_data=False,
@@ -187,9 +301,9 @@ def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, plan: ExportPl
         raise RuntimeError("opset too low")
 
 
-def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, plan: ExportPlan, opset: int) -> None:
+def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool, opset: int) -> None:
     axes = {0: "batch"}
-    if plan.dynamic:
+    if dynamic:
         axes.update({2: "height", 3: "width"})
     torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                       opset_version=opset, dynamo=False, dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes})

@@ -46,7 +46,7 @@ from segdeploy.errors import DataError, OutputError, ParityError, UserError
 from segdeploy.export import fp16 as fp16_mod
 from segdeploy.export import int8 as int8_mod
 from segdeploy.export import sensitivity
-from segdeploy.export.onnx import ExportPlan, export_onnx, graph_findings, preflight, set_metadata
+from segdeploy.export.onnx import EXPORT_TIME_LIMIT_S, ExportPlan, export_onnx, graph_findings, preflight, set_metadata
 from segdeploy.parity import SPLIT_WORDS, ParityReference, percent, ParityReport, PrecisionUse, as_numpy_batches, parity_tiles
 from segdeploy.recipe import Recipe
 from segdeploy.utils import file_sha256, versions, writable_location, write_json
@@ -66,6 +66,7 @@ class ExportOptions:
     batch: str = "1:4:8"
     workspace_gib: float = 4.0
     max_fallback_rounds: int = 6
+    export_time_limit: float = EXPORT_TIME_LIMIT_S  # seconds per ONNX exporter attempt (then the next one)
     data_root: Path | None = None
     parity_overrides: list[str] = field(default_factory=list)  # "parity.key=value"
 
@@ -85,6 +86,8 @@ class ExportOptions:
             args += ["--tile", str(self.tile)]
         if self.opset != default.opset:
             args += ["--opset", str(self.opset)]
+        if self.export_time_limit != default.export_time_limit:  # it decides which exporter made the file
+            args += ["--export-time-limit", f"{self.export_time_limit:g}"]
         if "--int8" in flags and self.calib_images != default.calib_images:
             args += ["--calib-images", str(self.calib_images)]
         if "--int8" in flags and self.calib_method != default.calib_method:
@@ -366,7 +369,9 @@ class _Builder:
         self.log(f"exporting FP32 ONNX ({'dynamic' if self.job.plan.dynamic else 'static'} shapes, "
                  f"opset ≥ {self.opts.opset})…")
         self.report.notes += export_onnx(self.job.model, meta, path, self.job.plan, self.opts.opset,
-                                         parse_batch(self.opts.batch)[2])
+                                         parse_batch(self.opts.batch)[2], self.opts.export_time_limit, self.log)
+        if not self.job.plan.dynamic:  # an exporter fallback may have made it static: the derived forms are too
+            self.job.meta = replace(self.job.meta, static_size=self.job.plan.tile)
         self.proto32 = onnx.load(str(path))
         findings = graph_findings(self.proto32)
         self.job.plan.findings += findings
