@@ -27,7 +27,8 @@ from segdeploy.data.dataset import (
     PixelFormatCheck,
     class_pixel_counts,
     discover,
-    keys_in_several_splits,
+    images_in_several_splits,
+    leak_message,
     split_defined,
     suggested_class_weights,
 )
@@ -182,11 +183,9 @@ def prepare_data(rec: Recipe, console: Console) -> TrainingData:
             if "is empty" not in str(exc):
                 raise
             console.print(f"[yellow]warning:[/] {exc}")
-    leaked = keys_in_several_splits(samples)
-    if leaked:
-        key, where = next(iter(leaked.items()))
-        raise DataError(f"key {key!r} is in the {' and '.join(where)} splits ({len(leaked)} such keys): a score on a "
-                        "split that shares images with training means nothing; fix the split lists or folders")
+    shared = images_in_several_splits(samples)
+    if shared:
+        raise DataError(leak_message(shared))
     zeros, ones = [0.0] * bands, [1.0] * bands
     train_ds = SegmentationDataset(samples["train"], rec.data, cls, zeros, ones, augment=rec.augment)
     val_ds = SegmentationDataset(samples["val"], rec.data, cls, zeros, ones)

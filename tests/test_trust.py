@@ -281,7 +281,7 @@ def test_inspect_finds_every_layout_problem(tmp_path: Path, mode: str) -> None:
     assert any("lonely.png has no mask" in p for p in problems)
     assert any("orphan.png has no image" in p for p in problems)
     if mode == "lists":
-        assert any("key 'k01' is in the train and val" in p for p in problems)
+        assert any("k01.png is in both the train and val splits" in p for p in problems)
         assert any("val.txt is used for the val and test splits" in p for p in problems)
     else:
         tiny = recipe.validate({**rec.model_dump(mode="json"), "data": {**data, "split": {

@@ -182,13 +182,50 @@ class PixelFormatCheck:
         return None
 
 
-def keys_in_several_splits(splits: dict[str, list[Sample]]) -> dict[str, list[str]]:
-    """key -> the splits it appears in, for keys in more than one (leakage between splits)."""
-    where: dict[str, list[str]] = {}
+@dataclass(frozen=True)
+class SharedImage:
+    """One image in two splits: the same file, or another file with the same content."""
+
+    splits: tuple[str, str]
+    paths: tuple[Path, Path]
+
+    def describe(self) -> str:
+        a, b = self.paths
+        how = f"{a} is in both" if a.resolve() == b.resolve() else f"{a} and {b} are the same image, in"
+        return f"{how} the {self.splits[0]} and {self.splits[1]} splits"
+
+
+def images_in_several_splits(splits: dict[str, list[Sample]]) -> list[SharedImage]:
+    """Images that appear in more than one split (leakage), compared by content: the sha256 of the
+    file's bytes, computed only for files whose size occurs in two splits (equal content has equal
+    size). Equal keys of different files (``img/train/t000.tif``, ``img/val/t000.tif``) are not a
+    leak; a copy under another name is. One entry per (image, later split), in split order."""
+    from segdeploy.utils import file_sha256
+
+    sizes: dict[int, set[str]] = {}
     for name, samples in splits.items():
         for s in samples:
-            where.setdefault(s.key, []).append(name)
-    return {k: v for k, v in where.items() if len(v) > 1}
+            sizes.setdefault(s.image.stat().st_size, set()).add(name)
+    first: dict[str, tuple[str, Path]] = {}
+    found: list[SharedImage] = []
+    for name, samples in splits.items():
+        for s in samples:
+            if len(sizes[s.image.stat().st_size]) < 2:
+                continue
+            digest = file_sha256(s.image)
+            seen = first.setdefault(digest, (name, s.image))
+            if seen[0] != name:
+                found.append(SharedImage((seen[0], name), (seen[1], s.image)))
+    return found
+
+
+def leak_message(shared: list[SharedImage]) -> str:
+    """One line naming the first shared image, its two splits and how many there are."""
+    pair = shared[0].splits
+    scored = "training" if "train" in pair else f"the {pair[0]} split"
+    return (f"{shared[0].describe()} ({len(shared)} such image{'s' if len(shared) > 1 else ''} in all): a score on the "
+            f"{pair[1]} split over images that {scored} also holds means nothing; "
+            "remove them from one split (fix the split lists or folders)")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from segdeploy.data.dataset import (
     _pairs,
     data_root,
     discover,
-    keys_in_several_splits,
+    images_in_several_splits,
     masks_without_images,
     split_defined,
     suggested_class_weights,
@@ -69,8 +69,8 @@ def recipe_for_data(target: Path, data_root_override: Path | None = None) -> Rec
 
 def inspect(rec: Recipe, splits: tuple[str, ...] = SPLITS) -> InspectReport:
     """Every problem that training would stop at, or that would make a score mean nothing,
-    in any layout: unpaired files, empty or overlapping splits, unreadable files, bad mask values,
-    mixed pixel types."""
+    in any layout: unpaired files, empty splits, an image in two splits (by content), unreadable
+    files, bad mask values, mixed pixel types. Splits the layout does not define are left out."""
     root = data_root(rec.data)
     report = InspectReport(str(root), rec.classes.names)
     report.problems += _layout_problems(rec, root, splits)
@@ -82,9 +82,9 @@ def inspect(rec: Recipe, splits: tuple[str, ...] = SPLITS) -> InspectReport:
             found[split] = discover(rec.data, split, strict=False)
         except DataError as exc:
             report.problems.append({"split": split, "file": "", "problem": str(exc)})
-    for key, where in keys_in_several_splits(found).items():
-        report.problems.append({"split": ",".join(where), "file": key,
-                                "problem": f"key {key!r} is in the {' and '.join(where)} splits"})
+    for shared in images_in_several_splits(found):
+        report.problems.append({"split": ",".join(shared.splits), "file": str(shared.paths[1]),
+                                "problem": shared.describe()})
     sizes: Counter[str] = Counter()
     pixel_format = PixelFormatCheck(rec.data)
     all_counts = np.zeros(rec.classes.num_classes, dtype=np.int64)
