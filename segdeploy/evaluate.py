@@ -11,14 +11,14 @@ import numpy as np
 
 from segdeploy import recipe as recipe_mod
 from segdeploy.artifact import EVAL_DIR, Run
-from segdeploy.data.dataset import SampleReader, discover
+from segdeploy.data.dataset import SampleReader, discover, eval_split
 from segdeploy.errors import ArtifactError
 from segdeploy.metrics import ConfusionMatrix, SegMetrics, level_mious
 from segdeploy.recipe import Recipe
 from segdeploy.runtime import load_backend
 from segdeploy.runtime.base import Backend
 from segdeploy.runtime.finite import FiniteLogits
-from segdeploy.tiling import forward_padded
+from segdeploy.scoring import default_plan, score_split
 from segdeploy.utils import atomic_path, check_replaceable, staged_dir, writable_location, write_json
 from segdeploy.viz import overlay_figure, save_figure
 
@@ -35,12 +35,14 @@ class EvalReport:
     seconds: float
     out_dir: Path
     files: list[Path] = field(default_factory=list)
-    # images whose logits were not finite at the model's precision, recomputed at FP32
+    split_reason: str = ""  # why this split, when the caller did not name one
+    # tiles whose logits were not finite at the model's precision, recomputed at FP32
     recomputed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "backend": self.backend, "split": self.split, "images": self.images,
+        return {"model": self.model, "backend": self.backend, "split": self.split, "split_reason": self.split_reason,
+                "images": self.images,
                 "seconds": round(self.seconds, 3), **self.metrics.to_dict(),
                 "recomputed_at_fp32": self.recomputed, "notes": self.notes,
                 "files": [str(p) for p in self.files]}
@@ -58,7 +60,7 @@ def recipe_for(model_path: Path, recipe_path: Path | None = None, data_root: Pat
 
 def evaluate(
     model_path: Path,
-    split: str = "val",
+    split: str | None = None,
     *,
     recipe_path: Path | None = None,
     data_root: Path | None = None,
@@ -70,12 +72,16 @@ def evaluate(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalReport:
-    """Metrics of `model_path` over a split, written with the plots to `out_dir` (default: the run's
-    eval/SPLIT, or eval/NAME-SPLIT beside an exported file: the model's own record of that split,
-    which the next evaluation replaces). An earlier evaluation in a directory the caller names is
-    replaced only with `overwrite`; either way the new one is written beside it and swapped in when
-    complete.
-    `progress(images done, images in all)` is called after each batch. Raises UserError subclasses."""
+    """Metrics of `model_path` over a split, scored tiled exactly as training validation scores it
+    (`scoring.score_split`: predict's default windows, padding and blending; memory bounded by the
+    tile), written with the plots to `out_dir` (default: the run's eval/SPLIT, or eval/NAME-SPLIT
+    beside an exported file: the model's own record of that split, which the next evaluation
+    replaces). `split` None: the layout's test split, else val (the report says which and why). An
+    earlier evaluation in a directory the caller names is replaced only with `overwrite`; either way
+    the new one is written beside it and swapped in when complete.
+    `progress(images done, images in all)` is called after each image. Raises UserError subclasses
+    (ArtifactError for a model that does not fit the recipe, DataError for a split the layout does
+    not define, OutputError for an unwritable output)."""
     model_path = Path(model_path)
     backend = backend or load_backend(model_path)
     rec = recipe_for(model_path, recipe_path, data_root)
@@ -85,6 +91,7 @@ def evaluate(
                             f"{rec.classes.num_classes}; evaluate with the recipe it was trained on")
     if meta.bands != rec.data.bands:
         raise ArtifactError(f"{model_path} expects {meta.bands} bands but the data has {rec.data.bands}")
+    split, why = eval_split(rec.data, split)
     if out_dir is None:  # the model's own record of this split: the next evaluation replaces it
         out_dir = (Run(model_path).eval_dir(split) if model_path.is_dir()
                    else model_path.parent / EVAL_DIR / f"{model_path.name}-{split}")
@@ -92,42 +99,37 @@ def evaluate(
     out_dir = Path(out_dir)
     check_replaceable(out_dir, overwrite, METRICS_FILE, "evaluation")  # before the work, not after it
     writable_location(out_dir)  # an unwritable output fails before the evaluation, not after
-    samples = discover(rec.data, split)
-    ds = SampleReader(samples, rec.data, rec.classes, meta.mean, meta.std)
-    cm = ConfusionMatrix(meta.num_classes, meta.ignore_index)
+    # each image is read once: no cache (a split of 2448² images would be held whole)
+    ds = SampleReader(discover(rec.data, split), rec.data, rec.classes, meta.mean, meta.std)
     n_overlays = rec.eval.overlays if overlays is None else overlays
     keep: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    finite = FiniteLogits(backend, unit="image")
-    t0 = time.perf_counter()
-    i = 0
-    max_batch = backend.max_batch or batch_size
-    while i < len(ds):
-        # batch images of equal size together (sizes may vary within a split)
-        first = ds.item(i)[0].shape
-        xs, ys = [], []
-        while i < len(ds) and len(xs) < min(batch_size, max_batch):
-            x, y = ds.item(i)
-            if x.shape != first:
-                break
-            xs.append(x)
-            ys.append(y)
-            i += 1
-        batch, first_i = np.stack(xs), i - len(xs)
-        logits = finite.check(batch, forward_padded(backend, batch), lambda j: f"image {ds.samples[first_i + j].image}",
-                              run=forward_padded)
-        pred = logits.argmax(1)
-        y = np.stack(ys)
-        cm.update(pred, y)
-        for j in range(len(xs)):
-            if len(keep) < n_overlays:
-                keep.append((_display_image(ds, i - len(xs) + j), y[j], pred[j]))
+
+    done = 0
+
+    def overlay(i: int, truth: np.ndarray, pred: np.ndarray) -> None:
+        nonlocal done
+        done += 1
         if progress is not None:
-            progress(i, len(ds))
+            progress(done, len(ds))
+        if len(keep) < n_overlays:
+            ignored = pred < 0  # invalid input: neither predicted nor scored
+            keep.append((_display_image(ds, i), np.where(ignored, meta.ignore_index, truth),
+                         np.where(ignored, meta.ignore_index, pred)))
+
+    finite = FiniteLogits(backend)  # a tile whose logits are not finite: recomputed at FP32, or named
+
+    def infer(x: np.ndarray, tiles: list) -> np.ndarray:
+        return finite.check(x, backend(x), lambda j: f"tile {tiles[j][1].row},{tiles[j][1].col} of image "
+                                                     f"{ds.samples[tiles[j][0]].image}")
+
+    t0 = time.perf_counter()
+    cm = score_split(backend, ds, default_plan(meta, min(batch_size, backend.max_batch or batch_size)),
+                     observe_images=overlay, infer=infer)
     seconds = time.perf_counter() - t0
     mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
     if meta.hierarchy:
         mets.levels = level_mious(cm.matrix, rec.classes.names, meta.hierarchy, rec.eval.exclude_background)
-    report = EvalReport(str(model_path), backend.describe(), split, len(ds), mets, seconds, Path(out_dir),
+    report = EvalReport(str(model_path), backend.describe(), split, len(ds), mets, seconds, Path(out_dir), split_reason=why,
                         recomputed=finite.recomputed, notes=[finite.summary()] if finite.recomputed else [])
     with staged_dir(out_dir, overwrite, METRICS_FILE, "evaluation") as work:
         names = _write_outputs(work, report, keep if plots else None, rec, meta)

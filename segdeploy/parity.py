@@ -22,7 +22,7 @@ from segdeploy.errors import DataError, NonFiniteError, ParityError
 from segdeploy.metrics import ConfusionMatrix
 from segdeploy.recipe import DataConfig, GateThresholds, Recipe
 from segdeploy.runtime.base import Backend
-from segdeploy.tiling import pad_to
+from segdeploy.tiling import TilePlan
 
 DROP_RESOLUTION = 0.005  # IoU points: reports print two decimals; smaller "drops" are noise
 SPLIT_WORDS = {"val": "validation", "train": "training", "test": "test"}
@@ -175,31 +175,30 @@ def gate_split(data: DataConfig) -> tuple[str, str]:
 
 def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: str = "val",
                  keys: list[str] | None = None, tile_keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised tiles of `tile`² from real images, the way predict will feed them: windows that
-    run past the image edge are padded (reflect), their labels padded with ignore_index; invalid
-    pixels are 0 (the mean) and ignore_index. The keys of the images used are appended to `keys`,
-    and each tile's image key to `tile_keys`, when given. Raises DataError when `split` has no images."""
+    """Up to `samples` normalised float32 N×B×tile×tile tiles from real images and their int64
+    N×tile×tile labels, cut the way predict cuts a scene: each image's `tiling.TilePlan` windows
+    (here without overlap, so every pixel is compared once), the last ones running past the edge and
+    padded exactly as predict pads them, their labels padded with ignore_index (never compared);
+    invalid pixels are 0 (the mean) and ignore_index. The keys of the images used are appended to
+    `keys`, and each tile's image key to `tile_keys`, when given. Raises DataError when `split` has
+    no images."""
     items = discover(rec.data, split)  # the caller chose the split (`gate_split`): no silent substitute
     ds = SampleReader(items, rec.data, rec.classes, meta.mean, meta.std)
     xs, ys = [], []
     for i in range(len(ds)):
-        x, y = (torch.from_numpy(a) for a in ds.item(i))
+        x, y = ds.item(i)
         if keys is not None:
             keys.append(ds.samples[i].key)
-        h, w = x.shape[-2:]
-        for top in range(0, max(h - tile, 0) + 1, tile) if h >= tile else [0]:
-            for left in range(0, max(w - tile, 0) + 1, tile) if w >= tile else [0]:
-                xt, yt = x[:, top : top + tile, left : left + tile], y[top : top + tile, left : left + tile]
-                ph, pw = tile - xt.shape[-2], tile - xt.shape[-1]
-                if ph or pw:
-                    xt = torch.from_numpy(pad_to(xt.numpy(), tile, tile))
-                    yt = torch.nn.functional.pad(yt, (0, pw, 0, ph), value=meta.ignore_index)
-                xs.append(xt)
-                ys.append(yt)
-                if tile_keys is not None:
-                    tile_keys.append(ds.samples[i].key)
-                if len(xs) >= samples:
-                    return torch.stack(xs), torch.stack(ys)
+        plan = TilePlan(x.shape[-2], x.shape[-1], tile)
+        for window in plan.windows():
+            xs.append(torch.from_numpy(np.ascontiguousarray(plan.cut(x, window))))
+            label = np.full((tile, tile), meta.ignore_index, np.int64)
+            label[: window.height, : window.width] = y[window.slices]
+            ys.append(torch.from_numpy(label))
+            if tile_keys is not None:
+                tile_keys.append(ds.samples[i].key)
+            if len(xs) >= samples:
+                return torch.stack(xs), torch.stack(ys)
     return torch.stack(xs), torch.stack(ys)
 
 

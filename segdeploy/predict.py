@@ -36,7 +36,7 @@ from segdeploy.raster import (
 )
 from segdeploy.runtime.base import Backend
 from segdeploy.runtime.finite import FiniteLogits
-from segdeploy.tiling import BLENDS, StripAccumulator, blend_weights, normalize, pad_to, window_starts
+from segdeploy.tiling import BLENDS, StripAccumulator, TilePlan, default_overlap, normalize
 from segdeploy.utils import RssSampler, writable_location, write_json
 
 Progress = Callable[[int, int, int], None]  # (tiles done, tiles this run computes, pixels it writes)
@@ -130,37 +130,13 @@ def _refuse_unfinished(out: Path, state_path: Path, tmp: Path) -> None:
                     "or --overwrite to start it over")
 
 
-def default_overlap(tile: int) -> int:
-    """An eighth of the tile, in multiples of 8 px: enough context at tile edges for the blend, and
-    a fixed 64 px would be half of a 128² tile (4× the compute) or more than half of a 96² one."""
-    return (tile // 8) // 8 * 8
-
-
-
 # --------------------------------------------------------------------------------------- plan
 
 
-@dataclass
-class TilePlan:
-    """Where the tiles go and how they are fed: the one place the options meet the model."""
-
-    tile: int
-    overlap: int
-    batch: int
-    scale: float
-    rows: list[int]
-    cols: list[int]
-
-    @property
-    def stride(self) -> int:
-        return self.tile - self.overlap
-
-    @property
-    def total(self) -> int:
-        return len(self.rows) * len(self.cols)
-
-
-def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> TilePlan:
+def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> tuple[TilePlan, float]:
+    """The scene's window grid (tiling.TilePlan: tile, overlap, blend, padding, batch) and the input's
+    full-scale value, from the options and the model: the one place they meet. Raises UserError for
+    a tile the model cannot run at, an overlap above half the tile, an unknown blend."""
     meta = backend.meta
     for flag, value in (("--tile", opts.tile), ("--batch", opts.batch)):
         if value is not None and value < 1:  # never a silent default for a number the user gave
@@ -181,8 +157,7 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> T
         raise UserError(f"--blend {opts.blend!r} is unknown; choose one of {', '.join(BLENDS)}")
     batch = opts.batch if opts.batch is not None else (8 if backend.device.startswith("cuda") else 2)
     batch = min(batch, backend.max_batch or batch)
-    return TilePlan(tile, overlap, batch, scale, window_starts(reader.height, tile, overlap),
-                    window_starts(reader.width, tile, overlap))
+    return TilePlan(reader.height, reader.width, tile, overlap, opts.blend, opts.pad, batch), scale
 
 
 def resume_point(out: Path, opts: PredictOptions, settings: dict, stride: int) -> tuple[int, int]:
@@ -223,7 +198,7 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
                   progress: Progress | None) -> PredictResult:
     t0 = time.perf_counter()
     reader = SceneReader(src, backend.meta.bands, opts.bands)
-    plan = plan_tiles(backend, reader, opts)
+    plan, scale = plan_tiles(backend, reader, opts)
     is_picture = reader.array is not None
     if not is_picture and not reader.georeferenced:
         warnings.warn(f"{src} has no georeference (no geotransform, GCPs or RPCs); the output will not have one "
@@ -240,7 +215,7 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     writable_location(out)
     sink = RowSink(out, reader, backend.meta, opts, settings, start_row, plan)
     pixels = (reader.height - rows_on_disk) * reader.width  # what this invocation writes
-    pipeline = TilePipeline(backend, reader, plan, opts, sink, start_row, progress, pixels)
+    pipeline = TilePipeline(backend, reader, plan, scale, opts, sink, start_row, progress, pixels)
     pipeline.run()
     backend.trim()  # the outputs and the preview are made after inference: not on top of its peak
     files = sink.finish()
@@ -359,15 +334,12 @@ class TilePipeline:
     error in any stage stops the others and is raised in the caller's thread; an interrupt leaves
     the rows on disk and the resume state for --resume."""
 
-    def __init__(self, backend: Backend, reader: SceneReader, plan: TilePlan, opts: PredictOptions, sink: RowSink,
-                 start_row: int, progress: Progress | None, pixels: int | None = None) -> None:
-        self.backend, self.reader, self.plan, self.opts, self.sink = backend, reader, plan, opts, sink
+    def __init__(self, backend: Backend, reader: SceneReader, plan: TilePlan, scale: float, opts: PredictOptions,
+                 sink: RowSink, start_row: int, progress: Progress | None, pixels: int | None = None) -> None:
+        self.backend, self.reader, self.plan, self.scale, self.opts, self.sink = backend, reader, plan, scale, opts, sink
         self.start_row, self.progress = start_row, progress
         self.pixels = reader.width * reader.height if pixels is None else pixels  # written by this run
-        meta = backend.meta
-        self.acc = StripAccumulator(reader.height, reader.width, meta.num_classes, plan.tile, plan.overlap,
-                                    blend_weights(plan.tile, opts.blend, plan.overlap),
-                                    keep_confidence=opts.probs or reader.array is not None)
+        self.acc = StripAccumulator(plan, backend.meta.num_classes, keep_confidence=opts.probs or reader.array is not None)
         # rebuild the overlap band of the row before `start_row` by recomputing that row (output not re-emitted)
         self.replay_from = max(start_row - 1, 0)
         if self.replay_from:
@@ -386,18 +358,18 @@ class TilePipeline:
         """(row, col, B×tile×tile pixels padded past the edge or None when all nodata, tile×tile
         validity) in row-major order."""
         plan = self.plan
-        for r in range(self.replay_from, len(plan.rows)):
-            for c in range(len(plan.cols)):
-                img, valid = self.reader.read(plan.rows[r], plan.cols[c], plan.tile, plan.tile)
-                if self.reader.source.nonfinite_mask is not None and r >= self.start_row:
-                    self.nonfinite += self._owned(r, c, self.reader.source.nonfinite_mask)
-                if not valid.any():
-                    yield r, c, None, None  # all nodata: skipped, never blended, emitted as nodata
-                    continue
-                # padded like the pixels, so a reflected invalid pixel is filled too (the accumulator
-                # keeps only the in-image part)
-                valid = None if valid.all() else pad_to(valid, plan.tile, plan.tile, self.opts.pad)
-                yield r, c, pad_to(np.moveaxis(img, -1, 0), plan.tile, plan.tile, self.opts.pad), valid
+        for window in plan.windows(self.replay_from):
+            r, c = window.row, window.col
+            img, valid = self.reader.read(window.row_off, window.col_off, plan.tile, plan.tile)
+            if self.reader.source.nonfinite_mask is not None and r >= self.start_row:
+                self.nonfinite += self._owned(r, c, self.reader.source.nonfinite_mask)
+            if not valid.any():
+                yield r, c, None, None  # all nodata: skipped, never blended, emitted as nodata
+                continue
+            # padded like the pixels, so a reflected invalid pixel is filled too (the accumulator
+            # keeps only the in-image part)
+            valid = None if valid.all() else plan.fill(valid)
+            yield r, c, plan.fill(np.moveaxis(img, -1, 0)), valid
 
     def _owned(self, r: int, c: int, mask: np.ndarray) -> int:
         """Pixels of `mask` (a window's) that no later tile reads: each counted once."""
@@ -448,7 +420,7 @@ class TilePipeline:
             valid = None
             if any(v is not None for *_, v in tiles):
                 valid = np.stack([np.ones((t, t), bool) if v is None else v for *_, v in tiles])
-            x = normalize(np.stack([a for _, _, a, _ in tiles]), self.plan.scale, meta.mean, meta.std, valid)
+            x = normalize(np.stack([a for _, _, a, _ in tiles]), self.scale, meta.mean, meta.std, valid)
             logits = iter(self.finite.check(x, self.backend(x), lambda i: self.tile_name(*tiles[i][:2])))
         self.skipped += len(items) - len(tiles)
         return [(r, c, next(logits) if a is not None else None, v) for r, c, a, v in items]

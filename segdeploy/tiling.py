@@ -1,15 +1,16 @@
-"""Tile geometry: padding to the model's divisor, window grids, blend weights, stitching.
+"""Tile geometry: padding to the model's divisor, the window grid (`TilePlan` of `Window`s), blend
+weights, stitching (`StripAccumulator`), and `predict_arrays`, which runs in-memory images through
+the same windows, padding and blending as predict (eval and in-training validation use it).
 numpy only: predicting with an ONNX model never imports torch."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
-
-
-def padded_size(n: int, divisor: int) -> int:
-    return int(math.ceil(n / divisor) * divisor)
 
 
 PAD_MODES = {"reflect": "reflect", "replicate": "edge", "constant": "constant"}
@@ -32,28 +33,6 @@ def pad_to(x: np.ndarray, height: int, width: int, mode: str = "reflect") -> np.
     mode = pad_mode(h, w, ph, pw, mode)
     widths = [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)]
     return np.pad(x, widths, mode=PAD_MODES[mode])
-
-
-def pad_to_multiple(x: np.ndarray, divisor: int, mode: str = "reflect") -> tuple[np.ndarray, tuple[int, int]]:
-    """Pad N×B×H×W on the bottom/right to multiples of `divisor`; returns the original (H, W)."""
-    h, w = x.shape[-2:]
-    return pad_to(x, padded_size(h, divisor), padded_size(w, divisor), mode), (h, w)
-
-
-def forward_padded(backend, batch: np.ndarray) -> np.ndarray:  # noqa: ANN001 - any Backend
-    """Logits for a batch of any size: padded to the model's divisor (or its static size), cropped back."""
-    static = backend.static_shape
-    h, w = batch.shape[-2:]
-    if static is not None:
-        if h > static[0] or w > static[1]:
-            from segdeploy.errors import ArtifactError
-
-            raise ArtifactError(f"image {h}×{w} is larger than the model's static size {static[0]}×{static[1]}; "
-                                "use `segdeploy predict` (tiles) or evaluate the run directory")
-        x = pad_to(batch, static[0], static[1], "replicate")
-    else:
-        x, _ = pad_to_multiple(batch, backend.meta.input_divisor)
-    return backend(x)[..., :h, :w]
 
 
 def normalize(pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarray,
@@ -129,6 +108,97 @@ def window_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [i * stride for i in range(n)]
 
 
+def default_overlap(tile: int) -> int:
+    """An eighth of the tile, in multiples of 8 px: enough context at tile edges for the blend, and
+    a fixed 64 px would be half of a 128² tile (4× the compute) or more than half of a 96² one."""
+    return (tile // 8) // 8 * 8
+
+
+@dataclass(frozen=True)
+class Window:
+    """One tile's place in an image, in pixels (rasterio's ``Window(col_off, row_off, width,
+    height)`` is the model), with its (row, col) index in the plan's grid. A window may run past the
+    image's bottom/right edge; `height`/`width` are the part inside the image."""
+
+    row: int
+    col: int
+    row_off: int
+    col_off: int
+    height: int
+    width: int
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """(rows, cols) of the part inside the image: ``array[..., *window.slices]``."""
+        return slice(self.row_off, self.row_off + self.height), slice(self.col_off, self.col_off + self.width)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The window grid over one height × width image (px) and how its tiles are cut and blended:
+    tile × tile windows stepping tile − overlap (`window_starts`), the last ones running past the
+    edge and padded by `pad` (reflect, or edge where the image is too small), blended with `blend`
+    weights; `batch` windows go to the backend at once. predict, `StripAccumulator`, tiled eval and
+    validation (`predict_arrays`) and the parity gate all draw their windows from a plan.
+
+    Raises ValueError for an overlap outside [0, tile) or an unknown blend."""
+
+    height: int
+    width: int
+    tile: int
+    overlap: int = 0
+    blend: str = "gaussian"
+    pad: str = "reflect"
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap < self.tile:
+            raise ValueError(f"overlap {self.overlap} must be in [0, tile={self.tile})")
+        if self.blend not in BLENDS:
+            raise ValueError(f"unknown blend {self.blend!r}; choose one of {', '.join(BLENDS)}")
+
+    @cached_property
+    def rows(self) -> list[int]:
+        return window_starts(self.height, self.tile, self.overlap)
+
+    @cached_property
+    def cols(self) -> list[int]:
+        return window_starts(self.width, self.tile, self.overlap)
+
+    @property
+    def stride(self) -> int:
+        return self.tile - self.overlap
+
+    @property
+    def total(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def window(self, row: int, col: int) -> Window:
+        y, x = self.rows[row], self.cols[col]
+        return Window(row, col, y, x, min(self.tile, self.height - y), min(self.tile, self.width - x))
+
+    def windows(self, start_row: int = 0) -> Iterator[Window]:
+        """Every window from row of tiles `start_row` on, in row-major order (the order
+        `StripAccumulator` needs)."""
+        for r in range(start_row, len(self.rows)):
+            for c in range(len(self.cols)):
+                yield self.window(r, c)
+
+    def weights(self) -> np.ndarray:
+        """tile × tile float32 blend weights (`blend_weights`)."""
+        return blend_weights(self.tile, self.blend, self.overlap)
+
+    def fill(self, part: np.ndarray, mode: str | None = None) -> np.ndarray:
+        """A window's inside part (…×h×w) padded on the bottom/right to tile × tile by the plan's
+        padding (`pad_to`), or by `mode` ("constant": zeros/False, for validity)."""
+        return pad_to(part, self.tile, self.tile, mode or self.pad)
+
+    def cut(self, array: np.ndarray, window: Window, mode: str | None = None) -> np.ndarray:
+        """The tile × tile tile of a …×H×W array under `window`, padded past the edge (`fill`)."""
+        rows, cols = window.slices
+        return self.fill(array[..., rows, cols], mode)
+
+
 # --------------------------------------------------------------------------- blend weights
 
 BLENDS = ("gaussian", "hann", "pyramid", "crop")
@@ -168,20 +238,20 @@ class StripAccumulator:
     still touch: the overlap band below the current row (C × overlap × width) and the current
     tile. Final pixels are handed on as soon as no later tile covers them.
 
-    Feed tiles in row-major order with `add(row, col, probs)` (or `add_logits`); each finished row of tiles
-    returns the final class map (and confidence) of its `stride` rows (all remaining rows for the
-    last row of tiles), cropped to the image.
+    Feed tiles in the plan's row-major order with `add(row, col, probs)` (or `add_logits`); each
+    finished row of tiles returns the final class map (and confidence) of its `stride` rows (all
+    remaining rows for the last row of tiles), cropped to the image.
     """
 
-    def __init__(self, height: int, width: int, classes: int, tile: int, overlap: int, weights: np.ndarray,
-                 keep_confidence: bool = True) -> None:
-        self.h, self.w, self.c, self.tile, self.ov = height, width, classes, tile, overlap
+    def __init__(self, plan: TilePlan, classes: int, keep_confidence: bool = True) -> None:
+        self.plan = plan
+        self.h, self.w, self.c, self.tile, self.ov = plan.height, plan.width, classes, plan.tile, plan.overlap
         self.keep_confidence = keep_confidence
-        self.stride = tile - overlap
-        self.rows = window_starts(height, tile, overlap)
-        self.cols = window_starts(width, tile, overlap)
+        self.stride = plan.stride
+        self.rows, self.cols = plan.rows, plan.cols
+        tile, overlap = plan.tile, plan.overlap
         self.padded_w = self.cols[-1] + tile
-        self.weights = weights
+        self.weights = plan.weights()
         # contributions of the previous row of tiles to the first `overlap` rows of this one. It is
         # updated in place: tile c reads carry columns [x0, x0+tile) and then overwrites only
         # [x0, x0+stride), which no later tile of the row reads (they start at x0+tile).
@@ -292,3 +362,88 @@ class StripAccumulator:
         """Bytes held between tiles (what must not grow with the scene's height)."""
         tensors = [self.carry, self.carry_w, self.left, self.left_w, self.row_labels, self.row_conf]
         return sum(t.nbytes for t in tensors)
+
+
+# --------------------------------------------------------------------------- in-memory images
+
+Observer = Callable[[list[tuple[int, Window]], np.ndarray], None]
+
+
+class _InFlight:
+    """One image whose tiles are on their way through the backend: its accumulator and the class
+    map its finished rows are written into."""
+
+    def __init__(self, index: int, image: np.ndarray, valid: np.ndarray | None, plan: TilePlan, classes: int) -> None:
+        self.index, self.plan = index, plan
+        self.bands_first = np.moveaxis(image, -1, 0)  # B×H×W view: windows are cut from it
+        self.valid = valid
+        self.acc = StripAccumulator(plan, classes, keep_confidence=False)
+        self.labels = np.empty((plan.height, plan.width), np.int16)
+        self.waiting = plan.total  # windows not blended yet
+
+    def tiles(self) -> Iterator[tuple[Window, np.ndarray | None, np.ndarray | None]]:
+        """(window, B×tile×tile pixels or None when all invalid, tile×tile validity or None when all
+        valid), cut and padded exactly as predict cuts and pads a raster's windows."""
+        for window in self.plan.windows():
+            part = None if self.valid is None else self.valid[window.slices]
+            if part is not None and not part.any():
+                yield window, None, None  # all invalid: skipped, never blended, emitted as -1
+                continue
+            valid = None if part is None or part.all() else self.plan.fill(part, "constant")
+            yield window, self.plan.cut(self.bands_first, window), valid
+
+    def blend(self, window: Window, logits: np.ndarray | None, valid: np.ndarray | None) -> None:
+        out = self.acc.add_logits(window.row, window.col, logits, valid)
+        if out is not None:
+            top = self.plan.rows[window.row]
+            self.labels[top : top + len(out[0])] = out[0]
+        self.waiting -= 1
+
+
+def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]],  # noqa: ANN001 - any Backend
+                   plan: TilePlan, scale: float, observe: Observer | None = None) -> Iterator[np.ndarray]:
+    """The class map of each in-memory image, predicted through predict's machinery: the windows,
+    padding and blending of `plan` (its height and width are replaced by each image's), tiles
+    normalised by `normalize`, blended by `StripAccumulator`. Tiles of consecutive images share
+    batches of `plan.batch`; memory is one image, its class map and a batch of tiles.
+
+    items: (H×W×B raw pixels of any dtype, H×W bool validity or None for all valid); scale: the
+    pixels' full-scale value. Yields H×W int16 class maps in input order, -1 where the input is
+    invalid. `observe(windows, logits)`, when given, sees each batch's (image index, window) pairs
+    and the backend's float32 N×C×tile×tile logits before they are blended (validation loss)."""
+    meta = backend.meta
+    queue: list[_InFlight] = []
+    batch: list[tuple[_InFlight, Window, np.ndarray | None, np.ndarray | None]] = []
+    for index, (image, valid) in enumerate(items):
+        height, width = image.shape[:2]
+        queue.append(_InFlight(index, image, valid, _sized(plan, height, width), meta.num_classes))
+        for window, pixels, tile_valid in queue[-1].tiles():
+            batch.append((queue[-1], window, pixels, tile_valid))
+            if sum(p is not None for _, _, p, _ in batch) >= plan.batch:
+                _run_batch(backend, batch, scale, observe)
+                batch = []
+                while queue and queue[0].waiting == 0:
+                    yield queue.pop(0).labels
+    _run_batch(backend, batch, scale, observe)
+    for done in queue:
+        yield done.labels
+
+
+def _sized(plan: TilePlan, height: int, width: int) -> TilePlan:
+    from dataclasses import replace
+
+    return replace(plan, height=height, width=width)
+
+
+def _run_batch(backend, batch: list, scale: float, observe: Observer | None) -> None:  # noqa: ANN001
+    """Logits for the batch's tiles (skipped ones stay None), then each blended in order."""
+    arrays = [pixels for _, _, pixels, _ in batch if pixels is not None]
+    logits: Iterator[np.ndarray] = iter(())
+    if arrays:
+        meta = backend.meta
+        out = backend(normalize(np.stack(arrays), scale, meta.mean, meta.std))
+        if observe is not None:
+            observe([(item.index, window) for item, window, pixels, _ in batch if pixels is not None], out)
+        logits = iter(out)
+    for item, window, pixels, valid in batch:
+        item.blend(window, next(logits) if pixels is not None else None, valid)

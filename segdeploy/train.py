@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segdeploy import artifact as art
 from segdeploy.data.dataset import (
     PixelFormatCheck,
+    SampleReader,
     class_pixel_counts,
     discover,
     images_in_several_splits,
@@ -48,8 +49,8 @@ from segdeploy.models import (
 from segdeploy.progress import WorkProgress
 from segdeploy.recipe import Recipe
 from segdeploy.reproducible import deterministic_mode, epoch_seed, seed_everything
+from segdeploy.scoring import default_plan, score_split
 from segdeploy.tracking import Tracker, resolve_mlflow_uri
-from segdeploy.tiling import pad_mode, padded_size
 from segdeploy.utils import (
     atomic_path,
     pick_device,
@@ -124,33 +125,30 @@ def _optimizer(params: list[torch.nn.Parameter], rec: Recipe) -> torch.optim.Opt
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
 
 
-def pad_tensor(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """A batch on the training device padded to the model's divisor, by tiling's one policy."""
-    h, w = x.shape[-2:]
-    ph, pw = padded_size(h, divisor) - h, padded_size(w, divisor) - w
-    if not ph and not pw:
-        return x, (h, w)
-    return torch.nn.functional.pad(x, (0, pw, 0, ph), mode=pad_mode(h, w, ph, pw)), (h, w)
-
-
 @torch.inference_mode()
-def validate(model: torch.nn.Module, loader: DataLoader, loss_fn: torch.nn.Module, rec: Recipe, device: str,
-             divisor: int, amp: bool, world: World = World()) -> tuple[float, ConfusionMatrix]:
-    """Loss and confusion matrix over the loader; under DDP each rank sees its shard and the sums
-    are all-reduced, so the metrics equal one process's on the same weights."""
-    model.eval()
-    cm = ConfusionMatrix(rec.classes.num_classes, rec.classes.ignore_index)
+def validate(model: torch.nn.Module, val: SampleReader, loss_fn: torch.nn.Module, rec: Recipe, device: str,
+             meta: art.ModelMeta, amp: bool, world: World = World()) -> tuple[float, ConfusionMatrix]:
+    """Loss and confusion matrix over the validation images, scored exactly as `segdeploy eval`
+    scores them (`scoring.score_split`: predict's tiles, padding and blending, through a torch
+    Backend over the model in training). The loss is the mean over validation tiles (padding
+    ignored). Under DDP each rank scores its shard and the sums are all-reduced, so the metrics equal
+    one process's on the same weights."""
+    from segdeploy.runtime.torch import TorchBackend
+
+    backend = TorchBackend(model, meta, Path(), device=device, precision="fp16" if amp else "fp32",
+                           channels_last=rec.train.channels_last)
     total, n = 0.0, 0
-    for x, y in loader:
-        labelled = bool((y != rec.classes.ignore_index).any())  # on the host copy: no device sync
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        xp, (h, w) = pad_tensor(x, divisor)
-        with torch.autocast("cuda", enabled=amp):
-            logits = model(xp)[..., :h, :w].float()
-        if labelled:  # the mean loss over no labelled pixel is NaN
-            total += float(loss_fn(logits, y)) * len(x)
-            n += len(x)
-        cm.update(logits.argmax(1), y)
+
+    def tile_loss(targets: np.ndarray, logits: np.ndarray) -> None:
+        nonlocal total, n
+        if not (targets != rec.classes.ignore_index).any():  # the mean loss over no labelled pixel is NaN
+            return
+        x, y = torch.from_numpy(logits).to(device), torch.from_numpy(targets).to(device)
+        total += float(loss_fn(x, y)) * len(x)
+        n += len(x)
+
+    shard = ShardSampler(len(val), world) if world.active else None
+    cm = score_split(backend, val, default_plan(meta, rec.train.batch_size), shard, observe_tiles=tile_loss)
     if world.active:
         sums = all_sum(torch.tensor([total, float(n)], dtype=torch.float64, device=device), world)
         total, n = float(sums[0]), int(sums[1])
@@ -455,7 +453,7 @@ class _Setup:
     opt: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     train_loader: DataLoader
-    val_loader: DataLoader
+    val: SampleReader
     amp: bool
     scaler: torch.amp.GradScaler
     meta: art.ModelMeta
@@ -499,8 +497,6 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world
                               drop_last=per_rank > rec.train.batch_size, num_workers=workers,
                               collate_fn=collate, pin_memory=cuda, persistent_workers=workers > 0,
                               generator=torch.Generator().manual_seed(rec.train.seed))
-    val_loader = DataLoader(data.val, rec.train.batch_size, num_workers=workers, collate_fn=collate, pin_memory=cuda,
-                            sampler=ShardSampler(len(data.val), world) if world.active else None)
     net = model
     if world.active:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if cuda else None)
@@ -514,7 +510,7 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world
     )
     amp = cuda and rec.train.amp
     return _Setup(model, divisor, frozen_bn, loss_fn, params, opt, _scheduler(opt, rec, len(train_loader)),
-                  train_loader, val_loader, amp, torch.amp.GradScaler("cuda", enabled=amp), meta, net, world)
+                  train_loader, data.val, amp, torch.amp.GradScaler("cuda", enabled=amp), meta, net, world)
 
 
 def _restore(run: art.Run, rec: Recipe, st: _Setup, console: Console) -> tuple[int, float, int, list[dict]]:
@@ -649,7 +645,7 @@ def _epochs(rec: Recipe, run: art.Run, st: _Setup, device: str, state: tuple[int
                                                             loss=f"{running:.4f}"), epoch)
             train_time, train_images = train_time + seconds, train_images + seen * st.world.size
             sync_buffers(st.net, st.world)
-            val_loss, cm = validate(st.net, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp, st.world)
+            val_loss, cm = validate(st.net, st.val, st.loss_fn, rec, device, st.meta, st.amp, st.world)
             if not math.isfinite(val_loss):  # non-finite logits: their argmax is no class and no mIoU
                 raise NonFiniteError(f"validation loss is {val_loss} after epoch {epoch} (train loss {loss:.4g})")
             mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
@@ -675,7 +671,7 @@ def _epochs(rec: Recipe, run: art.Run, st: _Setup, device: str, state: tuple[int
     if rec.classes.hierarchy:  # per-level mIoU of the best weights
         barrier(st.world)  # rank 0 wrote them
         st.net.load_state_dict(run.load_weights())
-        _, cm = validate(st.net, st.val_loader, st.loss_fn, rec, device, st.divisor, st.amp, st.world)
+        _, cm = validate(st.net, st.val, st.loss_fn, rec, device, st.meta, st.amp, st.world)
         final["best_val_levels"] = level_mious(cm.matrix, rec.classes.names, rec.classes.hierarchy,
                                                rec.eval.exclude_background)
     if main:

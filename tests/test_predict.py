@@ -21,6 +21,7 @@ from segdeploy.runtime.base import Backend
 from segdeploy.tiling import (
     BLENDS,
     StripAccumulator,
+    TilePlan,
     blend_weights,
     class_argmax,
     softmax,
@@ -64,7 +65,7 @@ def test_stitcher_reproduces_a_probability_field_exactly(h: int, w: int, tile: i
     overlap = int(tile * frac)
     field = np.random.default_rng(seed).random((3, h, w), dtype=np.float32)
     field /= field.sum(0)
-    acc = StripAccumulator(h, w, 3, tile, overlap, blend_weights(tile, kind, overlap))
+    acc = StripAccumulator(TilePlan(h, w, tile, overlap, kind), 3)
     rows, cols = window_starts(h, tile, overlap), window_starts(w, tile, overlap)
     padded = np.pad(field, ((0, 0), (0, rows[-1] + tile - h), (0, cols[-1] + tile - w)), mode="edge")
     labels, conf = [], []
@@ -103,8 +104,8 @@ def test_logits_blend_like_their_softmax_and_are_used_in_place() -> None:
     np.testing.assert_allclose(weighted_softmax(half, weights), softmax(half.astype(np.float32)) * weights, atol=1e-6)
     # whole scenes: logits and their probabilities give the same classes and confidence
     scene = (rng.standard_normal((4, 56, 56)) * 5).astype(np.float32)
-    a = StripAccumulator(56, 56, 4, 32, 8, weights)
-    b = StripAccumulator(56, 56, 4, 32, 8, weights)
+    a = StripAccumulator(TilePlan(56, 56, 32, 8, "gaussian"), 4)
+    b = StripAccumulator(TilePlan(56, 56, 32, 8, "gaussian"), 4)
     outs_a, outs_b = [], []
     for r, y in enumerate(window_starts(56, 32, 8)):
         for c, x in enumerate(window_starts(56, 32, 8)):
@@ -119,12 +120,11 @@ def test_logits_blend_like_their_softmax_and_are_used_in_place() -> None:
 
 
 def test_accumulator_memory_does_not_grow_with_height() -> None:
-    w = blend_weights(64, "gaussian")
-    short = StripAccumulator(200, 5000, 10, 64, 16, w).nbytes()
-    tall = StripAccumulator(200_000, 5000, 10, 64, 16, w).nbytes()
+    short = StripAccumulator(TilePlan(200, 5000, 64, 16), 10).nbytes()
+    tall = StripAccumulator(TilePlan(200_000, 5000, 64, 16), 10).nbytes()
     assert short == tall
     # and with width only by the overlap band: C × overlap × W floats (+ one row of tiles' labels)
-    wide = StripAccumulator(200, 10_000, 10, 64, 16, w).nbytes()
+    wide = StripAccumulator(TilePlan(200, 10_000, 64, 16), 10).nbytes()
     assert wide - short <= (10 * 16 * 5000 * 4 + 16 * 5000 * 4) + 48 * 5000 * 4  # carry + weights + one label/conf row
 
 

@@ -94,5 +94,5 @@ def test_hierarchy_run_reports_levels(synth_dir: Path, tmp_path: Path) -> None:
     levels = meta["best_val_levels"]
     assert list(levels) == ["level0 (2 classes)", "level1 (5 classes)"]
     assert levels["level1 (5 classes)"] == pytest.approx(meta["best_val_miou"], abs=1e-6)
-    report = evaluate(tmp_path / "run")
+    report = evaluate(tmp_path / "run", "val")
     assert report.metrics.levels == pytest.approx(levels)

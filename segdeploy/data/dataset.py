@@ -150,6 +150,22 @@ def split_defined(cfg: DataConfig, split: str) -> bool:
     return (data_root(cfg) / cfg.image_dir.format(split=split)).is_dir()
 
 
+def eval_split(cfg: DataConfig, requested: str | None) -> tuple[str, str]:
+    """(split to score, why it was chosen): `requested` when the layout defines it (refused, with
+    the splits it does define, when it does not), else test when the layout has one, else val."""
+    if requested is None:
+        if split_defined(cfg, "test"):
+            return "test", "the layout's test split (pass --split to choose another)"
+        return "val", "the layout defines no test split"
+    if requested not in SPLITS:
+        raise DataError(f"--split {requested!r} is not a split; use one of {', '.join(SPLITS)}")
+    if requested != "train" and not split_defined(cfg, requested):
+        defined = [s for s in SPLITS if s == "train" or split_defined(cfg, s)]
+        raise DataError(f"the data layout defines no {requested} split (it has {', '.join(defined)}); "
+                        f"use --split {defined[-1]}")
+    return requested, ""
+
+
 class PixelFormatCheck:
     """One pixel format for the whole dataset, and one that fits ``data.max_pixel_value``.
 

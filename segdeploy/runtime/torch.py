@@ -22,7 +22,9 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, meta: ModelMeta, path: Path, device: str = "cpu",
-                 precision: str = "fp32", compile: bool = False) -> None:
+                 precision: str = "fp32", compile: bool = False, channels_last: bool = True) -> None:
+        """A backend over a model in memory (a loaded run, or the model being trained: then pass the
+        training's `channels_last`, so wrapping it changes nothing about its parameters)."""
         if precision not in ("fp32", "fp16"):
             raise BackendUnavailable(f"torch backend precision must be fp32 or fp16 (got {precision})")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -31,7 +33,8 @@ class TorchBackend(Backend):
             raise BackendUnavailable("torch fp16 autocast needs a CUDA GPU; use fp32 on CPU")
         self.meta, self.path, self.device, self.precision = meta, path, device, precision
         self.model = model.to(device).eval()
-        if device.startswith("cuda"):
+        self.channels_last = channels_last and device.startswith("cuda")
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._forward = torch.compile(self.model) if compile else self.model
 
@@ -55,7 +58,8 @@ class TorchBackend(Backend):
     def run(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch
         if self.device.startswith("cuda"):
-            x = x.contiguous(memory_format=torch.channels_last)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16"):
                 return self._forward(x).float()
         return self._forward(x).float()
