@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +23,7 @@ from segdeploy.errors import RecipeError
 RGB = tuple[int, int, int]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+CACHE_DEFAULT_MB = 1024  # data.cache: true
 
 
 class Strict(BaseModel):
@@ -125,7 +126,21 @@ class DataConfig(Strict):
     mean: list[float] | Literal["auto"] = Field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] | Literal["auto"] = Field(default_factory=lambda: list(IMAGENET_STD))
     tile_size: int = Field(256, ge=16, description="training crop and default inference tile")
-    cache: bool = Field(True, description="keep decoded samples in memory (small datasets)")
+    # decoded training and validation samples (image and mask arrays) kept in memory across epochs,
+    # first read first kept, up to a limit: true = 1024 MB, a number = that many MB, false or 0 = none.
+    # Samples past the limit are decoded again every epoch; training says how many fit.
+    cache: bool | Annotated[int, Field(ge=0)] = True
+    # random data.tile_size crops taken from each training image per epoch (with augment.crop):
+    # "auto" = ceil(H·W / tile²) for an H×W image, so an epoch sees about as many pixels as the
+    # split holds (one crop of a 2448² image at 256² showed 1% of it); an int = that many for every image
+    crops_per_image: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+
+    @property
+    def cache_bytes(self) -> int:
+        """The cache limit in bytes (0: no cache)."""
+        if isinstance(self.cache, bool):
+            return CACHE_DEFAULT_MB * 2**20 if self.cache else 0
+        return int(self.cache) * 2**20
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -294,6 +309,7 @@ class Recipe(Strict):
         d = self.model_dump(mode="json", include={"data", "classes", "model"})
         d["data"].pop("root", None)
         d["classes"].pop("background", None)  # display only: pictures, not the model
+        d["data"].pop("crops_per_image", None)  # how much of the data an epoch sees, like train.epochs
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from segdeploy import artifact as art
 from segdeploy.data.dataset import (
     PixelFormatCheck,
+    SampleCache,
     SampleReader,
     class_pixel_counts,
     discover,
@@ -33,7 +34,7 @@ from segdeploy.data.dataset import (
     split_defined,
     suggested_class_weights,
 )
-from segdeploy.data.torchdata import SeededSampler, SegmentationDataset, band_stats
+from segdeploy.data.torchdata import CropEpoch, EpochPlan, SeededSampler, SegmentationDataset, band_stats
 from segdeploy.distributed import ShardSampler, World, all_sum, barrier, from_main, join, leave, sync_buffers
 from segdeploy.errors import ArtifactError, DataError, Interrupted, NonFiniteError, RecipeError, UserError
 from segdeploy.losses import build_loss
@@ -167,6 +168,7 @@ class TrainingData:
     std: list[float]
     input_dtype: str
     class_counts: np.ndarray | None
+    epoch: EpochPlan  # crops per training image per epoch (data.crops_per_image)
 
 
 def prepare_data(rec: Recipe, console: Console) -> TrainingData:
@@ -185,14 +187,36 @@ def prepare_data(rec: Recipe, console: Console) -> TrainingData:
     if shared:
         raise DataError(leak_message(shared))
     zeros, ones = [0.0] * bands, [1.0] * bands
-    train_ds = SegmentationDataset(samples["train"], rec.data, cls, zeros, ones, augment=rec.augment)
-    val_ds = SegmentationDataset(samples["val"], rec.data, cls, zeros, ones)
+    cache = SampleCache(rec.data.cache_bytes) if rec.data.cache_bytes else None  # shared by train and val
+    train_ds = SegmentationDataset(samples["train"], rec.data, cls, zeros, ones, augment=rec.augment, cache=cache)
+    val_ds = SegmentationDataset(samples["val"], rec.data, cls, zeros, ones, cache=cache)
     checked = [train_ds, val_ds]
     if "test" in samples:  # read to be checked, not kept
-        checked.append(SegmentationDataset(samples["test"], rec.data.model_copy(update={"cache": False}), cls, zeros, ones))
+        checked.append(SegmentationDataset(samples["test"], rec.data, cls, zeros, ones))
+    sizes, dtype, nonfinite = _read_every_file(rec, checked)
+    _warn_nonfinite(nonfinite, console)
+    mean, std = rec.data.mean, rec.data.std
+    if mean == "auto" or std == "auto":
+        auto_mean, auto_std = band_stats(train_ds)
+        mean = auto_mean if mean == "auto" else mean
+        std = auto_std if std == "auto" else std
+    needs_counts = cache is not None or any(t.class_weights == "auto" for t in rec.loss)
+    counts = class_pixel_counts(train_ds) if needs_counts else None
+    train_ds.set_normalization(mean, std)
+    val_ds.set_normalization(mean, std)
+    splits = {name: [s.key for s in items] for name, items in samples.items()}
+    epoch = EpochPlan.of(sizes, rec.data.tile_size, rec.data.crops_per_image, rec.augment.crop)
+    console.print(epoch.describe() + (f"; {cache.describe()}" if cache else ""), highlight=False)
+    return TrainingData(train_ds, val_ds, splits, list(mean), list(std), dtype, counts, epoch)
+
+
+def _read_every_file(rec: Recipe, readers: list[SegmentationDataset]) -> tuple[list[tuple[int, int]], str, list[str]]:
+    """Decode every image and mask of every split once (a bad file fails here, not after an epoch),
+    checking one pixel format that fits data.max_pixel_value over the valid pixels: the (H, W) of
+    each training image, that pixel type, and the images with undeclared NaN/Inf pixels."""
     pixel_format = PixelFormatCheck(rec.data)
-    nonfinite: list[str] = []
-    for ds in checked:
+    sizes, nonfinite = [], []
+    for k, ds in enumerate(readers):
         for i, sample in enumerate(ds.samples):
             loaded = ds.sample(i)
             problem = pixel_format.problem(sample.image, loaded.image, loaded.valid)
@@ -200,18 +224,9 @@ def prepare_data(rec: Recipe, console: Console) -> TrainingData:
                 raise DataError(problem)
             if loaded.nonfinite:
                 nonfinite.append(f"{sample.image} ({loaded.nonfinite} px)")
-    _warn_nonfinite(nonfinite, console)
-    mean, std = rec.data.mean, rec.data.std
-    if mean == "auto" or std == "auto":
-        auto_mean, auto_std = band_stats(train_ds)
-        mean = auto_mean if mean == "auto" else mean
-        std = auto_std if std == "auto" else std
-    needs_counts = rec.data.cache or any(t.class_weights == "auto" for t in rec.loss)
-    counts = class_pixel_counts(train_ds) if needs_counts else None
-    train_ds.set_normalization(mean, std)
-    val_ds.set_normalization(mean, std)
-    splits = {name: [s.key for s in items] for name, items in samples.items()}
-    return TrainingData(train_ds, val_ds, splits, list(mean), list(std), pixel_format.dtype or "uint8", counts)
+            if k == 0:
+                sizes.append(loaded.image.shape[:2])
+    return sizes, pixel_format.dtype or "uint8", nonfinite
 
 
 def _warn_nonfinite(files: list[str], console: Console) -> None:
@@ -459,6 +474,7 @@ class _Setup:
     meta: art.ModelMeta
     net: torch.nn.Module  # the model itself (`model` may be its DDP wrapper)
     world: World
+    epoch_record: dict  # what an epoch sees (EpochPlan.record), kept in meta.json
 
 
 def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world: World,
@@ -487,13 +503,14 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world
     workers = _num_workers(rec.train.num_workers, device)
     collate = pad_collate(divisor, cls.ignore_index)
     # train.batch_size is per process: the global batch is world size × batch_size
+    epoch = CropEpoch(data.train, data.epoch)  # data.crops_per_image random crops of every training image
     # order and augmentation: functions of (seed, epoch), whatever the workers (segdeploy.reproducible)
-    sampler = SeededSampler(len(data.train), rec.train.seed, DistributedSampler(
-        data.train, world.size, world.rank, shuffle=True, seed=rec.train.seed) if world.active else None)
-    per_rank = len(data.train) // world.size
+    sampler = SeededSampler(len(epoch), rec.train.seed, DistributedSampler(
+        epoch, world.size, world.rank, shuffle=True, seed=rec.train.seed) if world.active else None)
+    per_rank = len(epoch) // world.size
     if min(per_rank, rec.train.batch_size) < 2:  # drop_last below keeps every other batch full
         check_batch_of_one(rec.model, model.to(device), rec.data.tile_size, rec.data.bands)
-    train_loader = DataLoader(data.train, rec.train.batch_size, sampler=sampler,
+    train_loader = DataLoader(epoch, rec.train.batch_size, sampler=sampler,
                               drop_last=per_rank > rec.train.batch_size, num_workers=workers,
                               collate_fn=collate, pin_memory=cuda, persistent_workers=workers > 0,
                               generator=torch.Generator().manual_seed(rec.train.seed))
@@ -510,7 +527,8 @@ def _setup(rec: Recipe, data: TrainingData, device: str, console: Console, world
     )
     amp = cuda and rec.train.amp
     return _Setup(model, divisor, frozen_bn, loss_fn, params, opt, _scheduler(opt, rec, len(train_loader)),
-                  train_loader, data.val, amp, torch.amp.GradScaler("cuda", enabled=amp), meta, net, world)
+                  train_loader, data.val, amp, torch.amp.GradScaler("cuda", enabled=amp), meta, net, world,
+                  data.epoch.record())
 
 
 def _restore(run: art.Run, rec: Recipe, st: _Setup, console: Console) -> tuple[int, float, int, list[dict]]:
@@ -667,7 +685,7 @@ def _epochs(rec: Recipe, run: art.Run, st: _Setup, device: str, state: tuple[int
         console.print(f"stopped early after epoch {epoch}: {stopped}")
     final = {"status": "complete", "model_meta": st.meta, "best_epoch": best_epoch,
              "best_val_miou": best_miou, "epochs_run": epoch, "stopped_early": stopped, "world_size": st.world.size,
-             "train_images_per_s": round(train_images / max(train_time, 1e-9), 2)}
+             "train_images_per_s": round(train_images / max(train_time, 1e-9), 2), **st.epoch_record}
     if rec.classes.hierarchy:  # per-level mIoU of the best weights
         barrier(st.world)  # rank 0 wrote them
         st.net.load_state_dict(run.load_weights())

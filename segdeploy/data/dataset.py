@@ -259,30 +259,66 @@ class LoadedSample:
     valid: np.ndarray | None
     nonfinite: int = 0
 
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + self.mask.nbytes + (0 if self.valid is None else self.valid.nbytes)
+
+
+class SampleCache:
+    """Decoded samples kept in memory up to `limit` bytes in all, shared by the readers given it
+    (training and validation). The first samples read stay; the rest are decoded on every read:
+    training visits every sample each epoch in a shuffled order, where an evicting cache would only
+    churn. `data.cache` sets the limit (`DataConfig.cache_bytes`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.nbytes = 0
+        self._items: dict[tuple[Path, Path], LoadedSample] = {}
+        self.left_out: set[tuple[Path, Path]] = set()  # samples read that did not fit
+
+    def get(self, sample: Sample) -> LoadedSample | None:
+        return self._items.get((sample.image, sample.mask))
+
+    def put(self, sample: Sample, loaded: LoadedSample) -> None:
+        key = (sample.image, sample.mask)
+        if self.nbytes + loaded.nbytes > self.limit:
+            self.left_out.add(key)
+            return
+        self._items[key] = loaded
+        self.nbytes += loaded.nbytes
+
+    def describe(self) -> str:
+        """What the cache holds, in one line."""
+        held, total = len(self._items), len(self._items) + len(self.left_out)
+        rest = f"; the other {total - held} are decoded again every epoch" if total > held else ""
+        return (f"data cache: {held} of {total} samples read so far ({self.nbytes / 2**20:.0f} MB of the "
+                f"{self.limit / 2**20:.0f} MB data.cache limit){rest}")
+
 
 class SampleReader:
     """A split's samples read as numpy through the one decoder (`data.decode`): `sample` gives the
     `LoadedSample` (image, mask with invalid pixels as ignore_index, validity), `load` its
     (image, mask), `item` the model's normalised float32 B×H×W input (invalid pixels exactly 0,
     the training mean) and the int64 mask. Eval and parity need no more (and no torch); training
-    wraps it in `torchdata.SegmentationDataset` for augmentation."""
+    wraps it in `torchdata.SegmentationDataset` for augmentation. Decoded samples are kept only in
+    the `cache` it is given (training's), so eval holds one image at a time."""
 
     def __init__(self, samples: list[Sample], data: DataConfig, classes: ClassesConfig, mean: list[float],
-                 std: list[float]) -> None:
+                 std: list[float], cache: SampleCache | None = None) -> None:
         self.samples = samples
         self.data = data
         self.classes = classes
         self.set_normalization(mean, std)
-        self._cache: dict[int, LoadedSample] = {}
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def sample(self, i: int) -> LoadedSample:
-        """The decoded pair `i` (cached when ``data.cache``)."""
-        if i in self._cache:
-            return self._cache[i]
+        """The decoded pair `i` (kept in the reader's cache, when it has one and there is room)."""
         s = self.samples[i]
+        if self.cache is not None and (held := self.cache.get(s)) is not None:
+            return held
         image, valid, source = self._read_image(s.image)
         mask = decode_mask(read_mask(s.mask), s.mask, self.data.mask_encoding, self.classes.num_classes,
                            self.classes.ignore_index, self.classes.palette)
@@ -292,8 +328,8 @@ class SampleReader:
             mask[~valid] = self.classes.ignore_index
         mask = mask.astype(np.uint8 if mask.max() < 256 else np.int64)
         loaded = LoadedSample(image, mask, valid, source.nonfinite)
-        if self.data.cache:
-            self._cache[i] = loaded
+        if self.cache is not None:
+            self.cache.put(s, loaded)
         return loaded
 
     def _read_image(self, path: Path) -> tuple[np.ndarray, np.ndarray | None, ImageSource]:

@@ -124,8 +124,7 @@ def _read_split(rec: Recipe, split: str, samples: list, pixel_format: PixelForma
                 report: InspectReport) -> np.ndarray:
     """Decode every pair once; count class pixels; record each unreadable or odd file."""
     n = rec.classes.num_classes
-    ds = SampleReader(samples, rec.data.model_copy(update={"cache": False}), rec.classes,
-                             [0.0] * rec.data.bands, [1.0] * rec.data.bands)
+    ds = SampleReader(samples, rec.data, rec.classes, [0.0] * rec.data.bands, [1.0] * rec.data.bands)
     counts = np.zeros(n, dtype=np.int64)
     for i, s in enumerate(samples):
         try:

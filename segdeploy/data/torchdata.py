@@ -3,13 +3,15 @@ together), the training Dataset over `dataset.SampleReader`, and band statistics
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from segdeploy.data.dataset import Sample, SampleReader
+from segdeploy.data.dataset import Sample, SampleCache, SampleReader
 from segdeploy.recipe import AugmentConfig, ClassesConfig, DataConfig
 from segdeploy.reproducible import epoch_seed, sample_seed
 from segdeploy.tiling import normalize
@@ -53,8 +55,8 @@ class SegmentationDataset(SampleReader, Dataset):
     jitter never sees NaN or a nodata value) and travel through it as INVALID in the mask."""
 
     def __init__(self, samples: list[Sample], data: DataConfig, classes: ClassesConfig, mean: list[float],
-                 std: list[float], augment: AugmentConfig | None = None) -> None:
-        super().__init__(samples, data, classes, mean, std)
+                 std: list[float], augment: AugmentConfig | None = None, cache: SampleCache | None = None) -> None:
+        super().__init__(samples, data, classes, mean, std, cache)
         self.transform = (
             build_augment(augment, data.tile_size, classes.ignore_index, data.bands) if augment else None
         )
@@ -117,6 +119,59 @@ class SeededSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.base) if self.base is not None else self.size  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How much of the training split one epoch sees: `crops[i]` random tile² crops of image i
+    (data.crops_per_image: "auto" = ceil(H·W / tile²), at least 1; 1 each without augment.crop,
+    when the whole image is the sample), and the pixels they cover against the split's."""
+
+    crops: list[int]
+    tile: int
+    setting: int | str
+    pixels: int  # per epoch, counting only the part of each crop inside its image
+    split_pixels: int
+
+    @classmethod
+    def of(cls, sizes: list[tuple[int, int]], tile: int, setting: int | str, cropping: bool) -> EpochPlan:
+        if not cropping:
+            crops = [1] * len(sizes)
+        elif setting == "auto":
+            crops = [max(1, -(-h * w // (tile * tile))) for h, w in sizes]
+        else:
+            crops = [int(setting)] * len(sizes)
+        seen = sum(n * (min(h, tile) * min(w, tile) if cropping else h * w) for n, (h, w) in zip(crops, sizes, strict=True))
+        return cls(crops, tile, setting if cropping else "off (augment.crop: false)", seen, sum(h * w for h, w in sizes))
+
+    def describe(self) -> str:
+        """One line: crops, images, pixels per epoch and their share of the split's."""
+        return (f"an epoch: {sum(self.crops)} samples from {len(self.crops)} training images (data.crops_per_image: "
+                f"{self.setting}), {self.pixels / 1e6:.2f} MP = {self.pixels / max(self.split_pixels, 1):.0%} of the "
+                "split's pixels")
+
+    def record(self) -> dict:
+        """What meta.json records about it."""
+        return {"crops_per_image": self.setting, "train_samples_per_epoch": sum(self.crops),
+                "train_pixels_per_epoch": self.pixels, "train_split_pixels": self.split_pixels}
+
+
+class CropEpoch(Dataset):
+    """An epoch of training samples: image i appears plan.crops[i] times, each time as a fresh
+    random crop (the dataset's augmentation draws it), so large images are covered, not glimpsed."""
+
+    def __init__(self, dataset: SegmentationDataset, plan: EpochPlan) -> None:
+        self.dataset = dataset
+        self.image_of = np.repeat(np.arange(len(plan.crops)), plan.crops)
+
+    def __len__(self) -> int:
+        return len(self.image_of)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop `item` of the epoch, or `(crop, seed)` from a `SeededSampler` (each crop its own seed)."""
+        k, seed = item if isinstance(item, tuple) else (item, None)
+        image = int(self.image_of[k])
+        return self.dataset[(image, seed) if seed is not None else image]
 
 
 def band_stats(dataset: SampleReader, limit: int = 256) -> tuple[list[float], list[float]]:
