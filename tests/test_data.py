@@ -201,3 +201,54 @@ def test_scene_is_georeferenced_with_nodata_and_colormap(synth_dir: Path) -> Non
     with rasterio.open(synth_dir / "scene/scene_labels.tif") as lab:
         assert lab.nodata == 255 and lab.colormap(1)[4][:3] == (255, 0, 255)
         assert set(np.unique(lab.read(1))) <= {0, 1, 2, 3, 4, 255}
+
+
+def test_the_sample_cache_holds_what_fits_and_says_so(tmp_path: Path) -> None:
+    from segdeploy.data.dataset import SampleCache, SampleReader
+
+    for k in range(4):
+        write_pair(tmp_path / "images" / "train", tmp_path / "masks" / "train", f"k{k}", np.eye(32, dtype=np.int64))
+    rec = make_recipe(tmp_path, cache=True)
+    assert (rec.data.cache_bytes, make_recipe(tmp_path, cache=False).data.cache_bytes) == (1024 * 2**20, 0)
+    assert make_recipe(tmp_path, cache=0).data.cache_bytes == 0
+    per_sample = 32 * 32 * 3 + 32 * 32  # uint8 image + uint8 mask
+    cache = SampleCache(make_recipe(tmp_path, cache=1).data.cache_bytes)  # 1 MB
+    cache.limit = 2 * per_sample + 10  # room for two samples
+    reader = SampleReader(discover(rec.data, "train"), rec.data, rec.classes, [0.0] * 3, [1.0] * 3, cache)
+    first = [reader.load(i)[0] for i in range(4)]
+    assert cache.nbytes == 2 * per_sample and reader.load(0)[0] is first[0] and reader.load(3)[0] is not first[3]
+    assert cache.describe() == ("data cache: 2 of 4 samples read so far (0 MB of the 0 MB data.cache limit); "
+                                "the other 2 are decoded again every epoch")
+    plain = SampleReader(discover(rec.data, "train"), rec.data, rec.classes, [0.0] * 3, [1.0] * 3)
+    assert plain.load(1)[0] is not plain.load(1)[0]  # eval's reader keeps nothing
+
+
+def test_large_training_images_give_as_many_crops_as_they_hold_tiles(tmp_path: Path) -> None:
+    from segdeploy.data.torchdata import CropEpoch, EpochPlan
+
+    plan = EpochPlan.of([(2448, 2448), (100, 50), (512, 300)], 256, "auto", cropping=True)
+    assert plan.crops == [92, 1, 3]  # ceil(2448²/256²) = ceil(91.4); ceil(5000/65536); ceil(153600/65536)
+    assert plan.pixels == 92 * 256**2 + 100 * 50 + 3 * 256 * 256 and plan.split_pixels == 2448**2 + 5000 + 153600
+    assert EpochPlan.of([(2448, 2448)], 256, 4, cropping=True).crops == [4]
+    assert EpochPlan.of([(2448, 2448)], 256, "auto", cropping=False).crops == [1]
+    # the loader's dataset: image 0 four times, each a fresh random tile² crop of it
+    for k, mask in enumerate((np.zeros((128, 128), np.int64), np.ones((40, 40), np.int64))):
+        write_pair(tmp_path / "images" / "train", tmp_path / "masks" / "train", f"k{k}", mask)
+    rec = make_recipe(tmp_path, tile_size=64)
+    ds = SegmentationDataset(discover(rec.data, "train"), rec.data, rec.classes, [0.0] * 3, [1.0] * 3,
+                             augment=AugmentConfig(hflip=0))
+    epoch = CropEpoch(ds, EpochPlan.of([(128, 128), (40, 40)], 64, "auto", cropping=True))
+    assert len(epoch) == 5
+    items = [epoch[k] for k in range(5)]
+    assert all(x.shape == (3, 64, 64) for x, _ in items)
+    assert [int((y == 0).sum()) for _, y in items[:4]] == [64 * 64] * 4  # image 0: class 0 everywhere
+    assert int((items[4][1] == 1).sum()) == 40 * 40  # image 1: 40² inside, the rest padded with ignore
+
+
+def test_the_run_records_what_an_epoch_sees(tiny_run: Path) -> None:
+    import json
+
+    info = json.loads((tiny_run / "meta.json").read_text())
+    assert info["train_samples_per_epoch"] == 24 and info["crops_per_image"].startswith("off")
+    assert info["train_pixels_per_epoch"] == info["train_split_pixels"] == 24 * 64 * 64
+    assert info["model_meta"]["min_tile_size"] == 32

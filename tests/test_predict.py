@@ -371,3 +371,14 @@ def test_every_cpu_backend_returns_logits_the_caller_owns(tiny_run: Path, tiny_o
         later = backend(second)
         assert logits.dtype == np.float32 and logits.flags.writeable, model
         assert not np.shares_memory(logits, later) and np.array_equal(logits, kept), model
+
+
+def test_a_tile_below_the_models_smallest_is_refused_and_the_suggested_tile_works(tmp_path: Path) -> None:
+    write_tif(tmp_path / "in.tif", np.random.default_rng(5).integers(0, 3, (80, 70)).astype(np.uint8))
+    backend = EchoBackend(3, tile=64)
+    backend.meta.min_tile_size = 64  # e.g. PAN at stride 16 needs 128; recorded by training
+    with pytest.raises(UserError, match=r"--tile 32 is below the smallest tile 64 the model runs at; use --tile 64"):
+        predict_file(backend, tmp_path / "in.tif", tmp_path / "out.tif", PredictOptions(tile=32))
+    predict_file(backend, tmp_path / "in.tif", tmp_path / "out.tif", PredictOptions(tile=64, preview=False))
+    with rasterio.open(tmp_path / "out.tif") as out, rasterio.open(tmp_path / "in.tif") as src:
+        assert np.array_equal(out.read(1), src.read(1))

@@ -641,3 +641,35 @@ def test_a_failure_mid_training_marks_the_run_failed_and_resumable(synth_dir: Pa
         Run(out).require_finished()
     with pytest.raises(ArtifactError, match="continue it with --resume"):
         fit(rec, out, progress=False)
+
+
+def test_a_tile_the_model_cannot_train_at_is_refused_before_anything_is_written(synth_dir: Path, tmp_path: Path) -> None:
+    """The issue's example, `model.arch=pan data.tile_size=96` (a tiny encoder of the same stride)."""
+    from segdeploy.train import check_model_fits
+
+    out = tmp_path / "run"
+    args = ["--set", "model.arch=pan", "--set", "model.encoder=tu-test_resnet"]
+    text = one_line_error(run("train", RECIPES / "demo.yaml", "--data", synth_dir, "--out", out, *args,
+                              "--set", "data.tile_size=96"))
+    assert "data.tile_size=96" in text and text.endswith("set data.tile_size=128") and not out.exists()
+    fixed = recipe.load(RECIPES / "demo.yaml", ["model.arch=pan", "model.encoder=tu-test_resnet", "data.tile_size=128"],
+                        synth_dir)
+    check_model_fits(fixed, "cpu")  # the suggested fix passes the same check
+
+
+def test_a_failure_before_the_first_epoch_ends_marks_the_run_failed_and_a_plain_retry_replaces_it(
+        synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import segdeploy.train as train_mod
+    from segdeploy.artifact import run_state
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("Given input size: (1x1x1). Calculated output size: (1x0x0). Output size is too small")
+
+    monkeypatch.setattr(train_mod, "_train_epoch", broken)
+    rec = recipe.load(RECIPES / "demo.yaml", demo_overrides(**{"train.epochs": 1}), synth_dir)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="Output size is too small"):
+        fit(rec, out, progress=False)
+    info = json.loads((out / "meta.json").read_text())
+    assert info["status"] == "failed" and "Output size is too small" in info["error"] and run_state(out) == "unstarted"
+    assert train_mod.plan_output(out, resume=False, overwrite=False) == "replace"  # no --overwrite demanded
