@@ -30,8 +30,8 @@ def modules(*globs: str) -> list[Path]:
 @pytest.mark.parametrize(("files", "forbidden"), [
     (("runtime/*.py",), VERBS + ("segdeploy.cli",)),  # runtime never reaches up to export or any verb
     (("data/*.py", "predict.py", "jobs.py", "cluster.py", "viz.py"), ("segdeploy.evaluate", "segdeploy.cli")),
-    (("artifact.py", "tiling.py", "metrics.py", "recipe.py", "registry.py", "errors.py", "utils.py", "viz.py",
-      "tracking.py"), VERBS + ("segdeploy.runtime", "segdeploy.cli")),
+    (("artifact.py", "tiling.py", "scoring.py", "metrics.py", "recipe.py", "registry.py", "errors.py", "utils.py",
+      "viz.py", "tracking.py"), VERBS + ("segdeploy.runtime", "segdeploy.cli")),
     (("*.py", "data/*.py", "export/*.py", "runtime/*.py"), ("segdeploy.cli",)),  # only the CLI imports the CLI
 ])
 def test_lower_layers_do_not_import_higher_ones(files: tuple[str, ...], forbidden: tuple[str, ...]) -> None:

@@ -192,3 +192,39 @@ def test_training_refuses_a_leak_naming_the_two_splits(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"0001.png and .*copy.png are the same image, in the train and val splits "
                                         r"\(1 such image in all\)"):
         prepare_data(rec, console=None)
+
+
+class ConstantBackend:
+    """Predicts class 1 everywhere: enough to see which split eval scores."""
+
+    name, precision, device, max_batch, static_shape = "constant", "fp32", "cpu", None, None
+
+    def __init__(self, classes: int) -> None:
+        from segdeploy.artifact import ModelMeta
+
+        self.meta = ModelMeta(classes=[f"c{i}" for i in range(classes)], palette=[[i, i, i] for i in range(classes)],
+                              mean=[0.0] * 3, std=[1.0] * 3, max_pixel_value=255, bands=3, input_divisor=32,
+                              tile_size=64)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(batch), self.meta.num_classes, *batch.shape[-2:]), np.float32)
+        out[:, 1] = 1.0
+        return out
+
+    def describe(self) -> str:
+        return "constant"
+
+
+def test_eval_without_a_test_split_scores_val_and_says_so_and_an_absent_split_is_refused(tmp_path: Path) -> None:
+    from segdeploy.errors import DataError
+    from segdeploy.evaluate import evaluate
+
+    path = RECIPES / "pascal_part_hierarchy_unet.yaml"
+    expected = pascal_part(tmp_path / "pp", recipe.load(path))
+    backend = ConstantBackend(7)
+    report = evaluate(tmp_path / "m.onnx", recipe_path=path, data_root=tmp_path / "pp", backend=backend, plots=False)
+    assert (report.split, report.images, report.split_reason) == ("val", 3, "the layout defines no test split")
+    truth = expected["pixels_by_split"]["val"]
+    assert report.metrics.matrix[:, 1].tolist() == truth.tolist()  # every val pixel, predicted as class 1
+    with pytest.raises(DataError, match=r"defines no test split \(it has train, val\); use --split val$"):
+        evaluate(tmp_path / "m.onnx", "test", recipe_path=path, data_root=tmp_path / "pp", backend=backend)

@@ -14,7 +14,8 @@ from segdeploy.cli.app import app, check_choice, console, emit_json, guarded
 @guarded
 def eval_cmd(
     models: list[Path] = typer.Argument(..., help="Run directories, .onnx or .engine files; several → a comparison table."),
-    split: str = typer.Option("val", help="Dataset split: train, val or test."),
+    split: str = typer.Option(None, help="Dataset split: train, val or test (default: test when the data layout "
+                              "has one, else val)."),
     data: Path = typer.Option(None, "--data", help="Dataset directory (overrides the recipe's data.root)."),
     recipe: Path = typer.Option(None, help="Recipe, when MODEL is not inside a run directory."),
     out: Path = typer.Option(None, help="Where plots and metrics.json go (default: next to MODEL, eval/)."),
@@ -42,6 +43,8 @@ def eval_cmd(
                                                     f"{report.backend.split(' (')[0]}"))
         for note in report.notes:
             console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+        if report.split_reason:
+            console.print(f"split: {report.split} ({report.split_reason})")
         console.print(f"plots and metrics.json in {report.out_dir}")
         reports.append(report)
     if len(reports) > 1:
