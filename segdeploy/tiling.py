@@ -367,6 +367,8 @@ class StripAccumulator:
 # --------------------------------------------------------------------------- in-memory images
 
 Observer = Callable[[list[tuple[int, Window]], np.ndarray], None]
+# (normalised N×B×tile×tile batch, (image index, window) of each item) -> N×C×tile×tile logits
+Infer = Callable[[np.ndarray, list[tuple[int, Window]]], np.ndarray]
 
 
 class _InFlight:
@@ -401,7 +403,8 @@ class _InFlight:
 
 
 def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]],  # noqa: ANN001 - any Backend
-                   plan: TilePlan, scale: float, observe: Observer | None = None) -> Iterator[np.ndarray]:
+                   plan: TilePlan, scale: float, observe: Observer | None = None,
+                   infer: Infer | None = None) -> Iterator[np.ndarray]:
     """The class map of each in-memory image, predicted through predict's machinery: the windows,
     padding and blending of `plan` (its height and width are replaced by each image's), tiles
     normalised by `normalize`, blended by `StripAccumulator`. Tiles of consecutive images share
@@ -410,7 +413,9 @@ def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]
     items: (H×W×B raw pixels of any dtype, H×W bool validity or None for all valid); scale: the
     pixels' full-scale value. Yields H×W int16 class maps in input order, -1 where the input is
     invalid. `observe(windows, logits)`, when given, sees each batch's (image index, window) pairs
-    and the backend's float32 N×C×tile×tile logits before they are blended (validation loss)."""
+    and the backend's float32 N×C×tile×tile logits before they are blended (validation loss);
+    `infer(batch, windows)`, when given, replaces ``backend(batch)`` (a caller that checks or
+    recomputes logits names the tiles by their windows)."""
     meta = backend.meta
     queue: list[_InFlight] = []
     batch: list[tuple[_InFlight, Window, np.ndarray | None, np.ndarray | None]] = []
@@ -420,11 +425,11 @@ def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]
         for window, pixels, tile_valid in queue[-1].tiles():
             batch.append((queue[-1], window, pixels, tile_valid))
             if sum(p is not None for _, _, p, _ in batch) >= plan.batch:
-                _run_batch(backend, batch, scale, observe)
+                _run_batch(backend, batch, scale, observe, infer)
                 batch = []
                 while queue and queue[0].waiting == 0:
                     yield queue.pop(0).labels
-    _run_batch(backend, batch, scale, observe)
+    _run_batch(backend, batch, scale, observe, infer)
     for done in queue:
         yield done.labels
 
@@ -435,15 +440,18 @@ def _sized(plan: TilePlan, height: int, width: int) -> TilePlan:
     return replace(plan, height=height, width=width)
 
 
-def _run_batch(backend, batch: list, scale: float, observe: Observer | None) -> None:  # noqa: ANN001
+def _run_batch(backend, batch: list, scale: float, observe: Observer | None,  # noqa: ANN001
+               infer: Infer | None) -> None:
     """Logits for the batch's tiles (skipped ones stay None), then each blended in order."""
     arrays = [pixels for _, _, pixels, _ in batch if pixels is not None]
     logits: Iterator[np.ndarray] = iter(())
     if arrays:
         meta = backend.meta
-        out = backend(normalize(np.stack(arrays), scale, meta.mean, meta.std))
+        x = normalize(np.stack(arrays), scale, meta.mean, meta.std)
+        windows = [(item.index, window) for item, window, pixels, _ in batch if pixels is not None]
+        out = infer(x, windows) if infer is not None else backend(x)
         if observe is not None:
-            observe([(item.index, window) for item, window, pixels, _ in batch if pixels is not None], out)
+            observe(windows, out)
         logits = iter(out)
     for item, window, pixels, valid in batch:
         item.blend(window, next(logits) if pixels is not None else None, valid)

@@ -103,3 +103,30 @@ def test_eval_validation_and_predict_agree_on_images_larger_than_the_tile(tiny_r
     assert np.array_equal(report.metrics.matrix, expected)
     assert np.array_equal(cm.matrix, expected)
     shutil.rmtree(data)
+
+
+def test_the_gate_tiles_cover_every_pixel_once_padded_like_predict(tmp_path: Path) -> None:
+    """The gate's tiles used to drop the pixels past the last whole tile; now edge windows run past
+    the image and are reflect-padded, as predict pads them, with the padding never scored."""
+    from segdeploy.artifact import ModelMeta
+    from segdeploy.parity import parity_tiles
+    from tests.conftest import RECIPES
+
+    rng = np.random.default_rng(6)
+    palette = np.asarray([[255, 255, 0], [0, 160, 0], [0, 0, 255], [128, 128, 128], [255, 0, 255]], np.uint8)
+    (tmp_path / "val").mkdir()
+    images = []
+    for k, (h, w) in enumerate(((100, 110), (50, 130))):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / "val" / f"v{k}_sat.png")
+        Image.fromarray(palette[rng.integers(0, 5, (h, w))]).save(tmp_path / "val" / f"v{k}_mask.png")
+        images.append(img)
+    rec = recipe.load(RECIPES / "demo.yaml", data_root=tmp_path)
+    meta = ModelMeta(classes=rec.classes.names, palette=palette.tolist(), mean=[0.0] * 3, std=[1.0] * 3,
+                     max_pixel_value=255, bands=3, input_divisor=32, tile_size=64)
+    x, y = parity_tiles(rec, meta, 64, samples=100)
+    assert len(x) == 2 * 2 + 1 * 3  # ceil(100/64)·ceil(110/64) + ceil(50/64)·ceil(130/64)
+    assert int((y != 255).sum()) == 100 * 110 + 50 * 130  # every pixel once, padding never scored
+    # the bottom-right window of image 0 (36×46 inside), padded independently with numpy's reflect
+    expected = np.pad(images[0][64:, 64:].astype(np.float32) / 255, ((0, 28), (0, 18), (0, 0)), mode="reflect")
+    np.testing.assert_allclose(x[3].numpy(), np.moveaxis(expected, -1, 0), atol=1e-6)
