@@ -143,14 +143,18 @@ def main() -> None:
     write_big_split(big, "val", args.images, args.size, seed=500)
     write_big_split(big, "train", args.images, args.size, seed=900)
     run = tiny_run(work, args.tile)
-    result: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": platform.processor() or
+    from segdeploy.utils import versions
+
+    result: dict = {"versions": versions(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": platform.processor() or
                     platform.machine(), "cpus": os.cpu_count(), "images": args.images, "size": args.size,
                     "tile": args.tile, "model": "demo U-Net ResNet-18 (random init + 1 epoch), torch on CPU"}
     result["eval_after"] = run_child("eval", run=run, data=big, batch=args.batch)
     if args.before:
+        commit = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
         result["eval_before"] = {**run_child("eval", args.before, run=run_for_old_code(run), batch=args.batch,
                                              data=first_images(big, work / "few", args.before_images)),
-                                 "code": str(args.before)}
+                                 "code": f"{args.before} at {commit}"}
     result["epoch_before"] = run_child("epoch", data=big, crops=1)
     result["epoch_after"] = run_child("epoch", data=big, crops="auto")
     args.out.parent.mkdir(parents=True, exist_ok=True)
