@@ -474,12 +474,12 @@ def check_batch_of_one(cfg: ModelConfig, model: nn.Module, tile: int, bands: int
 def _smallest_working(model: nn.Module, f: ArchFacts, tile: int, bands: int, tries: int = 12) -> str:
     """'the smallest size it trains at is N: set data.tile_size=N', found from the registered
     minimum upward in steps of the divisor, each size verified by a forward+backward pass."""
-    start = max(f.min_tile, f.input_divisor)
+    start, which = max(f.min_tile, f.input_divisor), "smallest"
     if start <= tile:  # the registered minimum is met: the failure is not (only) the size
-        start = tile + f.input_divisor
+        start, which = tile + f.input_divisor, "smallest larger"
     for size in range(start, start + tries * f.input_divisor, f.input_divisor):
         if not _trial(model, size, bands, 2):
-            return f"the smallest size it trains at is {size}: set data.tile_size={size}"
+            return f"the {which} size it trains at is {size}: set data.tile_size={size}"
     return (f"no size from {start} to {start + (tries - 1) * f.input_divisor} works either; "
             "check model.kwargs or choose another model.arch")
 
