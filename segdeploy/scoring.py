@@ -49,9 +49,9 @@ def score_split(backend, reader: SampleReader, plan: TilePlan, indices: Iterable
 
     def images() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         for position, i in enumerate(order):
-            image, mask = reader.load(i)
-            in_flight[position] = (i, mask)
-            yield image, None
+            loaded = reader.sample(i)  # the mask is ignore_index wherever the image is invalid
+            in_flight[position] = (i, loaded.mask)
+            yield loaded.image, loaded.valid
 
     def tiles(windows: list[tuple[int, Window]], logits: np.ndarray) -> None:
         targets = np.full((len(windows), plan.tile, plan.tile), meta.ignore_index, np.int64)

@@ -391,7 +391,8 @@ class _InFlight:
             if part is not None and not part.any():
                 yield window, None, None  # all invalid: skipped, never blended, emitted as -1
                 continue
-            valid = None if part is None or part.all() else self.plan.fill(part, "constant")
+            # padded like the pixels (as predict does), so a reflected invalid pixel is filled too
+            valid = None if part is None or part.all() else self.plan.fill(part)
             yield window, self.plan.cut(self.bands_first, window), valid
 
     def blend(self, window: Window, logits: np.ndarray | None, valid: np.ndarray | None) -> None:
@@ -443,11 +444,14 @@ def _sized(plan: TilePlan, height: int, width: int) -> TilePlan:
 def _run_batch(backend, batch: list, scale: float, observe: Observer | None,  # noqa: ANN001
                infer: Infer | None) -> None:
     """Logits for the batch's tiles (skipped ones stay None), then each blended in order."""
-    arrays = [pixels for _, _, pixels, _ in batch if pixels is not None]
+    tiles = [(pixels, valid) for _, _, pixels, valid in batch if pixels is not None]
     logits: Iterator[np.ndarray] = iter(())
-    if arrays:
-        meta = backend.meta
-        x = normalize(np.stack(arrays), scale, meta.mean, meta.std)
+    if tiles:
+        meta, t = backend.meta, tiles[0][0].shape[-1]
+        valid = None
+        if any(v is not None for _, v in tiles):  # invalid pixels: exactly the training mean, as in predict
+            valid = np.stack([np.ones((t, t), bool) if v is None else v for _, v in tiles])
+        x = normalize(np.stack([p for p, _ in tiles]), scale, meta.mean, meta.std, valid)
         windows = [(item.index, window) for item, window, pixels, _ in batch if pixels is not None]
         out = infer(x, windows) if infer is not None else backend(x)
         if observe is not None:
