@@ -645,7 +645,7 @@ def test_a_failure_mid_training_marks_the_run_failed_and_resumable(synth_dir: Pa
 
 def test_a_tile_the_model_cannot_train_at_is_refused_before_anything_is_written(synth_dir: Path, tmp_path: Path) -> None:
     """The issue's example, `model.arch=pan data.tile_size=96` (a tiny encoder of the same stride)."""
-    from segdeploy.train import check_model_fits
+    from segdeploy.models import build_model, check_tile_size
 
     out = tmp_path / "run"
     args = ["--set", "model.arch=pan", "--set", "model.encoder=tu-test_resnet"]
@@ -654,7 +654,8 @@ def test_a_tile_the_model_cannot_train_at_is_refused_before_anything_is_written(
     assert "data.tile_size=96" in text and text.endswith("set data.tile_size=128") and not out.exists()
     fixed = recipe.load(RECIPES / "demo.yaml", ["model.arch=pan", "model.encoder=tu-test_resnet", "data.tile_size=128"],
                         synth_dir)
-    check_model_fits(fixed, "cpu")  # the suggested fix passes the same check
+    model = build_model(fixed.model, 3, fixed.classes.num_classes)
+    check_tile_size(fixed.model, model, 128, 3)  # the suggested fix passes the same check
 
 
 def test_a_failure_before_the_first_epoch_ends_marks_the_run_failed_and_a_plain_retry_replaces_it(
