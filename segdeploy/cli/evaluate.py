@@ -30,12 +30,13 @@ def eval_cmd(
     from segdeploy.evaluate import evaluate
     from segdeploy.progress import WorkProgress
 
-    check_choice("--split", split, ("train", "val", "test"))
+    if split is not None:  # None: the layout's test split, else val (the report says which)
+        check_choice("--split", split, ("train", "val", "test"))
     if out is not None and len(models) > 1:
         raise UserError("--out takes one model; with several, each writes next to itself")
     reports = []
     for model in models:
-        with WorkProgress(console, f"eval {model} · {split}", None, "images", enabled=progress,
+        with WorkProgress(console, f"eval {model} · {split or 'default split'}", None, "images", enabled=progress,
                           transient=True) as bar:
             report = evaluate(model, split, recipe_path=recipe, data_root=data, out_dir=out, overwrite=overwrite,
                               progress=lambda done, total: bar.update(done - bar.done, total=total))
