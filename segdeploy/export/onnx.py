@@ -4,7 +4,6 @@ check, simplify, and embed the model's metadata.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segdeploy.artifact import ONNX_META_KEY, ModelMeta
+from segdeploy.artifact import ONNX_META_KEY, ModelMeta, write_onnx_meta
 from segdeploy.artifact import read_onnx_meta as read_metadata  # noqa: F401 - the name export's callers use
 from segdeploy.errors import ArtifactError, UserError
 from segdeploy.utils import atomic_path
@@ -39,9 +38,10 @@ class ExportPlan:
     tile: int
     findings: list[Finding] = field(default_factory=list)
     static_reasons: list[str] = field(default_factory=list)
+    batch: int | None = None  # the model's fixed batch (an imported graph), None: dynamic
 
     def to_dict(self) -> dict:
-        return {"dynamic": self.dynamic, "tile": self.tile, "static_reasons": self.static_reasons,
+        return {"dynamic": self.dynamic, "tile": self.tile, "static_reasons": self.static_reasons, "batch": self.batch,
                 "findings": [asdict(f) for f in self.findings]}
 
 
@@ -82,13 +82,14 @@ def preflight(model: nn.Module, meta: ModelMeta, tile: int) -> ExportPlan:
     if tile % meta.input_divisor:
         raise UserError(f"--tile {tile} is not a multiple of the model's input divisor {meta.input_divisor}; "
                         f"use {tile - tile % meta.input_divisor or meta.input_divisor}")
-    plan = ExportPlan(dynamic=True, tile=tile)
+    plan = ExportPlan(dynamic=True, tile=tile, batch=meta.static_batch)
     if meta.static_size:
         plan.dynamic = False
         if tile != meta.static_size:
             plan.static_reasons.append(f"the model accepts only {meta.static_size}×{meta.static_size}; tile set to it")
             plan.tile = meta.static_size
-        plan.static_reasons.append("learnt positional embeddings fix the input size")
+        plan.static_reasons.append("learnt positional embeddings fix the input size" if meta.arch == "vit_segmenter"
+                                   else f"the model runs only at {plan.tile}×{plan.tile} (measured when imported)")
     for name, mod in model.named_modules():
         if isinstance(mod, SegNet):
             mod.export_friendly = True
@@ -100,7 +101,7 @@ def preflight(model: nn.Module, meta: ModelMeta, tile: int) -> ExportPlan:
              for n, m in model.named_modules() if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))]
     if hooks:
         with torch.inference_mode():
-            model(torch.zeros(1, meta.bands, plan.tile, plan.tile))
+            model(torch.zeros(plan.batch or 1, meta.bands, plan.tile, plan.tile))
         for h in hooks:
             h.remove()
     for name, size in sizes.items():
@@ -147,7 +148,7 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: Path, plan: ExportPlan,
     if opset < 17:
         raise UserError(f"--opset {opset} is too old: ≥ 17 keeps LayerNorm as one op")
     model = model.eval().cpu()
-    x = torch.zeros(2, meta.bands, plan.tile, plan.tile)
+    x = torch.zeros(plan.batch or 2, meta.bands, plan.tile, plan.tile)
     notes: list[str] = []
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -173,7 +174,11 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: Path, plan: ExportPlan,
 def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, plan: ExportPlan, opset: int, max_batch: int) -> None:
     from torch.export import Dim
 
-    shapes = {0: Dim("batch", min=1, max=max(max_batch, 2) * 64)}
+    from segdeploy.models import ExportedProgramModule
+
+    # an imported torch.export program has its own batch range, which a range of ours may contradict
+    batch = Dim.DYNAMIC if isinstance(model, ExportedProgramModule) else Dim("batch", min=1, max=max(max_batch, 2) * 64)
+    shapes = {} if plan.batch else {0: batch}
     if plan.dynamic:
         shapes.update({2: Dim.DYNAMIC, 3: Dim.DYNAMIC})
     torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -187,7 +192,7 @@ def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, plan: ExportPl
 
 
 def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, plan: ExportPlan, opset: int) -> None:
-    axes = {0: "batch"}
+    axes = {} if plan.batch else {0: "batch"}
     if plan.dynamic:
         axes.update({2: "height", 3: "width"})
     torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -238,19 +243,8 @@ def name_nodes(proto) -> None:  # noqa: ANN001
 
 
 def set_metadata(proto, meta: ModelMeta, extra: dict | None = None) -> None:  # noqa: ANN001
-    """The whole ModelMeta as JSON under 'segdeploy', plus readable top-level keys for other tools."""
-    readable = {
-        "classes": json.dumps(meta.classes), "palette": json.dumps(meta.palette), "mean": json.dumps(meta.mean),
-        "std": json.dumps(meta.std), "max_pixel_value": str(meta.max_pixel_value), "bands": str(meta.bands),
-        "input_divisor": str(meta.input_divisor), "tile_size": str(meta.tile_size),
-        "recipe_digest": meta.recipe_digest, "segdeploy_version": meta.versions.get("segdeploy", ""),
-    }
-    doc = meta.to_dict()
-    doc["extra"] = {**doc.get("extra", {}), **(extra or {})}
-    readable[META_KEY] = json.dumps(doc)
-    del proto.metadata_props[:]
-    for k, v in readable.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+    """The whole ModelMeta as JSON under 'segdeploy', plus readable top-level keys for other tools
+    (`artifact.write_onnx_meta`, which `read_onnx_meta` reads back)."""
+    write_onnx_meta(proto, meta, extra)
 
 
