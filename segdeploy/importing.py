@@ -24,6 +24,7 @@ name, sha256, format), and the staleness checks treat that file as the run's sou
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -469,12 +470,11 @@ def _prepare_module(module: Any, path: Path, opts: ImportOptions, log: Log) -> _
             scripted = torch.jit.trace(module, example)
         how = f"traced at 1×{rec.data.bands}×{rec.data.tile_size}×{rec.data.tile_size}"
     tmp = Path(tempfile.mkdtemp(prefix=".segdeploy-import-")) / "model.ts"
+    atexit.register(shutil.rmtree, tmp.parent, True)  # the run keeps its own copy
     scripted.save(str(tmp))
     prepared = _prepare_archive(str(tmp), opts, log, "torchscript", record=path)
     prepared.notes.insert(0, f"the pickled {type(module).__name__} was converted to TorchScript ({how}); the run "
                              "keeps that, so no Python class is needed later")
-    save = prepared.save
-    prepared.save = lambda run, meta, out: (save(run, meta, out), shutil.rmtree(tmp.parent, ignore_errors=True))
     return prepared
 
 

@@ -99,13 +99,14 @@ def export_onnx(model: nn.Module, path: Path, nhwc: bool = False, static: bool =
     return path
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) -> SimpleNamespace:
+ONNX_FILES = ("nchw_logits", "nhwc_softmax", "nchw_logsoftmax", "nhwc_labels", "sigmoid", "gate")
+
+
+def make_sources(d: Path, synth_dir: Path) -> None:
     """Tiny models saved in every form, and a 64×128 raster (two 64² tiles) to predict."""
     import segmentation_models_pytorch as smp
     from safetensors.torch import save_file
 
-    d = tmp_path_factory.mktemp("import_sources")
     torch.manual_seed(0)
     unet = spread(smp.Unet("resnet18", encoder_weights=None, classes=5, activation="logsoftmax"))
     seg = spread(TinySegNet())
@@ -118,28 +119,43 @@ def made(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) -> SimpleNam
     unet.save_pretrained(d / "smp_folder")
     torch.save(unet, d / "unet_pickled.pth")
     torch.save(seg, d / "segnet_pickled.pth")
+    torch.save(seg.state_dict(), d / "segnet_state.pth")
     torch.jit.script(seg).save(str(d / "segnet.ts"))
     dyn = torch.export.Dim("b", min=1, max=64)
     torch.export.save(torch.export.export(seg, (torch.zeros(2, 3, 64, 64),), dynamic_shapes=(
         {0: dyn, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},)), d / "segnet.pt2")
     torch.export.save(torch.export.export(seg, (torch.zeros(1, 3, 64, 64),)), d / "segnet_static.pt2")
-    binary = spread(TinySegNet(classes=1))
-    onnx = {"nchw_logits": export_onnx(Head(seg, "logits"), d / "nchw_logits.onnx"),
-            "nhwc_softmax": export_onnx(Head(seg, "softmax", nhwc=True), d / "nhwc_softmax.onnx", nhwc=True),
-            "nchw_logsoftmax": export_onnx(Head(seg, "logsoftmax"), d / "nchw_logsoftmax.onnx"),
-            "nhwc_labels": export_onnx(Head(seg, "labels", nhwc=True), d / "nhwc_labels.onnx", nhwc=True, static=True),
-            "sigmoid": export_onnx(Head(binary, "sigmoid"), d / "sigmoid.onnx"),
-            # default init: small logits, as a trained model's are robust to INT8 (spread ones are not)
-            "gate": export_onnx(Head(TinySegNet(), "softmax", nhwc=True), d / "gate.onnx", nhwc=True)}
+    export_onnx(Head(seg, "logits"), d / "nchw_logits.onnx")
+    export_onnx(Head(seg, "softmax", nhwc=True), d / "nhwc_softmax.onnx", nhwc=True)
+    export_onnx(Head(seg, "logsoftmax"), d / "nchw_logsoftmax.onnx")
+    export_onnx(Head(seg, "labels", nhwc=True), d / "nhwc_labels.onnx", nhwc=True, static=True)
+    export_onnx(Head(spread(TinySegNet(classes=1)), "sigmoid"), d / "sigmoid.onnx")
+    # default init: small logits, as a trained model's are robust to INT8 (spread ones are not)
+    export_onnx(Head(TinySegNet(), "softmax", nhwc=True), d / "gate.onnx", nhwc=True)
     with rasterio.open(synth_dir / "scene/scene.tif") as src:
         pixels, profile = src.read(window=((64, 128), (0, 128))), src.profile
-    pixels = np.maximum(pixels, 1)  # no nodata pixels: every one is compared
-    profile.update(height=64, width=128, nodata=None, transform=profile["transform"])
-    raster = d / "scene.tif"
-    with rasterio.open(raster, "w", **profile) as dst:
-        dst.write(pixels)
+    profile.update(height=64, width=128, nodata=None)
+    with rasterio.open(d / "scene.tif", "w", **profile) as dst:
+        dst.write(np.maximum(pixels, 1))  # no nodata pixels: every one is compared
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) -> SimpleNamespace:
+    """The sources (built once for every xdist worker; read-only) and the original models."""
+    import segmentation_models_pytorch as smp
+
+    from tests.conftest import shared
+
+    d = shared(tmp_path_factory, "import_sources", lambda out: make_sources(out, synth_dir))
+    unet = smp.Unet("resnet18", encoder_weights=None, classes=5, activation="logsoftmax")
+    unet.load_state_dict(torch.load(d / "unet.pth", weights_only=True))
+    seg = TinySegNet()
+    seg.load_state_dict(torch.load(d / "segnet_state.pth", weights_only=True))
+    with rasterio.open(d / "scene.tif") as src:
+        pixels = src.read()
     x = ((pixels.transpose(1, 2, 0) / 255.0 - MEAN) / STD).astype(np.float32)  # H×W×3, normalised
-    return SimpleNamespace(dir=d, unet=unet, seg=seg, binary=binary, onnx=onnx, raster=raster, x=x, synth=synth_dir)
+    return SimpleNamespace(dir=d, unet=unet.eval(), seg=seg.eval(), onnx={n: d / f"{n}.onnx" for n in ONNX_FILES},
+                           raster=d / "scene.tif", x=x, synth=synth_dir)
 
 
 def windows(x: np.ndarray) -> list[np.ndarray]:
@@ -147,11 +163,11 @@ def windows(x: np.ndarray) -> list[np.ndarray]:
     return [x[:, c : c + 64].transpose(2, 0, 1)[None] for c in (0, 64)]
 
 
-def torch_map(model: nn.Module, x: np.ndarray, binary: bool = False) -> np.ndarray:
+def torch_map(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """The original PyTorch model's class map, run directly."""
     with torch.no_grad():
         outs = [model(torch.from_numpy(w)).numpy() for w in windows(x)]
-    y = np.concatenate(outs, axis=3)[0]
-    return (y[0] > 0).astype(np.int64) if binary else y.argmax(0)
+    return np.concatenate(outs, axis=3)[0].argmax(0)
 
 
 def ort_map(path: Path, x: np.ndarray, nhwc: bool, kind: str) -> np.ndarray:
@@ -348,12 +364,16 @@ def test_model_weights_loads_a_whole_model_or_an_encoder_and_says_which(made: Si
 
 @pytest.fixture(scope="module")
 def onnx_run(made: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An imported NHWC softmax ONNX model with data, exported to FP16 and INT8 behind the gate."""
-    run = tmp_path_factory.mktemp("onnx_import") / "run"
-    import_run(made.onnx["gate"], run, "--data", made.synth)
-    result = cli("export", run, "--fp16", "--int8", "--calib-images", 8)
-    assert result.exit_code == 0, result.output
-    return run
+    """An imported NHWC softmax ONNX model with data, exported to FP16 and INT8 behind the gate
+    (built once for every xdist worker; read-only)."""
+    from tests.conftest import shared
+
+    def build(out: Path) -> None:
+        import_run(made.onnx["gate"], out / "run", "--data", made.synth)
+        result = cli("export", out / "run", "--fp16", "--int8", "--calib-images", 8)
+        assert result.exit_code == 0, result.output
+
+    return shared(tmp_path_factory, "import_onnx_run", build) / "run"
 
 
 def test_fp16_and_int8_of_an_onnx_import_are_gated_against_the_onnx_itself(onnx_run: Path) -> None:
@@ -379,7 +399,7 @@ def test_bench_and_eval_take_an_onnx_import_like_their_own(onnx_run: Path, tmp_p
     assert rows[("onnxruntime", "fp32")]["status"] == "ok" and rows[("onnxruntime", "fp32")]["agreement"] == 1.0
     assert rows[("onnxruntime", "int8")]["status"] == "ok"
     assert rows[("torch", "fp32")]["reason"] == "an imported ONNX model has no PyTorch model"
-    result = cli("eval", onnx_run, "--split", "test", "--json", tmp_path / "e.json")
+    result = cli("eval", onnx_run, "--split", "test", "--out", tmp_path / "eval", "--json", tmp_path / "e.json")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "e.json").read_text())["backend"].startswith("onnxruntime fp32")
 
@@ -401,13 +421,37 @@ def test_the_imported_file_is_the_runs_source_for_staleness(made: SimpleNamespac
     assert "changed after it was imported" in Run(run).exports()[0].stale  # the export, through the run
 
 
-def test_the_check_on_val_warns_about_a_one_class_model_and_passes_a_good_one(made: SimpleNamespace, tiny_run: Path,
-                                                                              tmp_path: Path) -> None:
-    good = cli("import", tiny_run / "model.safetensors", "--recipe", RECIPE, "--out", tmp_path / "good", *TILE,
+def nearest_colour_model(synth_dir: Path) -> nn.Module:
+    """A model that works on the synthetic land cover without training: each pixel goes to the
+    class whose mean normalised colour (on the train split) is nearest, as a 1×1 convolution
+    (logit_c = 2 μ_c·x - |μ_c|², the squared distance up to a term every class shares)."""
+    from segdeploy import recipe as recipe_mod
+    from segdeploy.data.dataset import SampleReader, discover
+
+    rec = recipe_mod.load(RECIPE, ["data.tile_size=64"], synth_dir)
+    reader = SampleReader(discover(rec.data, "train"), rec.data, rec.classes, list(MEAN), list(STD))
+    sums, counts = np.zeros((5, 3)), np.zeros(5)
+    for i in range(len(reader)):
+        x, y = reader.item(i)
+        for c in range(5):
+            sums[c] += x[:, y == c].sum(1)
+            counts[c] += (y == c).sum()
+    mu = torch.tensor(sums / counts[:, None], dtype=torch.float32)
+    conv = nn.Conv2d(3, 5, 1)
+    conv.weight.data = (2 * mu)[:, :, None, None]
+    conv.bias.data = -(mu**2).sum(1)
+    return conv.eval()
+
+
+def test_the_check_on_val_passes_a_working_model_and_warns_about_a_one_class_one(made: SimpleNamespace,
+                                                                                 tmp_path: Path) -> None:
+    torch.jit.script(nearest_colour_model(made.synth)).save(str(tmp_path / "colour.ts"))
+    good = cli("import", tmp_path / "colour.ts", "--recipe", RECIPE, "--out", tmp_path / "good", *TILE,
                "--data", made.synth, "--json", tmp_path / "good.json")
     assert good.exit_code == 0, good.output
     report = json.loads((tmp_path / "good.json").read_text())
-    assert report["check"]["status"] == "ok" and report["check"]["kappa"] > 0.1 and "building" in good.output
+    assert report["check"]["status"] == "ok" and report["check"]["kappa"] > 0.5, report["check"]
+    assert "building" in good.output and report["eval"]["miou"] > 0.3  # the per-class table on val
     flat = TinySegNet()
     flat.head.bias.data = torch.tensor([9.0, 0, 0, 0, 0])  # "field" everywhere: what a wrong normalisation looks like
     torch.jit.script(flat.eval()).save(str(tmp_path / "flat.ts"))
