@@ -67,6 +67,9 @@ def read_object(path: Path, trust_pickle: bool = False, warn: Callable[[str], No
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"weights file {path} not found")
+    if is_torchscript(path) or is_exported_program(path):
+        raise ModelError(f"{path} is a {'TorchScript' if is_torchscript(path) else 'torch.export'} archive, not a "
+                         "state dict; make a run of it with `segdeploy import`")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

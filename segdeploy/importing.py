@@ -363,9 +363,10 @@ def _prepare_smp(source: str, opts: ImportOptions, log: Log) -> _Prepared:
     except Exception as exc:  # noqa: BLE001 - any failure is the source's
         names = {c.__name__ for c in type(exc).__mro__}
         if hub and names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "Timeout"}:
-            raise ModelError(f"cannot fetch {source} from the Hugging Face Hub: offline and not in the local cache "
-                             f"({type(exc).__name__}); where there is network, `huggingface-cli download {source}` "
-                             "caches it, or smp's save_pretrained writes a folder to import") from None
+            raise ModelError(f"{source} is no file or folder here, and as a Hugging Face Hub id it cannot be fetched: "
+                             f"offline and not in the local cache ({type(exc).__name__}); where there is network, "
+                             f"`huggingface-cli download {source}` caches it, or smp's save_pretrained writes a folder "
+                             "to import") from None
         raise ModelError(f"smp cannot load {source}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     return _prepare_smp_model(model, _smp_weights_file(source, hub), source, opts)
 

@@ -125,6 +125,8 @@ def make_sources(d: Path, synth_dir: Path) -> None:
     torch.export.save(torch.export.export(seg, (torch.zeros(2, 3, 64, 64),), dynamic_shapes=(
         {0: dyn, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},)), d / "segnet.pt2")
     torch.export.save(torch.export.export(seg, (torch.zeros(1, 3, 64, 64),)), d / "segnet_static.pt2")
+    # default init: small logits, as a trained model's are robust to INT8 (spread ones are not)
+    torch.export.save(torch.export.export(TinySegNet().eval(), (torch.zeros(1, 3, 64, 64),)), d / "gate_static.pt2")
     export_onnx(Head(seg, "logits"), d / "nchw_logits.onnx")
     export_onnx(Head(seg, "softmax", nhwc=True), d / "nhwc_softmax.onnx", nhwc=True)
     export_onnx(Head(seg, "logsoftmax"), d / "nchw_logsoftmax.onnx")
@@ -392,8 +394,8 @@ def test_fp16_and_int8_of_an_onnx_import_are_gated_against_the_onnx_itself(onnx_
 
 
 def test_bench_and_eval_take_an_onnx_import_like_their_own(onnx_run: Path, tmp_path: Path) -> None:
-    result = cli("bench", onnx_run, "--batch", 1, "--size", 64, "--iters", 2, "--seconds", 0.1, "--json",
-                 tmp_path / "b.json")
+    result = cli("bench", onnx_run, "--backend", "torch,onnxruntime", "--precision", "fp32,int8", "--batch", 1,
+                 "--size", 64, "--iters", 2, "--seconds", 0.1, "--json", tmp_path / "b.json")
     assert result.exit_code == 0, result.output
     rows = {(r["backend"], r["precision"]): r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
     assert rows[("onnxruntime", "fp32")]["status"] == "ok" and rows[("onnxruntime", "fp32")]["agreement"] == 1.0
@@ -404,21 +406,46 @@ def test_bench_and_eval_take_an_onnx_import_like_their_own(onnx_run: Path, tmp_p
     assert json.loads((tmp_path / "e.json").read_text())["backend"].startswith("onnxruntime fp32")
 
 
-def test_the_imported_file_is_the_runs_source_for_staleness(made: SimpleNamespace, tmp_path: Path) -> None:
+def test_a_torch_import_is_gated_like_a_trained_run_and_its_file_is_the_source(made: SimpleNamespace,
+                                                                              tmp_path: Path) -> None:
     import shutil
 
     from segdeploy.artifact import Run
 
-    src = tmp_path / "mine.ts"
-    shutil.copy(made.dir / "segnet.ts", src)
+    src = tmp_path / "mine.pt2"  # a torch.export program fixed at batch 1 and 64²
+    shutil.copy(made.dir / "gate_static.pt2", src)
     run = import_run(src, tmp_path / "run", "--data", made.synth)
-    result = cli("export", run, "--calib-images", 4)  # FP32 only: its source chain ends at mine.ts
+    result = cli("export", run, "--fp16", "--int8", "--calib-images", 4)
     assert result.exit_code == 0, result.output
-    assert [e.stale for e in Run(run).exports()] == [""]
+    parity = json.loads((run / "export/parity.json").read_text())
+    assert parity["passed"] and parity["reference"] == "PyTorch FP32"
+    assert set(parity["reports"]) == {"onnxruntime_fp32", "onnxruntime_fp16", "onnxruntime_int8", "onnxruntime_int8_cpu"}
+    assert ort.InferenceSession(str(run / "export/model.onnx")).get_inputs()[0].shape == [1, 3, 64, 64]
+    assert [e.stale for e in Run(run).exports()] == [""] * 4
     src.write_bytes(src.read_bytes() + b"\0")  # the user re-saved the model
     err = one_line_error(cli("predict", run, made.raster, "--out", tmp_path / "p.tif", "--no-progress"))
     assert "changed after it was imported" in err and f"segdeploy import {src}" in err and "--overwrite" in err
-    assert "changed after it was imported" in Run(run).exports()[0].stale  # the export, through the run
+    assert all("changed after it was imported" in e.stale for e in Run(run).exports())  # through the run's model
+
+
+def test_a_one_channel_binary_state_dict_is_read_as_a_sigmoid(made: SimpleNamespace, tmp_path: Path) -> None:
+    import segmentation_models_pytorch as smp
+
+    from segdeploy.artifact import Run
+
+    torch.manual_seed(1)
+    net = spread(smp.Unet("resnet18", encoder_weights=None, classes=1))  # a lesion model trained with BCE
+    torch.save(net.state_dict(), tmp_path / "lesion.pth")
+    result = cli("import", tmp_path / "lesion.pth", "--recipe", RECIPE, "--out", tmp_path / "run", *BINARY)
+    assert result.exit_code == 0, result.output
+    assert "one channel for two classes: read as a sigmoid" in result.output
+    model = Run(tmp_path / "run").build_model()
+    with torch.no_grad():
+        for w in windows(made.x):
+            z = net(torch.from_numpy(w))[:, 0]
+            probs = model(torch.from_numpy(w)).softmax(1)
+            torch.testing.assert_close(probs[:, 1], torch.sigmoid(z), atol=1e-5, rtol=1e-5)
+            assert agreement(probs.argmax(1).numpy(), (z > 0).long().numpy()) >= 0.9999
 
 
 def nearest_colour_model(synth_dir: Path) -> nn.Module:
