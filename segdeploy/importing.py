@@ -223,7 +223,7 @@ def data_facts(rec: Recipe) -> tuple[str | None, dict[str, list[str]]]:
     """With data: the pixel type of the first validation image (what the model was fed) and the
     keys of every split found; without: (None, {})."""
     from segdeploy.data.dataset import discover, split_defined
-    from segdeploy.data.io import read_image
+    from segdeploy.data.decode import open_image
 
     if rec.data.root is None:
         return None, {}
@@ -235,8 +235,9 @@ def data_facts(rec: Recipe) -> tuple[str | None, dict[str, list[str]]]:
         except DataError:
             if split == "val":
                 raise
-    first = splits["val"][0].image
-    return str(read_image(first, rec.data.bands).dtype), {k: [s.key for s in v] for k, v in splits.items()}
+    with open_image(splits["val"][0].image, rec.data.bands) as first:
+        dtype = str(first.dtype)
+    return dtype, {k: [s.key for s in v] for k, v in splits.items()}
 
 
 # ------------------------------------------------------------------------------------ writing the run

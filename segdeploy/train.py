@@ -340,7 +340,8 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
         console, progress = Console(file=io.StringIO()), False
     seed_everything(rec.train.seed)  # before the model is built: its initial weights repeat
     # built before the data is read: unavailable weights (offline `imagenet`) fail in seconds
-    model = build_model(rec.model, rec.data.bands, rec.classes.num_classes)
+    model = build_model(rec.model, rec.data.bands, rec.classes.num_classes,
+                        log=lambda note: console.print(note, highlight=False))  # what model.weights loaded
     data = prepare_data(rec, console)
     if mode == "resume":
         check_same_splits(art.Run(out), data.splits)
