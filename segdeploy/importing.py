@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 
 from segdeploy import recipe as recipe_mod
-from segdeploy.artifact import ModelMeta, Run, import_record, run_state, write_onnx_meta
-from segdeploy.errors import ArtifactError, DataError, ModelError, RecipeError
+from segdeploy.artifact import META_FILE, ModelMeta, Run, import_record, write_onnx_meta
+from segdeploy.errors import DataError, ModelError, RecipeError
 from segdeploy.recipe import ModelConfig, Recipe
-from segdeploy.utils import atomic_path, swap_in_dir, versions, writable_location
+from segdeploy.utils import atomic_path, check_replaceable, staged_dir, versions, writable_location
 
 FORMAT_NAMES = {
     "state_dict": "PyTorch state dict", "smp_folder": "smp save_pretrained folder",
@@ -111,30 +111,20 @@ def import_model(source: str, out: Path, opts: ImportOptions, log: Log = print) 
 
     Nothing is written until the model fits; the run is made in a hidden sibling of `out` and
     renamed into place when complete (an existing run is replaced only with ``overwrite``).
-    Raises ModelError / RecipeError / ArtifactError (one line) for a source that cannot serve."""
+    Raises ModelError / RecipeError (one line) for a source that cannot serve, OutputError for an
+    --out that holds something else (`utils.check_replaceable`)."""
     t0 = time.perf_counter()
     out = Path(out)
-    check_output(out, opts.overwrite)
+    check_replaceable(out, opts.overwrite, META_FILE, "run")  # before the work, not after it
     writable_location(out)
     fmt = detect_format(source)
     prepared = PREPARERS[fmt](source, opts, log)
     dtype, splits = data_facts(prepared.recipe)
     meta = _model_meta(prepared, out, fmt, dtype)
     record = import_record(prepared.source_file, out, fmt) | {"source": source}
-    _write_run(out, prepared, meta, splits, record)
+    _write_run(out, prepared, meta, splits, record, opts.overwrite)
     return ImportReport(source, fmt, out, prepared.model_format, record["sha256"], meta, prepared.notes,
                         time.perf_counter() - t0)
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an --out that holds files segdeploy did not write, or a run, unless --overwrite."""
-    state = run_state(out)
-    if state == "foreign":
-        raise ArtifactError(f"{out} exists and is not a segdeploy run directory; choose another --out "
-                            "(segdeploy never deletes files it did not write)")
-    if state not in ("absent", "empty") and not overwrite:
-        raise ArtifactError(f"{out} already holds a run; pass --overwrite to replace it (the old run stays until the "
-                            "import completes) or choose another --out")
 
 
 def detect_format(source: str) -> str:
@@ -260,17 +250,14 @@ def _model_meta(p: _Prepared, out: Path, fmt: str, dtype: str | None) -> ModelMe
                                                "notes": p.notes}})
 
 
-def _write_run(out: Path, p: _Prepared, meta: ModelMeta, splits: dict[str, list[str]], record: dict) -> None:
-    """Make the run in a hidden sibling through `Run`, and rename it onto `out` when complete."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-    try:
+def _write_run(out: Path, p: _Prepared, meta: ModelMeta, splits: dict[str, list[str]], record: dict,
+               overwrite: bool) -> None:
+    """Make the run through `Run` in a hidden sibling (`utils.staged_dir`: the outputs rule), put
+    in place when complete; an earlier run is replaced only with `overwrite`."""
+    with staged_dir(out, overwrite, META_FILE, "run") as work:
         run = Run.create(work, p.recipe.to_yaml(), splits, meta)
         p.save(run, meta, out)
         run.write_status("complete", meta, model_format=p.model_format, imported_from=record)
-        swap_in_dir(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ state dicts

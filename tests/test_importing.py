@@ -406,6 +406,11 @@ def test_bench_and_eval_take_an_onnx_import_like_their_own(onnx_run: Path, tmp_p
     result = cli("eval", onnx_run, "--split", "test", "--out", tmp_path / "eval", "--json", tmp_path / "e.json")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "e.json").read_text())["backend"].startswith("onnxruntime fp32")
+    result = cli("info", onnx_run, "--json", tmp_path / "i.json")
+    assert result.exit_code == 0, result.output
+    facts = json.loads((tmp_path / "i.json").read_text())
+    assert facts["model_format"] == "onnx" and facts["imported_from"]["file"] == "gate.onnx"
+    assert "imported  " in result.output and "held as onnx" in result.output
 
 
 def test_a_torch_import_is_gated_like_a_trained_run_and_its_file_is_the_source(made: SimpleNamespace,
