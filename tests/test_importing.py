@@ -292,6 +292,34 @@ def test_foreign_onnx_predicts_the_original_class_map(made: SimpleNamespace, tmp
         assert (meta["model_meta"]["static_size"], meta["model_meta"]["static_batch"]) == (64, 1)
 
 
+class QuarterResolution(nn.Module):
+    """Scores at 1/4 of the input's size, as SegFormer-style exports give them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_an_onnx_output_at_a_fraction_of_the_input_is_resized_like_torch_bilinear(tmp_path: Path) -> None:
+    from segdeploy.foreign_onnx import make_deployable
+
+    torch.manual_seed(0)
+    net = QuarterResolution().eval()
+    export_onnx(net, tmp_path / "quarter.onnx")
+    proto, plan = make_deployable(tmp_path / "quarter.onnx", 3, 5, 64)
+    assert plan.scale == 4 and plan.input_divisor == 4 and any("resized" in a for a in plan.actions)
+    x = np.random.default_rng(2).standard_normal((2, 3, 96, 96)).astype(np.float32)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():  # ONNX Resize (linear, half_pixel) is torch's bilinear with align_corners=False
+        want = nn.functional.interpolate(net(torch.from_numpy(x)), size=(96, 96), mode="bilinear", align_corners=False)
+    assert got.shape == (2, 5, 96, 96)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+
+
 def test_offline_uncached_hub_id_is_one_line_in_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
