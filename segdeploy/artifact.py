@@ -23,6 +23,8 @@ from segdeploy.errors import ArtifactError
 
 META_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
+TORCHSCRIPT_FILE = "model.torchscript.pt"  # an imported TorchScript archive (torch.jit.save), kept as it came
+PROGRAM_FILE = "model.pt2"  # an imported torch.export program (torch.export.save), kept as it came
 RECIPE_FILE = "recipe.yaml"
 LAST_CKPT = "last.ckpt"
 SPLITS_FILE = "splits.json"
@@ -111,6 +113,13 @@ def flag_order(flags: set[str] | tuple[str, ...] | list[str]) -> list[str]:
     return [f for f in EXPORT_FLAGS if f in set(flags)]
 
 
+# What holds a run's model (meta.json "model_format"; absent means "weights"): trained runs and
+# imported state dicts keep safetensors weights rebuilt with the recipe's architecture; imported
+# TorchScript and torch.export archives carry their architecture; an imported ONNX model is its
+# FP32 export (RUN/export/model.onnx) and has no PyTorch model at all.
+MODEL_FORMATS = ("weights", "torchscript", "exported_program", "onnx")
+
+
 @dataclass
 class ModelMeta:
     classes: list[str]
@@ -125,6 +134,8 @@ class ModelMeta:
     static_size: int | None = None
     # the smallest tile (px) the model runs at (None: recorded before segdeploy knew it)
     min_tile_size: int | None = None
+    # the one batch size the model accepts (an imported graph with a fixed batch), None: any
+    static_batch: int | None = None
     hierarchy: dict[str, list[str]] | None = None
     arch: str = ""
     encoder: str = ""
@@ -133,7 +144,8 @@ class ModelMeta:
     input_dtype: str | None = None
     # the class pictures leave unpainted (recipe classes.background); None: by name, see viz.background_index
     background: int | None = None
-    # what a derived artifact was made from: {"path": relative to the artifact, "sha256": ...}
+    # what a derived artifact was made from: {"path": relative to the artifact, "sha256": ...}; an
+    # imported model's record also has "format" (the file is foreign: the chain ends there)
     source: dict[str, str] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -186,7 +198,7 @@ def run_state(path: Path) -> str:
         status = json.loads((path / META_FILE).read_text()).get("status")
     except (json.JSONDecodeError, AttributeError):
         status = None
-    if status == "complete" and (path / WEIGHTS_FILE).is_file():
+    if status == "complete" and Run(path).model_file.is_file():
         return "complete"
     return "unfinished" if (path / LAST_CKPT).is_file() else "unstarted"
 
@@ -210,15 +222,22 @@ def source_record(source: Path, artifact_dir: Path) -> dict[str, str]:
     return {"path": os.path.relpath(source, artifact_dir), "sha256": file_sha256(source)}
 
 
+def import_record(source: Path, run_dir: Path, fmt: str) -> dict[str, str]:
+    """What an imported run records about the file it came from: its path relative to `run_dir`
+    (the staleness checks follow it), sha256, name and format."""
+    return {**source_record(source, run_dir), "file": Path(source).name, "format": fmt}
+
+
 def check_source(artifact: Path, meta: ModelMeta, read_meta: Callable[[Path], ModelMeta] | None = None) -> None:
-    """Refuse an artifact whose source (weights, FP32 ONNX) changed after it was derived, along the
-    whole chain (engine -> FP16 ONNX -> FP32 ONNX -> weights), naming the command that rebuilds it
-    (`rebuild_command`). A copy deployed without its source has nothing to be stale against and passes.
-    Raises ArtifactError."""
+    """Refuse an artifact whose source (weights, FP32 ONNX, an imported file) changed after it was
+    derived, along the whole chain (engine -> FP16 ONNX -> FP32 ONNX -> the run's model -> the
+    file it was imported from), naming the command that rebuilds it (`rebuild_command`, or the
+    `segdeploy import` that refreshes an imported run). A copy deployed without its source has
+    nothing to be stale against and passes. Raises ArtifactError."""
     from segdeploy.utils import file_sha256
 
     requested, link, requested_meta = artifact, artifact, meta
-    for _ in range(4):  # engine -> fp16 -> fp32 -> weights at most
+    for _ in range(5):  # engine -> fp16 -> fp32 -> run model -> imported file at most
         if not meta.source:
             return
         source = (link.parent / meta.source["path"]).resolve()
@@ -226,11 +245,21 @@ def check_source(artifact: Path, meta: ModelMeta, read_meta: Callable[[Path], Mo
             return
         if file_sha256(source) != meta.source["sha256"]:
             via = "" if link == requested else f" (which {link.name} was made from)"
+            if "format" in meta.source:
+                run = Run.root_of(link) if link.suffix == ".onnx" else link.parent
+                raise ArtifactError(f"{requested} is stale: {source} changed after it was imported{via}; re-import it "
+                                    f"with `segdeploy import {source} --recipe {run / RECIPE_FILE} --out {run} --overwrite`")
             raise ArtifactError(f"{requested} is stale: {source} changed after it was exported{via}; "
                                 f"re-export it with `{rebuild_command(requested, requested_meta)}`")
-        if source.suffix != ".onnx" or read_meta is None:
+        if "format" in meta.source:
+            return  # an imported file is where the chain starts
+        run = Run.find(source)
+        if run is not None and run.model_file == source:
+            link, meta = source, run.meta
+        elif source.suffix == ".onnx" and read_meta is not None:
+            link, meta = source, read_meta(source)
+        else:
             return
-        link, meta = source, read_meta(source)
 
 
 def rebuild_command(artifact: Path, meta: ModelMeta) -> str:
@@ -265,6 +294,25 @@ def read_onnx_meta(path: Path) -> ModelMeta:
         return ModelMeta.from_dict(json.loads(props[ONNX_META_KEY]), str(path))
     except json.JSONDecodeError:
         raise ArtifactError(f"{path} has corrupt segdeploy metadata; re-export it with `segdeploy export`") from None
+
+
+def write_onnx_meta(proto, meta: ModelMeta, extra: dict | None = None) -> None:  # noqa: ANN001 - onnx.ModelProto
+    """Set an ONNX model's metadata_props: the whole ModelMeta as JSON under ONNX_META_KEY (what
+    `read_onnx_meta` reads), plus readable top-level keys for other tools; `extra` is merged into
+    ``meta.extra``. Needs no onnx import (the proto is the caller's)."""
+    readable = {
+        "classes": json.dumps(meta.classes), "palette": json.dumps(meta.palette), "mean": json.dumps(meta.mean),
+        "std": json.dumps(meta.std), "max_pixel_value": str(meta.max_pixel_value), "bands": str(meta.bands),
+        "input_divisor": str(meta.input_divisor), "tile_size": str(meta.tile_size),
+        "recipe_digest": meta.recipe_digest, "segdeploy_version": meta.versions.get("segdeploy", ""),
+    }
+    doc = meta.to_dict()
+    doc["extra"] = {**doc.get("extra", {}), **(extra or {})}
+    readable[ONNX_META_KEY] = json.dumps(doc)
+    del proto.metadata_props[:]
+    for k, v in readable.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
 
 
 def onnx_metadata_props(path: Path) -> dict[str, str]:
@@ -418,6 +466,28 @@ class Run:
         except (OSError, ValueError):
             return {}
 
+    @property
+    def model_format(self) -> str:
+        """weights | torchscript | exported_program | onnx (see MODEL_FORMATS)."""
+        fmt = self.info.get("model_format", "weights") if self.meta_path.is_file() else "weights"
+        if fmt not in MODEL_FORMATS:
+            raise ArtifactError(f"{self.meta_path} names an unknown model_format {fmt!r}; re-import the model")
+        return fmt
+
+    @property
+    def model_file(self) -> Path:
+        """The file that holds the run's model: its weights, an imported archive, or for an
+        imported ONNX model its FP32 export."""
+        return {"weights": self.weights, "torchscript": self.root / TORCHSCRIPT_FILE,
+                "exported_program": self.root / PROGRAM_FILE, "onnx": self.export_path("fp32")}[self.model_format]
+
+    @property
+    def reference(self) -> str:
+        """What export's gate and bench's accuracy compare with: the PyTorch model, or for an ONNX
+        import (no PyTorch model exists) the FP32 ONNX itself."""
+        return "FP32 ONNX (the imported model)" if self.model_format == "onnx" else "PyTorch FP32"
+
+
     # -- writing (the one place a run directory is written)
     @classmethod
     def create(cls, root: Path, recipe_text: str, splits: dict[str, list[str]], meta: ModelMeta,
@@ -467,6 +537,17 @@ class Run:
             return load_file(str(self.weights))
         except Exception as exc:  # noqa: BLE001 - any failure is the file's
             raise ArtifactError(f"{self.weights} is corrupt ({exc}); retrain the run") from None
+
+    def save_archive(self, source: Path, fmt: str) -> None:
+        """Keep an imported TorchScript or torch.export archive in the run, byte for byte,
+        atomically; `fmt` is "torchscript" or "exported_program"."""
+        import shutil
+
+        from segdeploy.utils import atomic_path
+
+        target = {"torchscript": self.root / TORCHSCRIPT_FILE, "exported_program": self.root / PROGRAM_FILE}[fmt]
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
 
     def save_checkpoint(self, state: dict) -> None:
         """The resume state (tensors and plain values only) with torch.save, atomically; a failed
@@ -532,16 +613,27 @@ class Run:
         if info.get("status") != "complete":
             raise ArtifactError(f"run {self.root} is unfinished (status {info.get('status')!r}); "
                                 f"{continue_hint(self.root)}")
-        if not self.weights.is_file():
-            raise ArtifactError(f"run {self.root} has no {WEIGHTS_FILE}; {continue_hint(self.root)}")
+        if not self.model_file.is_file():
+            name = self.model_file.relative_to(self.root)
+            if "imported_from" in info:
+                raise ArtifactError(f"run {self.root} has no {name}; import the model again with `segdeploy import`")
+            raise ArtifactError(f"run {self.root} has no {name}; {continue_hint(self.root)}")
         return info
 
     def build_model(self):  # noqa: ANN201 - a torch.nn.Module in eval mode with the run's weights
-        """The run's model rebuilt from its recipe with its weights (safetensors; no pickle)."""
-        from segdeploy.models import build_model
+        """The run's model: rebuilt from its recipe with its weights (safetensors; no pickle), or
+        an imported TorchScript / torch.export archive loaded as it is. Refuses a model whose
+        imported source changed since (stale), and an ONNX import, which has no PyTorch model."""
+        from segdeploy.models import build_model, wrap_output
 
         self.require_finished()
-        meta = self.meta
+        meta, fmt = self.meta, self.model_format
+        check_source(self.model_file, meta)
+        if fmt == "onnx":
+            raise ArtifactError(f"run {self.root} is an imported ONNX model: it has no PyTorch model; use its "
+                                f"{self.export_path('fp32').relative_to(self.root)}")
+        if fmt != "weights":
+            return wrap_output(self._load_archive(fmt), self.recipe.model).eval()
         model = build_model(self.recipe.model.model_copy(update={"weights": None}), meta.bands, meta.num_classes)
         state = self.load_weights()
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -549,6 +641,23 @@ class Run:
             raise ArtifactError(f"{self.weights} does not match the recipe's model ({len(missing)} missing, "
                                 f"{len(unexpected)} unexpected tensors); retrain the run")
         return model.eval()
+
+    def _load_archive(self, fmt: str):  # noqa: ANN202 - a torch.nn.Module (ScriptModule or GraphModule)
+        import warnings
+
+        import torch
+
+        from segdeploy.models import ExportedProgramModule
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice: TorchScript is what was imported
+                if fmt == "torchscript":
+                    return torch.jit.load(str(self.model_file), map_location="cpu")
+                return ExportedProgramModule(torch.export.load(str(self.model_file)).module())
+        except Exception as exc:  # noqa: BLE001 - any failure is the file's
+            raise ArtifactError(f"{self.model_file} cannot be loaded ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:160]}); import the model again") from None
 
     def exports(self) -> list[Export]:
         """The exported forms present in RUN/export, each checked against its source's hash, with
@@ -587,14 +696,15 @@ class Run:
         return {k: v for k, v in forms.items() if k in EXPORT_FORMS and isinstance(v, dict)} if isinstance(forms, dict) else {}
 
     def write_gate_records(self, records: dict[str, dict[str, Any]], summary: str, where: Path | None = None) -> dict[str, str]:
-        """parity.json (``{"passed": every current record passed, "forms": {key: record}}``) and
+        """parity.json (``{"passed": every current record passed, "reference": what the forms were
+        gated against (`reference`), "forms": {key: record}}``) and
         parity.md (`summary`), atomically, in RUN/export (or `where`); returns their paths by role."""
         from segdeploy.utils import atomic_path, write_json
 
         folder = self.export_dir if where is None else where
         folder.mkdir(parents=True, exist_ok=True)
         passed = bool(records) and all(r.get("passed") and not r.get("stale") for r in records.values())
-        write_json(folder / PARITY_FILE, {"passed": passed, "forms": records})
+        write_json(folder / PARITY_FILE, {"passed": passed, "reference": self.reference, "forms": records})
         with atomic_path(folder / PARITY_SUMMARY) as tmp:
             tmp.write_text(summary)
         return {"parity": str(folder / PARITY_FILE), "parity_summary": str(folder / PARITY_SUMMARY)}

@@ -130,8 +130,10 @@ def candidates(model: Path, opts: BenchOptions) -> list[Candidate]:
     except UserError as exc:
         return [Candidate(str(model), "?", "?", None, str(exc))]
     found: dict[tuple[str, str], tuple[Path, dict | None]] = {}
-    if kind == "torch":
-        found = {("torch", p): (model, None) for p in TORCH_PRECISIONS}
+    is_run = model.is_dir()
+    if is_run:
+        if kind == "torch":  # an imported ONNX model's run has no PyTorch model
+            found = {("torch", p): (model, None) for p in TORCH_PRECISIONS}
         found |= {(e.form.backend, e.form.precision): (e.path, e.gate) for e in Run(model).exports() if e.form.bench}
     elif (form := form_of(model)) is not None:
         found[(form.backend, form.precision)] = (model, _gate_record(model, form))
@@ -141,9 +143,11 @@ def candidates(model: Path, opts: BenchOptions) -> list[Candidate]:
             if (precision not in TORCH_PRECISIONS) if backend == "torch" else bench_form(backend, precision) is None:
                 continue  # nothing makes it: engines come from the mixed-precision ONNX, PyTorch has no INT8 path
             art, gate = found.get((backend, precision), (None, None))
-            if art is None and kind != "torch":
+            if art is None and not is_run:
                 continue  # a single artifact: only its own backend is relevant
-            out.append(Candidate(str(model), backend, precision, art, "" if art else _missing(backend, precision), gate))
+            reason = "" if art else ("an imported ONNX model has no PyTorch model" if backend == "torch"
+                                     else _missing(backend, precision))
+            out.append(Candidate(str(model), backend, precision, art, reason, gate))
     return out
 
 
@@ -318,6 +322,9 @@ def _time_row(row: BenchRow, backend: Backend, opts: BenchOptions, flops: FlopCa
     if static and static != (opts.size, opts.size):
         row.status, row.reason = UNAVAILABLE, f"static model: {static[0]}×{static[1]} only (use --size {static[0]})"
         return
+    if meta.static_batch and row.batch != meta.static_batch:
+        row.status, row.reason = UNAVAILABLE, f"the model's batch is fixed at {meta.static_batch} (use --batch {meta.static_batch})"
+        return
     if backend.max_batch and row.batch > backend.max_batch:
         row.status, row.reason = UNAVAILABLE, f"engine profile allows batch ≤ {backend.max_batch}"
         return
@@ -373,12 +380,11 @@ class AccuracyColumns:
     def _make(self, tile: int) -> None:
         from segdeploy import recipe as recipe_mod
         from segdeploy.parity import ParityReference
-        from segdeploy.runtime.torch import TorchBackend
+        from segdeploy.runtime import reference_backend
 
         rec = self.run.recipe if self.opts.data is None else recipe_mod.load(self.run.recipe_path,
                                                                              data_root=self.opts.data)
-        self.ref = ParityReference(TorchBackend(self.run.build_model(), self.run.meta, self.run.root), rec,
-                                   self.run.meta, tile)
+        self.ref = ParityReference(reference_backend(self.run), rec, self.run.meta, tile)
 
     @staticmethod
     def thresholds(cand: Candidate):  # noqa: ANN205 - a recipe.GateThresholds, or None for the recipe's

@@ -48,6 +48,7 @@ def describe_run(run: Run) -> dict[str, Any]:
         "splits": {k: len(v) for k, v in run.split_keys().items()},
         "evaluations": _evaluations(run), "exports": _exports(run),
         "versions": meta.versions if meta else {}, "mlflow": info.get("mlflow"),
+        "model_format": info.get("model_format", "weights"), "imported_from": info.get("imported_from"),
     }
     if info.get("status") != "complete":
         from segdeploy.artifact import continue_hint

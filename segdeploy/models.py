@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segdeploy.artifact import MODEL_FORMATS
 from segdeploy.errors import ModelError
 from segdeploy.recipe import ModelConfig
 from segdeploy.registry import Registry, did_you_mean
@@ -199,8 +200,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 @contextmanager
-def fail_fast_when_offline(weights: str | None) -> Iterator[None]:
-    """Downloading `imagenet` weights with no network otherwise retries for ~45 s. When the hub
+def fail_fast_when_offline(weights: str | None = "imagenet") -> Iterator[None]:
+    """Downloading from the hub (`imagenet` weights; with no argument, any hub download such as
+    an smp model by Hub id) with no network otherwise retries for ~45 s. When the hub
     does not answer one short connection attempt, switch the hub client to offline mode (weights
     already in its cache still load) and give urllib-based downloads a short timeout."""
     import os
@@ -350,6 +352,50 @@ class ViTSegmenter(nn.Module):
         return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
 
 
+class SigmoidAsTwoClasses(nn.Module):
+    """A one-channel binary network (P(class 1) = sigmoid(z)) as two-class logits [0, z]:
+    softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)], so its probabilities and its argmax (z > 0)
+    are exactly the network's. Its tensors are the network's under ``net.``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        return torch.cat([torch.zeros_like(z), z], 1)
+
+    @property
+    def encoder(self) -> nn.Module | None:  # freeze_encoder and the weights loader look for it
+        return getattr(self.net, "encoder", None)
+
+
+class ExportedProgramModule(nn.Module):
+    """A `torch.export` program's module (``ExportedProgram.module()``) as a plain nn.Module: that
+    module refuses ``train()``/``eval()`` (it is always in the mode it was exported in), which
+    every caller of a model uses; here they are no-ops."""
+
+    def __init__(self, program_module: nn.Module) -> None:
+        super().__init__()
+        self.program = program_module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+    def train(self, mode: bool = True) -> ExportedProgramModule:  # noqa: ARG002 - fixed at export
+        return self
+
+
+def wrap_output(net: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """The network as segdeploy runs it: `SigmoidAsTwoClasses` for ``model.output: sigmoid``."""
+    return SigmoidAsTwoClasses(net) if cfg.output == "sigmoid" else net
+
+
+def inner_network(model: nn.Module) -> nn.Module:
+    """The network whose tensors a weights file holds (inside `wrap_output`'s wrapper)."""
+    return model.net if isinstance(model, SigmoidAsTwoClasses) else model
+
+
 def _widths_kwargs(cfg: ModelConfig) -> dict:
     kw = dict(cfg.kwargs)
     if "widths" in kw:
@@ -410,28 +456,37 @@ def check_model_names(cfg: ModelConfig) -> None:
         check_encoder_name(cfg.encoder)
 
 
-def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    """The recipe's model with random, imagenet or local weights. Raises UnknownNameError for an
-    unknown model.arch, ModelError for bad kwargs, encoders or weights files."""
+def build_model(cfg: ModelConfig, in_channels: int, num_classes: int,
+                log: Callable[[str], None] | None = None) -> nn.Module:
+    """The recipe's model; with ``model.weights: FILE`` its tensors come from the file (a whole
+    model, or an encoder; `log` is told which). ``model.output: sigmoid`` builds a one-channel
+    network for two classes and wraps it (`SigmoidAsTwoClasses`). Raises UnknownNameError for an
+    unknown model.arch, ModelError for bad kwargs, encoders, outputs or weights files."""
     arch = ARCHITECTURES.get(cfg.arch, where="model.arch")
+    if cfg.output == "sigmoid" and num_classes != 2:
+        raise ModelError(f"model.output: sigmoid is for two classes (one sigmoid channel); the recipe has {num_classes}")
     with fail_fast_when_offline(cfg.weights):
-        model = arch.build(cfg, in_channels, num_classes)
+        net = arch.build(cfg, in_channels, 1 if cfg.output == "sigmoid" else num_classes)
     if cfg.weights not in (None, "imagenet"):
-        load_encoder_weights(model, Path(cfg.weights), cfg.encoder)
-    return model
+        note = load_weights_file(net, Path(cfg.weights), cfg, in_channels, num_classes)
+        if log is not None:
+            log(note)
+    return wrap_output(net, cfg)
 
 
 def facts(cfg: ModelConfig, model: nn.Module) -> ArchFacts:
     """The registered facts of `cfg.arch` for this built model (its kwargs and encoder decide the
     divisor). Raises UnknownNameError for an unregistered architecture."""
-    return ARCHITECTURES.get(cfg.arch, where="model.arch").facts(model)
+    return ARCHITECTURES.get(cfg.arch, where="model.arch").facts(inner_network(model))
 
 
 def export_rewrites(arch: str, model: nn.Module) -> list[tuple[str, str, str]]:
     """Apply the architecture's registered export rewrites to `model` in place (a copy: the rewritten
     model is for export only); (construct, where, action) per rewrite."""
+    if arch in MODEL_FORMATS:  # an imported TorchScript/torch.export program: exported as it is
+        return []
     rewrite = ARCHITECTURES.get(arch, where="the run's model_meta.arch").export_rewrite
-    return rewrite(model) if rewrite is not None else []
+    return rewrite(inner_network(model)) if rewrite is not None else []
 
 
 def check_tile_size(cfg: ModelConfig, model: nn.Module, tile: int, bands: int) -> ArchFacts:
@@ -512,42 +567,46 @@ def _trial(model: nn.Module, size: int, bands: int, batch: int) -> str:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load tensors only: safetensors, or torch files with ``weights_only=True`` (no unpickling)."""
-    if not path.is_file():
+    """Load tensors only: safetensors, or torch files with ``weights_only=True`` (no unpickling);
+    the state dict found inside a training checkpoint (``state_dict``, ``model``, …)."""
+    from segdeploy.checkpoint import read_state_dict as read
+
+    return read(path).tensors
+
+
+ENCODER_PREFIXES = ("encoder.", "backbone.", "module.", "model.", "_orig_mod.")
+
+
+def load_weights_file(net: nn.Module, path: Path, cfg: ModelConfig, bands: int, num_classes: int) -> str:
+    """Initialise `net` from ``model.weights``, strictly: a file that holds the whole model sets
+    every tensor (decoder and head too); a file that holds an encoder sets every encoder tensor.
+    Returns what was loaded, in words; raises ModelError (how many matched, the first missing and
+    unexpected keys, the likely cause) when neither fits."""
+    from segdeploy import checkpoint as ck
+
+    if not Path(path).is_file():
         raise ModelError(f"weights file {path} not found; fix model.weights")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure is the file's
-        raise ModelError(f"cannot load weights {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ModelError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
-    return obj
-
-
-def load_encoder_weights(model: nn.Module, path: Path, encoder_name: str = "") -> None:
-    """Load a local encoder (or whole-model) state dict, e.g. imagenet weights fetched elsewhere."""
-    state = read_state_dict(path)
-    target = getattr(model, "encoder", None) or getattr(model, "backbone", None) or model
-    own = {k: v for k, v in target.state_dict().items() if not k.endswith("num_batches_tracked")}
-    best = 0
-    for prefix in ("", "encoder.", "backbone.", "model."):
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        matched = {k: v for k, v in sub.items() if k in own and own[k].shape == v.shape}
-        if len(matched) == len(own):  # every encoder tensor must come from the file
-            target.load_state_dict(matched, strict=False)
-            return
-        best = max(best, len(matched))
-    raise ModelError(
-        f"weights {path} do not fit the {type(target).__name__} of model.encoder={encoder_name!r} "
-        f"(only {best} of its {len(own)} tensors found with matching shapes); use weights for that encoder"
-    )
+    state = ck.read_state_dict(Path(path)).tensors
+    whole = ck.match_state_dict(state, net.state_dict())
+    if whole.complete:
+        net.load_state_dict(whole.loaded, strict=False)
+        return (f"model.weights: {path.name} holds the whole model: all {whole.matched} tensors loaded (encoder, "
+                f"decoder and head){'; ' + '; '.join(whole.notes()) if whole.notes() else ''}")
+    encoder = getattr(net, "encoder", None) or getattr(net, "backbone", None)
+    if encoder is not None:
+        part = ck.match_state_dict(state, encoder.state_dict(), ENCODER_PREFIXES)
+        if part.complete:
+            encoder.load_state_dict(part.loaded, strict=False)
+            return (f"model.weights: {path.name} holds an encoder: its {part.matched} tensors loaded into the "
+                    f"{cfg.encoder} encoder; the decoder and head start random"
+                    + "".join(f"; {n}" for n in part.notes()))
+        if whole.matched == 0:  # an encoder's file, but not this encoder's
+            cause = ck.guess_smp_encoder(state)
+            raise ModelError(f"model.weights {path} does not fit the {cfg.encoder} encoder: {part.summary()}"
+                             f"{'; likely cause: ' + cause if cause else ''}")
+    cause = ck.likely_cause(whole, num_classes, bands, state, cfg.encoder)
+    raise ModelError(f"model.weights {path} does not fit model.arch={cfg.arch} model.encoder={cfg.encoder}: "
+                     f"{whole.summary()}{'; likely cause: ' + cause if cause else ''}")
 
 
 def freeze_encoder(model: nn.Module, trainable_stages: int | None) -> list[nn.Module]:

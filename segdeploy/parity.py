@@ -203,9 +203,10 @@ def parity_tiles(rec: Recipe, meta: ModelMeta, tile: int, samples: int, split: s
 
 
 class ParityReference:
-    """The one parity reference: a reference backend's logits (a fresh PyTorch FP32 run of the
-    model) on real tiles of the gate's split (`gate_split`, or `split`). export's gate and bench's
-    accuracy columns both compare candidates with it."""
+    """The one parity reference: a reference backend's logits (the run's `runtime.reference_backend`:
+    a fresh PyTorch FP32 run of the model, or an imported ONNX model's own FP32 ONNX) on real tiles
+    of the gate's split (`gate_split`, or `split`). export's gate and bench's accuracy columns both
+    compare candidates with it."""
 
     def __init__(self, reference: Backend, rec: Recipe, meta: ModelMeta, tile: int, split: str | None = None) -> None:
         self.rec, self.meta = rec, meta

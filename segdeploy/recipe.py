@@ -161,6 +161,9 @@ class ModelConfig(Strict):
     # None: whole encoder trains; N: only the last N encoder stages train (0 freezes it all)
     trainable_encoder_stages: int | None = Field(None, ge=0)
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    # sigmoid: the network has one output channel z with P(class 1) = sigmoid(z) (two classes);
+    # segdeploy reads it as the logits [0, z] (softmax gives [1 - sigmoid(z), sigmoid(z)])
+    output: Literal["logits", "sigmoid"] = "logits"
 
 
 class LossTerm(Strict):
@@ -470,8 +473,10 @@ def load_for_export(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     return load(path, overrides, data_root)
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), data_root: str | Path | None = None) -> Recipe:
-    """Read a recipe file (and what it extends), apply ``--set`` overrides and ``--data``, validate."""
+def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+             data_root: str | Path | None = None) -> dict[str, Any]:
+    """The recipe's mapping with what it extends, ``--set`` overrides and ``--data`` applied, not
+    yet validated as a whole (the file itself is): the keys present are the ones the user set."""
     path = Path(path)
     raw = read_recipe_raw(path)
     validate(raw, str(path))  # errors in the file itself are reported against the file
@@ -481,4 +486,10 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), data_roo
     if data_root is not None:
         raw.setdefault("data", {})["root"] = str(data_root)
     _anchor_data_root(raw, Path.cwd())
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = (), data_root: str | Path | None = None) -> Recipe:
+    """Read a recipe file (and what it extends), apply ``--set`` overrides and ``--data``, validate."""
+    raw = load_raw(path, overrides, data_root)
     return validate(raw, f"--set overrides of {path}" if overrides else str(path))

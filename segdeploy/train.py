@@ -359,7 +359,8 @@ def fit(rec: Recipe, out: Path, *, resume: bool = False, overwrite: bool = False
         console, progress = Console(file=io.StringIO()), False
     seed_everything(rec.train.seed)  # before the model is built: its initial weights repeat
     # built before the data is read: unavailable weights (offline `imagenet`) fail in seconds
-    model = build_model(rec.model, rec.data.bands, rec.classes.num_classes).to(device)
+    model = build_model(rec.model, rec.data.bands, rec.classes.num_classes,
+                        log=lambda note: console.print(note, highlight=False)).to(device)  # what model.weights loaded
     # so does a tile size the model cannot train at (one forward+backward; buffers and RNG untouched)
     check_tile_size(rec.model, model, rec.data.tile_size, rec.data.bands)
     data = prepare_data(rec, console)

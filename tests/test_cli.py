@@ -20,7 +20,7 @@ def run(*args: str):  # noqa: ANN201
 
 def test_help_lists_every_verb() -> None:
     out = run("--help").output
-    for verb in ("train", "eval", "export", "predict", "bench", "data", "quickstart"):
+    for verb in ("train", "eval", "export", "predict", "bench", "data", "quickstart", "import"):
         assert verb in out
     data_help = run("data", "--help").output
     assert "synth" in data_help and "inspect" in data_help

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "segdeploy"
-VERBS = ("segdeploy.train", "segdeploy.evaluate", "segdeploy.export", "segdeploy.predict", "segdeploy.bench")
+VERBS = ("segdeploy.train", "segdeploy.evaluate", "segdeploy.export", "segdeploy.predict", "segdeploy.bench",
+         "segdeploy.importing")
 
 
 def imports_of(path: Path) -> set[str]:
@@ -31,7 +32,7 @@ def modules(*globs: str) -> list[Path]:
     (("runtime/*.py",), VERBS + ("segdeploy.cli",)),  # runtime never reaches up to export or any verb
     (("data/*.py", "predict.py", "jobs.py", "cluster.py", "viz.py"), ("segdeploy.evaluate", "segdeploy.cli")),
     (("artifact.py", "tiling.py", "scoring.py", "metrics.py", "recipe.py", "registry.py", "errors.py", "utils.py",
-      "viz.py", "tracking.py"), VERBS + ("segdeploy.runtime", "segdeploy.cli")),
+      "viz.py", "tracking.py", "checkpoint.py", "foreign_onnx.py"), VERBS + ("segdeploy.runtime", "segdeploy.cli")),
     (("*.py", "data/*.py", "export/*.py", "runtime/*.py"), ("segdeploy.cli",)),  # only the CLI imports the CLI
 ])
 def test_lower_layers_do_not_import_higher_ones(files: tuple[str, ...], forbidden: tuple[str, ...]) -> None:
@@ -46,7 +47,8 @@ def test_the_layer_check_sees_imports_inside_functions(tmp_path: Path) -> None:
     assert imports_of(probe) == {"segdeploy.export.onnx"}
 
 
-RUN_FILE_NAMES = ("history.csv", "meta.json", "model.safetensors", "recipe.yaml", "last.ckpt", "splits.json", "parity.json",
+RUN_FILE_NAMES = ("history.csv", "meta.json", "model.safetensors", "model.torchscript.pt", "model.pt2", "recipe.yaml",
+                  "last.ckpt", "splits.json", "parity.json",
                   "parity.md", "model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8.cpu.onnx",
                   "model.engine", "model.int8.engine")
 

@@ -99,3 +99,27 @@ def test_onnx_metadata_is_read_without_the_graph_and_equals_onnx_own_parse(tiny_
     cut.write_bytes(tiny_onnx.read_bytes()[: tiny_onnx.stat().st_size // 2])  # a truncated download
     with pytest.raises(ArtifactError, match="cut.onnx is not a readable ONNX file"):
         read_onnx_meta(cut)
+
+
+def test_a_foreign_onnx_is_imported_and_predicted_without_torch(tiny_onnx: Path, tiny_run: Path, synth_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """`segdeploy import model.onnx` and predict/eval on the run it makes need only the core install."""
+    import onnx
+
+    foreign = onnx.load(str(tiny_onnx))
+    del foreign.metadata_props[:]  # an ONNX file exported elsewhere: no segdeploy metadata
+    onnx.save(foreign, str(tmp_path / "theirs.onnx"))
+    run = tmp_path / "run"
+    proc, loaded = run_without_torch(tmp_path, "import", str(tmp_path / "theirs.onnx"), "--recipe",
+                                     str(tiny_run / "recipe.yaml"), "--out", str(run), "--json", str(tmp_path / "i.json"))
+    assert proc.returncode == 0 and loaded == [], proc.stderr
+    report = json.loads((tmp_path / "i.json").read_text())
+    assert report["model_format"] == "onnx" and report["eval"]["images"] == 8  # the tiny run's recipe brings its data
+    assert report["check"]["status"] in ("ok", "warning") and report["check"]["kappa"] is not None
+    proc, loaded = run_without_torch(tmp_path, "predict", str(run), str(synth_dir / "scene/scene.tif"), "--out",
+                                     str(tmp_path / "ours.tif"), "--no-progress", "--no-preview")
+    assert proc.returncode == 0 and loaded == [], proc.stderr
+    proc, _ = run_without_torch(tmp_path, "predict", str(tiny_onnx), str(synth_dir / "scene/scene.tif"), "--out",
+                                str(tmp_path / "direct.tif"), "--no-progress", "--no-preview")
+    with rasterio.open(tmp_path / "ours.tif") as a, rasterio.open(tmp_path / "direct.tif") as b:
+        assert (a.read(1) == b.read(1)).mean() >= 0.9999  # the same model, imported: the same map

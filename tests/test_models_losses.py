@@ -142,7 +142,7 @@ def test_local_encoder_weights_load_from_safetensors_and_pth(tmp_path: Path) -> 
     for f in ("enc.safetensors", "enc.pth"):
         dst = build_model(ModelConfig(arch="fpn", encoder="resnet18", weights=str(tmp_path / f)), 3, 2)
         torch.testing.assert_close(dst.encoder.conv1.weight, src.encoder.conv1.weight)
-    with pytest.raises(ModelError, match="do not fit"):
+    with pytest.raises(ModelError, match="does not fit"):
         build_model(ModelConfig(arch="unet", encoder="resnet34", weights=str(tmp_path / "enc.safetensors")), 3, 2)
 
 
@@ -152,7 +152,7 @@ def test_checkpoints_are_never_unpickled(tmp_path: Path) -> None:
             return (print, ("pwned",))
 
     torch.save({"model": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(ModelError, match="cannot load weights"):
+    with pytest.raises(ModelError, match="pickled Python object.*--trust-pickle"):
         read_state_dict(tmp_path / "evil.pth")
 
 

@@ -52,6 +52,10 @@ def run_lines(f: dict[str, Any]) -> list[str]:
         lines.append(f"best      val mIoU {best['val_miou']:.4f} at epoch {best['epoch']}"
                      + (f" · stopped early: {f['stopped_early']}" if f.get("stopped_early") else ""))
     lines.append(escape(_model_line(f.get("model"))))
+    imported = f.get("imported_from")
+    if imported:  # `segdeploy import`: the run holds a model trained elsewhere
+        lines.append(escape(f"imported  {imported.get('source', imported.get('file'))} ({imported.get('format')}, sha256 "
+                            f"{imported.get('sha256', '')[:12]}…) · held as {f.get('model_format')}"))
     r = f.get("recipe") or {}
     splits = " / ".join(f"{k} {v}" for k, v in f["splits"].items())
     lines.append(escape(f"data      {r.get('data_root')} · {splits} · recipe {r.get('name')} · seed {r.get('seed')}"

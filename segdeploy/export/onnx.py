@@ -4,7 +4,6 @@ check, simplify, and embed the model's metadata.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segdeploy.artifact import ONNX_META_KEY, ModelMeta
+from segdeploy.artifact import ONNX_META_KEY, ModelMeta, write_onnx_meta
 from segdeploy.artifact import read_onnx_meta as read_metadata  # noqa: F401 - the name export's callers use
 from segdeploy.errors import ArtifactError, UserError
 from segdeploy.utils import atomic_path
@@ -41,9 +40,10 @@ class ExportPlan:
     tile: int
     findings: list[Finding] = field(default_factory=list)
     static_reasons: list[str] = field(default_factory=list)
+    batch: int | None = None  # the model's fixed batch (an imported graph), None: dynamic
 
     def to_dict(self) -> dict:
-        return {"dynamic": self.dynamic, "tile": self.tile, "static_reasons": self.static_reasons,
+        return {"dynamic": self.dynamic, "tile": self.tile, "static_reasons": self.static_reasons, "batch": self.batch,
                 "findings": [asdict(f) for f in self.findings]}
 
 
@@ -89,13 +89,14 @@ def preflight(model: nn.Module, meta: ModelMeta, tile: int) -> ExportPlan:
     if meta.min_tile_size and tile < meta.min_tile_size and not meta.static_size:
         raise UserError(f"--tile {tile} is below the smallest tile {meta.min_tile_size} the model runs at "
                         f"({meta.arch}); use --tile {meta.min_tile_size} or larger")
-    plan = ExportPlan(dynamic=True, tile=tile)
+    plan = ExportPlan(dynamic=True, tile=tile, batch=meta.static_batch)
     if meta.static_size:
         plan.dynamic = False
         if tile != meta.static_size:
             plan.static_reasons.append(f"the model accepts only {meta.static_size}×{meta.static_size}; tile set to it")
             plan.tile = meta.static_size
-        plan.static_reasons.append("learnt positional embeddings fix the input size")
+        plan.static_reasons.append("learnt positional embeddings fix the input size" if meta.arch == "vit_segmenter"
+                                   else f"the model runs only at {plan.tile}×{plan.tile} (measured when imported)")
     plan.findings += [Finding(*rewrite) for rewrite in export_rewrites(meta.arch, model)]
     # adaptive pooling to more than one bin: measure each input size at the tile, then rewrite
     sizes: dict[str, tuple[int, int]] = {}
@@ -103,7 +104,7 @@ def preflight(model: nn.Module, meta: ModelMeta, tile: int) -> ExportPlan:
              for n, m in model.named_modules() if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))]
     if hooks:
         with torch.inference_mode():
-            model(torch.zeros(1, meta.bands, plan.tile, plan.tile))
+            model(torch.zeros(plan.batch or 1, meta.bands, plan.tile, plan.tile))
         for h in hooks:
             h.remove()
     for name, size in sizes.items():
@@ -184,13 +185,13 @@ def export_bounded(model: nn.Module, meta: ModelMeta, path: Path, plan: ExportPl
     then TorchScript with dynamic height and width (when the plan allows them; the result must
     match PyTorch at another size, `dynamic_mismatch`), then both static at the plan's tile. The
     first that succeeds is kept; why the others were not is logged and noted."""
-    x = torch.zeros(2, meta.bands, plan.tile, plan.tile)
+    x = torch.zeros(plan.batch or 2, meta.bands, plan.tile, plan.tile)
     shapes = (True, False) if plan.dynamic else (False,)
     failed: list[str] = []
     for dynamic in shapes:
         for exporter in EXPORTERS:
             label = f"{EXPORTERS[exporter]} with {'dynamic' if dynamic else f'static {plan.tile}×{plan.tile}'} shapes"
-            problem = run_bounded(partial(_export_with, exporter, model, x, path, dynamic, opset, max_batch), time_limit)
+            problem = run_bounded(partial(_export_with, exporter, model, x, path, dynamic, opset, max_batch, plan.batch), time_limit)
             if not problem and dynamic:
                 problem = dynamic_mismatch(model, path, meta, plan.tile)
             if not problem:
@@ -261,7 +262,7 @@ def dynamic_mismatch(model: nn.Module, path: Path, meta: ModelMeta, tile: int) -
     import onnxruntime as ort
 
     d = meta.input_divisor
-    x = torch.randn(1, meta.bands, tile + d, tile + 2 * d, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(meta.static_batch or 1, meta.bands, tile + d, tile + 2 * d, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = model(x).float().numpy()
     try:
@@ -278,17 +279,22 @@ def dynamic_mismatch(model: nn.Module, path: Path, meta: ModelMeta, tile: int) -
 
 
 def _export_with(exporter: str, model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool, opset: int,
-                 max_batch: int) -> None:
+                 max_batch: int, static_batch: int | None) -> None:
     if exporter == "dynamo":
-        _export_dynamo(model, x, path, dynamic, opset, max_batch)
+        _export_dynamo(model, x, path, dynamic, opset, max_batch, static_batch)
     else:
-        _export_torchscript(model, x, path, dynamic, opset)
+        _export_torchscript(model, x, path, dynamic, opset, static_batch)
 
 
-def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool, opset: int, max_batch: int) -> None:
+def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool, opset: int, max_batch: int,
+                   static_batch: int | None) -> None:
     from torch.export import Dim
 
-    shapes = {0: Dim("batch", min=1, max=max(max_batch, 2) * 64)}
+    from segdeploy.models import ExportedProgramModule
+
+    # an imported torch.export program has its own batch range, which a range of ours may contradict
+    batch = Dim.DYNAMIC if isinstance(model, ExportedProgramModule) else Dim("batch", min=1, max=max(max_batch, 2) * 64)
+    shapes = {} if static_batch else {0: batch}
     if dynamic:
         shapes.update({2: Dim.DYNAMIC, 3: Dim.DYNAMIC})
     torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -301,8 +307,9 @@ def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool,
         raise RuntimeError("opset too low")
 
 
-def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool, opset: int) -> None:
-    axes = {0: "batch"}
+def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool, opset: int,
+                        static_batch: int | None) -> None:
+    axes = {} if static_batch else {0: "batch"}
     if dynamic:
         axes.update({2: "height", 3: "width"})
     torch.onnx.export(model, (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -353,19 +360,8 @@ def name_nodes(proto) -> None:  # noqa: ANN001
 
 
 def set_metadata(proto, meta: ModelMeta, extra: dict | None = None) -> None:  # noqa: ANN001
-    """The whole ModelMeta as JSON under 'segdeploy', plus readable top-level keys for other tools."""
-    readable = {
-        "classes": json.dumps(meta.classes), "palette": json.dumps(meta.palette), "mean": json.dumps(meta.mean),
-        "std": json.dumps(meta.std), "max_pixel_value": str(meta.max_pixel_value), "bands": str(meta.bands),
-        "input_divisor": str(meta.input_divisor), "tile_size": str(meta.tile_size),
-        "recipe_digest": meta.recipe_digest, "segdeploy_version": meta.versions.get("segdeploy", ""),
-    }
-    doc = meta.to_dict()
-    doc["extra"] = {**doc.get("extra", {}), **(extra or {})}
-    readable[META_KEY] = json.dumps(doc)
-    del proto.metadata_props[:]
-    for k, v in readable.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+    """The whole ModelMeta as JSON under 'segdeploy', plus readable top-level keys for other tools
+    (`artifact.write_onnx_meta`, which `read_onnx_meta` reads back)."""
+    write_onnx_meta(proto, meta, extra)
 
 

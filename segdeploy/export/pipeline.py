@@ -14,6 +14,11 @@
    left from an earlier command whose source changed is marked stale with the command that
    rebuilds it). A failure or an interruption leaves RUN/export as it was; a failed attempt's
    report goes to RUN/export-rejected/.
+
+The gate's yardstick is the run's reference backend (`runtime.reference_backend`): a fresh PyTorch
+FP32 run, or for an imported ONNX model, which has no PyTorch model, that FP32 ONNX itself (then
+the FP32 form is not re-exported: the imported file is staged as it is and recorded as the
+reference, and parity.json/parity.md say the reference is ONNX).
 """
 
 from __future__ import annotations
@@ -115,14 +120,16 @@ class FormResult:
     gated_at: str = ""
     command: str = ""
     args: list[str] = field(default_factory=list)  # the command's arguments after the run directory
+    reference: bool = False  # the form is the gate's reference itself (an imported FP32 ONNX): nothing to gate
 
     @property
     def passed(self) -> bool:
-        return self.report is not None and self.report.passed
+        return self.reference or (self.report is not None and self.report.passed)
 
     def record(self) -> dict:
         """The form's gate record, as parity.json keeps it."""
-        base = self.report.to_dict() if self.report is not None else {"passed": False, "precision": self.form.precision}
+        base = self.report.to_dict() if self.report is not None else {"passed": self.reference,
+                                                                     "precision": self.form.precision}
         return {"form": self.form.key, "file": self.form.file, "label": self.form.label, **base,
                 "gated_at": self.gated_at, "command": self.command, "args": self.args, "rounds": self.rounds,
                 "note": self.note,
@@ -204,7 +211,7 @@ class _Job:
     opts: ExportOptions
     forms: list[ExportForm]
     meta: ModelMeta  # the exported model's: tile size, static size, versions
-    model: object  # the torch module, rewritten by preflight
+    model: object  # the torch module, rewritten by preflight (None for an imported ONNX model)
     plan: ExportPlan
     reference: ParityReference
     range_tiles: list  # FP16 activation ranges: training tiles
@@ -214,7 +221,7 @@ class _Job:
 
 def _prepare(run_dir: Path, opts: ExportOptions, log: Callable[[str], None]) -> _Job:
     """Check every prerequisite, cheapest first, and load what the build needs; write nothing."""
-    from segdeploy.runtime.torch import TorchBackend
+    from segdeploy.runtime import reference_backend
 
     run = Run.open_finished(run_dir)
     forms = forms_for(opts.flags)
@@ -222,18 +229,35 @@ def _prepare(run_dir: Path, opts: ExportOptions, log: Callable[[str], None]) -> 
     _check_tools(opts, forms)
     writable_location(run.export_dir)
     _check_space(run, forms)
-    built = run.build_model()
-    model = copy.deepcopy(built)  # preflight rewrites its copy in place
-    plan = preflight(model, run.meta, opts.tile or run.meta.tile_size)
+    backend = reference_backend(run)  # the yardstick: a fresh PyTorch FP32 run, or an imported FP32 ONNX
+    model, plan = _plan(run, backend, opts)
     if not plan.dynamic:
         log(f"static export at {plan.tile}×{plan.tile}: {'; '.join(plan.static_reasons)}")
     for f in plan.findings:
         log(f"preflight: {f}")
-    meta = replace(run.meta, tile_size=plan.tile, static_size=None if plan.dynamic else plan.tile, versions=versions())
-    range_tiles, calib_tiles, keys = _training_tiles(rec, meta, plan.tile, forms, opts, log)
-    reference = ParityReference(TorchBackend(built, run.meta, run.root), rec, meta, plan.tile)  # the yardstick
-    log(f"parity tiles: {reference.describe()}")
+    meta = replace(backend.meta if model is None else run.meta, tile_size=plan.tile,
+                   static_size=None if plan.dynamic else plan.tile, versions=versions())
+    range_tiles, calib_tiles, keys = _training_tiles(rec, meta, plan, forms, opts, log)
+    reference = ParityReference(backend, rec, meta, plan.tile)
+    log(f"parity tiles: {reference.describe()}; reference: {run.reference}")
     return _Job(run, rec, opts, forms, meta, model, plan, reference, range_tiles, calib_tiles, keys)
+
+
+def _plan(run: Run, backend, opts: ExportOptions) -> tuple[object, ExportPlan]:  # noqa: ANN001 - a Backend
+    """(the torch module preflight rewrote, its plan); for an imported ONNX model (None, the plan
+    its own fixed sizes make: there is nothing to re-export)."""
+    if run.model_format != "onnx":
+        model = copy.deepcopy(backend.model)  # preflight rewrites its copy in place
+        return model, preflight(model, run.meta, opts.tile or run.meta.tile_size)
+    meta = backend.meta
+    tile = meta.static_size or opts.tile or meta.tile_size
+    if tile % meta.input_divisor:
+        raise UserError(f"--tile {tile} is not a multiple of the model's input divisor {meta.input_divisor}; "
+                        f"use {tile - tile % meta.input_divisor or meta.input_divisor}")
+    plan = ExportPlan(dynamic=meta.static_size is None, tile=tile, batch=meta.static_batch)
+    if not plan.dynamic:
+        plan.static_reasons.append(f"the imported ONNX model is fixed at {tile}×{tile}")
+    return None, plan
 
 
 def _check_tools(opts: ExportOptions, forms: list[ExportForm]) -> None:
@@ -251,7 +275,7 @@ def _check_space(run: Run, forms: list[ExportForm]) -> None:
     """Refuse (OutputError) when the export folder's file system cannot hold the asked forms beside
     the old ones: each form's expected size (`ExportForm.size`) times the weights' size, plus the
     INT8 work files, with a quarter to spare."""
-    fp32_bytes = run.weights.stat().st_size
+    fp32_bytes = run.model_file.stat().st_size
     need = fp32_bytes * 1.25 * (sum(f.size for f in forms) + (1.0 if any(f.precision == "int8" for f in forms) else 0.0))
     where = run.export_dir if run.export_dir.is_dir() else run.root
     free = shutil.disk_usage(where).free
@@ -260,22 +284,30 @@ def _check_space(run: Run, forms: list[ExportForm]) -> None:
                           f"(about {need / 2**20:.0f} MB needed, {free / 2**20:.0f} MB free); free some space there")
 
 
-def _training_tiles(rec: Recipe, meta: ModelMeta, tile: int, forms: list[ExportForm], opts: ExportOptions,
+def _training_tiles(rec: Recipe, meta: ModelMeta, plan: ExportPlan, forms: list[ExportForm], opts: ExportOptions,
                     log: Callable[[str], None]) -> tuple[list, list, list[str]]:
     """FP16 range tiles and INT8 calibration tiles from the training split only (validation tiles
-    belong to the gate); DataError when there are fewer than asked, naming the number that fits."""
-    range_tiles, calib_tiles, keys = [], [], []
+    belong to the gate), in batches of 4 or of the model's fixed batch; DataError when there are
+    fewer than asked, naming the number that fits."""
+    range_tiles, calib_tiles, keys, tile = [], [], [], plan.tile
     if any(f.precision == "fp16" for f in forms):
         x, _ = parity_tiles(rec, meta, tile, rec.parity.samples, "train")
-        range_tiles = as_numpy_batches(x, 4)
+        range_tiles = _batches(x, plan)
     if any(f.precision == "int8" for f in forms):
         x, _ = parity_tiles(rec, meta, tile, opts.calib_images, "train", keys=keys)
         if len(x) < opts.calib_images:
             raise DataError(f"--calib-images {opts.calib_images}: the training split holds only {len(x)} tiles of "
                             f"{tile}² ({len(keys)} images); pass --calib-images {len(x)} or add training images")
-        calib_tiles = as_numpy_batches(x, 4)
+        calib_tiles = _batches(x, plan)
         log(f"INT8: {len(x)} calibration tiles from {len(keys)} training images ({opts.calib_method})")
     return range_tiles, calib_tiles, keys
+
+
+def _batches(x, plan: ExportPlan) -> list:  # noqa: ANN001 - a torch.Tensor of tiles
+    """Batches of 4 tiles, or of the model's fixed batch (whole batches only)."""
+    if not plan.batch:
+        return as_numpy_batches(x, 4)
+    return as_numpy_batches(x[: max(len(x) // plan.batch, 1) * plan.batch], plan.batch)
 
 
 # ------------------------------------------------------------------------------------ building
@@ -365,7 +397,12 @@ class _Builder:
         from segdeploy.runtime.onnxruntime import OrtBackend
 
         path = self.stage / form.file
-        meta = self.meta_for(form, source_record(self.job.run.weights, self.job.run.export_dir))
+        if self.job.model is None:  # an imported ONNX model: it is the reference, staged as it is
+            shutil.copy2(self.job.run.export_path(form.key), path)
+            self.proto32 = onnx.load(str(path))
+            return FormResult(form, note="the imported model itself: the gate's reference (it has no PyTorch model)",
+                              reference=True)
+        meta = self.meta_for(form, source_record(self.job.run.model_file, self.job.run.export_dir))
         self.log(f"exporting FP32 ONNX ({'dynamic' if self.job.plan.dynamic else 'static'} shapes, "
                  f"opset ≥ {self.opts.opset})…")
         self.report.notes += export_onnx(self.job.model, meta, path, self.job.plan, self.opts.opset,
@@ -456,8 +493,8 @@ class _Builder:
         job, out = self.job, self.job.run.export_dir
         for cache in out.glob("*.cache"):  # the timing cache persists next to the engines
             shutil.copy2(cache, self.stage / cache.name)
-        profile = derive_profile(parse_batch(self.opts.batch), job.plan.tile, job.meta.bands, job.meta.input_divisor,
-                                 job.plan.dynamic)
+        batch = (job.plan.batch,) * 3 if job.plan.batch else parse_batch(self.opts.batch)
+        profile = derive_profile(batch, job.plan.tile, job.meta.bands, job.meta.input_divisor, job.plan.dynamic)
         path, source = self.stage / form.file, self.stage / EXPORT_FORMS[form.source].file
         facts = build_engine(source, path, profile, self.meta_for(form, self.source_of(form)).to_dict(),
                              precision=form.precision, workspace_gib=self.opts.workspace_gib, cache_dir=self.stage,
@@ -539,7 +576,7 @@ def _commit(job: _Job, stage: Path, report: ExportReport, log: Callable[[str], N
     for cache in stage.glob("*.cache"):
         os.replace(cache, out / cache.name)
     records = _merge_records(job.run, report, log)
-    files.update(job.run.write_gate_records(records, parity_markdown(records)))
+    files.update(job.run.write_gate_records(records, parity_markdown(records, job.run.reference)))
     shutil.rmtree(job.run.rejected_dir, ignore_errors=True)  # an earlier failure's report no longer applies
     return files
 
@@ -566,7 +603,8 @@ def _merge_records(run: Run, report: ExportReport, log: Callable[[str], None]) -
 def _write_rejected(job: _Job, report: ExportReport) -> None:
     """A failed export's report, beside RUN/export (which is left as it was)."""
     records = {k: r.record() for k, r in report.results.items()}
-    report.files.update(job.run.write_gate_records(records, parity_markdown(records), where=job.run.rejected_dir))
+    report.files.update(job.run.write_gate_records(records, parity_markdown(records, job.run.reference),
+                                                   where=job.run.rejected_dir))
 
 
 def _track(run: Run, report: ExportReport, log: Callable[[str], None]) -> None:
@@ -585,18 +623,22 @@ def _track(run: Run, report: ExportReport, log: Callable[[str], None]) -> None:
 # ------------------------------------------------------------------------------------ parity.md
 
 
-def parity_markdown(records: dict[str, dict]) -> str:
+def parity_markdown(records: dict[str, dict], reference: str = "PyTorch FP32") -> str:
     """parity.md: a section per form's gate record (verdict, thresholds, split, when, the command,
-    the fallback rounds with what each recovered, the per-class table)."""
-    lines = ["# Parity", "", "Each exported form against a fresh PyTorch FP32 run of the model, with the thresholds it "
-             "was gated with. IoU drop (pt): the class's IoU against ground truth with PyTorch minus with this form, "
-             "in points; positive means this form is worse.", ""]
+    the fallback rounds with what each recovered, the per-class table), against `reference`
+    (`Run.reference`: PyTorch FP32, or an imported model's own FP32 ONNX)."""
+    ref = "PyTorch" if reference.startswith("PyTorch") else "FP32 ONNX"
+    against = ("a fresh PyTorch FP32 run of the model" if ref == "PyTorch" else
+               "the imported model's own FP32 ONNX (it has no PyTorch model, so the reference is ONNX, not PyTorch)")
+    lines = ["# Parity", "", f"Each exported form against {against}, with the thresholds it was gated with. IoU drop "
+             f"(pt): the class's IoU against ground truth with {ref} minus with this form, in points; positive means "
+             "this form is worse.", ""]
     for key, r in records.items():
-        lines += _record_lines(key, r)
+        lines += _record_lines(key, r, ref)
     return "\n".join(lines)
 
 
-def _record_lines(key: str, r: dict) -> list[str]:
+def _record_lines(key: str, r: dict, ref: str = "PyTorch") -> list[str]:
     verdict = "STALE" if r.get("stale") else {True: "PASS", False: "FAIL"}.get(r.get("passed"), "NO RECORD")
     lines = [f"## {r.get('file', key)} ({r.get('label', '')} {r.get('precision', '')}): {verdict}", ""]
     if r.get("stale"):
@@ -612,7 +654,7 @@ def _record_lines(key: str, r: dict) -> list[str]:
             lines += [f"Reduced precision: {r['precision'].upper()} on {r['reduced_nodes']}/{r['total_nodes']} nodes, "
                       f"{r['reduced_flops_share']:.1%} of FLOPs (≥ {percent(t['min_reduced_share'])}).", ""]
     lines += [f"- {f}" for f in r.get("failures", [])] + ([f"- {r['note']}"] if r.get("note") else [])
-    lines += _rounds_table(r.get("rounds", [])) + _class_table(r.get("per_class", []))
+    lines += _rounds_table(r.get("rounds", [])) + _class_table(r.get("per_class", []), ref)
     if r.get("fp32_nodes"):
         lines += [f"FP32 nodes ({len(r['fp32_nodes'])}): " + ", ".join(r["fp32_nodes"][:40])
                   + (" …" if len(r["fp32_nodes"]) > 40 else ""), ""]
@@ -633,11 +675,11 @@ def _rounds_table(rounds: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _class_table(per_class: list[dict]) -> list[str]:
+def _class_table(per_class: list[dict], ref: str = "PyTorch") -> list[str]:
     if not per_class:
         return []
     f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = ["", "| class | IoU (PyTorch) | IoU | IoU drop (pt) | Dice | IoU vs PyTorch |", "|---|---|---|---|---|---|"]
+    lines = ["", f"| class | IoU ({ref}) | IoU | IoU drop (pt) | Dice | IoU vs {ref} |", "|---|---|---|---|---|---|"]
     for c in per_class:
         d = c["iou_drop_points"]
         drop = "-" if d is None else f"{0.0 if abs(d) < 0.005 else d:.2f}"

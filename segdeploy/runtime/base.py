@@ -68,7 +68,12 @@ class Backend(ABC):
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """float32 N×C×H×W logits on the host for a normalised float32 N×B×H×W host batch: a new
-        array the caller owns (predict softmaxes it in place)."""
+        array the caller owns (predict softmaxes it in place). A model with a fixed batch
+        (`ModelMeta.static_batch`) gets a smaller batch padded with zeros, its extra outputs cut."""
+        fixed = self.meta.static_batch
+        if fixed and len(batch) < fixed:
+            pad = np.zeros((fixed - len(batch), *batch.shape[1:]), dtype=batch.dtype)
+            return self.to_host(self.run(self.prepare(np.concatenate([batch, pad]))))[: len(batch)].copy()
         return self.to_host(self.run(self.prepare(batch)))
 
     @property
@@ -79,7 +84,7 @@ class Backend(ABC):
 
     @property
     def max_batch(self) -> int | None:
-        return None
+        return self.meta.static_batch
 
     def describe(self) -> str:
         return f"{self.name} {self.precision} on {self.device} ({self.path})"
