@@ -1,0 +1,574 @@
+"""Polygons from predict's finished row bands, merged across seams, streamed to an OGR data source.
+
+`predict --vector OUT.gpkg|.geojson|.fgb|.parquet` polygonises the class rows as the tiled
+predictor finishes them, so a scene of any size gives its polygons without ever holding its class
+raster:
+
+    finished band (labels, confidence) ─► SeamPolygonizer ─► closed Regions ─► FeatureWriter ─► OUT
+                                              │ open regions (touch the band's lower seam)
+                                              └─ merged with their continuation in the next band
+
+Each band is polygonised with GDAL (`rasterio.features.shapes`, 4-connectivity, as its default);
+a piece touching the band's lower seam stays open, and is joined to the pieces of the next band
+that continue it (same class, vertically adjacent pixels on the seam). A region is written when no
+piece of it touches the newest seam; the union of its pieces (shapely 2) is then exactly the
+polygon GDAL gives for the whole class raster at once. Memory holds the open regions and one band.
+
+Geometry is built in pixel coordinates (corners at integers: exact, so pieces meet exactly) and
+mapped to the raster's CRS when written, with GDAL's formula x = c + col·a + row·b. Features go
+through pyogrio in batches (one transaction each) into a hidden GeoPackage beside the output,
+converted to the requested format (GDAL, as an Arrow stream) and renamed when complete.
+
+`--resume` rebuilds the vector from the class rows already on disk (polygonising costs a small
+fraction of inference), then continues with the live bands: the same bands, the same features.
+
+pyogrio and shapely are the `vector` extra; they are imported only when `--vector` is used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segdeploy.errors import BackendUnavailable, OutputError, UserError
+from segdeploy.utils import describe_write_error
+
+# format name -> (GDAL driver, file suffix)
+FORMATS: dict[str, tuple[str, str]] = {
+    "gpkg": ("GPKG", ".gpkg"),
+    "geojson": ("GeoJSON", ".geojson"),
+    "fgb": ("FlatGeobuf", ".fgb"),
+    "parquet": ("Parquet", ".parquet"),
+}
+LAYOUTS = ("single", "per-class")
+BATCH_FEATURES = 4096  # features per write (one transaction in a GeoPackage)
+INSTALL = "pip install 'segdeploy[vector]'"
+
+
+# --------------------------------------------------------------------------------------- options
+
+
+@dataclass
+class VectorOptions:
+    """What `--vector` and its companions ask for (validated by `check`).
+
+    `target` is a file (`OUT.gpkg`, `.geojson`, `.fgb`, `.parquet`: one input only) or a format
+    name (`gpkg`, `geojson`, `fgb`, `parquet`): a file beside each raster output, with its stem.
+    `min_area` is in map units² ("250") or pixels ("40px"); `simplify` is a tolerance in map units;
+    `classes` are class names or 0-based ids (None: every class)."""
+
+    target: str
+    layers: str = "single"
+    min_area: str | None = None
+    simplify: float | None = None
+    classes: list[str] | None = None
+
+    @property
+    def format(self) -> str:
+        name = self.target.lower()
+        if name in FORMATS:
+            return name
+        suffix = Path(self.target).suffix.lower()
+        for fmt, (_, ext) in FORMATS.items():
+            if suffix == ext:
+                return fmt
+        raise UserError(f"--vector {self.target}: unknown vector format {suffix or '(no suffix)'}; end the file "
+                        f"name in {', '.join(ext for _, ext in FORMATS.values())} or pass a format name "
+                        f"({', '.join(FORMATS)}) to write one beside each raster")
+
+    @property
+    def is_format_name(self) -> bool:
+        return self.target.lower() in FORMATS
+
+    def path_for(self, raster_out: Path) -> Path:
+        """The vector file of the raster written to `raster_out`."""
+        if self.is_format_name:
+            return raster_out.with_suffix(FORMATS[self.format][1])
+        return Path(self.target)
+
+    def check(self, many: bool = False) -> None:
+        """Refuse, in one line each, what cannot work; before any prediction starts."""
+        require_libraries()
+        fmt = self.format
+        if many and not self.is_format_name:
+            raise UserError(f"--vector {self.target} names one file but several rasters are predicted; pass a "
+                            f"format (--vector {fmt}) to write each raster's polygons beside its raster")
+        if self.layers not in LAYOUTS:
+            raise UserError(f"--vector-layers {self.layers!r} is unknown; choose single or per-class")
+        if self.layers == "per-class" and fmt != "gpkg":
+            raise UserError(f"--vector-layers per-class needs a format with several layers: use .gpkg "
+                            f"({FORMATS[fmt][0]} holds one layer per file)")
+        check_driver(fmt)
+        if self.simplify is not None:
+            if not self.simplify >= 0:
+                raise UserError(f"--simplify must be ≥ 0 map units (got {self.simplify:g})")
+            import shapely
+
+            if shapely.geos_version < (3, 12, 0):
+                raise BackendUnavailable(f"--simplify needs GEOS ≥ 3.12 (shapely's coverage simplification); "
+                                         f"this shapely has GEOS {shapely.geos_version_string}: "
+                                         f"pip install -U 'shapely>=2.1'")
+        min_area_pixels(self.min_area, 1.0)
+
+    def class_ids(self, names: list[str]) -> list[int]:
+        """The class indices to polygonise (all when `classes` is None); a name that is not a
+        class is refused with the closest matches."""
+        if not self.classes:
+            return list(range(len(names)))
+        ids = []
+        for item in self.classes:
+            if item in names:
+                ids.append(names.index(item))
+            elif item.isdigit() and int(item) < len(names):
+                ids.append(int(item))
+            else:
+                close = difflib.get_close_matches(item, names, n=3)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
+                raise UserError(f"--classes {item!r} is not a class of this model ({hint}classes: "
+                                f"{', '.join(names)}; or 0-based ids)")
+        return sorted(set(ids))
+
+
+def min_area_pixels(value: str | None, pixel_area: float) -> float:
+    """`--min-area` as a pixel count: "40px" is 40 pixels, "250" is 250 map units² over the area of
+    one pixel (|det| of the raster's transform). 0 when not given."""
+    if value is None:
+        return 0.0
+    text = str(value).strip().lower()
+    try:
+        number = float(text[:-2]) if text.endswith("px") else float(text)
+    except ValueError:
+        raise UserError(f"--min-area {value!r} must be an area in map units² (e.g. 250) or pixels (e.g. 40px)") from None
+    if not number >= 0:
+        raise UserError(f"--min-area must be ≥ 0 (got {value})")
+    return number if text.endswith("px") else number / pixel_area
+
+
+def require_libraries() -> None:
+    """pyogrio and shapely ≥ 2, or the one-line refusal naming the extra."""
+    try:
+        import pyogrio  # noqa: F401
+        import shapely
+    except ImportError as exc:
+        raise BackendUnavailable(f"--vector needs pyogrio and shapely ({exc.name} is not installed): {INSTALL}") from None
+    if int(shapely.__version__.split(".")[0]) < 2:
+        raise BackendUnavailable(f"--vector needs shapely ≥ 2 (found {shapely.__version__}): {INSTALL}")
+
+
+def check_driver(fmt: str) -> None:
+    """Refuse a format whose GDAL driver pyogrio's GDAL lacks (GeoParquet needs GDAL's Parquet
+    driver, built with Arrow: pyogrio's PyPI wheels leave it out)."""
+    import pyogrio
+
+    driver = FORMATS[fmt][0]
+    if driver not in pyogrio.list_drivers(write=True):
+        raise BackendUnavailable(
+            f"--vector .{fmt}: the GDAL {pyogrio.__gdal_version_string__} that pyogrio uses has no {driver} "
+            f"driver; install one built with it (conda install -c conda-forge pyogrio libgdal-arrow-parquet) "
+            f"or write .gpkg or .fgb")
+
+
+# --------------------------------------------------------------------------------------- polygonising
+
+
+@dataclass
+class Region:
+    """A complete 4-connected region of one class.
+
+    `geometry` is a shapely Polygon in pixel coordinates (x = column, y = row, pixel corners at
+    integers); `pixels` its exact pixel count; `confidence_sum` the sum of its pixels' confidence
+    in percent (0 when no confidence was given)."""
+
+    class_id: int
+    geometry: Any
+    pixels: int
+    confidence_sum: float
+
+
+class _OpenRegion:
+    __slots__ = ("class_id", "parts", "pixels", "confidence_sum")
+
+    def __init__(self, class_id: int) -> None:
+        self.class_id, self.parts, self.pixels, self.confidence_sum = class_id, [], 0, 0.0
+
+    def absorb(self, other: _OpenRegion) -> None:
+        self.parts += other.parts
+        self.pixels += other.pixels
+        self.confidence_sum += other.confidence_sum
+
+
+@dataclass
+class _Band:
+    """One band's pieces (4-connected within the band) of the tracked classes."""
+
+    shapes: list  # GeoJSON-like dicts from GDAL, for rasterize
+    geoms: np.ndarray  # shapely Polygons, exact
+    kept: np.ndarray  # the geometries to keep (simplified when asked)
+    classes: np.ndarray
+    pixels: np.ndarray
+    confidence: np.ndarray
+    top: np.ndarray  # piece index of each pixel of the band's first row (-1: none)
+    bottom: np.ndarray  # and of its last row
+
+
+class SeamPolygonizer:
+    """Row bands of a class raster in, complete regions out, equal to polygonising the whole raster.
+
+    Feed bands top to bottom with `add_band(y0, labels, confidence)`; each call returns the regions
+    that no later band can extend; `finish()` returns the rest. Regions are those of
+    `rasterio.features.shapes(labels, connectivity=4)` over the whole raster for the selected
+    classes (pixels of other values, nodata included, are never polygonised).
+
+    With `simplify_px`, each band's pieces (every value, so neighbours share edges) are simplified
+    together by shapely's `coverage_simplify` (GEOS, topology-preserving Visvalingam-Whyatt,
+    tolerance in pixels ≈ √ of the area removed) with the band's outline kept fixed, so pieces
+    still meet exactly across seams."""
+
+    def __init__(self, width: int, selected: np.ndarray, simplify_px: float | None = None) -> None:
+        self.width = width
+        self.selected = np.asarray(selected, bool)  # by class value: polygonise this value?
+        self.simplify_px = simplify_px or None
+        self.open: dict[int, _OpenRegion] = {}
+        self.seam_ids = np.full(width, -1, np.int64)  # open region of each pixel of the last row fed
+        self.seam_labels: np.ndarray | None = None
+        self.next_id = 0
+        self.rows_done = 0
+
+    def add_band(self, y0: int, labels: np.ndarray, confidence: np.ndarray | None = None) -> list[Region]:
+        """`labels`: H×W integer class values (uint8/uint16/int16/int32) of rows y0..y0+H;
+        `confidence`: H×W percent (uint8) or None. Returns the regions closed by this band."""
+        if y0 != self.rows_done or labels.shape[1] != self.width:
+            raise ValueError(f"bands must arrive in order and {self.width} px wide: expected row {self.rows_done}, "
+                             f"got a band at row {y0} of width {labels.shape[1]}")
+        band = self._pieces(y0, labels, confidence)
+        piece_region = self._link(band, labels[0])
+        self.seam_ids = np.append(piece_region, -1)[band.bottom]  # -1 (no piece) picks the appended -1
+        self.seam_labels = labels[-1].copy()
+        self.rows_done = y0 + labels.shape[0]
+        alive = set(np.unique(self.seam_ids[self.seam_ids >= 0]).tolist())
+        return [self._close(i) for i in sorted(self.open) if i not in alive]
+
+    def finish(self) -> list[Region]:
+        """The regions still open after the last band."""
+        self.seam_ids[:] = -1
+        return [self._close(i) for i in sorted(self.open)]
+
+    def _pieces(self, y0: int, labels: np.ndarray, confidence: np.ndarray | None) -> _Band:
+        import shapely
+        from rasterio.features import shapes
+
+        selected = self.selected[labels]
+        everything = self.simplify_px is not None  # the whole band is one coverage to simplify
+        found = list(shapes(_shapes_dtype(labels), mask=None if everything else selected, connectivity=4,
+                            transform=_rows_at(y0)))
+        values = np.array([int(v) for _, v in found], np.int64)
+        geoms = np.array([_polygon(g) for g, _ in found], dtype=object)
+        kept = geoms
+        if everything:
+            kept = shapely.coverage_simplify(geoms, self.simplify_px, simplify_boundary=False) if len(geoms) else geoms
+        keep = self.selected[values] if len(values) else np.zeros(0, bool)
+        band_shapes = [g for (g, _), k in zip(found, keep) if k]
+        geoms, kept, values = geoms[keep], kept[keep], values[keep]
+        pixels = np.rint(shapely.area(geoms)).astype(np.int64)
+        h = labels.shape[0]
+        if confidence is not None:
+            ids = _piece_ids(band_shapes, range(len(band_shapes)), y0, (h, self.width))
+            inside = ids >= 0
+            conf = np.bincount(ids[inside], weights=confidence[inside], minlength=len(geoms))
+            top, bottom = ids[0], ids[-1]
+        else:
+            conf = np.zeros(len(geoms))
+            bounds = shapely.bounds(geoms) if len(geoms) else np.zeros((0, 4))
+            top = _piece_ids(band_shapes, np.flatnonzero(bounds[:, 1] == y0), y0, (1, self.width))[0]
+            bottom = _piece_ids(band_shapes, np.flatnonzero(bounds[:, 3] == y0 + h), y0 + h - 1, (1, self.width))[0]
+        return _Band(band_shapes, geoms, kept, values, pixels, conf, top, bottom)
+
+    def _link(self, band: _Band, first_row: np.ndarray) -> np.ndarray:
+        """Join each piece to the open regions it continues (vertical neighbours of the same class
+        across the seam); regions that one piece joins become one. Returns each piece's region."""
+        piece_region = np.full(len(band.geoms), -1, np.int64)
+        merged: dict[int, int] = {}  # region absorbed -> the region that absorbed it
+
+        def find(r: int) -> int:
+            while r in merged:
+                r = merged[r]
+            return r
+
+        if self.seam_labels is not None:
+            touching = (self.seam_ids >= 0) & (band.top >= 0) & (self.seam_labels == first_row)
+            pairs = np.unique(np.stack([self.seam_ids[touching], band.top[touching]], 1), axis=0)
+            for region, piece in pairs.tolist():
+                region = find(region)
+                if piece_region[piece] < 0:
+                    piece_region[piece] = region
+                    continue
+                other = find(int(piece_region[piece]))
+                if other != region:  # a piece joins two regions: the younger is absorbed
+                    keep, gone = min(other, region), max(other, region)
+                    self.open[keep].absorb(self.open.pop(gone))
+                    merged[gone] = keep
+        for piece in range(len(band.geoms)):
+            region = find(int(piece_region[piece])) if piece_region[piece] >= 0 else self._new(int(band.classes[piece]))
+            piece_region[piece] = region
+            target = self.open[region]
+            target.parts.append(band.kept[piece])
+            target.pixels += int(band.pixels[piece])
+            target.confidence_sum += float(band.confidence[piece])
+        return piece_region
+
+    def _new(self, class_id: int) -> int:
+        self.open[self.next_id] = _OpenRegion(class_id)
+        self.next_id += 1
+        return self.next_id - 1
+
+    def _close(self, region_id: int) -> Region:
+        import shapely
+
+        r = self.open.pop(region_id)
+        if len(r.parts) == 1:
+            geom = r.parts[0]
+        else:  # dissolve the seams; the vertices left on them are collinear: drop them, as GDAL has none
+            geom = shapely.simplify(shapely.union_all(r.parts), 0, preserve_topology=False)
+        return Region(r.class_id, geom, r.pixels, r.confidence_sum)
+
+    def open_vertices(self) -> int:
+        """Coordinates held by open regions (what memory grows with)."""
+        import shapely
+
+        return int(sum(shapely.get_num_coordinates(r.parts).sum() for r in self.open.values()))
+
+
+def _shapes_dtype(labels: np.ndarray) -> np.ndarray:
+    """GDAL polygonises int16, int32, uint8, uint16 and float32 rasters."""
+    return labels if labels.dtype in (np.uint8, np.uint16, np.int16, np.int32) else labels.astype(np.int32)
+
+
+def _rows_at(y0: int):  # noqa: ANN202 - an affine.Affine
+    """Pixel coordinates of a band whose first row is y0: x = column, y = row."""
+    from affine import Affine
+
+    return Affine(1.0, 0.0, 0.0, 0.0, 1.0, float(y0))
+
+
+def _polygon(geojson: dict):  # noqa: ANN202 - a shapely Polygon
+    """GDAL's polygon (GeoJSON-like, from rasterio) as a shapely Polygon."""
+    import shapely
+
+    rings = [shapely.linearrings(np.asarray(r, np.float64)) for r in geojson["coordinates"]]
+    return shapely.Polygon(rings[0], rings[1:])
+
+
+def _piece_ids(band_shapes: list, indices, y0: int, shape: tuple[int, int]) -> np.ndarray:  # noqa: ANN001
+    """An int32 image of which piece covers each pixel of rows y0.. (-1: none), by rasterising
+    those pieces (a pixel is burnt when its centre is inside: exact for pixel-aligned polygons)."""
+    from rasterio.features import rasterize
+
+    indices = list(indices)
+    if not indices:
+        return np.full(shape, -1, np.int32)
+    return rasterize(((band_shapes[i], i) for i in indices), out_shape=shape, transform=_rows_at(y0), fill=-1,
+                     dtype="int32")
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def to_map(geoms: np.ndarray, transform) -> np.ndarray:  # noqa: ANN001 - an affine.Affine
+    """Pixel-coordinate geometries mapped by the raster's transform with GDAL's formula
+    (x = c + col·a + row·b, y = f + col·d + row·e): a corner shared by two polygons maps to the
+    same coordinates in both."""
+    import shapely
+
+    t = transform
+
+    def affine(xy: np.ndarray) -> np.ndarray:
+        col, row = xy[:, 0], xy[:, 1]
+        return np.column_stack([t.c + col * t.a + row * t.b, t.f + col * t.d + row * t.e])
+
+    return shapely.transform(geoms, affine)
+
+
+class FeatureWriter:
+    """Regions → features of an OGR data source, `BATCH_FEATURES` per write (one transaction each
+    in a GeoPackage). Until `finish`, features go to a hidden GeoPackage beside the output; then it
+    is renamed (GeoPackage) or converted by GDAL as an Arrow stream (other formats) and renamed.
+
+    Attributes: class_id, class_name, area (of the written polygon, map units²), pixels (exact
+    count), and confidence (mean max-softmax of its pixels, 0-1) when confidence is given.
+    Regions under `min_pixels` are left out."""
+
+    def __init__(self, final: Path, fmt: str, class_names: list[str], class_ids: list[int], per_class: bool,
+                 crs: str | None, transform, with_confidence: bool, min_pixels: float = 0.0) -> None:  # noqa: ANN001
+        self.final, self.fmt = Path(final), fmt
+        self.staging = self.final.with_name(f".{self.final.stem}.partial.gpkg")
+        self.converted = self.final.with_name(f".{self.final.stem}.partial{FORMATS[fmt][1]}")
+        self.class_names, self.per_class = class_names, per_class
+        self.layer_names = [class_names[i] for i in class_ids] if per_class else [self.final.stem]
+        self.crs, self.transform = crs, transform
+        self.with_confidence, self.min_pixels = with_confidence, min_pixels
+        self.pending: list[Region] = []
+        self.written = 0
+        self.dropped = 0
+        self.discard()
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        for name in self.layer_names:  # every layer exists, with its schema, even if it stays empty
+            self._write(name, [], append=name != self.layer_names[0])
+
+    @property
+    def fields(self) -> list[str]:
+        return ["class_id", "class_name", "area", "pixels"] + (["confidence"] if self.with_confidence else [])
+
+    def add(self, regions: list[Region]) -> None:
+        kept = [r for r in regions if r.pixels >= self.min_pixels]
+        self.dropped += len(regions) - len(kept)
+        self.pending += kept
+        if len(self.pending) >= BATCH_FEATURES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        if self.per_class:
+            for cid in sorted({r.class_id for r in self.pending}):
+                self._write(self.class_names[cid], [r for r in self.pending if r.class_id == cid], append=True)
+        else:
+            self._write(self.layer_names[0], self.pending, append=True)
+        self.written += len(self.pending)
+        self.pending = []
+
+    def _write(self, layer: str, regions: list[Region], append: bool) -> None:
+        import shapely
+        from pyogrio.raw import write
+
+        geoms = to_map(np.array([r.geometry for r in regions], dtype=object), self.transform)
+        data = [np.array([r.class_id for r in regions], np.int32),
+                np.array([self.class_names[r.class_id] for r in regions], dtype=object),
+                shapely.area(geoms).astype(np.float64) if len(geoms) else np.zeros(0),
+                np.array([r.pixels for r in regions], np.int64)]
+        if self.with_confidence:
+            data.append(np.array([r.confidence_sum / max(r.pixels, 1) / 100 for r in regions], np.float64))
+        with self._failing_write(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*'crs' was not provided.*")  # predict warned already
+            write(str(self.staging), shapely.to_wkb(geoms), data, self.fields, layer=layer, driver="GPKG",
+                  geometry_type="Polygon", crs=self.crs, append=append)
+
+    def finish(self) -> Path:
+        """Write what is pending, give the file its format and its final name."""
+        self.flush()
+        with self._failing_write():
+            if self.fmt == "gpkg":
+                os.replace(self.staging, self.final)
+                return self.final
+            from pyogrio.raw import open_arrow, write_arrow
+
+            with open_arrow(str(self.staging), layer=self.layer_names[0]) as (meta, stream):
+                write_arrow(stream, str(self.converted), layer=self.layer_names[0], driver=FORMATS[self.fmt][0],
+                            geometry_name=meta["geometry_name"], geometry_type="Polygon", crs=self.crs)
+            os.replace(self.converted, self.final)
+            self.staging.unlink(missing_ok=True)
+        return self.final
+
+    def discard(self) -> None:
+        """Remove the unfinished files (a fresh start, or a failed write)."""
+        for p in (self.staging, self.converted):
+            p.unlink(missing_ok=True)
+            for extra in ("-journal", "-wal", "-shm"):  # SQLite's sidecars of a GeoPackage
+                p.with_name(p.name + extra).unlink(missing_ok=True)
+
+    @contextmanager
+    def _failing_write(self) -> Iterator[None]:
+        """A write that fails (disk full, read-only, denied) becomes one line naming the output, and
+        the unfinished vector files are removed."""
+        from pyogrio.errors import DataLayerError, DataSourceError, FeatureError, FieldError, GeometryError
+
+        try:
+            yield
+        except (OSError, DataSourceError, DataLayerError, FeatureError, FieldError, GeometryError) as exc:
+            self.discard()
+            raise OutputError(describe_write_error(self.final, _write_reason(exc, self.final.parent))) from None
+
+
+def _write_reason(exc: Exception, directory: Path) -> OSError:
+    """GDAL reports a failed write without an errno; a full disk is the usual cause."""
+    import errno
+    import shutil
+
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc
+    try:
+        if shutil.disk_usage(directory).free < 4 * 2**20:
+            return OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        pass
+    return OSError(None, " ".join(str(exc).split())[:200])
+
+
+# --------------------------------------------------------------------------------------- predict's listener
+
+
+class VectorSink:
+    """What predict's `RowSink` feeds: the class rows (and confidence) of one raster as they are
+    written, band by band → its vector file.
+
+    `done_bands` are the bands already on disk when predict resumes: they are read back from the
+    unfinished class raster (`raster_tmp`, and `probs_tmp` for confidence) and polygonised first,
+    with the same band edges as the live run, so the features are the same."""
+
+    def __init__(self, raster_out: Path, options: VectorOptions, reader, meta, nodata: int,  # noqa: ANN001
+                 confidence: bool, done_bands: list[tuple[int, int]] = (), raster_tmp: Path | None = None,
+                 probs_tmp: Path | None = None) -> None:
+        from affine import Affine
+
+        options.check()
+        self.path = options.path_for(raster_out)
+        ids = options.class_ids(list(meta.classes))
+        transform = reader.profile.get("transform") or Affine.identity()
+        crs = reader.profile.get("crs")
+        selected = np.zeros(65536 if nodata > 255 else 256, bool)
+        selected[ids] = True
+        pixel_px = options.simplify / np.sqrt(abs(transform.determinant)) if options.simplify else None
+        self.polygonizer = SeamPolygonizer(reader.width, selected, pixel_px)
+        self.writer = FeatureWriter(self.path, options.format, list(meta.classes), ids, options.layers == "per-class",
+                                    crs.to_wkt() if crs else None, transform, confidence,
+                                    min_area_pixels(options.min_area, abs(transform.determinant)))
+        self.confidence = confidence
+        if done_bands:
+            self._rebuild(done_bands, raster_tmp, probs_tmp)
+
+    def add_rows(self, y: int, labels: np.ndarray, confidence: np.ndarray | None) -> None:
+        """Rows y.. of the class raster as written (nodata already set), and their confidence in
+        percent (uint8) when computed."""
+        self.writer.add(self.polygonizer.add_band(y, labels, confidence if self.confidence else None))
+
+    def finish(self) -> str:
+        self.writer.add(self.polygonizer.finish())
+        return str(self.writer.finish())
+
+    def _rebuild(self, bands: list[tuple[int, int]], raster_tmp: Path | None, probs_tmp: Path | None) -> None:
+        import rasterio
+        from rasterio.windows import Window
+
+        with rasterio.open(raster_tmp) as labels, rasterio.open(probs_tmp) if self.confidence else nullcontext() as probs:
+            for y0, y1 in bands:
+                win = Window(0, y0, labels.width, y1 - y0)
+                self.add_rows(y0, labels.read(1, window=win), probs.read(1, window=win) if probs else None)
+
+
+def model_classes(model: Path) -> list[str] | None:
+    """The class names a model artifact records, read without loading it (None when they cannot
+    be read here: loading the model then reports why)."""
+    from segdeploy.artifact import Run, artifact_meta
+
+    try:
+        meta = Run(model).meta if Path(model).is_dir() else artifact_meta(Path(model))
+    except (UserError, OSError, KeyError, ValueError):
+        return None
+    return list(meta.classes)
