@@ -242,10 +242,13 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     writable_location(out)
     sink = RowSink(out, reader, backend.meta, opts, settings, start_row, plan)
     pixels = (reader.height - rows_on_disk) * reader.width  # what this invocation writes
-    pipeline = TilePipeline(backend, reader, plan, opts, sink, start_row, progress, pixels)
-    pipeline.run()
-    backend.trim()  # the outputs and the preview are made after inference: not on top of its peak
-    files = sink.finish()
+    try:
+        pipeline = TilePipeline(backend, reader, plan, opts, sink, start_row, progress, pixels)
+        pipeline.run()
+        backend.trim()  # the outputs and the preview are made after inference: not on top of its peak
+        files = sink.finish()
+    finally:
+        sink.close()
     seconds = time.perf_counter() - t0
     notes = list(reader.notes) + [n for n in (pipeline.finite.summary(), _nonfinite_note(pipeline.nonfinite)) if n]
     return PredictResult(str(src), str(out), reader.width, reader.height, pipeline.done, pipeline.skipped,
@@ -322,6 +325,11 @@ class RowSink:
         self.labels = [lab[n:]] if n < len(lab) else []
         self.conf = [conf[n:]] if conf is not None and n < len(lab) else []
         self.buffered_from = y0 + n
+
+    def close(self) -> None:
+        """Stop the listeners' work (after `finish`, or a failed run: its partial files stay for --resume)."""
+        if self.vector is not None:
+            self.vector.close()
 
     def finish(self) -> list[str]:
         """Flush the last rows, mark the outputs complete and give them their final names."""

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import queue
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -50,6 +52,7 @@ FORMATS: dict[str, tuple[str, str]] = {
 }
 LAYOUTS = ("single", "per-class")
 BATCH_FEATURES = 4096  # features per write (one transaction in a GeoPackage)
+QUEUED_BANDS = 2  # bands waiting for the polygonising thread (each W × band height bytes, + confidence)
 INSTALL = "pip install 'segdeploy[vector]'"
 
 
@@ -209,7 +212,6 @@ class _OpenRegion:
 class _Band:
     """One band's pieces (4-connected within the band) of the tracked classes."""
 
-    shapes: list  # GeoJSON-like dicts from GDAL, for rasterize
     geoms: np.ndarray  # shapely Polygons, exact
     kept: np.ndarray  # the geometries to keep (simplified when asked)
     classes: np.ndarray
@@ -263,33 +265,43 @@ class SeamPolygonizer:
 
     def _pieces(self, y0: int, labels: np.ndarray, confidence: np.ndarray | None) -> _Band:
         import shapely
-        from rasterio.features import shapes
 
-        selected = self.selected[labels]
         everything = self.simplify_px is not None  # the whole band is one coverage to simplify
-        found = list(shapes(_shapes_dtype(labels), mask=None if everything else selected, connectivity=4,
-                            transform=_rows_at(y0)))
-        values = np.array([int(v) for _, v in found], np.int64)
-        geoms = np.array([_polygon(g) for g, _ in found], dtype=object)
+        geoms, values = _polygonise(labels, None if everything else self.selected, y0)
         kept = geoms
-        if everything:
-            kept = shapely.coverage_simplify(geoms, self.simplify_px, simplify_boundary=False) if len(geoms) else geoms
-        keep = self.selected[values] if len(values) else np.zeros(0, bool)
-        band_shapes = [g for (g, _), k in zip(found, keep) if k]
+        if everything and len(geoms):
+            kept = shapely.coverage_simplify(geoms, self.simplify_px, simplify_boundary=False)
+        keep = self.selected[values]
         geoms, kept, values = geoms[keep], kept[keep], values[keep]
         pixels = np.rint(shapely.area(geoms)).astype(np.int64)
         h = labels.shape[0]
-        if confidence is not None:
-            ids = _piece_ids(band_shapes, range(len(band_shapes)), y0, (h, self.width))
+        top = self._row_pieces(geoms, labels[0], y0)
+        bottom = self._row_pieces(geoms, labels[-1], y0 + h - 1)
+        conf = np.zeros(len(geoms))
+        if confidence is not None and len(geoms):
+            from rasterio.features import rasterize
+
+            ids = rasterize(zip(geoms, range(len(geoms))), out_shape=labels.shape, transform=_rows_at(y0), fill=-1,
+                            dtype="int32")  # a pixel is burnt when its centre is inside: exact here
             inside = ids >= 0
             conf = np.bincount(ids[inside], weights=confidence[inside], minlength=len(geoms))
-            top, bottom = ids[0], ids[-1]
-        else:
-            conf = np.zeros(len(geoms))
-            bounds = shapely.bounds(geoms) if len(geoms) else np.zeros((0, 4))
-            top = _piece_ids(band_shapes, np.flatnonzero(bounds[:, 1] == y0), y0, (1, self.width))[0]
-            bottom = _piece_ids(band_shapes, np.flatnonzero(bounds[:, 3] == y0 + h), y0 + h - 1, (1, self.width))[0]
-        return _Band(band_shapes, geoms, kept, values, pixels, conf, top, bottom)
+        return _Band(geoms, kept, values, pixels, conf, top, bottom)
+
+    def _row_pieces(self, geoms: np.ndarray, row: np.ndarray, y: int) -> np.ndarray:
+        """The piece covering each pixel of image row `y` (-1: none): a run of one value along a row
+        lies in one piece, found by the piece that contains the centre of its first pixel."""
+        import shapely
+
+        starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+        run_piece = np.full(len(starts), -1, np.int64)
+        tracked = np.flatnonzero(self.selected[row[starts]])
+        bounds = shapely.bounds(geoms) if len(geoms) else np.zeros((0, 4))
+        near = np.flatnonzero((bounds[:, 1] <= y) & (bounds[:, 3] > y))  # pieces that reach this row
+        if len(tracked) and len(near):
+            tree = shapely.STRtree(geoms[near])
+            run, hit = tree.query(shapely.points(starts[tracked] + 0.5, y + 0.5), predicate="within")
+            run_piece[tracked[run]] = near[hit]
+        return np.repeat(run_piece, np.diff(np.r_[starts, len(row)]))
 
     def _link(self, band: _Band, first_row: np.ndarray) -> np.ndarray:
         """Join each piece to the open regions it continues (vertical neighbours of the same class
@@ -358,24 +370,24 @@ def _rows_at(y0: int):  # noqa: ANN202 - an affine.Affine
     return Affine(1.0, 0.0, 0.0, 0.0, 1.0, float(y0))
 
 
-def _polygon(geojson: dict):  # noqa: ANN202 - a shapely Polygon
-    """GDAL's polygon (GeoJSON-like, from rasterio) as a shapely Polygon."""
+def _polygonise(labels: np.ndarray, wanted: np.ndarray | None, y0: int) -> tuple[np.ndarray, np.ndarray]:
+    """GDAL's polygons of a band (rasterio.features.shapes, 4-connectivity) as shapely Polygons in
+    pixel coordinates, and their values: those whose value is `wanted` (a lookup by value; None:
+    all). Each is converted as it comes (GDAL's GeoJSON-like dicts cost ~10× the memory of the
+    geometry), and no mask is passed (rasterio would copy it twice: 2 bytes a pixel)."""
     import shapely
+    from rasterio.features import shapes
 
-    rings = [shapely.linearrings(np.asarray(r, np.float64)) for r in geojson["coordinates"]]
-    return shapely.Polygon(rings[0], rings[1:])
-
-
-def _piece_ids(band_shapes: list, indices, y0: int, shape: tuple[int, int]) -> np.ndarray:  # noqa: ANN001
-    """An int32 image of which piece covers each pixel of rows y0.. (-1: none), by rasterising
-    those pieces (a pixel is burnt when its centre is inside: exact for pixel-aligned polygons)."""
-    from rasterio.features import rasterize
-
-    indices = list(indices)
-    if not indices:
-        return np.full(shape, -1, np.int32)
-    return rasterize(((band_shapes[i], i) for i in indices), out_shape=shape, transform=_rows_at(y0), fill=-1,
-                     dtype="int32")
+    geoms, values = [], []
+    for geojson, value in shapes(_shapes_dtype(labels), connectivity=4, transform=_rows_at(y0)):
+        if wanted is not None and not wanted[int(value)]:
+            continue
+        rings = [shapely.linearrings(np.asarray(r, np.float64)) for r in geojson["coordinates"]]
+        geoms.append(shapely.Polygon(rings[0], rings[1:]))
+        values.append(int(value))
+    out = np.empty(len(geoms), dtype=object)
+    out[:] = geoms
+    return out, np.array(values, np.int64)
 
 
 # --------------------------------------------------------------------------------------- writing
@@ -540,26 +552,66 @@ class VectorSink:
                                     crs.to_wkt() if crs else None, transform, confidence,
                                     min_area_pixels(options.min_area, abs(transform.determinant)))
         self.confidence = confidence
+        self.bands: queue.Queue = queue.Queue(maxsize=QUEUED_BANDS)
+        self.thread: threading.Thread | None = None
+        self.failures: list[BaseException] = []
+        self.dropping = False
         if done_bands:
             self._rebuild(done_bands, raster_tmp, probs_tmp)
 
     def add_rows(self, y: int, labels: np.ndarray, confidence: np.ndarray | None) -> None:
-        """Rows y.. of the class raster as written (nodata already set), and their confidence in
-        percent (uint8) when computed."""
-        self.writer.add(self.polygonizer.add_band(y, labels, confidence if self.confidence else None))
+        """Rows y.. of the class raster as written (nodata already set; not modified afterwards),
+        and their confidence in percent (uint8) when computed. They are polygonised on this
+        sink's own thread, so the predictor's writer goes on blending meanwhile; at most
+        `QUEUED_BANDS` bands wait (memory), and a failure there is raised here or by `finish`."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._polygonise_loop, daemon=True, name="segdeploy-vector")
+            self.thread.start()
+        self._raise_failure()
+        self.bands.put((y, labels, confidence if self.confidence else None))
 
     def finish(self) -> str:
+        """Polygonise what is queued, write the regions still open, and give the file its name."""
+        self._stop(drain=True)
+        self._raise_failure()
         self.writer.add(self.polygonizer.finish())
         return str(self.writer.finish())
+
+    def close(self) -> None:
+        """Stop the polygonising thread, dropping queued bands (a failed or interrupted run: the
+        unfinished files stay, and --resume rebuilds them from the raster). No-op after `finish`."""
+        self._stop(drain=False)
+
+    def _stop(self, drain: bool) -> None:
+        if self.thread is None:
+            return
+        self.dropping = not drain
+        self.bands.put(None)
+        self.thread.join()
+        self.thread = None
+
+    def _polygonise_loop(self) -> None:
+        while (band := self.bands.get()) is not None:
+            if self.failures or self.dropping:
+                continue
+            try:
+                self.writer.add(self.polygonizer.add_band(*band))
+            except BaseException as exc:  # noqa: BLE001 - raised in the predictor's thread
+                self.failures.append(exc)
+
+    def _raise_failure(self) -> None:
+        if self.failures:
+            raise self.failures[0]
 
     def _rebuild(self, bands: list[tuple[int, int]], raster_tmp: Path | None, probs_tmp: Path | None) -> None:
         import rasterio
         from rasterio.windows import Window
 
         with rasterio.open(raster_tmp) as labels, rasterio.open(probs_tmp) if self.confidence else nullcontext() as probs:
-            for y0, y1 in bands:
+            for y0, y1 in bands:  # here, before the predictor starts
                 win = Window(0, y0, labels.width, y1 - y0)
-                self.add_rows(y0, labels.read(1, window=win), probs.read(1, window=win) if probs else None)
+                conf = probs.read(1, window=win) if probs else None
+                self.writer.add(self.polygonizer.add_band(y0, labels.read(1, window=win), conf))
 
 
 def model_classes(model: Path) -> list[str] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,7 @@ def test_resume_rebuilds_the_open_polygons_and_gives_the_same_features(tmp_path:
     with pytest.raises(KeyboardInterrupt):
         predict_file(ConfidenceEcho(), src, out, opts, progress=interrupt)
     assert not (tmp_path / "out.gpkg").exists() and (tmp_path / ".out.partial.gpkg").exists()
+    assert not [t for t in threading.enumerate() if t.name == "segdeploy-vector"]  # the polygonising thread stopped
     state = json.loads((tmp_path / "out.tif.partial.json").read_text())
     assert state["rows_on_disk"] >= 3 * STRIDE  # several bands are rebuilt from disk, not predicted again
     opts.resume = True
@@ -244,6 +246,28 @@ def test_simplify_keeps_neighbours_edge_to_edge_and_every_polygon_valid(tmp_path
     assert max(shapely.hausdorff_distance(a, b) for a, b in zip(exact, simple)) < 3 * 25.0
     assert shapely.equals(shapely.union_all(simple), shapely.union_all(exact))
     assert_no_same_class_polygons_share_an_edge(simple, sf["class_id"], corners=False)
+
+
+def test_a_failing_vector_write_is_one_line_and_leaves_no_vector_file(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from segdeploy.errors import OutputError
+
+    write_tif(tmp_path / "in.tif", np.vstack([shapes_scene()] * 2), nodata=0)
+    real_write = pyogrio.raw.write
+
+    def disk_full_on_append(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the disk fills up mid-run
+        if kwargs.get("append"):
+            raise pyogrio.errors.DataSourceError("sqlite3_exec(COMMIT) failed: database or disk is full")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(pyogrio.raw, "write", disk_full_on_append)
+    monkeypatch.setattr("segdeploy.vector.BATCH_FEATURES", 50)  # write early: before the last band
+    with pytest.raises(OutputError, match=r"^cannot write .*out\.gpkg: sqlite3_exec\(COMMIT\) failed: database or "
+                                          r"disk is full; choose another location$"):
+        predict_file(EchoBackend(5, TILE), tmp_path / "in.tif", tmp_path / "out.tif",
+                     PredictOptions(tile=TILE, overlap=OVERLAP, preview=False, vector=VectorOptions("gpkg")))
+    assert not list(tmp_path.glob("*.gpkg")) and not list(tmp_path.glob(".out.partial.gpkg*"))
+    assert not [t for t in threading.enumerate() if t.name == "segdeploy-vector"]
 
 
 # ------------------------------------------------------------------------------ refusals
