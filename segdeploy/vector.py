@@ -345,10 +345,7 @@ class SeamPolygonizer:
         import shapely
 
         r = self.open.pop(region_id)
-        if len(r.parts) == 1:
-            geom = r.parts[0]
-        else:  # dissolve the seams; the vertices left on them are collinear: drop them, as GDAL has none
-            geom = shapely.simplify(shapely.union_all(r.parts), 0, preserve_topology=False)
+        geom = r.parts[0] if len(r.parts) == 1 else dissolve_seams(r.parts)
         return Region(r.class_id, geom, r.pixels, r.confidence_sum)
 
     def open_vertices(self) -> int:
@@ -356,6 +353,49 @@ class SeamPolygonizer:
         import shapely
 
         return int(sum(shapely.get_num_coordinates(r.parts).sum() for r in self.open.values()))
+
+
+def dissolve_seams(parts: list) -> Any:
+    """The union of one region's pieces (shapely Polygons in pixel coordinates, each from one band),
+    which meet only along band seams, horizontal lines where one piece's exterior has its bottom
+    edges and the next one's its top edges (a hole never reaches its band's edge).
+
+    Every vertex either side has on a seam is inserted into the other side's seam edges, so the
+    pieces match vertex for vertex and GEOS's coverage union (linear: it drops the edges that
+    appear twice) dissolves them — 2× faster than a general overlay union, which remains the
+    fallback should GEOS find the pieces unfit. The vertices then left on the seams are collinear
+    and dropped, as GDAL's polygons have none."""
+    import shapely
+
+    shells = [shapely.get_coordinates(p.exterior) for p in parts]
+    ys = np.concatenate([xy[:, 1] for xy in shells])
+    xs = np.concatenate([xy[:, 0] for xy in shells])
+    tops = {float(shapely.bounds(p)[1]) for p in parts}
+    bottoms = {float(shapely.bounds(p)[3]) for p in parts}
+    seams = np.array(sorted(tops & bottoms))  # lines where one piece ends and another begins
+    breaks = {y: np.unique(xs[ys == y]) for y in seams.tolist()}
+    noded = [p if not np.isin(xy[:, 1], seams).any() else shapely.Polygon(_node_ring(xy, seams, breaks), p.interiors)
+             for p, xy in zip(parts, shells)]
+    try:
+        union = shapely.coverage_union_all(noded)
+    except shapely.errors.GEOSException:
+        union = shapely.union_all(parts)
+    return shapely.simplify(union, 0, preserve_topology=False)
+
+
+def _node_ring(xy: np.ndarray, seams: np.ndarray, breaks: dict) -> np.ndarray:
+    """Ring coordinates (N×2) with the seam's breakpoints inserted into each edge lying on a seam,
+    in the edge's direction."""
+    y = xy[:, 1]
+    on_seam = np.flatnonzero((y[:-1] == y[1:]) & np.isin(y[:-1], seams))
+    pieces, last = [], 0
+    for i in on_seam.tolist():
+        x0, x1 = xy[i, 0], xy[i + 1, 0]
+        b = breaks[y[i]]
+        inside = b[(b > min(x0, x1)) & (b < max(x0, x1))]
+        pieces += [xy[last : i + 1], np.column_stack([inside if x1 > x0 else inside[::-1], np.full(len(inside), y[i])])]
+        last = i + 1
+    return np.concatenate([*pieces, xy[last:]])
 
 
 def _shapes_dtype(labels: np.ndarray) -> np.ndarray:

@@ -331,3 +331,24 @@ def test_predict_cli_writes_vectors_beside_each_raster(tiny_onnx: Path, synth_di
         assert set(fields["class_name"].tolist()) <= {"field", "water"}
     summary = json.loads((tmp_path / "s.json").read_text())
     assert all(r["files"][-1].endswith("_pred.gpkg") for r in summary["results"])
+
+
+def test_seams_dissolve_by_coverage_union_or_by_the_general_union_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A U whose arms meet three bands down and a ring around a hole, cut into 3-row bands: the
+    noded coverage union and its fallback (a general union) give GDAL's own polygon."""
+    from segdeploy.vector import dissolve_seams
+
+    lab = np.zeros((12, 9), np.uint8)
+    lab[1:11, 1:3] = lab[1:11, 6:8] = lab[9:11, 1:8] = 1
+    lab[2:5, 3:6] = 1  # a bar across the top that leaves a hole below it
+    parts = [shapely.geometry.shape(g) for y in range(0, 12, 3)
+             for g, v in shapes(lab[y:y + 3], mask=lab[y:y + 3] == 1, transform=rasterio.Affine(1, 0, 0, 0, 1, y))]
+    whole = [shapely.geometry.shape(g) for g, _ in shapes(lab, mask=lab == 1)]
+    assert len(parts) >= 5 and len(whole) == 1 and len(whole[0].interiors) == 1
+    assert shapely.equals_exact(shapely.normalize(dissolve_seams(parts)), shapely.normalize(whole[0]), 0)
+
+    def unfit(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise shapely.errors.GEOSException("TopologyException: CoverageUnion cannot process incorrectly noded inputs")
+
+    monkeypatch.setattr(shapely, "coverage_union_all", unfit)
+    assert shapely.equals_exact(shapely.normalize(dissolve_seams(parts)), shapely.normalize(whole[0]), 0)
