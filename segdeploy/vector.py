@@ -52,7 +52,7 @@ FORMATS: dict[str, tuple[str, str]] = {
 }
 LAYOUTS = ("single", "per-class")
 BATCH_FEATURES = 4096  # features per write (one transaction in a GeoPackage)
-QUEUED_BANDS = 2  # bands waiting for the polygonising thread (each W × band height bytes, + confidence)
+QUEUED_BANDS = 1  # bands waiting for the polygonising thread (each W × band height bytes, + confidence)
 INSTALL = "pip install 'segdeploy[vector]'"
 
 
@@ -521,7 +521,8 @@ class FeatureWriter:
                 return self.final
             from pyogrio.raw import open_arrow, write_arrow
 
-            with open_arrow(str(self.staging), layer=self.layer_names[0]) as (meta, stream):
+            with open_arrow(str(self.staging), layer=self.layer_names[0]) as (meta, stream), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*'crs' was not provided.*")
                 write_arrow(stream, str(self.converted), layer=self.layer_names[0], driver=FORMATS[self.fmt][0],
                             geometry_name=meta["geometry_name"], geometry_type="Polygon", crs=self.crs)
             os.replace(self.converted, self.final)
@@ -584,6 +585,10 @@ class VectorSink:
         ids = options.class_ids(list(meta.classes))
         transform = reader.profile.get("transform") or Affine.identity()
         crs = reader.profile.get("crs")
+        if crs is None:
+            lonlat = "; GeoJSON readers will take them for longitude, latitude" if options.format == "geojson" else ""
+            reader.notes.append(f"{self.path.name}: no CRS, polygons in pixel coordinates (x = column, y = row from "
+                                f"the top){lonlat}")
         selected = np.zeros(65536 if nodata > 255 else 256, bool)
         selected[ids] = True
         pixel_px = options.simplify / np.sqrt(abs(transform.determinant)) if options.simplify else None

@@ -178,6 +178,19 @@ def assert_no_same_class_polygons_share_an_edge(geoms: np.ndarray, classes: np.n
     assert (pairs.sum() > 0) == corners and (shapely.get_dimensions(meet) <= 0).all()
 
 
+def test_a_picture_gives_polygons_in_pixel_coordinates_and_says_so(tmp_path: Path) -> None:
+    from PIL import Image
+
+    labels = shapes_scene()[:40, :50] % 3
+    Image.fromarray(labels).save(tmp_path / "x.png")
+    res = predict_file(EchoBackend(3, TILE), tmp_path / "x.png", tmp_path / "x_pred.png",
+                       PredictOptions(tile=TILE, overlap=OVERLAP, vector=VectorOptions("geojson")))
+    assert res.files[-1] == str(tmp_path / "x_pred.geojson")
+    assert any("no CRS, polygons in pixel coordinates" in n and "longitude" in n for n in res.notes)
+    geoms, fields = read_features(tmp_path / "x_pred.geojson")
+    assert np.array_equal(rasterize(zip(geoms, fields["class_id"].tolist()), out_shape=labels.shape), labels)
+
+
 def test_resume_rebuilds_the_open_polygons_and_gives_the_same_features(tmp_path: Path) -> None:
     src, _ = confidence_scene(tmp_path, repeat=3)  # 648 rows: the raster is on disk by 256-row blocks
     opts = PredictOptions(tile=TILE, overlap=OVERLAP, batch=3, probs=True, preview=False,
