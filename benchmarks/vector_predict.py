@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--verify", action="store_true", help="compare every polygon, not only per-class totals")
+    ap.add_argument("--note", default="", help="what the model is (recorded with the result)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -194,6 +195,7 @@ def report(args: argparse.Namespace, scene: Path, runs: list[dict]) -> None:
                                                              args.work / f"two_{last}.gpkg")
     result = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "scene": f"segdeploy.data.synth.write_scene(size={args.size})", "model": str(args.model),
+              "model_note": args.note,
               "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores, "
                          f"load average at the end {__import__('os').getloadavg()}",
               "per_class": vec_classes, "summary": summary, "runs": runs}
