@@ -63,6 +63,12 @@ def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool,
             raise UserError(f"{src} and {seen[target]} would both be written to {target}; "
                             "rename one or predict them into separate --out directories")
         seen[target] = str(src)
+        if vector is not None:  # a.png and a.tif give a_pred.png and a_pred.tif, but one a_pred.gpkg
+            polygons = vector.path_for(target)
+            if polygons in seen:
+                raise UserError(f"{src} and {seen[polygons]} would both write their polygons to {polygons}; "
+                                "rename one or predict them into separate --out directories")
+            seen[polygons] = str(src)
         state, _ = partial_paths(target)
         job = Job(i, src, target, resume=resume and state.is_file())
         done = target.is_file() and not state.is_file()

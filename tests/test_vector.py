@@ -299,6 +299,17 @@ def test_bad_vector_options_are_refused_in_one_line(vec: VectorOptions, many: bo
         vec.check(many)
 
 
+def test_two_inputs_whose_polygons_would_share_a_file_are_refused(tmp_path: Path) -> None:
+    from segdeploy.jobs import plan_jobs
+
+    for name in ("a.png", "a.tif", "b.tif"):
+        (tmp_path / name).write_bytes(b"")
+    files = [tmp_path / "a.png", tmp_path / "a.tif", tmp_path / "b.tif"]
+    assert len(plan_jobs(files, tmp_path / "out", True, False)[0]) == 3  # a_pred.png, a_pred.tif: no clash
+    with pytest.raises(UserError, match=r"a.tif and .*a.png would both write their polygons to .*a_pred.gpkg; rename"):
+        plan_jobs(files, tmp_path / "out", True, False, VectorOptions("gpkg"))
+
+
 def test_unknown_class_missing_libraries_and_missing_parquet_driver_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match=r"--classes 'watr' is not a class of this model \(did you mean water\?"):
         VectorOptions("o.gpkg", classes=["watr"]).class_ids(["land", "water"])
