@@ -28,6 +28,7 @@ pyogrio and shapely are the `vector` extra; they are imported only when `--vecto
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 import queue
 import threading
@@ -398,6 +399,11 @@ def _node_ring(xy: np.ndarray, seams: np.ndarray, breaks: dict) -> np.ndarray:
     return np.concatenate([*pieces, xy[last:]])
 
 
+def _xy(ring: list) -> np.ndarray:
+    """A ring of (x, y) tuples as an N×2 float64 array (fromiter: ~2× np.asarray on tuples)."""
+    return np.fromiter(itertools.chain.from_iterable(ring), np.float64, 2 * len(ring)).reshape(-1, 2)
+
+
 def _shapes_dtype(labels: np.ndarray) -> np.ndarray:
     """GDAL polygonises int16, int32, uint8, uint16 and float32 rasters."""
     return labels if labels.dtype in (np.uint8, np.uint16, np.int16, np.int32) else labels.astype(np.int32)
@@ -422,8 +428,11 @@ def _polygonise(labels: np.ndarray, wanted: np.ndarray | None, y0: int) -> tuple
     for geojson, value in shapes(_shapes_dtype(labels), connectivity=4, transform=_rows_at(y0)):
         if wanted is not None and not wanted[int(value)]:
             continue
-        rings = [shapely.linearrings(np.asarray(r, np.float64)) for r in geojson["coordinates"]]
-        geoms.append(shapely.Polygon(rings[0], rings[1:]))
+        shell, *holes = geojson["coordinates"]
+        if holes:
+            geoms.append(shapely.polygons(shapely.linearrings(_xy(shell)), [shapely.linearrings(_xy(h)) for h in holes]))
+        else:
+            geoms.append(shapely.polygons(_xy(shell)))
         values.append(int(value))
     out = np.empty(len(geoms), dtype=object)
     out[:] = geoms
