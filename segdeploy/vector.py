@@ -184,17 +184,32 @@ def check_driver(fmt: str) -> None:
 
 
 @dataclass
-class Region:
-    """A complete 4-connected region of one class.
+class Regions:
+    """Complete 4-connected regions, one entry per region (struct of arrays, so a band's thousands
+    of small polygons pass without a Python object each).
 
-    `geometry` is a shapely Polygon in pixel coordinates (x = column, y = row, pixel corners at
-    integers); `pixels` its exact pixel count; `confidence_sum` the sum of its pixels' confidence
-    in percent (0 when no confidence was given)."""
+    `geometries`: shapely Polygons in pixel coordinates (x = column, y = row, pixel corners at
+    integers); `class_ids` and `pixels` (exact counts) int64; `confidence_sum` float64, the sum of
+    the pixels' confidence in percent (0 when no confidence was given)."""
 
-    class_id: int
-    geometry: Any
-    pixels: int
-    confidence_sum: float
+    class_ids: np.ndarray
+    geometries: np.ndarray
+    pixels: np.ndarray
+    confidence_sum: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+    def take(self, index: np.ndarray) -> Regions:
+        """The regions at `index` (a boolean mask or indices)."""
+        return Regions(self.class_ids[index], self.geometries[index], self.pixels[index], self.confidence_sum[index])
+
+    @staticmethod
+    def concat(batches: list[Regions]) -> Regions:
+        if not batches:
+            return Regions(np.zeros(0, np.int64), np.empty(0, dtype=object), np.zeros(0, np.int64), np.zeros(0))
+        return Regions(*(np.concatenate([getattr(b, f) for b in batches]) for f in
+                         ("class_ids", "geometries", "pixels", "confidence_sum")))
 
 
 class _OpenRegion:
@@ -245,24 +260,29 @@ class SeamPolygonizer:
         self.next_id = 0
         self.rows_done = 0
 
-    def add_band(self, y0: int, labels: np.ndarray, confidence: np.ndarray | None = None) -> list[Region]:
+    def add_band(self, y0: int, labels: np.ndarray, confidence: np.ndarray | None = None) -> Regions:
         """`labels`: H×W integer class values (uint8/uint16/int16/int32) of rows y0..y0+H;
         `confidence`: H×W percent (uint8) or None. Returns the regions closed by this band."""
         if y0 != self.rows_done or labels.shape[1] != self.width:
             raise ValueError(f"bands must arrive in order and {self.width} px wide: expected row {self.rows_done}, "
                              f"got a band at row {y0} of width {labels.shape[1]}")
         band = self._pieces(y0, labels, confidence)
-        piece_region = self._link(band, labels[0])
+        on_seam = np.zeros(len(band.geoms), bool)  # reaching the band's first or last row
+        on_seam[band.top[band.top >= 0]] = True
+        on_seam[band.bottom[band.bottom >= 0]] = True
+        piece_region = self._link(band, labels[0], np.flatnonzero(on_seam))
         self.seam_ids = np.append(piece_region, -1)[band.bottom]  # -1 (no piece) picks the appended -1
         self.seam_labels = labels[-1].copy()
         self.rows_done = y0 + labels.shape[0]
         alive = set(np.unique(self.seam_ids[self.seam_ids >= 0]).tolist())
-        return [self._close(i) for i in sorted(self.open) if i not in alive]
+        inside = np.flatnonzero(~on_seam)  # complete already: GDAL's polygon is the region's
+        within = Regions(band.classes[inside], band.kept[inside], band.pixels[inside], band.confidence[inside])
+        return Regions.concat([within, self._close([i for i in sorted(self.open) if i not in alive])])
 
-    def finish(self) -> list[Region]:
+    def finish(self) -> Regions:
         """The regions still open after the last band."""
         self.seam_ids[:] = -1
-        return [self._close(i) for i in sorted(self.open)]
+        return self._close(sorted(self.open))
 
     def _pieces(self, y0: int, labels: np.ndarray, confidence: np.ndarray | None) -> _Band:
         import shapely
@@ -304,9 +324,10 @@ class SeamPolygonizer:
             run_piece[tracked[run]] = near[hit]
         return np.repeat(run_piece, np.diff(np.r_[starts, len(row)]))
 
-    def _link(self, band: _Band, first_row: np.ndarray) -> np.ndarray:
-        """Join each piece to the open regions it continues (vertical neighbours of the same class
-        across the seam); regions that one piece joins become one. Returns each piece's region."""
+    def _link(self, band: _Band, first_row: np.ndarray, on_seam: np.ndarray) -> np.ndarray:
+        """Join each piece on a seam (`on_seam`: their indices) to the open regions it continues
+        (vertical neighbours of the same class across the upper seam; regions that one piece joins
+        become one) or open a region for it. Returns each piece's region (-1: not on a seam)."""
         piece_region = np.full(len(band.geoms), -1, np.int64)
         merged: dict[int, int] = {}  # region absorbed -> the region that absorbed it
 
@@ -328,7 +349,7 @@ class SeamPolygonizer:
                     keep, gone = min(other, region), max(other, region)
                     self.open[keep].absorb(self.open.pop(gone))
                     merged[gone] = keep
-        for piece in range(len(band.geoms)):
+        for piece in on_seam.tolist():
             region = find(int(piece_region[piece])) if piece_region[piece] >= 0 else self._new(int(band.classes[piece]))
             piece_region[piece] = region
             target = self.open[region]
@@ -342,12 +363,13 @@ class SeamPolygonizer:
         self.next_id += 1
         return self.next_id - 1
 
-    def _close(self, region_id: int) -> Region:
-        import shapely
-
-        r = self.open.pop(region_id)
-        geom = r.parts[0] if len(r.parts) == 1 else dissolve_seams(r.parts)
-        return Region(r.class_id, geom, r.pixels, r.confidence_sum)
+    def _close(self, region_ids: list[int]) -> Regions:
+        closed = [self.open.pop(i) for i in region_ids]
+        geoms = np.empty(len(closed), dtype=object)
+        geoms[:] = [r.parts[0] if len(r.parts) == 1 else dissolve_seams(r.parts) for r in closed]
+        return Regions(np.array([r.class_id for r in closed], np.int64), geoms,
+                       np.array([r.pixels for r in closed], np.int64),
+                       np.array([r.confidence_sum for r in closed], np.float64))
 
     def open_vertices(self) -> int:
         """Coordinates held by open regions (what memory grows with)."""
@@ -475,47 +497,48 @@ class FeatureWriter:
         self.layer_names = [class_names[i] for i in class_ids] if per_class else [self.final.stem]
         self.crs, self.transform = crs, transform
         self.with_confidence, self.min_pixels = with_confidence, min_pixels
-        self.pending: list[Region] = []
+        self.pending: list[Regions] = []
+        self.pending_count = 0
         self.written = 0
         self.dropped = 0
         self.discard()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         for name in self.layer_names:  # every layer exists, with its schema, even if it stays empty
-            self._write(name, [], append=name != self.layer_names[0])
+            self._write(name, Regions.concat([]), append=name != self.layer_names[0])
 
     @property
     def fields(self) -> list[str]:
         return ["class_id", "class_name", "area", "pixels"] + (["confidence"] if self.with_confidence else [])
 
-    def add(self, regions: list[Region]) -> None:
-        kept = [r for r in regions if r.pixels >= self.min_pixels]
+    def add(self, regions: Regions) -> None:
+        kept = regions.take(regions.pixels >= self.min_pixels)
         self.dropped += len(regions) - len(kept)
-        self.pending += kept
-        if len(self.pending) >= BATCH_FEATURES:
+        self.pending.append(kept)
+        self.pending_count += len(kept)
+        if self.pending_count >= BATCH_FEATURES:
             self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
+        if not self.pending_count:
             return
+        batch = Regions.concat(self.pending)
         if self.per_class:
-            for cid in sorted({r.class_id for r in self.pending}):
-                self._write(self.class_names[cid], [r for r in self.pending if r.class_id == cid], append=True)
+            for cid in np.unique(batch.class_ids).tolist():
+                self._write(self.class_names[cid], batch.take(batch.class_ids == cid), append=True)
         else:
-            self._write(self.layer_names[0], self.pending, append=True)
-        self.written += len(self.pending)
-        self.pending = []
+            self._write(self.layer_names[0], batch, append=True)
+        self.written += len(batch)
+        self.pending, self.pending_count = [], 0
 
-    def _write(self, layer: str, regions: list[Region], append: bool) -> None:
+    def _write(self, layer: str, regions: Regions, append: bool) -> None:
         import shapely
         from pyogrio.raw import write
 
-        geoms = to_map(np.array([r.geometry for r in regions], dtype=object), self.transform)
-        data = [np.array([r.class_id for r in regions], np.int32),
-                np.array([self.class_names[r.class_id] for r in regions], dtype=object),
-                shapely.area(geoms).astype(np.float64) if len(geoms) else np.zeros(0),
-                np.array([r.pixels for r in regions], np.int64)]
+        geoms = to_map(regions.geometries, self.transform)
+        data = [regions.class_ids.astype(np.int32), np.array(self.class_names, dtype=object)[regions.class_ids],
+                shapely.area(geoms).astype(np.float64), regions.pixels.astype(np.int64)]
         if self.with_confidence:
-            data.append(np.array([r.confidence_sum / max(r.pixels, 1) / 100 for r in regions], np.float64))
+            data.append(regions.confidence_sum / np.maximum(regions.pixels, 1) / 100)
         with self._failing_write(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*'crs' was not provided.*")  # predict warned already
             write(str(self.staging), shapely.to_wkb(geoms), data, self.fields, layer=layer, driver="GPKG",

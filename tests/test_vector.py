@@ -23,7 +23,7 @@ from tests.test_predict import EchoBackend, write_tif
 pyogrio = pytest.importorskip("pyogrio", reason="--vector needs segdeploy[vector] (in [dev]): pip install -e '.[dev]'")
 shapely = pytest.importorskip("shapely")
 
-from segdeploy.vector import SeamPolygonizer, VectorOptions  # noqa: E402
+from segdeploy.vector import Regions, SeamPolygonizer, VectorOptions  # noqa: E402
 
 TILE, OVERLAP = 32, 8
 STRIDE = TILE - OVERLAP  # predict hands finished rows over in bands of this height
@@ -91,15 +91,13 @@ def test_bands_merged_across_seams_equal_the_whole_raster_polygonised(h: int, w:
     lab[rng.random((h, w)) < nodata] = 255
     edges = sorted({0, *[c for c in cuts if c < h], h})
     poly = SeamPolygonizer(w, np.arange(256) != 255)
-    regions = []
-    for y0, y1 in zip(edges, edges[1:]):
-        regions += poly.add_band(y0, lab[y0:y1])
-    regions += poly.finish()
+    batches = [poly.add_band(y0, lab[y0:y1]) for y0, y1 in zip(edges, edges[1:])]
+    regions = Regions.concat([*batches, poly.finish()])
     assert not poly.open
-    geoms = np.array([r.geometry for r in regions], dtype=object)
+    geoms = regions.geometries
     assert shapely.is_valid(geoms).all() and set(shapely.get_type_id(geoms).tolist()) <= {3}  # Polygons only
-    assert as_set(geoms, np.array([r.class_id for r in regions])) == whole_raster_polygons(lab, 255)
-    assert [r.pixels for r in regions] == [int(round(g.area)) for g in geoms]
+    assert as_set(geoms, regions.class_ids) == whole_raster_polygons(lab, 255)
+    assert regions.pixels.tolist() == np.rint(shapely.area(geoms)).astype(int).tolist()
 
 
 # ------------------------------------------------------------------------------ through predict
