@@ -172,12 +172,13 @@ def check_driver(fmt: str) -> None:
     driver, built with Arrow: pyogrio's PyPI wheels leave it out)."""
     import pyogrio
 
-    driver = FORMATS[fmt][0]
-    if driver not in pyogrio.list_drivers(write=True):
-        raise BackendUnavailable(
-            f"--vector .{fmt}: the GDAL {pyogrio.__gdal_version_string__} that pyogrio uses has no {driver} "
-            f"driver; install one built with it (conda install -c conda-forge pyogrio libgdal-arrow-parquet) "
-            f"or write .gpkg or .fgb")
+    driver, have = FORMATS[fmt][0], pyogrio.list_drivers(write=True)
+    if driver not in have:
+        how = "libgdal-arrow-parquet" if fmt == "parquet" else "libgdal"
+        others = " or ".join(ext for f, (drv, ext) in FORMATS.items() if f != fmt and drv in have)
+        raise BackendUnavailable(f"--vector .{fmt}: the GDAL {pyogrio.__gdal_version_string__} that pyogrio uses has "
+                                 f"no {driver} driver; install one built with it (conda install -c conda-forge pyogrio "
+                                 f"{how}) or write {others or '.gpkg'}")
 
 
 # --------------------------------------------------------------------------------------- polygonising

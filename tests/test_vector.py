@@ -314,7 +314,7 @@ def test_unknown_class_missing_libraries_and_missing_parquet_driver_are_refused(
     assert VectorOptions("o.gpkg", classes=["water", "0"]).class_ids(["land", "water"]) == [0, 1]
     monkeypatch.setattr(pyogrio, "list_drivers", lambda **kw: {"GPKG": "rw"})
     with pytest.raises(BackendUnavailable, match=r"no Parquet driver; install one built with it \(conda install -c "
-                                                 r"conda-forge pyogrio libgdal-arrow-parquet\) or write \.gpkg"):
+                                                 r"conda-forge pyogrio libgdal-arrow-parquet\) or write \.gpkg$"):
         VectorOptions("o.parquet").check()
     monkeypatch.setitem(sys.modules, "pyogrio", None)  # as in the core install
     with pytest.raises(BackendUnavailable, match=r"--vector needs pyogrio and shapely \(pyogrio is not installed\): "
