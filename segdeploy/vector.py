@@ -621,12 +621,11 @@ class VectorSink:
         options.check()
         self.path = options.path_for(raster_out)
         ids = options.class_ids(list(meta.classes))
-        transform = reader.profile.get("transform") or Affine.identity()
-        crs = reader.profile.get("crs")
-        if crs is None:
-            lonlat = "; GeoJSON readers will take them for longitude, latitude" if options.format == "geojson" else ""
-            reader.notes.append(f"{self.path.name}: no CRS, polygons in pixel coordinates (x = column, y = row from "
-                                f"the top){lonlat}")
+        georef = getattr(reader, "georef", None)  # a picture's reader has none
+        transform = georef.transform if georef is not None and georef.transform is not None else None
+        crs = georef.crs if transform is not None else None
+        self._note_coordinates(reader, options, georef, transform, crs)
+        transform = transform or Affine.identity()
         selected = np.zeros(65536 if nodata > 255 else 256, bool)
         selected[ids] = True
         pixel_px = options.simplify / np.sqrt(abs(transform.determinant)) if options.simplify else None
@@ -641,6 +640,18 @@ class VectorSink:
         self.dropping = False
         if done_bands:
             self._rebuild(done_bands, raster_tmp, probs_tmp)
+
+    def _note_coordinates(self, reader, options: VectorOptions, georef, transform, crs) -> None:  # noqa: ANN001
+        """Say when the polygons are not in a CRS: pixel coordinates without a geotransform (GCPs and
+        RPCs are not an affine map: warp the raster for map coordinates), or no CRS."""
+        lonlat = "; GeoJSON readers will take them for longitude, latitude" if options.format == "geojson" else ""
+        if transform is None:
+            why = " (its GCPs/RPCs are no geotransform: warp the raster first)" if georef is not None and \
+                georef.present else ""
+            reader.notes.append(f"{self.path.name}: polygons in pixel coordinates (x = column, y = row from the top)"
+                                f"{why}{lonlat}")
+        elif crs is None:
+            reader.notes.append(f"{self.path.name}: the input has no CRS, nor have the polygons{lonlat}")
 
     def add_rows(self, y: int, labels: np.ndarray, confidence: np.ndarray | None) -> None:
         """Rows y.. of the class raster as written (nodata already set; not modified afterwards),

@@ -184,7 +184,7 @@ def test_a_picture_gives_polygons_in_pixel_coordinates_and_says_so(tmp_path: Pat
     res = predict_file(EchoBackend(3, TILE), tmp_path / "x.png", tmp_path / "x_pred.png",
                        PredictOptions(tile=TILE, overlap=OVERLAP, vector=VectorOptions("geojson")))
     assert res.files[-1] == str(tmp_path / "x_pred.geojson")
-    assert any("no CRS, polygons in pixel coordinates" in n and "longitude" in n for n in res.notes)
+    assert any("x_pred.geojson: polygons in pixel coordinates" in n and "longitude" in n for n in res.notes)
     geoms, fields = read_features(tmp_path / "x_pred.geojson")
     assert np.array_equal(rasterize(zip(geoms, fields["class_id"].tolist()), out_shape=labels.shape), labels)
 
@@ -305,7 +305,7 @@ def test_two_inputs_whose_polygons_would_share_a_file_are_refused(tmp_path: Path
     files = [tmp_path / "a.png", tmp_path / "a.tif", tmp_path / "b.tif"]
     assert len(plan_jobs(files, tmp_path / "out", True, False)[0]) == 3  # a_pred.png, a_pred.tif: no clash
     with pytest.raises(UserError, match=r"a.tif and .*a.png would both write their polygons to .*a_pred.gpkg; rename"):
-        plan_jobs(files, tmp_path / "out", True, False, VectorOptions("gpkg"))
+        plan_jobs(files, tmp_path / "out", True, False, vector=VectorOptions("gpkg"))
 
 
 def test_unknown_class_missing_libraries_and_missing_parquet_driver_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:

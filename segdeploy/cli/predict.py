@@ -36,17 +36,12 @@ def predict_cmd(
                               "R/G/B order from the file's colour interpretation)."),
     input_max: float = typer.Option(None, "--input-max", callback=positive, help="Full-scale value of the input's pixel type when it "
                                     "differs from the model's (e.g. 65535 for a uint16 raster and a uint8 model)."),
-    vector: str = typer.Option(None, "--vector", help="Also write polygons per class, made while predicting: a file "
-                               "(OUT.gpkg, .geojson, .fgb, .parquet; one input) or a format (gpkg, geojson, fgb, "
-                               "parquet) for a file beside each raster (pip install 'segdeploy[vector]')."),
-    vector_layers: str = typer.Option("single", "--vector-layers", help="single: one layer; per-class: a layer per "
-                                      "class (GeoPackage only)."),
-    min_area: str = typer.Option(None, "--min-area", help="Leave out polygons smaller than this, in map units² (250) "
-                                 "or pixels (40px); their pixels stay in the raster."),
-    simplify: float = typer.Option(None, "--simplify", help="Simplify polygons with this tolerance in map units, "
-                                   "neighbours kept edge to edge (see README)."),
-    classes: str = typer.Option(None, "--classes", help="Classes to polygonise, by name or 0-based id "
-                                "(water,urban; default: all)."),
+    vector: str = typer.Option(None, help="Also polygons per class: OUT.gpkg|.geojson|.fgb|.parquet (one input), or "
+                               "a format (gpkg…) for a file beside each raster. Needs segdeploy[vector]."),
+    vector_layers: str = typer.Option("single", help="single, or per-class: a layer per class (GeoPackage)."),
+    min_area: str = typer.Option(None, help="Leave out polygons under this many map units² (250) or pixels (40px)."),
+    simplify: float = typer.Option(None, help="Simplify polygons, tolerance in map units, neighbours edge to edge."),
+    classes: str = typer.Option(None, help="Classes to polygonise, names or 0-based ids (water,urban; default: all)."),
     device: str = typer.Option("auto", help="torch backend device: auto, cpu or cuda."),
     threads: int = typer.Option(None, min=1, help="CPU threads for the backend (per worker with --ray)."),
     ray: bool = typer.Option(False, "--ray", help="Predict the rasters on a Ray cluster: a local one on 127.0.0.1 "
