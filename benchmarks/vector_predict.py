@@ -68,7 +68,7 @@ def two_step(raster: Path, out: Path, names: list[str], batch: int = 65536) -> d
 def run_predict(args: argparse.Namespace, scene: Path, out: Path, vector: Path | None) -> dict:
     cmd = [PYTHON, "-m", "segdeploy", "predict", str(args.model), str(scene), "--out", str(out), "--tile",
            str(args.tile), "--overlap", str(args.overlap), "--batch", str(args.batch), "--no-preview", "--no-progress",
-           "--json", str(out.with_suffix(".json"))]
+           "--overwrite", "--json", str(out.with_suffix(".json"))]  # each round replaces the last one's files
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if vector is not None:
@@ -108,7 +108,8 @@ def run_two_step(raster: Path, out: Path, names: list[str]) -> dict:
     proc, wall, cpu, process_peak = timed([PYTHON, "-c", code])
     if proc.returncode:
         raise SystemExit(f"two-step polygonising failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.splitlines()[-1]) | {"wall_s": wall, "cpu_s": cpu, "process_peak_rss_mb": process_peak}
+    return json.loads(proc.stdout.splitlines()[-1]) | {"wall_s": wall, "cpu_s": cpu,
+                                                        "process_peak_rss_mb": process_peak}
 
 
 def per_class(path: Path) -> dict:
@@ -161,11 +162,13 @@ def main() -> None:
     runs: list[dict] = []
     for r in range(args.repeats):  # interleaved; the two-step polygonises this round's raster
         for v in (["raster", "vector"] if r % 2 == 0 else ["vector", "raster"]) + ["two_step"]:
-            raster, vec, two = args.work / f"raster_{r}.tif", args.work / f"vector_{r}.gpkg", args.work / f"two_{r}.gpkg"
+            name = f"{args.size}_{r}"
+            raster, vec, two = (args.work / f"{kind}_{name}{ext}" for kind, ext in
+                                (("raster", ".tif"), ("vector", ".gpkg"), ("two", ".gpkg")))
             if v == "raster":
                 rec = run_predict(args, scene, raster, None)
             elif v == "vector":
-                rec = run_predict(args, scene, args.work / f"withvec_{r}.tif", vec)
+                rec = run_predict(args, scene, args.work / f"withvec_{name}.tif", vec)
             else:
                 rec = run_two_step(raster, two, names)
             runs.append({"round": r, "variant": v, **rec})
@@ -181,7 +184,7 @@ def report(args: argparse.Namespace, scene: Path, runs: list[dict]) -> None:
     raster_cpu, vector_cpu, two_cpu = pick("raster", "cpu_s"), pick("vector", "cpu_s"), pick("two_step", "cpu_s")
     raster_mb, vector_mb, two_mb = pick("raster", "peak_rss_mb"), pick("vector", "peak_rss_mb"), pick("two_step",
                                                                                                        "peak_rss_mb")
-    last = args.repeats - 1
+    last = f"{args.size}_{args.repeats - 1}"
     vec_classes, two_classes = per_class(args.work / f"vector_{last}.gpkg"), per_class(args.work / f"two_{last}.gpkg")
     summary = {
         "raster_s": {"best": min(raster_s), "median": statistics.median(raster_s)},
