@@ -53,11 +53,11 @@ FORMATS: dict[str, tuple[str, str]] = {
 }
 LAYOUTS = ("single", "per-class")
 BATCH_FEATURES = 4096  # features per write (one transaction in a GeoPackage)
-# rows per GDAL polygonising call: rasterio holds the GIL for the whole call (a 448-row band of a
-# 20000-px scene: ~1.5 s of stalled predictor threads), and its copy of the rows and the OGR layer
-# it fills grow with it (20000×2240 px: 590 MB peak at 448 rows, 568 at 112, 562 at 56); fewer rows
-# mean more seams to dissolve (+4% CPU at 112)
-POLYGONISE_ROWS = 112
+# pixels per GDAL polygonising call (rows = this / width, at least 64): rasterio holds the GIL for
+# the whole call (a 448-row band of a 20000-px scene: ~1.5 s of stalled predictor threads), and its
+# copy of the rows and the OGR layer it fills grow with it (20000×2240 px: 590 MB peak at 448 rows a
+# call, 568 at 112); each slice adds a seam to dissolve (4096², 112 rows: +33% polygonising CPU)
+POLYGONISE_PIXELS = 2_500_000
 QUEUED_BANDS = 1  # bands waiting for the polygonising thread (each W × band height bytes, + confidence)
 INSTALL = "pip install 'segdeploy[vector]'"
 
@@ -694,10 +694,12 @@ class VectorSink:
                 self.failures.append(exc)
 
     def _polygonise(self, y: int, labels: np.ndarray, confidence: np.ndarray | None) -> None:
-        """One band, in slices of at most `POLYGONISE_ROWS` rows: rasterio holds the GIL while GDAL
-        polygonises, which stalls the predictor's threads for as long as one call lasts."""
-        for top in range(0, labels.shape[0], POLYGONISE_ROWS):
-            rows = slice(top, top + POLYGONISE_ROWS)
+        """One band, in slices of about `POLYGONISE_PIXELS`: rasterio holds the GIL while GDAL
+        polygonises, which stalls the predictor's threads for as long as one call lasts. The slices
+        depend on the width alone, so a rebuild (--resume) cuts them the same."""
+        step = max(64, POLYGONISE_PIXELS // labels.shape[1])
+        for top in range(0, labels.shape[0], step):
+            rows = slice(top, top + step)
             self.writer.add(self.polygonizer.add_band(y + top, labels[rows],
                                                       None if confidence is None else confidence[rows]))
 
