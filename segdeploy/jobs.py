@@ -14,6 +14,7 @@ from pathlib import Path
 from segdeploy.errors import UserError
 from segdeploy.predict import PredictOptions, PredictResult, predict_file
 from segdeploy.raster import output_for, partial_paths
+from segdeploy.vector import VectorOptions
 
 TileCallback = Callable[[int, int, int, int], None]  # (job index, tiles done, tiles in all, pixels)
 
@@ -40,14 +41,16 @@ class Outcome:
 
 
 def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool,
-              overwrite: bool = False) -> tuple[list[Job], list[Job]]:
+              overwrite: bool = False, vector: VectorOptions | None = None) -> tuple[list[Job], list[Job]]:
     """(to run, already finished), by the rule every verb keeps: a finished output is replaced only
     with `overwrite`, an unfinished one continues only with `resume` (without it `predict_file`
-    refuses to start it over, unless `overwrite`). With `resume` a finished output is skipped.
+    refuses to start it over, unless `overwrite`). With `resume` a finished output is skipped, but
+    with `vector` one whose vector file is missing is predicted again (the same raster, and now its
+    polygons).
 
     Raises UserError, before any work, for an output name that cannot hold the result (a picture's
     prediction is a PNG, a raster's a GeoTIFF; several inputs need a directory), two inputs that
-    would write one output, and finished outputs without --overwrite or --resume."""
+    would write one output (or one vector file), and finished outputs without --overwrite or --resume."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one of them")
     check_output_name(files, out, many)
@@ -60,10 +63,17 @@ def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool,
             raise UserError(f"{src} and {seen[target]} would both be written to {target}; "
                             "rename one or predict them into separate --out directories")
         seen[target] = str(src)
+        if vector is not None:  # a.png and a.tif give a_pred.png and a_pred.tif, but one a_pred.gpkg
+            polygons = vector.path_for(target)
+            if polygons in seen:
+                raise UserError(f"{src} and {seen[polygons]} would both write their polygons to {polygons}; "
+                                "rename one or predict them into separate --out directories")
+            seen[polygons] = str(src)
         state, _ = partial_paths(target)
         job = Job(i, src, target, resume=resume and state.is_file())
         done = target.is_file() and not state.is_file()
-        (finished if done and not overwrite else todo).append(job)
+        vector_missing = vector is not None and not vector.path_for(target).is_file()
+        (finished if done and not overwrite and not (resume and vector_missing) else todo).append(job)
     if finished and not resume:
         first = finished[0].out
         what = f"{first} already exists" if len(finished) == 1 else \

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from segdeploy.runtime.base import Backend
 from segdeploy.runtime.finite import FiniteLogits
 from segdeploy.tiling import BLENDS, StripAccumulator, TilePlan, default_overlap, normalize
 from segdeploy.utils import RssSampler, writable_location, write_json
+
+if TYPE_CHECKING:
+    from segdeploy.vector import VectorOptions
 
 Progress = Callable[[int, int, int], None]  # (tiles done, tiles this run computes, pixels it writes)
 # (row, col, pixels or logits or None for a skipped all-nodata tile, validity or None when all valid)
@@ -60,6 +64,7 @@ class PredictOptions:
     input_max: float | None = None
     preview: bool = True  # a quick-look PNG beside each raster output
     cog: bool = False  # write Cloud-Optimized GeoTIFFs (overviews by mode) instead of plain tiled ones
+    vector: VectorOptions | None = None  # also polygonise the class rows as they finish (segdeploy.vector)
 
 
 @dataclass
@@ -215,10 +220,13 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     writable_location(out)
     sink = RowSink(out, reader, backend.meta, opts, settings, start_row, plan)
     pixels = (reader.height - rows_on_disk) * reader.width  # what this invocation writes
-    pipeline = TilePipeline(backend, reader, plan, scale, opts, sink, start_row, progress, pixels)
-    pipeline.run()
-    backend.trim()  # the outputs and the preview are made after inference: not on top of its peak
-    files = sink.finish()
+    try:
+        pipeline = TilePipeline(backend, reader, plan, scale, opts, sink, start_row, progress, pixels)
+        pipeline.run()
+        backend.trim()  # the outputs and the preview are made after inference: not on top of its peak
+        files = sink.finish()
+    finally:
+        sink.close()
     seconds = time.perf_counter() - t0
     notes = list(reader.notes) + [n for n in (pipeline.finite.summary(), _nonfinite_note(pipeline.nonfinite)) if n]
     return PredictResult(str(src), str(out), reader.width, reader.height, pipeline.done, pipeline.skipped,
@@ -254,6 +262,13 @@ class RowSink:
             self.writer = ClassRasterWriter(out, self.tmp, self.state_path, reader, meta.num_classes, meta.palette,
                                             self.block, self.probs_tmp, resume=start_row > 0)
         self.nodata = self.writer.nodata if self.writer else 255
+        self.vector = None  # a listener fed every band of rows as written (polygons: segdeploy.vector)
+        if opts.vector is not None:
+            from segdeploy.vector import VectorSink
+
+            done = [(plan.rows[r], plan.rows[r] + plan.stride) for r in range(start_row)]  # on disk: rebuilt first
+            self.vector = VectorSink(out, opts.vector, reader, meta, self.nodata, opts.probs, done, self.tmp,
+                                     self.probs_tmp)
 
     def add(self, y: int, labels: np.ndarray, conf: np.ndarray) -> None:
         """Rows from image row `y` on, as the accumulator emits them (-1: nodata in the input; the
@@ -266,6 +281,8 @@ class RowSink:
             cf = np.clip(np.round(conf.astype(np.float32) * 100), 0, 100).astype(np.uint8)
             cf[nodata_px] = 255
             self.conf.append(cf)
+        if self.vector is not None:
+            self.vector.add_rows(y, lab, self.conf[-1] if self.opts.probs else None)
         self.flush(final=False)
 
     def flush(self, final: bool) -> None:
@@ -287,11 +304,17 @@ class RowSink:
         self.conf = [conf[n:]] if conf is not None and n < len(lab) else []
         self.buffered_from = y0 + n
 
+    def close(self) -> None:
+        """Stop the listeners' work (after `finish`, or a failed run: its partial files stay for --resume)."""
+        if self.vector is not None:
+            self.vector.close()
+
     def finish(self) -> list[str]:
         """Flush the last rows, mark the outputs complete and give them their final names."""
         self.flush(final=True)
+        vector = [self.vector.finish()] if self.vector is not None else []
         if self.writer is None:
-            return write_picture_outputs(self.reader, self.picture_rows, self.meta, self.out)
+            return write_picture_outputs(self.reader, self.picture_rows, self.meta, self.out) + vector
         self.writer.finish(cog=self.opts.cog)
         os.replace(self.tmp, self.out)
         files = [str(self.out)]
@@ -299,6 +322,7 @@ class RowSink:
             probs_out = self.out.with_name(f"{self.out.stem}.probs.tif")
             os.replace(self.probs_tmp, probs_out)
             files.append(str(probs_out))
+        files += vector
         self.state_path.unlink(missing_ok=True)
         if self.opts.preview:
             from segdeploy.viz import preview_path, save_class_preview

@@ -15,6 +15,7 @@ import rasterio
 from tests.conftest import RECIPES
 
 HEAVY = ("torch", "torchvision", "timm", "segmentation_models_pytorch")
+VECTOR = ("pyogrio", "shapely")  # segdeploy[vector]: only `predict --vector` needs them
 # run the CLI with the training stack unimportable, then report what was imported and the peak RSS
 PROBE = """
 import json, sys
@@ -32,9 +33,10 @@ main()
 """
 
 
-def run_without_torch(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def run_without_torch(tmp_path: Path, *args: str, blocked: tuple[str, ...] = HEAVY) -> tuple[subprocess.CompletedProcess,
+                                                                                             list[str]]:
     report = tmp_path / "imported.json"
-    code = PROBE.format(heavy=HEAVY, report=str(report), args=list(args))
+    code = PROBE.format(heavy=blocked, report=str(report), args=list(args))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     return proc, json.loads(report.read_text()) if report.exists() else ["<no report>"]
@@ -43,9 +45,10 @@ def run_without_torch(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedP
 def test_predict_on_onnx_runs_without_torch_timm_or_smp(tiny_onnx: Path, synth_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "pred.tif"
     proc, loaded = run_without_torch(tmp_path, "predict", str(tiny_onnx), str(synth_dir / "scene/scene.tif"),
-                                     "--out", str(out), "--no-progress", "--json", str(tmp_path / "s.json"))
+                                     "--out", str(out), "--no-progress", "--json", str(tmp_path / "s.json"),
+                                     blocked=HEAVY + VECTOR)
     assert proc.returncode == 0, proc.stderr
-    assert loaded == []
+    assert loaded == []  # nor pyogrio or shapely: polygons are an extra
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["backend"].startswith("onnxruntime fp32") and len(summary["results"]) == 1
     with rasterio.open(synth_dir / "scene/scene.tif") as src, rasterio.open(out) as pred:
@@ -53,6 +56,10 @@ def test_predict_on_onnx_runs_without_torch_timm_or_smp(tiny_onnx: Path, synth_d
         labels = pred.read(1)
     classes = set(np.unique(labels).tolist())
     assert classes <= {0, 1, 2, 3, 4, 255} and len(classes - {255}) >= 2  # 255: the scene's nodata
+    proc, _ = run_without_torch(tmp_path, "predict", str(tiny_onnx), str(synth_dir / "scene/scene.tif"), "--out",
+                                str(tmp_path / "v.tif"), "--vector", "gpkg", blocked=HEAVY + VECTOR)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --vector needs pyogrio and shapely (pyogrio is not installed): pip install 'segdeploy[vector]'"]
 
 
 def test_eval_and_bench_on_onnx_run_without_torch(tiny_onnx: Path, tiny_run: Path, tmp_path: Path) -> None:

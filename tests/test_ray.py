@@ -58,9 +58,10 @@ def test_ray_pool_matches_a_serial_run_byte_for_byte_and_listens_on_loopback_onl
     from segdeploy import cluster
     from segdeploy.jobs import Tally, plan_jobs
     from segdeploy.predict import PredictOptions
+    from segdeploy.vector import VectorOptions
 
     files = scenes(synth_dir, tmp_path / "in")
-    serial = predict(str(tiny_onnx), str(tmp_path / "in"), "--out", str(tmp_path / "serial"))
+    serial = predict(str(tiny_onnx), str(tmp_path / "in"), "--out", str(tmp_path / "serial"), "--vector", "fgb")
     assert serial.exit_code == 0, serial.output
 
     before = listening_sockets()
@@ -71,8 +72,8 @@ def test_ray_pool_matches_a_serial_run_byte_for_byte_and_listens_on_loopback_onl
         assert (cl.workers, cl.threads, cl.address) == (2, 1, "local")
         jobs, _ = plan_jobs(files, tmp_path / "ray", many=True, resume=False)
         tally = Tally(len(jobs))
-        outcomes = list(cluster.run_on_ray(tiny_onnx, {}, jobs, PredictOptions(batch=2, preview=False), cl,
-                                           on_tiles=tally.tiles))
+        opts = PredictOptions(batch=2, preview=False, vector=VectorOptions("fgb"))
+        outcomes = list(cluster.run_on_ray(tiny_onnx, {}, jobs, opts, cl, on_tiles=tally.tiles))
     finally:
         cluster.disconnect(cl)
     assert not [o.error for o in outcomes if o.error] and tally.running  # tile counts reached the driver
@@ -80,7 +81,18 @@ def test_ray_pool_matches_a_serial_run_byte_for_byte_and_listens_on_loopback_onl
     for f in files:
         name = f"{f.stem}_pred.tif"
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "serial" / name).read_bytes()
+        assert vector_features(tmp_path / "ray" / f"{f.stem}_pred.fgb") == vector_features(
+            tmp_path / "serial" / f"{f.stem}_pred.fgb")  # the same polygons, beside each raster
     assert not list((tmp_path / "ray").glob(".*"))  # no temp or partial files left behind
+
+
+def vector_features(path: Path) -> list:
+    """Every feature's geometry (WKB) and attributes, in file order."""
+    from pyogrio.raw import read
+
+    _, _, wkb, fields = read(path)
+    assert len(wkb) > 10
+    return [wkb.tolist(), *[f.tolist() for f in fields]]
 
 
 def test_ray_cli_reports_a_bad_raster_by_name_finishes_the_rest_and_resumes_per_file(tiny_onnx: Path, synth_dir: Path,

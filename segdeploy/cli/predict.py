@@ -36,6 +36,12 @@ def predict_cmd(
                               "R/G/B order from the file's colour interpretation)."),
     input_max: float = typer.Option(None, "--input-max", callback=positive, help="Full-scale value of the input's pixel type when it "
                                     "differs from the model's (e.g. 65535 for a uint16 raster and a uint8 model)."),
+    vector: str = typer.Option(None, help="Also polygons per class: OUT.gpkg|.geojson|.fgb|.parquet (one input), or "
+                               "a format (gpkg…) for a file beside each raster. Needs segdeploy[vector]."),
+    vector_layers: str = typer.Option("single", help="single, or per-class: a layer per class (GeoPackage)."),
+    min_area: str = typer.Option(None, help="Leave out polygons under this many map units² (250) or pixels (40px)."),
+    simplify: float = typer.Option(None, help="Simplify polygons, tolerance in map units, neighbours edge to edge."),
+    classes: str = typer.Option(None, help="Classes to polygonise, names or 0-based ids (water,urban; default: all)."),
     device: str = typer.Option("auto", help="torch backend device: auto, cpu or cuda."),
     threads: int = typer.Option(None, min=1, help="CPU threads for the backend (per worker with --ray)."),
     ray: bool = typer.Option(False, "--ray", help="Predict the rasters on a Ray cluster: a local one on 127.0.0.1 "
@@ -52,11 +58,9 @@ def predict_cmd(
 
     Many rasters run one after another, or side by side on a Ray cluster with --ray."""
     from segdeploy.errors import UserError
-    from segdeploy.jobs import plan_jobs
     from segdeploy.predict import PredictOptions
     from segdeploy.raster import expand_inputs
     from segdeploy.runtime import backend_for
-    from segdeploy.utils import writable_location
 
     files = expand_inputs(inputs)
     band_list = _checked(blend, device, bands)
@@ -64,15 +68,13 @@ def predict_cmd(
     options: dict = {"threads": threads} if threads else {}
     if kind == "torch":
         options["device"] = device
-    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
-                          overwrite=overwrite, bands=band_list, input_max=input_max, preview=preview, cog=cog)
     out = Path(out_arg)
     many = len(files) > 1 or out.is_dir() or out_arg.endswith(("/", "\\"))
-    jobs, finished = plan_jobs(files, out, many, resume, overwrite)
-    for job in jobs:  # an unwritable output fails before any progress is drawn
-        writable_location(job.out)
-    for job in finished:
-        console.print(f"{job.src}: already predicted ({job.out}), skipped", soft_wrap=True)
+    vector_opts = _vector_options(model, vector, vector_layers, min_area, simplify, classes, many)
+    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
+                          overwrite=overwrite, bands=band_list, input_max=input_max, preview=preview, cog=cog,
+                          vector=vector_opts)
+    jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
     use_ray = ray or ray_address is not None
     try:
         summary = _run(model, options, jobs, opts, use_ray, ray_address, workers, progress)
@@ -100,6 +102,45 @@ def _checked(blend: str, device: str, bands: str | None) -> list[int] | None:
         return [int(b) for b in bands.split(",")] if bands else None
     except ValueError:
         raise UserError(f"--bands {bands!r} must be 1-based band numbers separated by commas, e.g. 3,2,1") from None
+
+
+def _plan(files: list, out: Path, many: bool, resume: bool, overwrite: bool,  # noqa: ANN001
+          vector_opts) -> tuple[list, list]:
+    """The jobs to run and those already finished (named); an unwritable output (raster or vector)
+    fails before any progress is drawn."""
+    from segdeploy.jobs import plan_jobs
+    from segdeploy.utils import writable_location
+
+    jobs, finished = plan_jobs(files, out, many, resume, overwrite, vector_opts)
+    for job in jobs:
+        writable_location(job.out)
+        if vector_opts is not None:
+            writable_location(vector_opts.path_for(job.out))
+    for job in finished:
+        console.print(f"{job.src}: already predicted ({job.out}), skipped", soft_wrap=True)
+    return jobs, finished
+
+
+def _vector_options(model: Path, target: str | None, layers: str, min_area: str | None, simplify: float | None,
+                    classes: str | None, many: bool):  # noqa: ANN202 - a VectorOptions or None
+    """--vector and its companions, checked before any raster is predicted."""
+    from segdeploy.errors import UserError
+
+    if target is None:
+        given = [flag for flag, v in (("--vector-layers", layers != "single"), ("--min-area", min_area),
+                                      ("--simplify", simplify is not None), ("--classes", classes)) if v]
+        if given:
+            raise UserError(f"{given[0]} shapes the polygons of --vector; add --vector OUT.gpkg (or a format: gpkg)")
+        return None
+    from segdeploy.vector import VectorOptions, model_classes
+
+    opts = VectorOptions(target, layers, min_area, simplify,
+                         [c.strip() for c in classes.split(",") if c.strip()] if classes else None)
+    opts.check(many)
+    names = model_classes(model)
+    if names is not None:
+        opts.class_ids(names)
+    return opts
 
 
 def _run(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: str | None,  # noqa: ANN001
