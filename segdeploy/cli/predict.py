@@ -40,7 +40,7 @@ def predict_cmd(
                                "a format (gpkg…) for a file beside each raster. Needs segdeploy[vector]."),
     vector_layers: str = typer.Option("single", help="single, or per-class: a layer per class (GeoPackage)."),
     min_area: str = typer.Option(None, help="Leave out polygons under this many map units² (250) or pixels (40px)."),
-    simplify: float = typer.Option(None, help="Simplify polygons, tolerance in map units, neighbours edge to edge."),
+    simplify: float = typer.Option(None, min=0.0, help="Simplify polygons, tolerance in map units, neighbours edge to edge."),
     classes: str = typer.Option(None, help="Classes to polygonise, names or 0-based ids (water,urban; default: all)."),
     device: str = typer.Option("auto", help="torch backend device: auto, cpu or cuda."),
     threads: int = typer.Option(None, min=1, help="CPU threads for the backend (per worker with --ray)."),
