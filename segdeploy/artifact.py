@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from segdeploy.errors import ArtifactError
+from segdeploy.onnx_props import metadata_props
 
 META_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -284,7 +285,7 @@ def read_onnx_meta(path: Path) -> ModelMeta:
     the graph: parsing a model (onnx.load) costs its size in memory again, ~100 MB of predict's
     peak for the demo model."""
     try:
-        props = onnx_metadata_props(path)
+        props = metadata_props(path)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); re-export it with "
                             "`segdeploy export`") from None
@@ -313,60 +314,6 @@ def write_onnx_meta(proto, meta: ModelMeta, extra: dict | None = None) -> None: 
     for k, v in readable.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-
-
-def onnx_metadata_props(path: Path) -> dict[str, str]:
-    """ModelProto.metadata_props (field 14) by walking the protobuf's top-level fields and seeking
-    past the others (the graph with its weights is never read)."""
-    props: dict[str, str] = {}
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        while (tag := _varint(f, allow_eof=True)) is not None:
-            field_number, wire = tag >> 3, tag & 7
-            if wire == 0:
-                _varint(f)
-            elif wire in (1, 5):
-                f.seek(8 if wire == 1 else 4, 1)
-            elif wire == 2:
-                n = _varint(f)
-                if f.tell() + n > size:
-                    raise ValueError("truncated field")
-                if field_number == 14:
-                    key, value = _string_pair(f.read(n))
-                    props[key] = value
-                else:
-                    f.seek(n, 1)
-            else:
-                raise ValueError(f"wire type {wire}")
-    return props
-
-
-def _varint(f, allow_eof: bool = False) -> int | None:  # noqa: ANN001 - a binary file
-    shift = result = 0
-    while True:
-        b = f.read(1)
-        if not b:
-            if allow_eof and shift == 0:
-                return None
-            raise ValueError("truncated varint")
-        result |= (b[0] & 0x7F) << shift
-        if not b[0] & 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _string_pair(buf: bytes) -> tuple[str, str]:
-    """(key, value) of a StringStringEntryProto."""
-    import io
-
-    f, out = io.BytesIO(buf), {1: "", 2: ""}
-    while (tag := _varint(f, allow_eof=True)) is not None:
-        if tag & 7 != 2:
-            raise ValueError("metadata entry is not a string pair")
-        out[tag >> 3] = f.read(_varint(f)).decode()
-    return out[1], out[2]
 
 
 @dataclass

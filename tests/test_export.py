@@ -19,7 +19,8 @@ from torch import nn
 from segdeploy import recipe
 from segdeploy.errors import ArtifactError, ParityError, UserError
 from segdeploy.evaluate import evaluate
-from segdeploy.export.onnx import FixedAdaptiveAvgPool2d, graph_findings, read_metadata
+from segdeploy.artifact import read_onnx_meta
+from segdeploy.export.onnx import FixedAdaptiveAvgPool2d, graph_findings
 from segdeploy.export.pipeline import ExportOptions, export_run
 from segdeploy.export.tensorrt import (
     DeviceInfo,
@@ -68,7 +69,7 @@ def test_export_writes_gated_onnx_pair_with_metadata(exported: Path) -> None:
         assert dims == ["batch", 3, "height", "width"], (name, dims)
         out_dims = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
         assert out_dims[:2] == ["batch", 5] and "height" in str(out_dims[2]) and "width" in str(out_dims[3]), out_dims
-    meta = read_metadata(out / "model.onnx")
+    meta = read_onnx_meta(out / "model.onnx")
     run_meta = json.loads((exported / "meta.json").read_text())["model_meta"]
     assert meta.classes == run_meta["classes"] and meta.palette == run_meta["palette"]
     assert meta.mean == run_meta["mean"] and meta.recipe_digest == run_meta["recipe_digest"]
@@ -110,7 +111,7 @@ def test_fp16_fallback_keeps_more_nodes_fp32_until_a_strict_gate_passes(tiny_run
     assert sum(len(r["added"]) for r in rounds) == len(rep.fp32_nodes) == rounds[-1]["fp32_nodes"]
     graph_nodes = {n.name for n in onnx.load(str(run / "export/model.onnx")).graph.node}
     assert rep.fp32_nodes and set(rep.fp32_nodes) <= graph_nodes  # reported by ONNX node name
-    saved = read_metadata(run / "export/model.fp16.onnx").extra["fp32_nodes"]
+    saved = read_onnx_meta(run / "export/model.fp16.onnx").extra["fp32_nodes"]
     assert saved == rep.fp32_nodes
     md = (run / "export/parity.md").read_text()  # what each round recovered, in agreement points
     first, last = rounds[0], rounds[-1]
@@ -226,7 +227,7 @@ def test_trt_hostile_architectures_export_after_preflight(arch: str, encoder: st
     dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert (dims[2:] == [64, 64]) is static
     if static:
-        assert read_metadata(tmp_path / "run/export/model.onnx").static_size == 64
+        assert read_onnx_meta(tmp_path / "run/export/model.onnx").static_size == 64
 
 
 @pytest.mark.parametrize(("size", "out"), [((16, 16), (3, 3)), ((13, 20), (6, 4)), ((8, 8), (2, 2)), ((7, 9), (7, 9))])

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from segdeploy.cli import app
 from segdeploy.errors import ParityError
 from segdeploy.export.int8 import structure
-from segdeploy.export.onnx import read_metadata
+from segdeploy.artifact import read_onnx_meta
 from segdeploy.export.pipeline import ExportOptions, export_run
 from segdeploy.utils import file_sha256
 from tests.conftest import tree_digest
@@ -75,14 +75,14 @@ def test_gate_records_of_earlier_commands_persist_with_their_own_thresholds(int8
 def test_calibration_reads_training_keys_only_and_the_metadata_travels(int8_run: tuple) -> None:
     run, report = int8_run
     splits = json.loads((run / "splits.json").read_text())
-    meta = read_metadata(run / "export/model.int8.cpu.onnx")
+    meta = read_onnx_meta(run / "export/model.int8.cpu.onnx")
     calib = meta.extra["calibration"]
     assert calib["split"] == "train" and calib["method"] == "minmax"
     assert calib["keys"] == report.calibration_keys and 0 < len(calib["keys"]) <= 6
     assert set(calib["keys"]) <= set(splits["train"]) and not set(calib["keys"]) & set(splits["val"] + splits["test"])
     assert meta.classes == ["field", "forest", "water", "road", "building"] and meta.input_dtype == "uint8"
     assert meta.source == {"path": "model.onnx", "sha256": file_sha256(run / "export/model.onnx")}
-    assert meta.extra["int8_form"] == "cpu" and read_metadata(run / "export/model.int8.onnx").extra["int8_form"] == "tensorrt"
+    assert meta.extra["int8_form"] == "cpu" and read_onnx_meta(run / "export/model.int8.onnx").extra["int8_form"] == "tensorrt"
 
 
 def test_a_harsh_gate_gates_each_form_on_its_own_and_replaces_nothing(int8_run: tuple, tmp_path: Path) -> None:

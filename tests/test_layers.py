@@ -43,7 +43,7 @@ def test_lower_layers_do_not_import_higher_ones(files: tuple[str, ...], forbidde
 
 def test_the_layer_check_sees_imports_inside_functions(tmp_path: Path) -> None:
     probe = tmp_path / "m.py"
-    probe.write_text("def f():\n    from segdeploy.export.onnx import read_metadata\n")
+    probe.write_text("def f():\n    from segdeploy.export.onnx import export_onnx\n")
     assert imports_of(probe) == {"segdeploy.export.onnx"}
 
 

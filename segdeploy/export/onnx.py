@@ -13,13 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segdeploy.artifact import ONNX_META_KEY, ModelMeta, write_onnx_meta
-from segdeploy.artifact import read_onnx_meta as read_metadata  # noqa: F401 - the name export's callers use
+from segdeploy.artifact import ModelMeta, write_onnx_meta
 from segdeploy.errors import ArtifactError, UserError
 from segdeploy.utils import atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-META_KEY = ONNX_META_KEY
 
 
 @dataclass
@@ -171,7 +169,7 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: Path, plan: ExportPlan,
         proto = simplify(proto, notes)
         name_nodes(proto)
         name_dynamic_axes(proto)
-        set_metadata(proto, replace(meta, static_size=None if plan.dynamic else plan.tile), {"export": plan.to_dict()})
+        write_onnx_meta(proto, replace(meta, static_size=None if plan.dynamic else plan.tile), {"export": plan.to_dict()})
         onnx.save(proto, str(tmp))
     return notes
 
@@ -357,11 +355,3 @@ def name_nodes(proto) -> None:  # noqa: ANN001
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{i}"
         seen.add(node.name)
-
-
-def set_metadata(proto, meta: ModelMeta, extra: dict | None = None) -> None:  # noqa: ANN001
-    """The whole ModelMeta as JSON under 'segdeploy', plus readable top-level keys for other tools
-    (`artifact.write_onnx_meta`, which `read_onnx_meta` reads back)."""
-    write_onnx_meta(proto, meta, extra)
-
-

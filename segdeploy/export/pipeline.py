@@ -46,12 +46,13 @@ from segdeploy.artifact import (
     flag_order,
     forms_for,
     source_record,
+    write_onnx_meta,
 )
 from segdeploy.errors import DataError, OutputError, ParityError, UserError
 from segdeploy.export import fp16 as fp16_mod
 from segdeploy.export import int8 as int8_mod
 from segdeploy.export import sensitivity
-from segdeploy.export.onnx import EXPORT_TIME_LIMIT_S, ExportPlan, export_onnx, graph_findings, preflight, set_metadata
+from segdeploy.export.onnx import EXPORT_TIME_LIMIT_S, ExportPlan, export_onnx, graph_findings, preflight
 from segdeploy.parity import SPLIT_WORDS, ParityReference, percent, ParityReport, PrecisionUse, as_numpy_batches, parity_tiles
 from segdeploy.recipe import Recipe
 from segdeploy.utils import file_sha256, versions, writable_location, write_json
@@ -430,7 +431,7 @@ class _Builder:
 
         def write(kept: set[str], path: Path) -> None:
             proto16 = fp16_mod.convert(copy.deepcopy(proto32), kept)
-            set_metadata(proto16, meta, {"export": self.job.plan.to_dict(), "fp32_nodes": sorted(kept),
+            write_onnx_meta(proto16, meta, {"export": self.job.plan.to_dict(), "fp32_nodes": sorted(kept),
                                          "fp16_flops_share": round(fp16_mod.reduced_share(flops, kept), 4)})
             fp16_mod.save(proto16, path)
 
@@ -452,7 +453,7 @@ class _Builder:
             int8_mod.quantize(work["prepared"], path, self.job.calib_tiles, name, self.opts.calib_method, kept,
                               work["cache"])
             q = onnx.load(str(path))
-            set_metadata(q, meta, {"export": self.job.plan.to_dict(), "int8_form": name,
+            write_onnx_meta(q, meta, {"export": self.job.plan.to_dict(), "int8_form": name,
                                    "fp32_nodes": sorted(kept), "int8_flops_share": round(share(kept), 4),
                                    "calibration": {"method": self.opts.calib_method, "split": "train",
                                                    "keys": self.job.calib_keys}})
