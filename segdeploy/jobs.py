@@ -1,7 +1,7 @@
 """Many rasters, one outcome each: the plan (which outputs are finished, which continue), the
-serial runner, the tally behind the one progress bar, and `run_jobs`, which picks the serial
-runner or the Ray one (`segdeploy.cluster`: the same jobs, the same outcomes). Both run every
-raster through `predict_file`."""
+serial runner and the tally behind the one progress bar. `cluster.run_jobs` picks this serial
+runner or Ray's actor pool (the same jobs, the same outcomes); both run every raster through
+`run_one`, that is `predict_file`. This module never imports `cluster` (no import cycle)."""
 
 from __future__ import annotations
 
@@ -171,41 +171,3 @@ class Tally:
     def megapixels_per_s(self) -> float:
         pixels = self.pixels_done + sum(share * px for share, px in self.running.values())
         return pixels / 1e6 / max(self.seconds, 1e-9)
-
-
-def run_jobs(model: Path, options: dict, jobs: list[Job], opts: PredictOptions, use_ray: bool, address: str | None,
-             workers: int | None, on_tiles: TileCallback | None, info: dict) -> Iterator[Outcome]:
-    """Outcomes from the serial runner, or from Ray's actor pool (the cluster is left at the end);
-    `info` gets the backend's description and, on Ray, the cluster's facts."""
-    if not jobs:
-        return
-    if not use_ray:
-        from segdeploy.runtime import load_backend
-
-        backend = load_backend(model, **options)
-        info["backend"] = backend.describe()
-        yield from run_serial(backend, jobs, opts, on_tiles)
-        return
-    from segdeploy import cluster as ray_cluster
-
-    t0 = time.perf_counter()
-    gpu = backend_for_gpu(model, options)
-    cl = ray_cluster.connect(address, workers, options.get("threads"), gpu, len(jobs))
-    try:
-        info["ray"] = cl.to_dict() | {"connect_seconds": round(time.perf_counter() - t0, 2)}
-        yield from ray_cluster.run_on_ray(model, options, jobs, opts, cl, on_tiles,
-                                          on_ready=lambda d: info.__setitem__("backend", d))
-    finally:
-        ray_cluster.disconnect(cl)
-
-
-def backend_for_gpu(model: Path, options: dict) -> bool:
-    """Whether each Ray worker needs a GPU: engines always, the torch backend unless told cpu."""
-    from segdeploy.runtime import backend_for
-
-    kind = backend_for(model)
-    if kind == "tensorrt":
-        return True
-    from segdeploy.utils import pick_device
-
-    return kind == "torch" and options.get("device", "auto") != "cpu" and pick_device("auto") == "cuda"

@@ -160,3 +160,24 @@ def test_the_plan_skips_finished_outputs_continues_unfinished_ones_and_starts_th
     assert finished == [] and [j.resume for j in todo] == [False] * 3
     with pytest.raises(UserError, match="would both be written to"):
         plan_jobs([tmp_path / "a/x.tif", tmp_path / "b/x.tif"], out, many=True, resume=False)
+
+
+def test_the_single_machine_settings_hold_only_while_a_local_cluster_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's environment variable and private constant are put back after `ray.init` (an error
+    included), and a user's own setting of the variable is left alone."""
+    import os
+
+    from ray._private import ray_constants
+
+    from segdeploy.cluster import SINGLE_MACHINE_ENV, single_machine
+
+    monkeypatch.delenv(SINGLE_MACHINE_ENV, raising=False)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    with pytest.raises(RuntimeError, match="init failed"), single_machine():
+        assert os.environ[SINGLE_MACHINE_ENV] == "0" and ray_constants.ENABLE_RAY_CLUSTER is False
+        raise RuntimeError("init failed")
+    assert SINGLE_MACHINE_ENV not in os.environ and ray_constants.ENABLE_RAY_CLUSTER == before
+    monkeypatch.setenv(SINGLE_MACHINE_ENV, "1")
+    with single_machine():
+        assert os.environ[SINGLE_MACHINE_ENV] == "1" and ray_constants.ENABLE_RAY_CLUSTER == before
+    assert os.environ[SINGLE_MACHINE_ENV] == "1"

@@ -148,7 +148,8 @@ def _run(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: s
     """Run the jobs serially or on Ray under one progress bar; print each outcome; the summary."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-    from segdeploy.jobs import Tally, run_jobs
+    from segdeploy.cluster import run_jobs
+    from segdeploy.jobs import Tally
     from segdeploy.progress import Ticker, format_seconds
     from segdeploy.utils import live_progress
 
