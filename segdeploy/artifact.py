@@ -143,7 +143,7 @@ class ModelMeta:
     recipe_digest: str = ""
     # pixel type the model was trained on (None: recorded before segdeploy checked it)
     input_dtype: str | None = None
-    # the class pictures leave unpainted (recipe classes.background); None: by name, see viz.background_index
+    # the class pictures leave unpainted (recipe classes.background); None: by name, see classes.background_index
     background: int | None = None
     # what a derived artifact was made from: {"path": relative to the artifact, "sha256": ...}; an
     # imported model's record also has "format" (the file is foreign: the chain ends there)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from segdeploy.classes import hierarchy_levels
+
 
 class ConfusionMatrix:
     def __init__(self, num_classes: int, ignore_index: int | None = 255) -> None:
@@ -137,39 +139,6 @@ def metrics_from_matrix(
         mdice=nan_mean(dice[counted]),
         matrix=matrix.copy(),
     )
-
-
-def hierarchy_levels(names: list[str], tree: dict[str, list[str]]) -> list[list[str]]:
-    """For each depth d≥1 (root's children first), the group name of every leaf class.
-
-    A leaf shallower than d keeps its own name. ``background → body → upper/lower → parts``
-    gives levels [[background, body, …], [background, upper_body, lower_body, …], [leaves]].
-    """
-    parent: dict[str, str] = {}
-    for p, children in tree.items():
-        for c in children:
-            if c in parent:
-                raise ValueError(f"classes.hierarchy: {c!r} has two parents")
-            parent[c] = p
-    for leaf in names:
-        if leaf in tree:
-            raise ValueError(f"classes.hierarchy: class {leaf!r} is a leaf and cannot have children")
-    known = set(names) | set(tree)
-    for c in parent:
-        if c not in known:
-            raise ValueError(f"classes.hierarchy: {c!r} is neither a class name nor a group")
-
-    def ancestry(leaf: str) -> list[str]:
-        chain = [leaf]
-        while chain[-1] in parent:
-            chain.append(parent[chain[-1]])
-            if len(chain) > len(known) + 1:
-                raise ValueError("classes.hierarchy has a cycle")
-        return chain[::-1]  # root-most first
-
-    chains = [ancestry(n) for n in names]
-    depth = max(len(c) for c in chains)
-    return [[c[min(d, len(c) - 1)] for c in chains] for d in range(depth)]
 
 
 def level_mious(

@@ -280,7 +280,8 @@ def write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.n
     people: the classes over the photo, the background class not painted, with a legend."""
     from PIL import Image
 
-    from segdeploy.viz import background_index, display_rgb, save_overlay_picture
+    from segdeploy.classes import background_index
+    from segdeploy.viz import display_rgb, save_overlay_picture
 
     labels = np.concatenate([r[0] for r in rows]).astype(np.uint8)
     if out.suffix.lower() != ".png":  # jobs.check_output_name refuses such a name before the work

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from segdeploy.classes import background_index, default_palette, hierarchy_levels
 from segdeploy.errors import RecipeError
 
 RGB = tuple[int, int, int]
@@ -65,8 +66,6 @@ class ClassesConfig(Strict):
                 f"classes.ignore_index {self.ignore_index} collides with class {self.names[self.ignore_index]!r}"
             )
         if self.hierarchy:
-            from segdeploy.metrics import hierarchy_levels
-
             hierarchy_levels(self.names, self.hierarchy)  # raises ValueError on a bad tree
         return self
 
@@ -76,17 +75,12 @@ class ClassesConfig(Strict):
 
     def background_index(self) -> int | None:
         """The index pictures leave unpainted (see `background`), or None."""
-        from segdeploy.viz import background_index
-
         return background_index(self.names, self.background)
 
     def display_palette(self) -> list[RGB]:
         if self.palette is not None:
             return [tuple(c) for c in self.palette]  # type: ignore[misc]
-        from matplotlib import colormaps
-
-        cmap = colormaps["tab20"]
-        return [tuple(int(255 * v) for v in cmap(i % 20)[:3]) for i in range(self.num_classes)]  # type: ignore[misc]
+        return default_palette(self.num_classes)
 
 
 class SplitConfig(Strict):

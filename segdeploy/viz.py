@@ -11,27 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from segdeploy.classes import background_index
 from segdeploy.utils import atomic_path
 
 NODATA_RGB = (40, 40, 40)  # dark grey: clearly "no data", unlike any palette's black
 PREVIEW_MAX = 1024
-BACKGROUND_NAMES = ("background", "_background_", "bg")
 # colours an error panel may use for "wrong", most visible first; the first far from every class is taken
 ERROR_CANDIDATES = ((230, 30, 30), (255, 0, 255), (0, 255, 255), (255, 255, 255), (255, 140, 0), (0, 0, 0),
                     (128, 0, 255), (0, 255, 0))
-
-
-def background_index(names: list[str], explicit: str | int | None = None) -> int | None:
-    """The class pictures leave unpainted: `explicit` (a name or index: recipe classes.background),
-    else a class named "background" (or "bg", "_background_"; any case), else None (all painted)."""
-    if isinstance(explicit, int):
-        return explicit
-    if isinstance(explicit, str):
-        return names.index(explicit)
-    for i, name in enumerate(names):
-        if name.lower() in BACKGROUND_NAMES:
-            return i
-    return None
 
 
 def error_colour(palette: list[tuple[int, int, int]], avoid: tuple[tuple[int, int, int], ...] = (NODATA_RGB,)) -> tuple:
