@@ -489,14 +489,10 @@ def write_csv(report: BenchReport, path: Path) -> None:
 
 def plot(report: BenchReport, path: Path) -> Path:
     """Latency (p50, with p90 whiskers) against batch size, one line per backend/precision."""
-    import matplotlib
+    from segdeploy.viz import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from segdeploy.utils import atomic_path
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig = new_figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.subplots()
     series: dict[str, list[BenchRow]] = {}
     for r in report.rows:
         if r.p50_ms is not None:
@@ -518,10 +514,7 @@ def plot(report: BenchReport, path: Path) -> Path:
     if series:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def log_to_mlflow(report: BenchReport) -> list[str]:

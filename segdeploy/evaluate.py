@@ -19,8 +19,8 @@ from segdeploy.runtime import load_backend
 from segdeploy.runtime.base import Backend
 from segdeploy.runtime.finite import FiniteLogits
 from segdeploy.scoring import default_plan, score_split
-from segdeploy.utils import atomic_path, check_replaceable, staged_dir, writable_location, write_json
-from segdeploy.viz import overlay_figure, save_figure
+from segdeploy.utils import check_replaceable, staged_dir, writable_location, write_json
+from segdeploy.viz import new_figure, overlay_figure, save_figure
 
 METRICS_FILE = "metrics.json"  # what marks a directory as an evaluation's (replaceable with --overwrite)
 
@@ -160,17 +160,14 @@ def _display_image(ds: SampleReader, i: int) -> np.ndarray:
 
 def plot_confusion(mets: SegMetrics, path: Path) -> Path:
     """Row-normalised confusion matrix (recall on the diagonal) with pixel counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     m = mets.matrix.astype(np.float64)
     rows = m.sum(1, keepdims=True)
     norm = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
     n = len(mets.names)
     size = max(4.0, 0.6 * n + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=100)
+    fig = new_figure(figsize=(size + 1, size), dpi=100)
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), mets.names, rotation=45, ha="right")
     ax.set_yticks(range(n), mets.names)
@@ -184,7 +181,4 @@ def plot_confusion(mets: SegMetrics, path: Path) -> Path:
     ax.set_title(f"confusion (row-normalised), mIoU {mets.miou:.3f}")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

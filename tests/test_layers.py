@@ -75,3 +75,29 @@ def test_no_function_is_longer_than_80_lines() -> None:
             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
             and n.end_lineno - n.lineno + 1 > 80]
     assert not long, long
+
+
+def test_figures_are_written_only_by_viz_save_figure() -> None:
+    """One helper writes figures (atomically); nobody switches matplotlib's backend or uses pyplot."""
+    offenders = []
+    for p in modules("**/*.py"):
+        tree = ast.parse(p.read_text())
+        for n in ast.walk(tree):
+            called = n.func.attr if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) else None
+            if (called == "savefig" and p.name != "viz.py") or (called == "use" and "matplotlib" in ast.unparse(n.func)):
+                offenders.append((p.relative_to(PKG.parent).as_posix(), n.lineno, called))
+        offenders += [(p.relative_to(PKG.parent).as_posix(), "imports", m) for m in imports_of_all(p)
+                      if m == "matplotlib.pyplot"]
+    assert not offenders, offenders
+
+
+def imports_of_all(path: Path) -> set[str]:
+    """Every module `path` imports, segdeploy's or not."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found

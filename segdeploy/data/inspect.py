@@ -27,7 +27,6 @@ from segdeploy.data.dataset import (
 )
 from segdeploy.errors import DataError, RecipeError
 from segdeploy.recipe import Recipe
-from segdeploy.utils import atomic_path
 
 
 @dataclass
@@ -172,14 +171,12 @@ def _nodata_of(path: Path) -> float | None:
 
 def plot_distribution(report: InspectReport, path: Path) -> Path:
     """Grouped bars: pixel fraction of every class in each split (log scale when imbalanced)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from segdeploy.viz import new_figure, save_figure
 
     n = len(report.classes)
     splits = list(report.pixel_counts)
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * n + 2), 4), dpi=100)
+    fig = new_figure(figsize=(max(6, 0.8 * n + 2), 4), dpi=100)
+    ax = fig.subplots()
     width = 0.8 / max(len(splits), 1)
     fr = {s: report.fractions(s) for s in splits}
     for k, s in enumerate(splits):
@@ -193,7 +190,4 @@ def plot_distribution(report: InspectReport, path: Path) -> Path:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
