@@ -212,10 +212,6 @@ def continue_hint(run_dir: Path) -> str:
             f"`segdeploy train {run_dir / RECIPE_FILE} --out {run_dir}`")
 
 
-def require_finished(run_dir: Path) -> dict[str, Any]:
-    return Run(run_dir).require_finished()
-
-
 def source_record(source: Path, artifact_dir: Path) -> dict[str, str]:
     """What a derived artifact in `artifact_dir` records about the file it was made from."""
     from segdeploy.utils import file_sha256
@@ -566,45 +562,6 @@ class Run:
                 raise ArtifactError(f"run {self.root} has no {name}; import the model again with `segdeploy import`")
             raise ArtifactError(f"run {self.root} has no {name}; {continue_hint(self.root)}")
         return info
-
-    def build_model(self):  # noqa: ANN201 - a torch.nn.Module in eval mode with the run's weights
-        """The run's model: rebuilt from its recipe with its weights (safetensors; no pickle), or
-        an imported TorchScript / torch.export archive loaded as it is. Refuses a model whose
-        imported source changed since (stale), and an ONNX import, which has no PyTorch model."""
-        from segdeploy.models import build_model, wrap_output
-
-        self.require_finished()
-        meta, fmt = self.meta, self.model_format
-        check_source(self.model_file, meta)
-        if fmt == "onnx":
-            raise ArtifactError(f"run {self.root} is an imported ONNX model: it has no PyTorch model; use its "
-                                f"{self.export_path('fp32').relative_to(self.root)}")
-        if fmt != "weights":
-            return wrap_output(self._load_archive(fmt), self.recipe.model).eval()
-        model = build_model(self.recipe.model.model_copy(update={"weights": None}), meta.bands, meta.num_classes)
-        state = self.load_weights()
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ArtifactError(f"{self.weights} does not match the recipe's model ({len(missing)} missing, "
-                                f"{len(unexpected)} unexpected tensors); retrain the run")
-        return model.eval()
-
-    def _load_archive(self, fmt: str):  # noqa: ANN202 - a torch.nn.Module (ScriptModule or GraphModule)
-        import warnings
-
-        import torch
-
-        from segdeploy.models import ExportedProgramModule
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice: TorchScript is what was imported
-                if fmt == "torchscript":
-                    return torch.jit.load(str(self.model_file), map_location="cpu")
-                return ExportedProgramModule(torch.export.load(str(self.model_file)).module())
-        except Exception as exc:  # noqa: BLE001 - any failure is the file's
-            raise ArtifactError(f"{self.model_file} cannot be loaded ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:160]}); import the model again") from None
 
     def exports(self) -> list[Export]:
         """The exported forms present in RUN/export, each checked against its source's hash, with

@@ -227,7 +227,9 @@ def count_flops(run: Run | None, bands: int, size: int) -> float | None:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
-        model = run.build_model()
+        from segdeploy.models import load_run_model
+
+        model = load_run_model(run)
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, bands, size, size))
         return float(counter.get_total_flops())

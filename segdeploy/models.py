@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segdeploy.artifact import MODEL_FORMATS
-from segdeploy.errors import ModelError
+from segdeploy.artifact import MODEL_FORMATS, Run, check_source
+from segdeploy.errors import ArtifactError, ModelError
 from segdeploy.recipe import ModelConfig
 from segdeploy.registry import Registry, did_you_mean
 
@@ -472,6 +472,48 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int,
         if log is not None:
             log(note)
     return wrap_output(net, cfg)
+
+
+def load_run_model(run: Run) -> nn.Module:
+    """A finished run's PyTorch model, in eval mode on the CPU: rebuilt from its recipe's
+    architecture (`build_model`, no pretrained download) with its safetensors weights (no
+    unpickling), or an imported TorchScript / torch.export archive loaded as it is (wrapped like a
+    trained model's output, `wrap_output`). Maps float32 N×B×H×W to N×C×H×W logits.
+
+    Raises ArtifactError for an unfinished run, a model whose imported source changed since
+    (`artifact.check_source`), an imported ONNX model (it has no PyTorch model: use its FP32
+    ONNX), weights that do not match the recipe's model, and an archive that cannot be loaded."""
+    run.require_finished()
+    meta, fmt = run.meta, run.model_format
+    check_source(run.model_file, meta)
+    if fmt == "onnx":
+        raise ArtifactError(f"run {run.root} is an imported ONNX model: it has no PyTorch model; use its "
+                            f"{run.export_path('fp32').relative_to(run.root)}")
+    if fmt != "weights":
+        return wrap_output(_load_archive(run.model_file, fmt), run.recipe.model).eval()
+    model = build_model(run.recipe.model.model_copy(update={"weights": None}), meta.bands, meta.num_classes)
+    state = run.load_weights()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(f"{run.weights} does not match the recipe's model ({len(missing)} missing, "
+                            f"{len(unexpected)} unexpected tensors); retrain the run")
+    return model.eval()
+
+
+def _load_archive(path: Path, fmt: str) -> nn.Module:
+    """An imported TorchScript archive (``torch.jit.load``) or torch.export program
+    (``torch.export.load``, as a plain module) on the CPU; ArtifactError when it cannot be loaded."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice: TorchScript is what was imported
+            if fmt == "torchscript":
+                return torch.jit.load(str(path), map_location="cpu")
+            return ExportedProgramModule(torch.export.load(str(path)).module())
+    except Exception as exc:  # noqa: BLE001 - any failure is the file's
+        raise ArtifactError(f"{path} cannot be loaded ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160]}); import the model again") from None
 
 
 def facts(cfg: ModelConfig, model: nn.Module) -> ArchFacts:

@@ -212,11 +212,12 @@ def test_eval_recomputes_images_with_nonfinite_logits_at_fp32(exports: tuple[Pat
 
 def test_the_gate_fails_a_candidate_with_nonfinite_logits_and_refuses_a_nonfinite_reference(tiny_run: Path) -> None:
     from segdeploy.parity import ParityReference, compare
+    from segdeploy.models import load_run_model
     from segdeploy.runtime.torch import TorchBackend
 
     run = art.Run(tiny_run)
     rec = run.recipe
-    reference = TorchBackend(run.build_model(), run.meta, run.root)
+    reference = TorchBackend(load_run_model(run), run.meta, run.root)
     ref = ParityReference(reference, rec, run.meta, 64)
     cand = ref.logits.clone()
     cand[3, :, 5, 7] = float("nan")
@@ -230,4 +231,4 @@ def test_the_gate_fails_a_candidate_with_nonfinite_logits_and_refuses_a_nonfinit
             return out
 
     with pytest.raises(NonFiniteError, match=r"non-finite logits on parity tile 1 of image 'val\d+'"):
-        ParityReference(Overflowing(run.build_model(), run.meta, run.root), rec, run.meta, 64)
+        ParityReference(Overflowing(load_run_model(run), run.meta, run.root), rec, run.meta, 64)

@@ -125,9 +125,9 @@ def test_unfinished_run_hints_lead_somewhere(tiny_run: Path, synth_dir: Path, tm
         fit(rec, early, resume=True, progress=False)
     assert plan_output(early, resume=False, overwrite=False) == "replace"  # the plain retry the hint names
     with pytest.raises(ArtifactError, match=r"segdeploy train .*early/recipe.yaml --out .*early`"):
-        from segdeploy.artifact import require_finished
+        from segdeploy.artifact import Run
 
-        require_finished(early)
+        Run(early).require_finished()
     with pytest.raises(ArtifactError, match="nothing to resume in .*fresh.*drop --resume"):
         fit(rec, tmp_path / "fresh", resume=True, progress=False)
     foreign = tmp_path / "mine"

@@ -44,7 +44,9 @@ def reference_backend(run: Run) -> Backend:
     which has no PyTorch model, the FP32 ONNX itself."""
     if run.model_format == "onnx":
         return backend_class("onnxruntime").load(run.export_path("fp32"), LoadOptions())
-    return backend_class("torch")(run.build_model(), run.meta, run.root)
+    from segdeploy.models import load_run_model
+
+    return backend_class("torch")(load_run_model(run), run.meta, run.root)
 
 
 def backend_class(name: str) -> type[Backend]:

@@ -12,12 +12,6 @@ from segdeploy.runtime.base import Backend, LoadOptions
 from segdeploy.utils import pick_device
 
 
-def load_run_model(run_dir: Path) -> tuple[torch.nn.Module, ModelMeta]:
-    """The run's model with its weights, and its meta (one read of the run, through `Run`)."""
-    run = Run.open_finished(run_dir)
-    return run.build_model(), run.meta
-
-
 class TorchBackend(Backend):
     name = "torch"
 
@@ -43,8 +37,11 @@ class TorchBackend(Backend):
         if options.threads:
             torch.set_num_threads(options.threads)
         device = pick_device("auto") if options.device == "auto" else options.device
-        model, meta = load_run_model(Path(path))
-        return cls(model, meta, Path(path), device=device, precision=options.precision, compile=options.compile)
+        from segdeploy.models import load_run_model
+
+        run = Run(Path(path))
+        return cls(load_run_model(run), run.meta, run.root, device=device, precision=options.precision,
+                   compile=options.compile)
 
     @classmethod
     def available(cls, precision: str = "fp32") -> str:
