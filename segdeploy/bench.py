@@ -84,7 +84,10 @@ class BenchOptions:
     size: int | None = None  # None: each model's tile size (what predict feeds it)
     threads: int | None = None
     data: Path | None = None
-    tiled: Path | None = None
+    tiled: Path | None = None  # an image `tiled_run` predicts end to end, once per candidate
+    # (backend, image, scratch dir) -> megapixels per second: the caller's, since bench imports no
+    # other verb (the CLI passes `predict.time_file`); required with `tiled`
+    tiled_run: Callable[[Backend, Path, Path], float] | None = None
     # a row: warm-up, then >= min_iters runs and >= min_seconds; a first table of the demo model at
     # its 128² tile on 2 CPU cores takes about a minute with these (--iters/--seconds for more)
     min_iters: int = 10
@@ -244,11 +247,14 @@ def bench(models: list[Path], opts: BenchOptions, log=print,  # noqa: ANN001
           progress: Callable[[int, str], None] | None = None) -> BenchReport:
     """One job per (candidate, batch): load the candidate once, measure accuracy once, time each batch.
     `progress(rows in all, "")` is called once the rows are known, then `progress(rows done, label)`
-    after each row (for a bar with an estimate)."""
+    after each row (for a bar with an estimate). Raises ValueError for `opts.tiled` without
+    `opts.tiled_run`."""
     from dataclasses import replace
 
     from segdeploy.utils import cpu_count
 
+    if opts.tiled and opts.tiled_run is None:
+        raise ValueError("BenchOptions.tiled needs tiled_run, the pipeline it times (e.g. segdeploy.predict.time_file)")
     threads = opts.threads or cpu_count()  # every CPU backend gets this many (torch's own load sets it)
     report = BenchReport(threads=threads, machine=_machine())
     plan = [(Path(m), replace(opts, size=opts.size or model_size(Path(m)))) for m in models]
@@ -426,12 +432,9 @@ class AccuracyColumns:
 def _tiled(backend: Backend, opts: BenchOptions) -> dict:
     import tempfile
 
-    from segdeploy.predict import PredictOptions, predict_file
-
     with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
-        res = predict_file(backend, Path(opts.tiled), Path(tmp) / "pred.tif",  # type: ignore[arg-type]
-                           PredictOptions(tile=backend.meta.tile_size))  # predict's own defaults
-    return {"tiled_mp_per_s": _round(res.megapixels_per_s), "tiled_peak_rss_mb": _round(rss.peak)}
+        mps = opts.tiled_run(backend, Path(opts.tiled), Path(tmp))  # type: ignore[arg-type, misc]
+    return {"tiled_mp_per_s": _round(mps), "tiled_peak_rss_mb": _round(rss.peak)}
 
 
 def _engine_facts(c: Candidate) -> dict:

@@ -199,6 +199,16 @@ def predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpti
     return result
 
 
+def time_file(backend: Backend, src: Path, workdir: Path) -> float:
+    """Megapixels per second of predicting `src` end to end (read, tile, infer, blend, write) into
+    `workdir` with predict's own defaults at the model's tile size: what ``bench --tiled``
+    reports (the CLI hands it to bench, which imports no other verb). Raises what `predict_file` raises."""
+    from segdeploy.raster import is_picture
+
+    out = workdir / ("pred.png" if is_picture(src) else "pred.tif")
+    return predict_file(backend, src, out, PredictOptions(tile=backend.meta.tile_size)).megapixels_per_s
+
+
 def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOptions,
                   progress: Progress | None) -> PredictResult:
     t0 = time.perf_counter()

@@ -39,6 +39,7 @@ def bench_cmd(
     """Latency (p50/p90/p99), throughput, memory and accuracy per backend and precision, in one table."""
     from segdeploy.bench import BACKENDS, PRECISIONS, BenchOptions, bench, plot, write_csv
     from segdeploy.errors import UserError
+    from segdeploy.predict import time_file
 
     backends, precisions = _split(backend), _split(precision)
     for name in backends:
@@ -54,7 +55,8 @@ def bench_cmd(
     if not batches or min(batches) < 1:
         raise UserError(f"--batch {batch!r} must be comma-separated integers ≥ 1, e.g. 1,8")
     opts = BenchOptions(backends=backends, precisions=precisions, batches=batches, size=size, threads=threads,
-                        data=data, tiled=tiled, min_iters=iters, min_seconds=seconds, accuracy=accuracy)
+                        data=data, tiled=tiled, tiled_run=time_file if tiled else None, min_iters=iters,
+                        min_seconds=seconds, accuracy=accuracy)
     from segdeploy.progress import WorkProgress
 
     with WorkProgress(console, "bench", None, "rows", enabled=progress, transient=True) as bar:
