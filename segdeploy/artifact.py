@@ -35,6 +35,9 @@ TENSORBOARD_DIR = "tensorboard"
 ONNX_META_KEY = "segdeploy"  # the metadata_props key of an exported ONNX file
 EXPORT_DIR = "export"
 EVAL_DIR = "eval"
+# an evaluation's directory (RUN/eval/<split>/, or eval --out): metrics.json marks it as one
+EVAL_METRICS_FILE, CONFUSION_FILE, OVERLAY_FILE = "metrics.json", "confusion_matrix.png", "overlay_{:02d}.png"
+CURVE_FILES = {"loss": "loss.png", "miou": "miou.png"}  # RUN/plots/: training curves by what they plot
 PARITY_FILE, PARITY_SUMMARY = "parity.json", "parity.md"
 
 
@@ -398,6 +401,10 @@ class Run:
 
     def eval_dir(self, name: str) -> Path:
         return self.root / EVAL_DIR / name
+
+    def evaluation_files(self) -> list[Path]:
+        """The metrics.json of every evaluation kept under RUN/eval, sorted by path."""
+        return sorted((self.root / EVAL_DIR).glob(f"*/{EVAL_METRICS_FILE}"))
 
     def export_path(self, key: str) -> Path:
         return self.export_dir / EXPORT_FORMS[key].file

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from segdeploy import recipe as recipe_mod
-from segdeploy.artifact import EVAL_DIR, Run
+from segdeploy.artifact import CONFUSION_FILE, EVAL_DIR, EVAL_METRICS_FILE, OVERLAY_FILE, Run
 from segdeploy.data.dataset import SampleReader, discover, eval_split
 from segdeploy.errors import ArtifactError
 from segdeploy.metrics import ConfusionMatrix, SegMetrics, level_mious
@@ -22,7 +22,6 @@ from segdeploy.scoring import default_plan, score_split
 from segdeploy.utils import check_replaceable, staged_dir, writable_location, write_json
 from segdeploy.viz import new_figure, overlay_figure, save_figure
 
-METRICS_FILE = "metrics.json"  # what marks a directory as an evaluation's (replaceable with --overwrite)
 
 
 @dataclass
@@ -97,7 +96,7 @@ def evaluate(
                    else model_path.parent / EVAL_DIR / f"{model_path.name}-{split}")
         overwrite = True
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, overwrite, METRICS_FILE, "evaluation")  # before the work, not after it
+    check_replaceable(out_dir, overwrite, EVAL_METRICS_FILE, "evaluation")  # before the work, not after it
     writable_location(out_dir)  # an unwritable output fails before the evaluation, not after
     # each image is read once: no cache (a split of 2448² images would be held whole)
     ds = SampleReader(discover(rec.data, split), rec.data, rec.classes, meta.mean, meta.std)
@@ -131,7 +130,7 @@ def evaluate(
         mets.levels = level_mious(cm.matrix, rec.classes.names, meta.hierarchy, rec.eval.exclude_background)
     report = EvalReport(str(model_path), backend.describe(), split, len(ds), mets, seconds, Path(out_dir), split_reason=why,
                         recomputed=finite.recomputed, notes=[finite.summary()] if finite.recomputed else [])
-    with staged_dir(out_dir, overwrite, METRICS_FILE, "evaluation") as work:
+    with staged_dir(out_dir, overwrite, EVAL_METRICS_FILE, "evaluation") as work:
         names = _write_outputs(work, report, keep if plots else None, rec, meta)
     report.files = [out_dir / name for name in names]
     return report
@@ -139,16 +138,16 @@ def evaluate(
 
 def _write_outputs(work: Path, report: EvalReport, keep: list | None, rec: Recipe, meta) -> list[str]:  # noqa: ANN001
     """metrics.json, the confusion matrix and the overlays into `work`; their file names."""
-    names = [METRICS_FILE]
+    names = [EVAL_METRICS_FILE]
     if keep is not None:
-        names.append(plot_confusion(report.metrics, work / "confusion_matrix.png").name)
+        names.append(plot_confusion(report.metrics, work / CONFUSION_FILE).name)
         palette = [tuple(c) for c in meta.palette]
         for k, (img, truth, pred) in enumerate(keep):
             fig = overlay_figure(img, truth, pred, rec.classes.names, palette, meta.max_pixel_value, meta.ignore_index,
                                  background=rec.classes.background)
-            names.append(save_figure(fig, work / f"overlay_{k:02d}.png").name)
+            names.append(save_figure(fig, work / OVERLAY_FILE.format(k)).name)
     report.files = [report.out_dir / name for name in names]
-    write_json(work / METRICS_FILE, report.to_dict())
+    write_json(work / EVAL_METRICS_FILE, report.to_dict())
     return names
 
 

@@ -80,7 +80,7 @@ def _model_facts(meta: ModelMeta) -> dict[str, Any]:
 def _evaluations(run: Run) -> list[dict[str, Any]]:
     """Each evaluation on disk under RUN/eval (split, mIoU, images, backend)."""
     found = []
-    for metrics in sorted(run.eval_dir("").glob("*/metrics.json")):
+    for metrics in run.evaluation_files():
         try:
             m = json.loads(metrics.read_text())
         except (OSError, ValueError):

@@ -730,6 +730,7 @@ def plot_history(history: list[dict], out_dir: Path) -> list[Path]:
     """loss.png (train/val loss) and miou.png (val mIoU/mDice) per epoch."""
     if not history:
         return []
+    from segdeploy.artifact import CURVE_FILES
     from segdeploy.viz import new_figure, save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -746,7 +747,6 @@ def plot_history(history: list[dict], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        paths.append(save_figure(fig, path))
+        paths.append(save_figure(fig, out_dir / CURVE_FILES[name]))
     return paths
 
