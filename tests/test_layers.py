@@ -135,8 +135,7 @@ def test_artifact_imports_no_model_runtime_or_verb() -> None:
     (("runtime/*.py",), VERBS + ("segdeploy.cli",)),  # runtime never reaches up to export or any verb
     (("data/*.py", "predict.py", "jobs.py", "cluster.py", "viz.py"), ("segdeploy.evaluate", "segdeploy.cli")),
     (("artifact.py", "tiling.py", "scoring.py", "metrics.py", "recipe.py", "registry.py", "errors.py", "utils.py",
-      "viz.py",
-      "tracking.py", "checkpoint.py", "foreign_onnx.py", "classes.py", "onnx_props.py"),
+      "viz.py", "tracking.py", "checkpoint.py", "foreign_onnx.py", "classes.py", "onnx_props.py"),
      VERBS + ("segdeploy.runtime", "segdeploy.cli")),
     (("recipe.py", "classes.py", "onnx_props.py", "errors.py", "registry.py"),
      ("segdeploy.metrics", "segdeploy.viz", "segdeploy.models", "segdeploy.artifact")),  # the schema sits at the bottom
