@@ -284,10 +284,12 @@ def bench(models: list[Path], opts: BenchOptions, log=print,  # noqa: ANN001
 
 
 def model_size(model: Path) -> int:
-    """The tile size a model was trained for (bench's default input size), 512 when unknown."""
+    """Bench's default input size (px): a static-size model's one size, else the tile size it was
+    trained for; 512 when unknown."""
     try:
         run = Run.find(model)
-        return int((run.meta if run is not None and model.is_dir() else artifact_meta(model)).tile_size)
+        meta = run.meta if run is not None and model.is_dir() else artifact_meta(model)
+        return int(meta.static_size or meta.tile_size)
     except Exception:  # noqa: BLE001 - an unreadable model is reported by its row, not here
         return 512
 

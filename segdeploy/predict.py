@@ -140,8 +140,10 @@ def _refuse_unfinished(out: Path, state_path: Path, tmp: Path) -> None:
 
 def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> tuple[TilePlan, float]:
     """The scene's window grid (tiling.TilePlan: tile, overlap, blend, padding, batch) and the input's
-    full-scale value, from the options and the model: the one place they meet. Raises UserError for
-    a tile the model cannot run at, an overlap above half the tile, an unknown blend."""
+    full-scale value, from the options and the model: the one place they meet. Without --tile, a
+    static-size model's one size is used (said in the result's notes). Raises UserError for a tile
+    the model cannot run at (another size than a static model's included), an overlap above half
+    the tile, an unknown blend."""
     meta = backend.meta
     for flag, value in (("--tile", opts.tile), ("--batch", opts.batch)):
         if value is not None and value < 1:  # never a silent default for a number the user gave
@@ -149,7 +151,12 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> t
     scale = input_scale(reader, meta, opts)
     tile = meta.tile_size if opts.tile is None else opts.tile
     if backend.static_shape and (tile, tile) != backend.static_shape:
-        tile = backend.static_shape[0]
+        fixed = backend.static_shape[0]
+        if opts.tile is not None:  # never another tile than the one the user gave
+            raise UserError(f"--tile {opts.tile}: {backend.path} accepts only {fixed}×{fixed} inputs (a static-size "
+                            f"export); pass --tile {fixed}, or drop --tile")
+        reader.notes.append(f"tile {fixed}: the model accepts only {fixed}×{fixed} inputs (trained at {tile})")
+        tile = fixed
     if tile % meta.input_divisor:
         raise UserError(f"--tile {tile} must be a multiple of the model's input divisor {meta.input_divisor}")
     if meta.min_tile_size and tile < meta.min_tile_size:

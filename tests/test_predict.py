@@ -382,3 +382,20 @@ def test_a_tile_below_the_models_smallest_is_refused_and_the_suggested_tile_work
     predict_file(backend, tmp_path / "in.tif", tmp_path / "out.tif", PredictOptions(tile=64, preview=False))
     with rasterio.open(tmp_path / "out.tif") as out, rasterio.open(tmp_path / "in.tif") as src:
         assert np.array_equal(out.read(1), src.read(1))
+
+
+def test_a_static_size_model_refuses_another_tile_and_says_when_it_replaces_the_default(tmp_path: Path) -> None:
+    """A model exported at one size never silently replaces the --tile the user gave; without
+    --tile its one size is used and the result's notes say so."""
+    labels = np.random.default_rng(6).integers(0, 3, (80, 70)).astype(np.uint8)
+    write_tif(tmp_path / "in.tif", labels)
+    backend = EchoBackend(3, tile=64)
+    backend.meta.static_size = 32  # a static export at 32² of a model trained at 64²
+    with pytest.raises(UserError, match=r"--tile 64: echo accepts only 32×32 inputs .*pass --tile 32, or drop --tile"):
+        predict_file(backend, tmp_path / "in.tif", tmp_path / "out.tif", PredictOptions(tile=64))
+    assert not (tmp_path / "out.tif").exists()
+    res = predict_file(backend, tmp_path / "in.tif", tmp_path / "out.tif", PredictOptions(overlap=8, preview=False))
+    assert "tile 32: the model accepts only 32×32 inputs (trained at 64)" in res.notes
+    assert res.tiles == len(window_starts(80, 32, 8)) * len(window_starts(70, 32, 8))
+    with rasterio.open(tmp_path / "out.tif") as out:
+        assert np.array_equal(out.read(1), labels)
