@@ -255,7 +255,7 @@ def bench(models: list[Path], opts: BenchOptions, log=print,  # noqa: ANN001
 
     if opts.tiled and opts.tiled_run is None:
         raise ValueError("BenchOptions.tiled needs tiled_run, the pipeline it times (e.g. segdeploy.predict.time_file)")
-    threads = opts.threads or cpu_count()  # every CPU backend gets this many (torch's own load sets it)
+    threads = opts.threads or cpu_count()  # every CPU backend runs with this many (torch: while it runs)
     report = BenchReport(threads=threads, machine=_machine())
     plan = [(Path(m), replace(opts, size=opts.size or model_size(Path(m)))) for m in models]
     plan = [(m, o, candidates(m, o)) for m, o in plan]

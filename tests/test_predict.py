@@ -399,3 +399,17 @@ def test_a_static_size_model_refuses_another_tile_and_says_when_it_replaces_the_
     assert res.tiles == len(window_starts(80, 32, 8)) * len(window_starts(70, 32, 8))
     with rasterio.open(tmp_path / "out.tif") as out:
         assert np.array_equal(out.read(1), labels)
+
+
+def test_each_rasters_peak_rss_is_measured_during_that_raster_not_the_process_lifetime(tmp_path: Path) -> None:
+    """In a many-raster run, a raster's `peak_rss_mb` is the resident memory sampled while it ran:
+    a 400 MB block the process held (and gave back) before is not in it, though it stays in the
+    process's high-water mark."""
+    from segdeploy.utils import peak_rss_mb
+
+    write_tif(tmp_path / "in.tif", np.random.default_rng(7).integers(0, 3, (64, 64)).astype(np.uint8))
+    before = np.ones(400 * 2**20 // 8)  # touched: resident; freed by munmap when deleted
+    del before
+    res = predict_file(EchoBackend(3, tile=32), tmp_path / "in.tif", tmp_path / "out.tif",
+                       PredictOptions(overlap=0, preview=False))
+    assert 0 < res.peak_rss_mb < peak_rss_mb() - 300

@@ -147,6 +147,8 @@ def root(
 ) -> None:
     STATE["debug"] = debug
     if not debug:  # GDAL's own messages (e.g. libtiff's write errors) would add lines to one-line errors
+        # (process-wide on purpose: this callback runs once per `segdeploy` command, which owns its
+        # process; the library sets no logging level but mlflow's, in tracking.py)
         import logging
 
         logging.getLogger("rasterio").setLevel(logging.CRITICAL)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,8 +14,25 @@ from segdeploy.runtime.base import Backend, LoadOptions
 from segdeploy.utils import pick_device
 
 
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count is process-wide (``torch.set_num_threads``): `n` threads for
+    the block, the count as it was after it, so a backend loaded with ``threads`` leaves the rest of
+    the process (training, another backend, the caller's own torch) alone. None or 0: unchanged."""
+    saved = torch.get_num_threads()
+    if not n or n == saved:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 class TorchBackend(Backend):
     name = "torch"
+    threads: int | None = None  # intra-op threads while it runs (`intra_op_threads`); None: torch's own
 
     def __init__(self, model: torch.nn.Module, meta: ModelMeta, path: Path, device: str = "cpu",
                  precision: str = "fp32", compile: bool = False, channels_last: bool = True) -> None:
@@ -34,14 +53,18 @@ class TorchBackend(Backend):
 
     @classmethod
     def load(cls, path: Path, options: LoadOptions = LoadOptions()) -> TorchBackend:
-        if options.threads:
-            torch.set_num_threads(options.threads)
+        """The finished run at `path` (`models.load_run_model`) on `options.device` ("auto": CUDA
+        when there is one). `options.threads` applies while it runs, not to the process. Raises
+        ArtifactError for a run that cannot be loaded, BackendUnavailable for a device or precision
+        this machine lacks."""
         device = pick_device("auto") if options.device == "auto" else options.device
         from segdeploy.models import load_run_model
 
         run = Run(Path(path))
-        return cls(load_run_model(run), run.meta, run.root, device=device, precision=options.precision,
-                   compile=options.compile)
+        backend = cls(load_run_model(run), run.meta, run.root, device=device, precision=options.precision,
+                      compile=options.compile)
+        backend.threads = options.threads
+        return backend
 
     @classmethod
     def available(cls, precision: str = "fp32") -> str:
@@ -59,7 +82,8 @@ class TorchBackend(Backend):
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16"):
                 return self._forward(x).float()
-        return self._forward(x).float()
+        with intra_op_threads(self.threads):
+            return self._forward(x).float()
 
     def to_host(self, logits: torch.Tensor) -> object:
         return logits.float().cpu().numpy()
