@@ -328,9 +328,9 @@ def _bench_candidate(cand: Candidate, opts: BenchOptions, threads: int, referenc
 
 def _time_row(row: BenchRow, backend: Backend, opts: BenchOptions, flops: FlopCache) -> None:
     """Fill a row's timing columns, or mark it unavailable with the reason."""
-    meta, static = backend.meta, backend.static_shape
-    if static and static != (opts.size, opts.size):
-        row.status, row.reason = UNAVAILABLE, f"static model: {static[0]}×{static[1]} only (use --size {static[0]})"
+    meta, static = backend.meta, backend.static_size
+    if static and static != opts.size:
+        row.status, row.reason = UNAVAILABLE, f"static model: {static}×{static} only (use --size {static})"
         return
     if meta.static_batch and row.batch != meta.static_batch:
         row.status, row.reason = UNAVAILABLE, f"the model's batch is fixed at {meta.static_batch} (use --batch {meta.static_batch})"
@@ -414,7 +414,7 @@ class AccuracyColumns:
             from segdeploy.metrics import ConfusionMatrix
 
             if self.ref is None:
-                self._make(backend.static_shape[0] if backend.static_shape else backend.meta.tile_size)
+                self._make(backend.static_size or backend.meta.tile_size)
             logits = self.ref.logits_of(backend)
             rep = self.ref.compare(logits, backend.meta, cand.backend, cand.precision, self.thresholds(cand))
             cm = ConfusionMatrix(backend.meta.num_classes, backend.meta.ignore_index)

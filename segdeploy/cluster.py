@@ -35,7 +35,6 @@ class Cluster:
     threads: int  # backend threads per worker
     cpus: float
     gpus: float
-    started_here: bool
 
     def to_dict(self) -> dict:
         return {"address": self.address, "workers": self.workers, "threads_per_worker": self.threads,
@@ -122,7 +121,7 @@ def connect(address: str | None, workers: int | None, threads: int | None, gpu: 
         ray.shutdown()
         raise UserError(f"--workers {workers} × --threads {threads} needs {workers * threads} CPUs; the Ray cluster "
                         f"has {cpus:g}: ask for fewer")
-    return Cluster(address or "local", workers, threads, cpus, gpus, started_here=address is None)
+    return Cluster(address or "local", workers, threads, cpus, gpus)
 
 
 class _TileCounter:

@@ -13,7 +13,7 @@ from segdeploy import recipe as recipe_mod
 from segdeploy.artifact import CONFUSION_FILE, EVAL_DIR, EVAL_METRICS_FILE, OVERLAY_FILE, Run
 from segdeploy.data.dataset import SampleReader, discover, eval_split
 from segdeploy.errors import ArtifactError
-from segdeploy.metrics import ConfusionMatrix, SegMetrics, level_mious
+from segdeploy.metrics import SegMetrics, level_mious
 from segdeploy.recipe import Recipe
 from segdeploy.runtime import load_backend
 from segdeploy.runtime.base import Backend

@@ -57,7 +57,6 @@ class PredictOptions:
     probs: bool = False
     resume: bool = False
     overwrite: bool = False  # start an unfinished output over instead of refusing to (a finished one: jobs.plan_jobs)
-    pad: str = "reflect"
     # 1-based input bands to feed the model, in order (None: all, or chosen by colour interpretation)
     bands: list[int] | None = None
     # full-scale value of the input when its pixel type differs from the model's (None: refuse)
@@ -150,8 +149,8 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> t
             raise UserError(f"{flag} must be at least 1 (got {value})")
     scale = input_scale(reader, meta, opts)
     tile = meta.tile_size if opts.tile is None else opts.tile
-    if backend.static_shape and (tile, tile) != backend.static_shape:
-        fixed = backend.static_shape[0]
+    if backend.static_size and tile != backend.static_size:
+        fixed = backend.static_size
         if opts.tile is not None:  # never another tile than the one the user gave
             raise UserError(f"--tile {opts.tile}: {backend.path} accepts only {fixed}×{fixed} inputs (a static-size "
                             f"export); pass --tile {fixed}, or drop --tile")
@@ -169,7 +168,7 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> t
         raise UserError(f"--blend {opts.blend!r} is unknown; choose one of {', '.join(BLENDS)}")
     batch = opts.batch if opts.batch is not None else (8 if backend.device.startswith("cuda") else 2)
     batch = min(batch, backend.max_batch or batch)
-    return TilePlan(reader.height, reader.width, tile, overlap, opts.blend, opts.pad, batch), scale
+    return TilePlan(reader.height, reader.width, tile, overlap, opts.blend, batch=batch), scale
 
 
 def resume_point(out: Path, opts: PredictOptions, settings: dict, stride: int) -> tuple[int, int]:

@@ -58,11 +58,6 @@ def normalize(pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarra
     return x
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """float32 softmax over the class axis (-3) of a new array, stable for large logits."""
-    return weighted_softmax(np.array(logits, dtype=np.float32), np.float32(1))
-
-
 def weighted_softmax(logits: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """softmax over the class axis (-3) times the blend weights (H×W): what one tile adds to the
     blend. Computed in place when `logits` is a writable float32 array (the backend's fresh
@@ -234,11 +229,11 @@ def blend_weights(tile: int, kind: str = "gaussian", overlap: int = 0) -> np.nda
 
 
 class StripAccumulator:
-    """Blends tile probabilities row of tiles by row of tiles, holding only what a later tile can
-    still touch: the overlap band below the current row (C × overlap × width) and the current
-    tile. Final pixels are handed on as soon as no later tile covers them.
+    """Blends tiles' softmax probabilities row of tiles by row of tiles, holding only what a later
+    tile can still touch: the overlap band below the current row (C × overlap × width) and the
+    current tile. Final pixels are handed on as soon as no later tile covers them.
 
-    Feed tiles in the plan's row-major order with `add(row, col, probs)` (or `add_logits`); each
+    Feed tiles' logits in the plan's row-major order with `add_logits(row, col, logits)`; each
     finished row of tiles returns the final class map (and confidence) of its `stride` rows (all
     remaining rows for the last row of tiles), cropped to the image.
     """
@@ -283,17 +278,13 @@ class StripAccumulator:
         bottom = self.h if last else top + self.stride
         return max(0, min(bottom, self.h) - top)
 
-    def add(self, row: int, col: int, probs: np.ndarray | None,
-            valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-        """Blend one tile (C×tile×tile probabilities, or None for a skipped tile). `valid`
-        (tile×tile, False where the input is nodata) marks this tile's final pixels -1 there.
-
-        Returns (labels, confidence) for the finished rows when `col` is the row's last tile."""
-        return self._blend(row, col, None if probs is None else probs * self.weights, valid)
-
     def add_logits(self, row: int, col: int, logits: np.ndarray | None,
                    valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-        """`add` for C×tile×tile logits, softmaxed here; a writable float32 array is used in place."""
+        """Blend one tile's C×tile×tile logits (None for a skipped tile), softmaxed here with the
+        blend weights folded in (`weighted_softmax`; a writable float32 array is used in place).
+        `valid` (tile×tile, False where the input is nodata) marks this tile's final pixels -1 there.
+
+        Returns (labels, confidence) for the finished rows when `col` is the row's last tile."""
         return self._blend(row, col, None if logits is None else weighted_softmax(logits, self.weights), valid)
 
     def _blend(self, row: int, col: int, weighted: np.ndarray | None,

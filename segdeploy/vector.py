@@ -377,12 +377,6 @@ class SeamPolygonizer:
                        np.array([r.pixels for r in closed], np.int64),
                        np.array([r.confidence_sum for r in closed], np.float64))
 
-    def open_vertices(self) -> int:
-        """Coordinates held by open regions (what memory grows with)."""
-        import shapely
-
-        return int(sum(shapely.get_num_coordinates(r.parts).sum() for r in self.open.values()))
-
 
 def dissolve_seams(parts: list) -> Any:
     """The union of one region's pieces (shapely Polygons in pixel coordinates, each from one band),
@@ -505,7 +499,6 @@ class FeatureWriter:
         self.with_confidence, self.min_pixels = with_confidence, min_pixels
         self.pending: list[Regions] = []
         self.pending_count = 0
-        self.written = 0
         self.dropped = 0
         self.discard()
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -533,7 +526,6 @@ class FeatureWriter:
                 self._write(self.class_names[cid], batch.take(batch.class_ids == cid), append=True)
         else:
             self._write(self.layer_names[0], batch, append=True)
-        self.written += len(batch)
         self.pending, self.pending_count = [], 0
 
     def _write(self, layer: str, regions: Regions, append: bool) -> None:

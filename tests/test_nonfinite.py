@@ -31,7 +31,6 @@ from segdeploy.data.inspect import inspect
 from segdeploy.errors import NonFiniteError
 from segdeploy.predict import PredictOptions, predict_file
 from segdeploy.runtime import load_backend
-from tests.conftest import RECIPES
 from tests.test_predict import write_tif
 
 runner = CliRunner()

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from segdeploy.cli.app import app, console, emit_json, guarded
+from segdeploy.cli.app import app, emit_json, guarded
 
 
 @app.command("info")

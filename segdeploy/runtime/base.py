@@ -77,10 +77,10 @@ class Backend(ABC):
         return self.to_host(self.run(self.prepare(batch)))
 
     @property
-    def static_shape(self) -> tuple[int, int] | None:
-        """(H, W) when the artifact accepts only one spatial size."""
-        s = self.meta.static_size
-        return (s, s) if s else None
+    def static_size(self) -> int | None:
+        """The one H = W (px) the loaded artifact accepts (`ModelMeta.static_size`; an engine's
+        fixed profile), None when any multiple of the input divisor works."""
+        return self.meta.static_size
 
     @property
     def max_batch(self) -> int | None:

@@ -62,9 +62,9 @@ class OrtBackend(Backend):
         x = np.asarray(batch, dtype=np.float32)
         if x.shape[1] != self.meta.bands:
             raise ArtifactError(f"{self.path} expects {self.meta.bands} bands, got an image with {x.shape[1]}")
-        static = self.static_shape
-        if static and tuple(x.shape[-2:]) != static:
-            raise ArtifactError(f"{self.path} is static at {static[0]}×{static[1]}; got {x.shape[-2]}×{x.shape[-1]}")
+        static = self.static_size
+        if static and tuple(x.shape[-2:]) != (static, static):
+            raise ArtifactError(f"{self.path} is static at {static}×{static}; got {x.shape[-2]}×{x.shape[-1]}")
         (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
         return out.astype(np.float32, copy=False)
 
@@ -72,7 +72,7 @@ class OrtBackend(Backend):
         """onnxruntime's CPU arena never shrinks by itself: one tiny run with arena shrinkage
         returns its free chunks (measured: RSS 443 -> 283 MB after batch-2 512² runs of the demo
         U-Net). Static models would need a whole tile: they keep their arena."""
-        if self.static_shape or self.device != "cpu":
+        if self.static_size or self.device != "cpu":
             return
         import onnxruntime as ort
 

@@ -124,8 +124,9 @@ class TensorRTBackend(Backend):
         return int(self._max[0])
 
     @property
-    def static_shape(self) -> tuple[int, int] | None:
-        return (self._max[2], self._max[3]) if self._min[2:] == self._max[2:] else None
+    def static_size(self) -> int | None:
+        """The profile's one H = W when its min and max shapes agree (an engine built static)."""
+        return int(self._max[2]) if self._min[2:] == self._max[2:] else None
 
     def prepare(self, batch: object) -> torch.Tensor:
         return torch.as_tensor(batch, dtype=torch.float32).to("cuda", non_blocking=True)
