@@ -5,7 +5,8 @@ segmenter on a timm backbone.
 Every architecture is registered once, with what the rest of segdeploy needs to know about it
 (`Architecture`: input divisor, static size, minimum tile, what ``model.encoder`` names, export
 rewrites), the way timm registers a model with its pretrained config. Its builder takes
-(ModelConfig, in_channels, num_classes) and returns an nn.Module mapping a float32 N×B×H×W batch to
+(ModelConfig, bands, num_classes) — bands: input channels, the recipe's data.bands (smp and timm
+call it in_channels / in_chans) — and returns an nn.Module mapping a float32 N×B×H×W batch to
 N×C×H×W logits; H and W must be multiples of ``facts(cfg, model).input_divisor``. Adding an
 architecture is one `register_architecture` call here; nothing else probes a model's attributes.
 """
@@ -88,14 +89,14 @@ def register_architecture(name: str, *, encoder: Literal["smp", "timm", "none"],
 
 
 def _smp_builder(arch: str) -> Builder:
-    def build(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    def build(cfg: ModelConfig, bands: int, num_classes: int) -> nn.Module:
         import segmentation_models_pytorch as smp
 
         check_encoder_name(cfg.encoder)
         weights = "imagenet" if cfg.weights == "imagenet" else None
         try:
             model = smp.create_model(
-                arch, encoder_name=cfg.encoder, encoder_weights=weights, in_channels=in_channels,
+                arch, encoder_name=cfg.encoder, encoder_weights=weights, in_channels=bands,
                 classes=num_classes, **cfg.kwargs,
             )
         except TypeError as exc:
@@ -246,12 +247,12 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 class SegNet(nn.Module):
     """SegNet (Badrinarayanan et al.): the decoder upsamples with the encoder's max-pool indices."""
 
-    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (64, 128, 256, 512, 512),
+    def __init__(self, bands: int, num_classes: int, widths: tuple[int, ...] = (64, 128, 256, 512, 512),
                  convs: int = 2) -> None:
         super().__init__()
         self.enc = nn.ModuleList()
         self.dec = nn.ModuleList()
-        cin = in_channels
+        cin = bands
         for w in widths:
             self.enc.append(nn.Sequential(*[_conv_bn_relu(cin if i == 0 else w, w) for i in range(convs)]))
             cin = w
@@ -300,9 +301,9 @@ class StridedUNet(nn.Module):
     """U-Net whose encoder downsamples with stride-2 convolutions and whose decoder upsamples
     with transposed convolutions (no pooling, no interpolation)."""
 
-    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 128, 256, 512)) -> None:
+    def __init__(self, bands: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 128, 256, 512)) -> None:
         super().__init__()
-        self.stem = nn.Sequential(_conv_bn_relu(in_channels, widths[0]), _conv_bn_relu(widths[0], widths[0]))
+        self.stem = nn.Sequential(_conv_bn_relu(bands, widths[0]), _conv_bn_relu(widths[0], widths[0]))
         self.down = nn.ModuleList(
             nn.Sequential(_conv_bn_relu(a, b, stride=2), _conv_bn_relu(b, b)) for a, b in zip(widths, widths[1:])
         )
@@ -330,11 +331,11 @@ class ViTSegmenter(nn.Module):
     this kind are static at that size.
     """
 
-    def __init__(self, backbone: str, in_channels: int, num_classes: int, img_size: int, pretrained: bool) -> None:
+    def __init__(self, backbone: str, bands: int, num_classes: int, img_size: int, pretrained: bool) -> None:
         super().__init__()
         import timm
 
-        self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, in_chans=in_channels,
+        self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, in_chans=bands,
                                           img_size=img_size)
         self.patch = self.backbone.patch_embed.patch_size[0]
         self.prefix = getattr(self.backbone, "num_prefix_tokens", 1)
@@ -413,19 +414,19 @@ def _segnet_export_rewrite(model: nn.Module) -> list[tuple[str, str, str]]:
 @register_architecture("segnet", encoder="none", input_divisor=lambda m: m.input_divisor,
                        min_tile=lambda m: m.input_divisor,  # the deepest pooled map is 1 px
                        static_size=any_size, export_rewrite=_segnet_export_rewrite)
-def _segnet(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    return SegNet(in_channels, num_classes, **_widths_kwargs(cfg))
+def _segnet(cfg: ModelConfig, bands: int, num_classes: int) -> nn.Module:
+    return SegNet(bands, num_classes, **_widths_kwargs(cfg))
 
 
 @register_architecture("unet_strided", encoder="none", input_divisor=lambda m: m.input_divisor,
                        min_tile=lambda m: m.input_divisor, static_size=any_size)
-def _unet_strided(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    return StridedUNet(in_channels, num_classes, **_widths_kwargs(cfg))
+def _unet_strided(cfg: ModelConfig, bands: int, num_classes: int) -> nn.Module:
+    return StridedUNet(bands, num_classes, **_widths_kwargs(cfg))
 
 
 @register_architecture("vit_segmenter", encoder="timm", input_divisor=lambda m: m.patch,
                        min_tile=lambda m: m.static_size, static_size=lambda m: m.static_size)
-def _vit(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+def _vit(cfg: ModelConfig, bands: int, num_classes: int) -> nn.Module:
     import timm
 
     name = cfg.encoder.removeprefix("tu-")
@@ -436,7 +437,7 @@ def _vit(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     if kw:
         raise ModelError(f"model.kwargs {sorted(kw)} are not used by vit_segmenter (only img_size)")
     try:
-        return ViTSegmenter(name, in_channels, num_classes, img_size, pretrained=cfg.weights == "imagenet")
+        return ViTSegmenter(name, bands, num_classes, img_size, pretrained=cfg.weights == "imagenet")
     except Exception as exc:
         if cfg.weights == "imagenet" and _looks_like_download_failure(exc):
             raise _offline_error(cfg.encoder, exc) from None
@@ -456,7 +457,7 @@ def check_model_names(cfg: ModelConfig) -> None:
         check_encoder_name(cfg.encoder)
 
 
-def build_model(cfg: ModelConfig, in_channels: int, num_classes: int,
+def build_model(cfg: ModelConfig, bands: int, num_classes: int,
                 log: Callable[[str], None] | None = None) -> nn.Module:
     """The recipe's model; with ``model.weights: FILE`` its tensors come from the file (a whole
     model, or an encoder; `log` is told which). ``model.output: sigmoid`` builds a one-channel
@@ -466,9 +467,9 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int,
     if cfg.output == "sigmoid" and num_classes != 2:
         raise ModelError(f"model.output: sigmoid is for two classes (one sigmoid channel); the recipe has {num_classes}")
     with fail_fast_when_offline(cfg.weights):
-        net = arch.build(cfg, in_channels, 1 if cfg.output == "sigmoid" else num_classes)
+        net = arch.build(cfg, bands, 1 if cfg.output == "sigmoid" else num_classes)
     if cfg.weights not in (None, "imagenet"):
-        note = load_weights_file(net, Path(cfg.weights), cfg, in_channels, num_classes)
+        note = load_weights_file(net, Path(cfg.weights), cfg, bands, num_classes)
         if log is not None:
             log(note)
     return wrap_output(net, cfg)
