@@ -59,8 +59,9 @@ class PredictOptions:
     overwrite: bool = False  # start an unfinished output over instead of refusing to (a finished one: jobs.plan_jobs)
     # 1-based input bands to feed the model, in order (None: all, or chosen by colour interpretation)
     bands: list[int] | None = None
-    # full-scale value of the input when its pixel type differs from the model's (None: refuse)
-    input_max: float | None = None
+    # full-scale value of the input when its pixel type differs from the model's (None: refuse);
+    # --max-pixel-value (alias --input-max), the input's counterpart of ModelMeta.max_pixel_value
+    max_pixel_value: float | None = None
     preview: bool = True  # a quick-look PNG beside each raster output
     cog: bool = False  # write Cloud-Optimized GeoTIFFs (overviews by mode) instead of plain tiled ones
     vector: VectorOptions | None = None  # also polygonise the class rows as they finish (segdeploy.vector)
@@ -98,13 +99,13 @@ class PredictResult:
         return asdict(self)
 
 
-def input_scale(reader: SceneReader, meta, opts: PredictOptions) -> float:  # noqa: ANN001 - ModelMeta
+def input_max_pixel_value(reader: SceneReader, meta, opts: PredictOptions) -> float:  # noqa: ANN001 - ModelMeta
     """The value that maps to 1.0 before normalisation: the model's own, unless the input has
-    another pixel type, which is refused unless --input-max says what its full scale is."""
-    if opts.input_max is not None:
-        if opts.input_max <= 0:
-            raise UserError(f"--input-max must be > 0 (got {opts.input_max:g})")
-        return float(opts.input_max)
+    another pixel type, which is refused unless --max-pixel-value says what its full scale is."""
+    if opts.max_pixel_value is not None:
+        if opts.max_pixel_value <= 0:
+            raise UserError(f"--max-pixel-value must be > 0 (got {opts.max_pixel_value:g})")
+        return float(opts.max_pixel_value)
     if not meta.input_dtype:
         reader.notes.append(f"the model records no input pixel type (exported before segdeploy checked it): "
                             f"{reader.dtype} input assumed to match, scaled by 1/{meta.max_pixel_value:g}")
@@ -116,10 +117,10 @@ def input_scale(reader: SceneReader, meta, opts: PredictOptions) -> float:  # no
 
 
 def _full_scale(dtype: str) -> str:
-    """The --input-max that maps this pixel type's full scale to the model's (a flag that works as printed)."""
+    """The --max-pixel-value that maps this pixel type's full scale to the model's (a flag that works as printed)."""
     if np.dtype(dtype).kind in "ui":
-        return f"--input-max {np.iinfo(np.dtype(dtype)).max} (its pixel type's full scale)"
-    return "--input-max 1.0 if its values run 0..1 (else --input-max with its largest value)"
+        return f"--max-pixel-value {np.iinfo(np.dtype(dtype)).max} (its pixel type's full scale)"
+    return "--max-pixel-value 1.0 if its values run 0..1 (else --max-pixel-value with its largest value)"
 
 
 def _refuse_unfinished(out: Path, state_path: Path, tmp: Path) -> None:
@@ -147,7 +148,7 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> t
     for flag, value in (("--tile", opts.tile), ("--batch", opts.batch)):
         if value is not None and value < 1:  # never a silent default for a number the user gave
             raise UserError(f"{flag} must be at least 1 (got {value})")
-    scale = input_scale(reader, meta, opts)
+    max_pixel_value = input_max_pixel_value(reader, meta, opts)
     tile = meta.tile_size if opts.tile is None else opts.tile
     if backend.static_size and tile != backend.static_size:
         fixed = backend.static_size
@@ -168,7 +169,7 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> t
         raise UserError(f"--blend {opts.blend!r} is unknown; choose one of {', '.join(BLENDS)}")
     batch = opts.batch if opts.batch is not None else (8 if backend.device.startswith("cuda") else 2)
     batch = min(batch, backend.max_batch or batch)
-    return TilePlan(reader.height, reader.width, tile, overlap, opts.blend, batch=batch), scale
+    return TilePlan(reader.height, reader.width, tile, overlap, opts.blend, batch=batch), max_pixel_value
 
 
 def resume_point(out: Path, opts: PredictOptions, settings: dict, stride: int) -> tuple[int, int]:
@@ -219,7 +220,7 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
                   progress: Progress | None) -> PredictResult:
     t0 = time.perf_counter()
     reader = SceneReader(src, backend.meta.bands, opts.bands)
-    plan, scale = plan_tiles(backend, reader, opts)
+    plan, max_pixel_value = plan_tiles(backend, reader, opts)
     is_picture = reader.array is not None
     if not is_picture and not reader.georeferenced:
         warnings.warn(f"{src} has no georeference (no geotransform, GCPs or RPCs); the output will not have one "
@@ -237,7 +238,7 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     sink = RowSink(out, reader, backend.meta, opts, settings, start_row, plan)
     pixels = (reader.height - rows_on_disk) * reader.width  # what this invocation writes
     try:
-        pipeline = TilePipeline(backend, reader, plan, scale, opts, sink, start_row, progress, pixels)
+        pipeline = TilePipeline(backend, reader, plan, max_pixel_value, opts, sink, start_row, progress, pixels)
         pipeline.run()
         backend.trim()  # the outputs and the preview are made after inference: not on top of its peak
         files = sink.finish()
@@ -374,9 +375,10 @@ class TilePipeline:
     error in any stage stops the others and is raised in the caller's thread; an interrupt leaves
     the rows on disk and the resume state for --resume."""
 
-    def __init__(self, backend: Backend, reader: SceneReader, plan: TilePlan, scale: float, opts: PredictOptions,
+    def __init__(self, backend: Backend, reader: SceneReader, plan: TilePlan, max_pixel_value: float, opts: PredictOptions,
                  sink: RowSink, start_row: int, progress: Progress | None, pixels: int | None = None) -> None:
-        self.backend, self.reader, self.plan, self.scale, self.opts, self.sink = backend, reader, plan, scale, opts, sink
+        self.backend, self.reader, self.plan, self.opts, self.sink = backend, reader, plan, opts, sink
+        self.max_pixel_value = max_pixel_value
         self.start_row, self.progress = start_row, progress
         self.pixels = reader.width * reader.height if pixels is None else pixels  # written by this run
         self.acc = StripAccumulator(plan, backend.meta.num_classes, keep_confidence=opts.probs or reader.array is not None)
@@ -460,7 +462,7 @@ class TilePipeline:
             valid = None
             if any(v is not None for *_, v in tiles):
                 valid = np.stack([np.ones((t, t), bool) if v is None else v for *_, v in tiles])
-            x = normalize(np.stack([a for _, _, a, _ in tiles]), self.scale, meta.mean, meta.std, valid)
+            x = normalize(np.stack([a for _, _, a, _ in tiles]), self.max_pixel_value, meta.mean, meta.std, valid)
             logits = iter(self.finite.check(x, self.backend(x), lambda i: self.tile_name(*tiles[i][:2])))
         self.skipped += len(items) - len(tiles)
         return [(r, c, next(logits) if a is not None else None, v) for r, c, a, v in items]

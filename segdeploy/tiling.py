@@ -35,7 +35,7 @@ def pad_to(x: np.ndarray, height: int, width: int, mode: str = "reflect") -> np.
     return np.pad(x, widths, mode=PAD_MODES[mode])
 
 
-def normalize(pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarray,
+def normalize(pixels: np.ndarray, max_pixel_value: float, mean: np.ndarray, std: np.ndarray,
               valid: np.ndarray | None = None) -> np.ndarray:
     """The model's input, the one definition every verb uses: pixels / full scale, minus the band
     mean, over the band std; float32, bands on axis -3 (B×H×W or N×B×H×W).
@@ -48,7 +48,7 @@ def normalize(pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarra
     """
     mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(std, np.float32).reshape(-1, 1, 1)
-    x = np.asarray(pixels, np.float32) / np.float32(scale)
+    x = np.asarray(pixels, np.float32) / np.float32(max_pixel_value)
     x -= mean
     x /= std
     if valid is not None:
@@ -395,14 +395,14 @@ class _InFlight:
 
 
 def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]],  # noqa: ANN001 - any Backend
-                   plan: TilePlan, scale: float, observe: Observer | None = None,
+                   plan: TilePlan, max_pixel_value: float, observe: Observer | None = None,
                    infer: Infer | None = None) -> Iterator[np.ndarray]:
     """The class map of each in-memory image, predicted through predict's machinery: the windows,
     padding and blending of `plan` (its height and width are replaced by each image's), tiles
     normalised by `normalize`, blended by `StripAccumulator`. Tiles of consecutive images share
     batches of `plan.batch`; memory is one image, its class map and a batch of tiles.
 
-    items: (H×W×B raw pixels of any dtype, H×W bool validity or None for all valid); scale: the
+    items: (H×W×B raw pixels of any dtype, H×W bool validity or None for all valid); max_pixel_value: the
     pixels' full-scale value. Yields H×W int16 class maps in input order, -1 where the input is
     invalid. `observe(windows, logits)`, when given, sees each batch's (image index, window) pairs
     and the backend's float32 N×C×tile×tile logits before they are blended (validation loss);
@@ -417,11 +417,11 @@ def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]
         for window, pixels, tile_valid in queue[-1].tiles():
             batch.append((queue[-1], window, pixels, tile_valid))
             if sum(p is not None for _, _, p, _ in batch) >= plan.batch:
-                _run_batch(backend, batch, scale, observe, infer)
+                _run_batch(backend, batch, max_pixel_value, observe, infer)
                 batch = []
                 while queue and queue[0].waiting == 0:
                     yield queue.pop(0).labels
-    _run_batch(backend, batch, scale, observe, infer)
+    _run_batch(backend, batch, max_pixel_value, observe, infer)
     for done in queue:
         yield done.labels
 
@@ -432,7 +432,7 @@ def _sized(plan: TilePlan, height: int, width: int) -> TilePlan:
     return replace(plan, height=height, width=width)
 
 
-def _run_batch(backend, batch: list, scale: float, observe: Observer | None,  # noqa: ANN001
+def _run_batch(backend, batch: list, max_pixel_value: float, observe: Observer | None,  # noqa: ANN001
                infer: Infer | None) -> None:
     """Logits for the batch's tiles (skipped ones stay None), then each blended in order."""
     tiles = [(pixels, valid) for _, _, pixels, valid in batch if pixels is not None]
@@ -442,7 +442,7 @@ def _run_batch(backend, batch: list, scale: float, observe: Observer | None,  # 
         valid = None
         if any(v is not None for _, v in tiles):  # invalid pixels: exactly the training mean, as in predict
             valid = np.stack([np.ones((t, t), bool) if v is None else v for _, v in tiles])
-        x = normalize(np.stack([p for p, _ in tiles]), scale, meta.mean, meta.std, valid)
+        x = normalize(np.stack([p for p, _ in tiles]), max_pixel_value, meta.mean, meta.std, valid)
         windows = [(item.index, window) for item, window, pixels, _ in batch if pixels is not None]
         out = infer(x, windows) if infer is not None else backend(x)
         if observe is not None:

@@ -173,7 +173,7 @@ def test_a_tile_with_nonfinite_logits_is_recomputed_at_fp32_or_named(exports: tu
         scene = src.read().astype(np.float32) / 255  # reflectance 0..1: normalised |x| ≤ 2.7
     scene[:, 110:118, 110:118] = 5.0  # outside the calibration range: normalised |x| ≈ 20
     write_tif(tmp_path / "in.tif", scene)
-    opts = PredictOptions(input_max=1.0, preview=False)  # tile 64, overlap 8: windows at 0, 56, 112, 168, 224
+    opts = PredictOptions(max_pixel_value=1.0, preview=False)  # tile 64, overlap 8: windows at 0, 56, 112, 168, 224
     res = predict_file(load_backend(fp16, threads=2), tmp_path / "in.tif", tmp_path / "fp16.tif", opts)
     predict_file(load_backend(fp32, threads=2), tmp_path / "in.tif", tmp_path / "fp32.tif", opts)
     assert np.array_equal(read_band(tmp_path / "fp16.tif"), read_band(tmp_path / "fp32.tif"))

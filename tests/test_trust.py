@@ -474,10 +474,10 @@ def test_predict_refuses_another_pixel_type_unless_told_how_to_rescale(tmp_path:
     src = _tif(tmp_path / "u16.tif", (labels * 1000).astype(np.uint16))
     backend = _echo()
     backend.meta.max_pixel_value = 1.0
-    with pytest.raises(DataError, match=r"u16.tif is uint16 but the model was trained on uint8 .*--input-max"):
+    with pytest.raises(DataError, match=r"u16.tif is uint16 but the model was trained on uint8 .*--max-pixel-value"):
         predict_file(backend, src, tmp_path / "o.tif", PredictOptions(tile=32, overlap=8))
     assert not (tmp_path / "o.tif").exists()
-    predict_file(backend, src, tmp_path / "o.tif", PredictOptions(tile=32, overlap=8, input_max=1000))
+    predict_file(backend, src, tmp_path / "o.tif", PredictOptions(tile=32, overlap=8, max_pixel_value=1000))
     with rasterio.open(tmp_path / "o.tif") as out:
         assert np.array_equal(out.read(1), labels)
 

@@ -87,7 +87,8 @@ def test_version_without_torch_says_so_and_does_not_import_it(tmp_path: Path) ->
     (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--overlap", "-8"], "--overlap"),
     (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--threads", "0"], "--threads"),
     (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--workers", "0"], "--workers"),
-    (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--input-max", "0"], "--input-max"),
+    (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--input-max", "0"], "--input-max"),  # the old name, an alias
+    (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--max-pixel-value", "0"], "--max-pixel-value"),
     (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--blend", "gauss"], "--blend"),
     (["export", "run", "--opset", "16"], "--opset"),
     (["export", "run", "--calib-images", "0"], "--calib-images"),

@@ -34,8 +34,9 @@ def predict_cmd(
     bands: str = typer.Option(None, "--bands", help="Input bands to use, 1-based, in the model's order: "
                               "3,2,1 for a BGR file, 1,2,3 for RGB out of RGBN (default: all bands, alpha left out, "
                               "R/G/B order from the file's colour interpretation)."),
-    input_max: float = typer.Option(None, "--input-max", callback=positive, help="Full-scale value of the input's pixel type when it "
-                                    "differs from the model's (e.g. 65535 for a uint16 raster and a uint8 model)."),
+    max_pixel_value: float = typer.Option(None, "--max-pixel-value", "--input-max", callback=positive,
+                                          help="Full-scale value of the input's pixel type when it differs from the "
+                                          "model's (e.g. 65535 for a uint16 raster and a uint8 model)."),
     vector: str = typer.Option(None, help="Also polygons per class: OUT.gpkg|.geojson|.fgb|.parquet (one input), or "
                                "a format (gpkg…) for a file beside each raster. Needs segdeploy[vector]."),
     vector_layers: str = typer.Option("single", help="single, or per-class: a layer per class (GeoPackage)."),
@@ -72,7 +73,7 @@ def predict_cmd(
     many = len(files) > 1 or out.is_dir() or out_arg.endswith(("/", "\\"))
     vector_opts = _vector_options(model, vector, vector_layers, min_area, simplify, classes, many)
     opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
-                          overwrite=overwrite, bands=band_list, input_max=input_max, preview=preview, cog=cog,
+                          overwrite=overwrite, bands=band_list, max_pixel_value=max_pixel_value, preview=preview, cog=cog,
                           vector=vector_opts)
     jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
     use_ray = ray or ray_address is not None
