@@ -126,6 +126,11 @@ MODEL_FORMATS = ("weights", "torchscript", "exported_program", "onnx")
 
 @dataclass
 class ModelMeta:
+    """What a model artifact says about itself, wherever it travels (a run's meta.json, an ONNX file's metadata_props,
+    an engine's sidecar): class names and RGB palette (0..255), per-band normalisation (mean/std after dividing by
+    max_pixel_value), the number of input bands, the input divisor and tile size in pixels, the static size/batch
+    when the model accepts only one, and where a derived artifact came from (`source`). `from_dict` raises
+    ArtifactError for a record without the essential fields."""
     classes: list[str]
     palette: list[list[int]]
     mean: list[float]
@@ -156,13 +161,17 @@ class ModelMeta:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes (the logits' channel count C)."""
         return len(self.classes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON types (what meta.json and metadata_props hold)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str) -> ModelMeta:
+        """The record in `d`, unknown keys (from a newer segdeploy) ignored. `source` names the file for the error:
+        ArtifactError when classes, mean, std or bands are missing."""
         known = {f for f in cls.__dataclass_fields__}
         missing = [f for f in ("classes", "mean", "std", "bands") if f not in d]
         if missing:
@@ -171,6 +180,8 @@ class ModelMeta:
 
 
 def read_run_meta(run_dir: Path) -> dict[str, Any]:
+    """RUN/meta.json as a dict. Raises ArtifactError naming the fix for a missing directory, a directory that is not a
+    run, or a corrupt file."""
     path = run_dir / META_FILE
     if not run_dir.is_dir():
         raise ArtifactError(f"run directory {run_dir} not found; train one with `segdeploy train RECIPE --out {run_dir}`")
@@ -340,6 +351,9 @@ class Run:
 
     @classmethod
     def find(cls, path: Path) -> Run | None:
+        """The run that `path` belongs to: the run directory itself, a file in it (an imported archive), or a file in
+        RUN/export; None for an artifact deployed without its run (a directory holding both recipe.yaml and
+        meta.json is a run)."""
         path = Path(path)
         for cand in (path, path.parent, path.parent.parent):
             if cand.is_dir() and (cand / RECIPE_FILE).is_file() and (cand / META_FILE).is_file():
@@ -358,6 +372,7 @@ class Run:
 
     @classmethod
     def open_finished(cls, root: Path) -> Run:
+        """The run at `root`, refused with ArtifactError (and the command that finishes it) unless complete."""
         run = cls(root)
         run.require_finished()
         return run
@@ -365,41 +380,51 @@ class Run:
     # -- files
     @property
     def weights(self) -> Path:
+        """RUN/model.safetensors: a trained (or imported state dict's) weights."""
         return self.root / WEIGHTS_FILE
 
     @property
     def recipe_path(self) -> Path:
+        """RUN/recipe.yaml: the resolved recipe the run was trained with."""
         return self.root / RECIPE_FILE
 
     @property
     def meta_path(self) -> Path:
+        """RUN/meta.json: status, the ModelMeta and the run's facts (`write_status` writes it)."""
         return self.root / META_FILE
 
     @property
     def last_checkpoint(self) -> Path:
+        """RUN/last.ckpt: the resume state (`save_checkpoint` / `load_checkpoint`)."""
         return self.root / LAST_CKPT
 
     @property
     def splits_path(self) -> Path:
+        """RUN/splits.json: the keys of each split the run was trained with."""
         return self.root / SPLITS_FILE
 
     @property
     def history_path(self) -> Path:
+        """RUN/history.csv: one row per epoch (HISTORY_FIELDS)."""
         return self.root / HISTORY_FILE
 
     @property
     def plots_dir(self) -> Path:
+        """RUN/plots: the training curves (CURVE_FILES)."""
         return self.root / PLOTS_DIR
 
     @property
     def tensorboard_dir(self) -> Path:
+        """RUN/tensorboard: TensorBoard event files."""
         return self.root / TENSORBOARD_DIR
 
     @property
     def export_dir(self) -> Path:
+        """RUN/export: the exported forms (EXPORT_FORMS) and their gate records."""
         return self.root / EXPORT_DIR
 
     def eval_dir(self, name: str) -> Path:
+        """RUN/eval/`name`: an evaluation's default folder (`name` is e.g. the split)."""
         return self.root / EVAL_DIR / name
 
     def evaluation_files(self) -> list[Path]:
@@ -407,6 +432,7 @@ class Run:
         return sorted((self.root / EVAL_DIR).glob(f"*/{EVAL_METRICS_FILE}"))
 
     def export_path(self, key: str) -> Path:
+        """RUN/export/<file> of the export form `key` (a key of EXPORT_FORMS; KeyError otherwise)."""
         return self.export_dir / EXPORT_FORMS[key].file
 
     def split_keys(self) -> dict[str, list[str]]:
@@ -542,16 +568,21 @@ class Run:
     # -- contents (read once)
     @property
     def info(self) -> dict[str, Any]:
+        """meta.json as a dict, read on first use and kept (rewritten by `write_status`); ArtifactError as
+        `read_run_meta`."""
         if self._info is None:
             self._info = read_run_meta(self.root)
         return self._info
 
     @property
     def meta(self) -> ModelMeta:
+        """The run's ModelMeta (from meta.json's model_meta); ArtifactError when it is missing or incomplete."""
         return ModelMeta.from_dict(self.info["model_meta"], str(self.meta_path))
 
     @property
     def recipe(self):  # noqa: ANN201 - a recipe.Recipe (imported lazily: pydantic schema)
+        """The run's recipe (RUN/recipe.yaml through `recipe.load`), read on first use and kept; RecipeError when it
+        no longer validates."""
         if self._recipe is None:
             from segdeploy import recipe as recipe_mod
 
@@ -559,6 +590,8 @@ class Run:
         return self._recipe
 
     def require_finished(self) -> dict[str, Any]:
+        """meta.json's contents when the run is complete and its model file exists; else ArtifactError naming the
+        command that finishes it (or re-imports it)."""
         info = self.info
         if info.get("status") != "complete":
             raise ArtifactError(f"run {self.root} is unfinished (status {info.get('status')!r}); "
@@ -589,6 +622,7 @@ class Run:
     # -- the gate's records (parity.json: one record per form, kept across export commands)
     @property
     def parity_path(self) -> Path:
+        """RUN/export/parity.json: the gate record of each exported form."""
         return self.export_dir / PARITY_FILE
 
     @property

@@ -35,6 +35,9 @@ BACKENDS = ("torch", *dict.fromkeys(f.backend for f in EXPORT_FORMS.values()))
 
 @dataclass
 class Candidate:
+    """One (backend, precision) bench may measure for a model: the file that holds it (None with the `reason` it is
+    missing, e.g. the export command that makes it) and its gate record from parity.json, whose thresholds judge
+    its accuracy here too."""
     model: str  # what the user passed
     backend: str
     precision: str
@@ -45,6 +48,10 @@ class Candidate:
 
 @dataclass
 class BenchRow:
+    """One row of the bench table: a candidate at one batch size and input size (px). Latencies are per batch in
+    milliseconds (backend forward only, input already on the device); throughput in images/s and MP/s; memory in
+    MiB (peak RSS during the row, peak GPU allocation); FLOPs as TFLOP/s; accuracy (mIoU, mDice, agreement with the
+    reference) on the same tiles for every row; `status` says whether it ran, and `reason` why not."""
     model: str
     backend: str
     precision: str
@@ -73,11 +80,16 @@ class BenchRow:
     tiled_peak_rss_mb: float | None = None
 
     def to_dict(self) -> dict:
+        """The row as JSON types, one key per column (CSV_FIELDS order)."""
         return asdict(self)
 
 
 @dataclass
 class BenchOptions:
+    """What bench measures: which backends and precisions, batch sizes, the input size (px; None: each model's static
+    size, else its tile size), CPU threads (None: all cores), the data for the accuracy columns (None: the run's
+    recipe's), an image to time predict on end to end (`tiled`, with `tiled_run`), and how long each row is timed
+    (warm-up runs, then at least `min_iters` runs and `min_seconds` seconds)."""
     backends: tuple[str, ...] = BACKENDS
     precisions: tuple[str, ...] = PRECISIONS
     batches: tuple[int, ...] = (1, 8)
@@ -98,6 +110,8 @@ class BenchOptions:
 
 @dataclass
 class BenchReport:
+    """All rows, the CPU threads used, the machine's description, and per model the classes its mIoU/mDice average
+    over and the tiles its accuracy columns come from."""
     rows: list[BenchRow] = field(default_factory=list)
     threads: int = 0
     machine: dict = field(default_factory=dict)
@@ -110,9 +124,11 @@ class BenchReport:
 
     @property
     def measured(self) -> int:
+        """How many rows have a latency (ran), as opposed to unavailable or failed ones."""
         return sum(1 for r in self.rows if r.p50_ms is not None)
 
     def to_dict(self) -> dict:
+        """The report as JSON types (what `bench --json` writes)."""
         return {"note": self.note, "threads": self.threads, "machine": self.machine,
                 "miou_classes": self.miou_classes, "accuracy_tiles": self.accuracy_tiles,
                 "rows": [r.to_dict() for r in self.rows]}
@@ -365,6 +381,8 @@ class FlopCache:
         self.run, self.cache = run, {}
 
     def get(self, bands: int, size: int) -> float | None:
+        """FLOPs of one `bands`×`size`² image through the run's PyTorch model (`count_flops`), counted once per size;
+        None when there is no run or counting failed."""
         if size not in self.cache:
             self.cache[size] = count_flops(self.run, bands, size)
         return self.cache[size]
@@ -372,6 +390,9 @@ class FlopCache:
 
 @dataclass
 class Accuracy:
+    """A candidate's accuracy columns on the reference tiles (None when not measured): mIoU and mDice over the classes
+    present, pixel agreement with the reference's argmax (0..1), and why it fails the parity gate ('' when it
+    passes or was not checked)."""
     miou: float | None = None
     mdice: float | None = None
     agreement: float | None = None
@@ -485,6 +506,7 @@ CSV_FIELDS = list(BenchRow.__dataclass_fields__)
 
 
 def write_csv(report: BenchReport, path: Path) -> None:
+    """The report's rows as CSV (CSV_FIELDS columns) at `path`, atomically."""
     from segdeploy.utils import atomic_path
 
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:

@@ -30,6 +30,8 @@ REPORT_EVERY_S = 0.5  # how often a worker sends its tile count to the driver's 
 
 @dataclass
 class Cluster:
+    """The Ray cluster predict runs on: its address ("local" for one segdeploy started), the number of worker actors,
+    backend threads per worker, and the cluster's CPU and GPU counts."""
     address: str  # "local" for a cluster segdeploy started
     workers: int
     threads: int  # backend threads per worker
@@ -37,6 +39,7 @@ class Cluster:
     gpus: float
 
     def to_dict(self) -> dict:
+        """The cluster's facts as JSON types (predict's summary, `--json`)."""
         return {"address": self.address, "workers": self.workers, "threads_per_worker": self.threads,
                 "cluster_cpus": self.cpus, "cluster_gpus": self.gpus}
 
@@ -216,6 +219,7 @@ def run_on_ray(model: Path, options: dict, jobs: list[Job], opts: PredictOptions
 
 
 def disconnect(cluster: Cluster) -> None:
+    """Leave the cluster: stops a local one this process started, only detaches from a joined one."""
     import ray
 
     ray.shutdown()  # stops a local cluster this process started; only detaches from a joined one

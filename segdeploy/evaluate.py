@@ -26,6 +26,8 @@ from segdeploy.viz import new_figure, overlay_figure, save_figure
 
 @dataclass
 class EvalReport:
+    """One evaluation: the model and backend, the split scored (and why, when it was chosen), image count, metrics,
+    wall seconds, where its files are, the images whose logits were recomputed at FP32 and notes."""
     model: str
     backend: str
     split: str
@@ -40,6 +42,7 @@ class EvalReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """The report as JSON types (metrics.json, `eval --json`)."""
         return {"model": self.model, "backend": self.backend, "split": self.split, "split_reason": self.split_reason,
                 "images": self.images,
                 "seconds": round(self.seconds, 3), **self.metrics.to_dict(),

@@ -21,6 +21,8 @@ TileCallback = Callable[[int, int, int, int], None]  # (job index, tiles done, t
 
 @dataclass
 class Job:
+    """One raster to predict: its position in the batch, the input (a path or GDAL /vsi string), the output, and
+    whether to resume it."""
     index: int
     src: Path | str
     out: Path
@@ -29,12 +31,14 @@ class Job:
 
 @dataclass
 class Outcome:
+    """One raster's result: its PredictResult, or the one-line error naming it, and the georeference warnings."""
     job: Job
     result: PredictResult | None = None
     error: str | None = None  # one line naming the raster
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """The outcome as JSON types (predict's `--json` per raster)."""
         if self.result is not None:
             return self.result.to_dict() | {"warnings": self.warnings}
         return {"input": str(self.job.src), "output": str(self.job.out), "error": self.error}
@@ -132,6 +136,8 @@ def run_one(backend, job: Job, opts: PredictOptions,  # noqa: ANN001 - a runtime
 
 def run_serial(backend, jobs: list[Job], opts: PredictOptions,  # noqa: ANN001
                on_tiles: TileCallback | None = None) -> Iterator[Outcome]:
+    """Outcomes of the jobs one after the other in this process with `backend`; with several jobs a failure becomes
+    that raster's outcome and the rest go on (a single job raises)."""
     for job in jobs:
         yield run_one(backend, job, opts, on_tiles, keep_going=len(jobs) > 1)
 
@@ -149,9 +155,11 @@ class Tally:
         self.pixels_done = 0.0
 
     def tiles(self, index: int, done: int, total: int, pixels: int) -> None:
+        """Record raster `index`'s progress: `done` of `total` tiles, `pixels` in the raster."""
         self.running[index] = (done / max(total, 1), pixels)
 
     def finish(self, outcome: Outcome) -> None:
+        """Count a finished raster (and its pixels, or a failure)."""
         self.running.pop(outcome.job.index, None)
         self.done += 1
         if outcome.error:
@@ -161,13 +169,16 @@ class Tally:
 
     @property
     def completed(self) -> float:
+        """Rasters done, plus the tile share of those running (for the bar)."""
         return self.done + sum(share for share, _ in self.running.values())
 
     @property
     def seconds(self) -> float:
+        """Wall seconds since the batch started."""
         return time.perf_counter() - self.t0
 
     @property
     def megapixels_per_s(self) -> float:
+        """Megapixels predicted per wall second over the batch, running rasters counted by their share."""
         pixels = self.pixels_done + sum(share * px for share, px in self.running.values())
         return pixels / 1e6 / max(self.seconds, 1e-9)

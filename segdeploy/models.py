@@ -64,6 +64,8 @@ class Architecture:
     export_rewrite: Callable[[nn.Module], list[tuple[str, str, str]]] | None = None
 
     def facts(self, model: nn.Module) -> ArchFacts:
+        """The registered facts evaluated on `model` as built (its encoder and kwargs decide the divisor): an
+        ArchFacts."""
         divisor = int(self.input_divisor(model))
         static = self.static_size(model)
         return ArchFacts(divisor, None if static is None else int(static), int(self.min_tile(model)))
@@ -161,6 +163,8 @@ def _register_smp() -> None:
 
 
 def check_encoder_name(name: str) -> None:
+    """Refuse an unknown encoder before anything is built: a `tu-<name>` must be a timm model, any other name an smp
+    encoder. Raises ModelError with the closest names."""
     if name.startswith("tu-"):
         import timm
 
@@ -270,6 +274,7 @@ class SegNet(nn.Module):
     export_friendly = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×B×H×W float32 -> N×C×H×W logits (H, W multiples of 2^len(widths))."""
         if self.export_friendly:
             return self._forward_onehot(x)
         indices = []
@@ -315,6 +320,7 @@ class StridedUNet(nn.Module):
         self.input_divisor = 2 ** (len(widths) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×B×H×W float32 -> N×C×H×W logits (H, W multiples of 2^(len(widths)-1))."""
         skips = [self.stem(x)]
         for d in self.down:
             skips.append(d(skips[-1]))
@@ -345,6 +351,8 @@ class ViTSegmenter(nn.Module):
         self.static_size = img_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×B×H×W float32 -> N×C×H×W logits: the patch tokens' class scores, bilinearly upsampled (H, W multiples of
+        the patch size)."""
         n, _, h, w = x.shape
         tokens = self.backbone.forward_features(x)[:, self.prefix :]
         logits = self.head(self.norm(tokens))  # N × (h/p·w/p) × C
@@ -363,11 +371,13 @@ class SigmoidAsTwoClasses(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×B×H×W -> N×2×H×W logits [0, z] of the wrapped one-channel model's z (softmax gives [1 - σ(z), σ(z)])."""
         z = self.net(x)
         return torch.cat([torch.zeros_like(z), z], 1)
 
     @property
     def encoder(self) -> nn.Module | None:  # freeze_encoder and the weights loader look for it
+        """The wrapped model's encoder (None when it has none), for encoder freezing and weights loading."""
         return getattr(self.net, "encoder", None)
 
 
@@ -381,9 +391,11 @@ class ExportedProgramModule(nn.Module):
         self.program = program_module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The program's output for N×B×H×W float32 input (logits-like, as the program computes them)."""
         return self.program(x)
 
     def train(self, mode: bool = True) -> ExportedProgramModule:  # noqa: ARG002 - fixed at export
+        """A no-op returning self: a torch.export program's train/eval behaviour was fixed when it was exported."""
         return self
 
 

@@ -50,6 +50,9 @@ Tile = tuple[int, int, "np.ndarray | None", "np.ndarray | None"]
 
 @dataclass
 class PredictOptions:
+    """How predict runs on each raster: tile and overlap (px; None: the model's tile, tile/8), batch size, blend
+    window, whether to write the confidence raster (`probs`), resume/overwrite, which input bands to feed, the
+    input's full-scale value when its pixel type differs from the model's, previews, COG output and vector output."""
     tile: int | None = None
     overlap: int | None = None  # None: default_overlap(tile)
     batch: int | None = None  # None: 8 on a GPU, 2 on CPU (larger batches cost memory and gain no speed there)
@@ -96,6 +99,7 @@ class PredictResult:
     nonfinite_pixels: int = 0
 
     def to_dict(self) -> dict:
+        """The result as JSON types (predict's `--json` per raster)."""
         return asdict(self)
 
 
@@ -303,6 +307,8 @@ class RowSink:
         self.flush(final=False)
 
     def flush(self, final: bool) -> None:
+        """Write the buffered class rows (and confidence) that fill whole block rows of the output (all of them when
+        `final`), then record the rows on disk for --resume."""
         if not self.labels:
             return
         lab = np.concatenate(self.labels)
@@ -421,6 +427,7 @@ class TilePipeline:
         return int(np.count_nonzero(mask[:h, :w]))
 
     def read_loop(self) -> None:
+        """The reader thread: cut the input into tiles (`tiles`) and queue them in batches for inference."""
         try:
             items: list[Tile] = []
             for item in self.tiles():
@@ -438,6 +445,8 @@ class TilePipeline:
             _put(self.work, None, self.stop, force=True)
 
     def write_loop(self) -> None:
+        """The writer thread: blend each tile's logits (softmax folded into the blend) and hand finished rows to the
+        sink."""
         try:
             while (got := self.results.get()) is not None:
                 for r, c, logits, valid in got:
@@ -468,14 +477,18 @@ class TilePipeline:
         return [(r, c, next(logits) if a is not None else None, v) for r, c, a, v in items]
 
     def tile_name(self, row: int, col: int) -> str:
+        """A tile named for an error: its grid position, pixel rows and columns, and the input."""
         y, x, t = self.plan.rows[row], self.plan.cols[col], self.plan.tile
         return f"tile {row},{col} (rows {y}..{y + t}, columns {x}..{x + t}) of {self.reader.path}"
 
     def fail(self, exc: BaseException) -> None:
+        """Record `exc` and stop every thread (the caller raises it once they are joined)."""
         self.errors.append(exc)
         self.stop.set()
 
     def run(self) -> None:
+        """Run the three stages (reader thread, inference here, writer thread) to the end; raises the first error any
+        of them hit, after stopping the others."""
         reader_t = threading.Thread(target=self.read_loop, daemon=True, name="segdeploy-reader")
         writer_t = threading.Thread(target=self.write_loop, daemon=True, name="segdeploy-writer")
         reader_t.start()

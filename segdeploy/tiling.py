@@ -154,21 +154,26 @@ class TilePlan:
 
     @cached_property
     def rows(self) -> list[int]:
+        """The windows' top rows (px), `window_starts` of the height."""
         return window_starts(self.height, self.tile, self.overlap)
 
     @cached_property
     def cols(self) -> list[int]:
+        """The windows' left columns (px), `window_starts` of the width."""
         return window_starts(self.width, self.tile, self.overlap)
 
     @property
     def stride(self) -> int:
+        """The step between windows (px): tile − overlap."""
         return self.tile - self.overlap
 
     @property
     def total(self) -> int:
+        """The number of windows (rows × columns)."""
         return len(self.rows) * len(self.cols)
 
     def window(self, row: int, col: int) -> Window:
+        """The window at grid position (`row`, `col`): its top-left pixel and its size inside the image."""
         y, x = self.rows[row], self.cols[col]
         return Window(row, col, y, x, min(self.tile, self.height - y), min(self.tile, self.width - x))
 
@@ -269,6 +274,7 @@ class StripAccumulator:
 
     @property
     def row_index(self) -> int:
+        """The row of tiles being blended now."""
         return getattr(self, "_row", 0)
 
     def _row_height(self) -> int:

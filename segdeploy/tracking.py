@@ -108,6 +108,8 @@ class Tracker:
             self.notes.append(f"MLflow run {run.info.run_id} at {mlflow_uri}")
 
     def log_epoch(self, row: dict[str, float]) -> None:
+        """One history row's losses, metrics and learning rate as train/* and val/* scalars at step = epoch, to every
+        sink on."""
         step = int(row["epoch"])
         scalars = {f"{'train' if k.startswith('train') else 'val'}/{k.split('_', 1)[-1]}": float(v)
                    for k, v in row.items() if k.startswith(("train_", "val_"))}
@@ -140,6 +142,7 @@ class Tracker:
         m.end_run()
 
     def abort(self) -> None:
+        """Close the sinks of an interrupted or failed run (its MLflow run ends as KILLED)."""
         if self.tb is not None:
             self.tb.close()
         if self.mlflow is not None:

@@ -61,6 +61,8 @@ from segdeploy.utils import (
 
 @dataclass
 class TrainResult:
+    """What a training run did: its directory, best validation mIoU and epoch, epochs run, wall seconds, training
+    images/s, why it stopped early (None: it did not), the world size and whether this process is rank 0."""
     run_dir: Path
     best_miou: float
     best_epoch: int

@@ -51,6 +51,7 @@ def display_rgb(image: np.ndarray, max_value: float) -> np.ndarray:
 
 def colorize_classes(mask: np.ndarray, palette: list[tuple[int, int, int]], ignore_index: int,
                      ignore_rgb: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """An H×W class map as H×W×3 uint8 RGB in `palette`'s colours, `ignore_index` pixels in `ignore_rgb`."""
     lut = np.zeros((max(256, len(palette)), 3), dtype=np.uint8)
     lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
     m = mask.astype(np.int64)
@@ -227,4 +228,5 @@ def _legend_rows(entries: list[tuple[str, tuple]], font, width: int) -> list[lis
 
 
 def preview_path(raster: Path) -> Path:
+    """The quick-look PNG beside a class raster: <stem>_preview.png."""
     return raster.with_name(f"{raster.stem}_preview.png")

@@ -5,6 +5,7 @@ from segdeploy.cli.app import app
 
 
 def main() -> None:
+    """The `segdeploy` console script: run the Typer app (exits with its code)."""
     app()
 
 

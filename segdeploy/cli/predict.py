@@ -197,6 +197,7 @@ def _where(ray: dict | None) -> str:
 
 
 def plural(n: int, word: str) -> str:
+    """'1 raster', '2 rasters': `n` and `word`, with an s unless n is 1."""
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 

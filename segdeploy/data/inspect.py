@@ -31,6 +31,9 @@ from segdeploy.recipe import Recipe
 
 @dataclass
 class InspectReport:
+    """What `data inspect` found: the data root, the classes, images per split, the problems (each a dict naming the
+    file and what is wrong), per-split class pixel counts, image sizes ("H×W" -> count) and class weights suggested
+    from the training split's pixel counts."""
     root: str
     classes: list[str]
     splits: dict[str, int] = field(default_factory=dict)
@@ -41,13 +44,16 @@ class InspectReport:
 
     @property
     def ok(self) -> bool:
+        """True when no problem was found (the CLI exits 0)."""
         return not self.problems
 
     def fractions(self, split: str) -> list[float]:
+        """The share (0..1, 6 decimals) of the split's labelled pixels in each class."""
         counts = np.asarray(self.pixel_counts[split], dtype=np.float64)
         return (counts / max(counts.sum(), 1)).round(6).tolist()
 
     def to_dict(self) -> dict:
+        """The report as JSON types (`data inspect --json`), with the pixel fractions added."""
         return {"root": self.root, "classes": self.classes, "ok": self.ok, "splits": self.splits,
                 "problems": self.problems, "pixel_counts": self.pixel_counts,
                 "pixel_fractions": {s: self.fractions(s) for s in self.pixel_counts},

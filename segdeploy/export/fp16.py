@@ -53,6 +53,9 @@ def with_all_outputs(proto):  # noqa: ANN001, ANN201
 
 
 def run_all(proto, batches: Iterable[np.ndarray], threads: int | None = None) -> list[dict[str, np.ndarray]]:  # noqa: ANN001
+    """Every float tensor of the graph for each batch: onnxruntime on the CPU with graph optimisation off (so every
+    node's output is addressable) and all outputs exposed; one {tensor name: array} dict per input batch (N×B×H×W
+    float32), `threads` intra-op threads."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -222,6 +225,7 @@ def reduced_share(flops: dict[str, float], kept: Iterable[str]) -> float:
 
 
 def save(proto, path: Path) -> None:  # noqa: ANN001
+    """Write the ONNX `proto` to `path` atomically (temp file + rename)."""
     import onnx
 
     from segdeploy.utils import atomic_path

@@ -78,6 +78,8 @@ def form_name(key: str) -> str:
 
 
 def compute_nodes(proto) -> set[str]:  # noqa: ANN001
+    """Names of the nodes that do the FLOP-heavy work quantization targets (COMPUTE_OPS: Conv, ConvTranspose, MatMul,
+    Gemm)."""
     return {n.name for n in proto.graph.node if n.op_type in COMPUTE_OPS}
 
 

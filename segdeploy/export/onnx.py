@@ -34,6 +34,8 @@ class Finding:
 
 @dataclass
 class ExportPlan:
+    """How the FP32 ONNX is exported: dynamic or static H×W (static at `tile` px, with the reasons), the preflight
+    findings (constructs rewritten or risky for TensorRT) and a fixed batch (None: dynamic)."""
     dynamic: bool
     tile: int
     findings: list[Finding] = field(default_factory=list)
@@ -41,6 +43,7 @@ class ExportPlan:
     batch: int | None = None  # the model's fixed batch (an imported graph), None: dynamic
 
     def to_dict(self) -> dict:
+        """The plan as JSON types (the ONNX metadata's export record, `export --json`)."""
         return {"dynamic": self.dynamic, "tile": self.tile, "static_reasons": self.static_reasons, "batch": self.batch,
                 "findings": [asdict(f) for f in self.findings]}
 
@@ -58,6 +61,7 @@ class FixedAdaptiveAvgPool2d(nn.Module):
         self.register_buffer("cols", _bin_matrix(output_size[1], input_size[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×C×H×W (H, W the input size given) -> N×C×h×w (the output size) average-pooled: rows @ x @ colsᵀ."""
         return self.rows @ x @ self.cols.T
 
 

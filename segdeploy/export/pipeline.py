@@ -62,6 +62,10 @@ SENSITIVITY_TILES = 2  # calibration tiles the per-node effect on the logits is 
 
 @dataclass
 class ExportOptions:
+    """What one `segdeploy export` asks for: the forms (`fp16`, `int8`, `trt`), calibration images and method for
+    INT8, the ONNX opset, the tile (px; None: the run's), the engine's batch profile ("min:opt:max") and workspace
+    (GiB), fallback rounds, the time limit per ONNX exporter attempt (seconds), the data root and `parity.*`
+    overrides for the gate."""
     fp16: bool = False
     trt: bool = False
     int8: bool = False
@@ -125,6 +129,7 @@ class FormResult:
 
     @property
     def passed(self) -> bool:
+        """True when the form passed its gate (or is the gate's reference itself)."""
         return self.reference or (self.report is not None and self.report.passed)
 
     def record(self) -> dict:
@@ -139,6 +144,9 @@ class FormResult:
 
 @dataclass
 class ExportReport:
+    """What an export did: the run and output folder, the ONNX plan, the files written by role, notes, each form's
+    result, stale forms (why, with the rebuild command), the engine's facts, calibration keys, the gate's tiles and
+    the wall seconds."""
     run_dir: Path
     out_dir: Path
     plan: ExportPlan
@@ -158,6 +166,7 @@ class ExportReport:
 
     @property
     def passed(self) -> bool:
+        """True when there was something to gate and every form passed."""
         return bool(self.results) and all(r.passed for r in self.results.values())
 
     def failure(self) -> str:
@@ -172,6 +181,7 @@ class ExportReport:
                 f"the report is in {Run(self.run_dir).rejected_dir}")
 
     def to_dict(self) -> dict:
+        """The report as JSON types (`export --json`), each form's gate record included."""
         return {"run_dir": str(self.run_dir), "out_dir": str(self.out_dir), "export": self.plan.to_dict(),
                 "files": self.files, "notes": self.notes, "engine": self.engine, "seconds": round(self.seconds, 2),
                 "calibration_keys": self.calibration_keys, "gate_tiles": self.gate_tiles,

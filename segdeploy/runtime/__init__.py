@@ -50,6 +50,7 @@ def reference_backend(run: Run) -> Backend:
 
 
 def backend_class(name: str) -> type[Backend]:
+    """The Backend class registered as `name` in _BACKENDS, its module imported now (KeyError for an unknown name)."""
     module, cls = _BACKENDS[name]
     return getattr(importlib.import_module(module), cls)
 

@@ -62,6 +62,8 @@ class FiniteLogits:
         self._looked = False
 
     def fallback(self) -> Backend | None:
+        """The FP32 form the artifact was derived from (`fp32_source`), loaded on first use; None when there is none
+        (an FP32 artifact, or one deployed without its source)."""
         if not self._looked:
             self._looked = True
             self._fallback = fp32_source(self.backend)

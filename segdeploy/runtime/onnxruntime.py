@@ -16,6 +16,8 @@ PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecution
 
 
 class OrtBackend(Backend):
+    """An exported ONNX file on onnxruntime (CPU, or the execution providers asked for, in order). ArtifactError for a
+    missing, unreadable or stale file; BackendUnavailable for a provider this onnxruntime lacks."""
     name = "onnxruntime"
 
     def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
@@ -56,9 +58,12 @@ class OrtBackend(Backend):
 
     @classmethod
     def load(cls, path: Path, options: LoadOptions = LoadOptions()) -> OrtBackend:
+        """The ONNX file at `path` with `options`' providers and CPU threads (see the class for the errors)."""
         return cls(Path(path), list(options.providers) if options.providers else None, options.threads)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 N×C×H×W logits for a float32 N×B×H×W batch. ArtifactError for another band count, or another H×W
+        than a static model's."""
         x = np.asarray(batch, dtype=np.float32)
         if x.shape[1] != self.meta.bands:
             raise ArtifactError(f"{self.path} expects {self.meta.bands} bands, got an image with {x.shape[1]}")
@@ -83,4 +88,5 @@ class OrtBackend(Backend):
         self.session.run(None, {self.input_name: tiny}, opts)
 
     def describe(self) -> str:
+        """'onnxruntime <precision> on <first provider> (path)'."""
         return f"onnxruntime {self.precision} on {self.providers[0].removesuffix('ExecutionProvider')} ({self.path})"

@@ -31,6 +31,9 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
 
 
 class TorchBackend(Backend):
+    """A PyTorch model in memory (a finished run's, or the one being trained) on CPU or CUDA: FP32, or FP16 autocast
+    on CUDA; channels-last and torch.compile on CUDA when asked. BackendUnavailable for a device or precision this
+    machine lacks."""
     name = "torch"
     threads: int | None = None  # intra-op threads while it runs (`intra_op_threads`); None: torch's own
 
@@ -68,14 +71,17 @@ class TorchBackend(Backend):
 
     @classmethod
     def available(cls, precision: str = "fp32") -> str:
+        """'' when torch runs at `precision` here; FP16 needs a CUDA GPU."""
         return "torch fp16 needs a CUDA GPU" if precision == "fp16" and not torch.cuda.is_available() else ""
 
     def prepare(self, batch: object) -> torch.Tensor:
+        """The batch as a float32 tensor on the backend's device."""
         x = torch.as_tensor(batch, dtype=torch.float32)
         return x.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def run(self, batch: torch.Tensor) -> torch.Tensor:
+        """float32 N×C×H×W logits (a tensor on the device) for a prepared N×B×H×W batch, in inference mode."""
         x = batch
         if self.device.startswith("cuda"):
             if self.channels_last:
@@ -86,8 +92,10 @@ class TorchBackend(Backend):
             return self._forward(x).float()
 
     def to_host(self, logits: torch.Tensor) -> object:
+        """The logits as a float32 numpy array on the host."""
         return logits.float().cpu().numpy()
 
     def synchronize(self) -> None:
+        """Wait for the GPU (no-op on CPU)."""
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
