@@ -251,12 +251,7 @@ def run_jobs(model: Path, options: dict, jobs: list[Job], opts: PredictOptions, 
 
 
 def backend_for_gpu(model: Path, options: dict) -> bool:
-    """Whether each Ray worker needs a GPU: engines always, the torch backend unless told cpu."""
-    from segdeploy.runtime import backend_for
+    """Whether each Ray worker needs a GPU: the model's backend says (`Backend.needs_gpu`)."""
+    from segdeploy.runtime import backend_class, backend_for
 
-    kind = backend_for(model)
-    if kind == "tensorrt":
-        return True
-    from segdeploy.utils import pick_device
-
-    return kind == "torch" and options.get("device", "auto") != "cpu" and pick_device("auto") == "cuda"
+    return backend_class(backend_for(model)).needs_gpu(options)

@@ -318,3 +318,19 @@ def test_trt_export_without_tensorrt_is_refused_before_any_work(exported: Path, 
     assert "TensorRT is not installed" in result.output and "pip install 'segdeploy[trt]'" in result.output
     assert len(result.output.strip().splitlines()) == 1  # nothing was exported first
     assert tree_digest(run / "export") == before
+
+
+def test_every_export_form_has_its_builder_and_every_builder_its_form() -> None:
+    """A form is its row in artifact.EXPORT_FORMS and its builder in export/pipeline.py: neither
+    without the other (docs/ARCHITECTURE.md, "How to add an export form")."""
+    from segdeploy.artifact import EXPORT_FLAGS, EXPORT_FORMS, PRECISIONS, SUFFIX_BACKENDS, forms_for
+    from segdeploy.export.pipeline import _Builder
+    from segdeploy.runtime import _BACKENDS
+
+    assert set(_Builder.BUILDERS) == set(EXPORT_FORMS)
+    assert all(callable(getattr(_Builder, m, None)) for m in _Builder.BUILDERS.values())
+    for form in EXPORT_FORMS.values():  # what derives from the row is there
+        assert form.backend in _BACKENDS and SUFFIX_BACKENDS[form.suffixes[0]] == form.backend
+        assert form.precision in PRECISIONS and set(form.flags) <= set(EXPORT_FLAGS)
+        assert form.source == "weights" or form.source in EXPORT_FORMS
+        assert form in forms_for(form.flags) or not form.flags

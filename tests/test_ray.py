@@ -181,3 +181,18 @@ def test_the_single_machine_settings_hold_only_while_a_local_cluster_starts(monk
     with single_machine():
         assert os.environ[SINGLE_MACHINE_ENV] == "1" and ray_constants.ENABLE_RAY_CLUSTER == before
     assert os.environ[SINGLE_MACHINE_ENV] == "1"
+
+
+def test_each_backend_says_whether_a_ray_worker_needs_a_gpu(tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cluster asks the model's backend (Backend.needs_gpu), no backend named in cluster.py."""
+    import torch
+
+    from segdeploy.cluster import backend_for_gpu
+    from segdeploy.runtime.tensorrt import TensorRTBackend
+    from segdeploy.runtime.torch import TorchBackend
+
+    assert backend_for_gpu(tiny_onnx, {}) is False and TensorRTBackend.needs_gpu({}) is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert TorchBackend.needs_gpu({}) is True and TorchBackend.needs_gpu({"device": "cpu"}) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert TorchBackend.needs_gpu({"device": "auto"}) is False

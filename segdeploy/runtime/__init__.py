@@ -1,5 +1,6 @@
-"""Artifact -> backend. Adding a backend is one module and one entry in `_BACKENDS`; which file
-suffix it loads comes from the table of export forms (`artifact.EXPORT_FORMS`)."""
+"""Artifact -> backend. Adding a backend is one module (a `Backend` subclass) and its entry in
+`_BACKENDS`; which file suffix it loads comes from the table of export forms
+(`artifact.EXPORT_FORMS`). docs/ARCHITECTURE.md, "How to add a backend"."""
 
 from __future__ import annotations
 

@@ -56,6 +56,12 @@ class Backend(ABC):
         """'' when this backend can run at `precision` here, else why not (one line)."""
         return ""
 
+    @classmethod
+    def needs_gpu(cls, options: dict) -> bool:
+        """Whether a process running this backend with `options` (LoadOptions fields) needs a GPU:
+        what a Ray worker asks its cluster for. False here (CPU runtimes)."""
+        return False
+
     @abstractmethod
     def run(self, batch: object) -> object:
         """Logits for a batch already `prepare`d, left where the backend computed them."""

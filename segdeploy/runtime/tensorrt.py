@@ -125,6 +125,11 @@ class TensorRTBackend(Backend):
         return "" if torch.cuda.is_available() else "TensorRT needs a CUDA GPU"
 
     @classmethod
+    def needs_gpu(cls, options: dict) -> bool:
+        """Always: an engine runs only on the GPU it was built for."""
+        return True
+
+    @classmethod
     def load(cls, path: Path, options: LoadOptions | None = None) -> TensorRTBackend:
         """The engine at `path` (its precision and profile are built in: `options` do not apply)."""
         return cls(Path(path))

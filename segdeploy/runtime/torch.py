@@ -70,6 +70,12 @@ class TorchBackend(Backend):
         return backend
 
     @classmethod
+    def needs_gpu(cls, options: dict) -> bool:
+        """When it would run on CUDA: a GPU is visible and the device is not "cpu" ("auto", the
+        default, picks CUDA then)."""
+        return options.get("device", "auto") != "cpu" and torch.cuda.is_available()
+
+    @classmethod
     def available(cls, precision: str = "fp32") -> str:
         """'' when torch runs at `precision` here; FP16 needs a CUDA GPU."""
         return "torch fp16 needs a CUDA GPU" if precision == "fp16" and not torch.cuda.is_available() else ""
