@@ -339,7 +339,8 @@ class Export:
 
 
 class Run:
-    """A run directory: opened once, its meta.json and recipe read once, its files named here.
+    """A run directory: its files named here, its meta.json and recipe read at most once per `Run`
+    object (kept on it; `write_status` refreshes meta.json's copy).
 
     `Run.find` accepts the run directory, an exported file inside RUN/export, or a file beside the
     run's meta.json, and returns None for an artifact deployed without its run."""
