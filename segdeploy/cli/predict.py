@@ -23,7 +23,18 @@ def predict_cmd(
     batch: int = typer.Option(None, min=1, help="Tiles per inference batch (default: 8 on a GPU, 2 on CPU, where larger "
                               "batches cost memory and gain no speed)."),
     blend: str = typer.Option("gaussian", help="Blend window: gaussian, hann, pyramid or crop."),
-    probs: bool = typer.Option(False, "--probs", help="Also write a confidence raster (max softmax, percent)."),
+    probs: str = typer.Option(None, "--probs", metavar="[max|all]", help="Also write OUT.probs.tif: max (the default "
+                              "when no value follows): the winning class's probability in percent; all: one band per "
+                              "class, named by the class, uint8 round(p*255) (or --probs-dtype float32)."),
+    probs_dtype: str = typer.Option("uint8", "--probs-dtype", help="Pixel type of --probs all: uint8 (round(p*255)) "
+                                    "or float32 (p exactly)."),
+    tta: str = typer.Option("none", "--tta", help="Test-time augmentation of each tile: none, flips (tile + mirror: 2 "
+                            "forwards) or d4 (every rotation and mirror: 8); the views' softmax is averaged."),
+    threshold: float = typer.Option(None, "--threshold", min=0.0, max=1.0, help="Two-class models: the foreground "
+                                    "(class 1) where its probability is > T (default: the one `eval --thresholds` "
+                                    "recorded in the run, else 0.5, the argmax)."),
+    min_confidence: float = typer.Option(None, "--min-confidence", min=0.0, max=1.0, help="Write nodata where the "
+                                         "winning class's probability is below P (share withheld in the summary)."),
     cog: bool = typer.Option(False, "--cog", help="Write Cloud-Optimized GeoTIFFs: internal tiles and overviews "
                              "(mode resampling for classes, never averaged)."),
     preview: bool = typer.Option(True, "--preview/--no-preview", help="Write a quick-look PNG (≤ 1024 px, palette, "
@@ -65,15 +76,16 @@ def predict_cmd(
     files = expand_inputs(inputs)
     band_list = _checked(blend, device, bands)
     kind = backend_for(model)
+    outputs, applied = _probs_and_decision(model, probs, probs_dtype, tta, threshold, min_confidence)
     options: dict = {"threads": threads} if threads else {}
     if kind == "torch":
         options["device"] = device
     out = Path(out_arg)
     many = len(files) > 1 or out.is_dir() or out_arg.endswith(("/", "\\"))
     vector_opts = _vector_options(model, vector, vector_layers, min_area, simplify, classes, many)
-    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
+    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs == "max", resume=resume,
                           overwrite=overwrite, bands=band_list, input_max=input_max, preview=preview, cog=cog,
-                          vector=vector_opts)
+                          vector=vector_opts, **outputs)
     jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
     use_ray = ray or ray_address is not None
     try:
@@ -83,12 +95,35 @@ def predict_cmd(
 
         raise Interrupted("the rows already on disk are kept (hidden .partial files beside each output); continue "
                           "with the same command plus --resume (and without --overwrite)") from None
-    emit_json(summary | {"skipped": [str(j.src) for j in finished]}, json_out)
+    emit_json(summary | {"decision": applied, "skipped": [str(j.src) for j in finished]}, json_out)
     failures = summary["failures"]
     if failures:
         raise UserError(f"{len(failures)} of {len(jobs)} rasters failed: "
                         f"{', '.join(f['input'] for f in failures[:5])}{' …' if len(failures) > 5 else ''}"
                         " (reasons above); the others are written, and --resume skips them")
+
+
+def _probs_and_decision(model: Path, probs: str | None, dtype: str, tta: str, threshold: float | None,
+                        min_confidence: float | None) -> tuple[dict, dict]:
+    """--probs, --probs-dtype, --tta, --threshold and --min-confidence checked before any work (the
+    threshold recorded in the run applied, and said): PredictOptions fields, and what the JSON
+    summary records as applied."""
+    from segdeploy.decision import PROBS_DTYPES
+    from segdeploy.errors import UserError
+    from segdeploy.predict import resolve_decision
+    from segdeploy.tiling import TTA_MODES
+
+    check_choice("--probs", probs or "max", ("max", "all"))
+    check_choice("--probs-dtype", dtype, PROBS_DTYPES)
+    check_choice("--tta", tta, tuple(TTA_MODES))
+    if dtype != "uint8" and probs != "all":
+        raise UserError("--probs-dtype is the pixel type of --probs all; add --probs all")
+    decision, note = resolve_decision(model, threshold, min_confidence)
+    if note:
+        console.print(f"decision: {note}", soft_wrap=True)
+    fields = {"probs": probs == "max", "class_probs": probs == "all", "probs_dtype": dtype, "tta": tta,
+              "decision": decision}
+    return fields, {**decision.to_dict(), "source": note, "tta": tta}
 
 
 def _checked(blend: str, device: str, bands: str | None) -> list[int] | None:
@@ -213,5 +248,8 @@ def _print_outcome(outcome) -> None:  # noqa: ANN001
     console.print(f"{r.input} → {', '.join(r.files)}: {r.width}×{r.height} px, {r.tiles} tiles "
                   f"({r.skipped_tiles} all-nodata skipped) in {r.seconds:.1f}s = {r.megapixels_per_s:.2f} MP/s, "
                   f"peak RSS {r.peak_rss_mb:.0f} MB during it{resumed}", soft_wrap=True)
+    if r.decision.get("min_confidence"):
+        console.print(f"  withheld (winning probability < {r.decision['min_confidence']:g}, written as nodata): "
+                      f"{r.withheld_pixels} px = {r.withheld_share:.2%} of the valid pixels")
     for note in r.notes:
         console.print(f"  {note}")
