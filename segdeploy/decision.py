@@ -11,6 +11,7 @@ numpy only.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -115,3 +116,29 @@ def parse_thresholds(spec: str) -> list[float]:
         raise UserError(f"--thresholds {spec!r}: every threshold must be strictly between 0 and 1 "
                         f"(got {', '.join(f'{v:g}' for v in bad) or 'none'}); e.g. 0.1:0.9:0.05")
     return sorted(set(values))
+
+
+def resolve(model: Path, threshold: float | None, min_confidence: float | None) -> tuple[Decision, str]:
+    """The class decision predict and eval apply to `model` (run directory, or an export inside one) and a
+    line saying where its threshold came from ('' for today's argmax): `threshold` when given, else
+    for a two-class model the one `eval --thresholds` recorded in the run (`Run.recorded_threshold`).
+    Raises UserError (`Decision.check`) for --threshold on a model with more than two classes."""
+    from segdeploy.artifact import Run, artifact_meta  # a run directory or an artifact: no runtime
+
+    model = Path(model)
+    run = Run.find(model)
+    if run is None and threshold is None and min_confidence is None:
+        return Decision(), ""  # nothing to apply, nothing recorded: the model is read by its backend
+    meta = run.meta if model.is_dir() and run is not None else artifact_meta(model)
+    decision = Decision(threshold, min_confidence)
+    decision.check(meta.num_classes, str(model))
+    note = f"threshold {threshold:g} on the probability of {meta.classes[1]!r} (--threshold)" if threshold is not None else ""
+    record = run.recorded_threshold() if run is not None and meta.num_classes == 2 else None
+    if threshold is None and record is not None:
+        decision = Decision(float(record["threshold"]), min_confidence)
+        note = (f"threshold {decision.threshold:g} on the probability of {meta.classes[1]!r}, recorded by "
+                f"`segdeploy eval --thresholds` on the {record.get('split', '?')} split ({record.get('metric', 'IoU')} "
+                f"{record.get('score', float('nan')):.4f}) in {run.threshold_path}; --threshold overrides it")
+    if min_confidence:
+        note += ("; " if note else "") + f"pixels whose winning probability is below {min_confidence:g} written as nodata"
+    return decision, note

@@ -144,35 +144,6 @@ def _refuse_unfinished(out: Path, state_path: Path, tmp: Path) -> None:
                     "or --overwrite to start it over")
 
 
-# --------------------------------------------------------------------------------------- decision
-
-
-def resolve_decision(model: Path, threshold: float | None, min_confidence: float | None) -> tuple[Decision, str]:
-    """The class decision predict applies to `model` (run directory, or an export inside one) and a
-    line saying where its threshold came from ('' for today's argmax): `threshold` when given, else
-    for a two-class model the one `eval --thresholds` recorded in the run (`Run.recorded_threshold`).
-    Raises UserError (`Decision.check`) for --threshold on a model with more than two classes."""
-    from segdeploy.artifact import Run, artifact_meta
-
-    model = Path(model)
-    run = Run.find(model)
-    if run is None and threshold is None and min_confidence is None:
-        return Decision(), ""  # nothing to apply, nothing recorded: the model is read by its backend
-    meta = run.meta if model.is_dir() and run is not None else artifact_meta(model)
-    decision = Decision(threshold, min_confidence)
-    decision.check(meta.num_classes, str(model))
-    note = f"threshold {threshold:g} on the probability of {meta.classes[1]!r} (--threshold)" if threshold is not None else ""
-    record = run.recorded_threshold() if run is not None and meta.num_classes == 2 else None
-    if threshold is None and record is not None:
-        decision = Decision(float(record["threshold"]), min_confidence)
-        note = (f"threshold {decision.threshold:g} on the probability of {meta.classes[1]!r}, recorded by "
-                f"`segdeploy eval --thresholds` on the {record.get('split', '?')} split ({record.get('metric', 'IoU')} "
-                f"{record.get('score', float('nan')):.4f}) in {run.threshold_path}; --threshold overrides it")
-    if min_confidence:
-        note += ("; " if note else "") + f"pixels whose winning probability is below {min_confidence:g} written as nodata"
-    return decision, note
-
-
 # --------------------------------------------------------------------------------------- plan
 
 

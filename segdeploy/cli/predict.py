@@ -23,18 +23,12 @@ def predict_cmd(
     batch: int = typer.Option(None, min=1, help="Tiles per inference batch (default: 8 on a GPU, 2 on CPU, where larger "
                               "batches cost memory and gain no speed)."),
     blend: str = typer.Option("gaussian", help="Blend window: gaussian, hann, pyramid or crop."),
-    probs: str = typer.Option(None, "--probs", metavar="[max|all]", help="Also write OUT.probs.tif: max (the default "
-                              "when no value follows): the winning class's probability in percent; all: one band per "
-                              "class, named by the class, uint8 round(p*255) (or --probs-dtype float32)."),
-    probs_dtype: str = typer.Option("uint8", "--probs-dtype", help="Pixel type of --probs all: uint8 (round(p*255)) "
-                                    "or float32 (p exactly)."),
-    tta: str = typer.Option("none", "--tta", help="Test-time augmentation of each tile: none, flips (tile + mirror: 2 "
-                            "forwards) or d4 (every rotation and mirror: 8); the views' softmax is averaged."),
-    threshold: float = typer.Option(None, "--threshold", min=0.0, max=1.0, help="Two-class models: the foreground "
-                                    "(class 1) where its probability is > T (default: the one `eval --thresholds` "
-                                    "recorded in the run, else 0.5, the argmax)."),
-    min_confidence: float = typer.Option(None, "--min-confidence", min=0.0, max=1.0, help="Write nodata where the "
-                                         "winning class's probability is below P (share withheld in the summary)."),
+    probs: str = typer.Option(None, "--probs", metavar="[max|all]", help="Also OUT.probs.tif: max (also a bare "
+                              "--probs): the winning probability, percent; all: a band per class, uint8 round(p*255)."),
+    probs_dtype: str = typer.Option("uint8", help="Pixel type of --probs all: uint8 (round(p*255)) or float32 (p)."),
+    tta: str = typer.Option("none", help="Test-time augmentation per tile, softmax averaged: none, flips (2×), d4 (8×)"),
+    threshold: float = typer.Option(None, min=0.0, max=1.0, help="Two-class models: class 1 where p > T (default: 0.5)."),
+    min_confidence: float = typer.Option(None, min=0.0, max=1.0, help="Nodata where the winning probability is < P."),
     cog: bool = typer.Option(False, "--cog", help="Write Cloud-Optimized GeoTIFFs: internal tiles and overviews "
                              "(mode resampling for classes, never averaged)."),
     preview: bool = typer.Option(True, "--preview/--no-preview", help="Write a quick-look PNG (≤ 1024 px, palette, "
@@ -65,9 +59,8 @@ def predict_cmd(
     progress: bool = typer.Option(True, help="Show the progress bar."),
     json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON ('-' for stdout)."),
 ) -> None:
-    """Tiled inference on scenes of any size with bounded memory, georeference kept.
-
-    Many rasters run one after another, or side by side on a Ray cluster with --ray."""
+    """Tiled inference on scenes of any size with bounded memory, georeference kept; many rasters in turn or on a Ray
+    cluster (--ray). A two-class run's threshold from `eval --thresholds` is applied (--threshold overrides it)."""
     from segdeploy.errors import UserError
     from segdeploy.predict import PredictOptions
     from segdeploy.raster import expand_inputs
@@ -83,21 +76,18 @@ def predict_cmd(
     out = Path(out_arg)
     many = len(files) > 1 or out.is_dir() or out_arg.endswith(("/", "\\"))
     vector_opts = _vector_options(model, vector, vector_layers, min_area, simplify, classes, many)
-    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs == "max", resume=resume,
-                          overwrite=overwrite, bands=band_list, input_max=input_max, preview=preview, cog=cog,
-                          vector=vector_opts, **outputs)
+    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, resume=resume, overwrite=overwrite,
+                          bands=band_list, input_max=input_max, preview=preview, cog=cog, vector=vector_opts, **outputs)
     jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
-    use_ray = ray or ray_address is not None
     try:
-        summary = _run(model, options, jobs, opts, use_ray, ray_address, workers, progress)
+        summary = _run(model, options, jobs, opts, ray or ray_address is not None, ray_address, workers, progress)
     except KeyboardInterrupt:
         from segdeploy.errors import Interrupted
 
         raise Interrupted("the rows already on disk are kept (hidden .partial files beside each output); continue "
                           "with the same command plus --resume (and without --overwrite)") from None
     emit_json(summary | {"decision": applied, "skipped": [str(j.src) for j in finished]}, json_out)
-    failures = summary["failures"]
-    if failures:
+    if failures := summary["failures"]:
         raise UserError(f"{len(failures)} of {len(jobs)} rasters failed: "
                         f"{', '.join(f['input'] for f in failures[:5])}{' …' if len(failures) > 5 else ''}"
                         " (reasons above); the others are written, and --resume skips them")
@@ -108,9 +98,8 @@ def _probs_and_decision(model: Path, probs: str | None, dtype: str, tta: str, th
     """--probs, --probs-dtype, --tta, --threshold and --min-confidence checked before any work (the
     threshold recorded in the run applied, and said): PredictOptions fields, and what the JSON
     summary records as applied."""
-    from segdeploy.decision import PROBS_DTYPES
+    from segdeploy.decision import PROBS_DTYPES, resolve
     from segdeploy.errors import UserError
-    from segdeploy.predict import resolve_decision
     from segdeploy.tiling import TTA_MODES
 
     check_choice("--probs", probs or "max", ("max", "all"))
@@ -118,7 +107,7 @@ def _probs_and_decision(model: Path, probs: str | None, dtype: str, tta: str, th
     check_choice("--tta", tta, tuple(TTA_MODES))
     if dtype != "uint8" and probs != "all":
         raise UserError("--probs-dtype is the pixel type of --probs all; add --probs all")
-    decision, note = resolve_decision(model, threshold, min_confidence)
+    decision, note = resolve(model, threshold, min_confidence)
     if note:
         console.print(f"decision: {note}", soft_wrap=True)
     fields = {"probs": probs == "max", "class_probs": probs == "all", "probs_dtype": dtype, "tta": tta,
