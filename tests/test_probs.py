@@ -1,0 +1,234 @@
+"""Issue 21, parts 1-3: every class's probability (`predict --probs all`), test-time augmentation
+inside the tiler (`--tta`), decision thresholds (`--threshold`, `--min-confidence`,
+`eval --thresholds`). Expected values are computed independently with numpy, onnxruntime and
+rasterio; models are numpy fakes or the session's tiny ONNX export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from tests.test_predict import ConvBackend, EchoBackend, write_tif
+
+from segdeploy.artifact import ModelMeta, Run
+from segdeploy.decision import WITHHELD, Decision, decide, parse_thresholds, quantize_probs, resolve
+from segdeploy.errors import UserError
+from segdeploy.predict import PredictOptions, predict_file
+from segdeploy.tiling import TTA_MODES, tta_forward
+
+
+class ProbabilityBackend(EchoBackend):
+    """Two classes; band 0 of the input is class 1's probability p (logits [0, log(p / (1 - p))])."""
+
+    def __init__(self) -> None:
+        super().__init__(2, tile=32)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        p = np.clip(batch[:, 0].astype(np.float64), 1e-6, 1 - 1e-6)
+        return np.stack([np.zeros_like(p), np.log(p / (1 - p))], axis=1).astype(np.float32)
+
+
+def _scene(tmp_path: Path) -> Path:
+    img = (np.random.default_rng(2).random((3, 150, 190)) * 255).astype(np.uint8)
+    img[:, :40, :70] = 0  # nodata: more than a tile, so some tiles are skipped
+    img[:, 100:104, 120:125] = 0  # and a hole inside a tile
+    write_tif(tmp_path / "in.tif", img, nodata=0)
+    return tmp_path / "in.tif"
+
+
+def _conv() -> ConvBackend:
+    backend = ConvBackend()
+    backend.meta.max_pixel_value = 255.0
+    return backend
+
+
+def test_probs_all_is_the_blended_softmax_the_class_map_came_from(tmp_path: Path) -> None:
+    src = _scene(tmp_path)
+    backend = _conv()
+    for dtype in ("float32", "uint8"):
+        predict_file(backend, src, tmp_path / f"{dtype}.tif", PredictOptions(tile=64, overlap=16, batch=3, class_probs=True,
+                                                                            probs_dtype=dtype, preview=False))
+    with rasterio.open(tmp_path / "float32.tif") as out, rasterio.open(src) as inp:
+        labels, invalid = out.read(1), (inp.read() == 0).all(0)  # an integer raster: nodata in every band
+    with rasterio.open(tmp_path / "float32.probs.tif") as f, rasterio.open(tmp_path / "uint8.probs.tif") as q:
+        assert f.descriptions == q.descriptions == ("c0", "c1", "c2", "c3") and q.dtypes[0] == "uint8"
+        assert f.crs == q.crs == inp.crs and f.transform == inp.transform
+        exact, quant = f.read(masked=True), q.read(masked=True)
+    assert np.array_equal(exact.mask[0], invalid) and np.array_equal(quant.mask[0], invalid)  # nodata where invalid
+    assert np.array_equal(labels == 255, invalid)
+    p, u = exact.data[:, ~invalid], quant.data[:, ~invalid]
+    np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-5)  # a probability distribution per pixel
+    assert np.array_equal(p.argmax(0), labels[~invalid])  # exactly the class raster
+    assert np.array_equal(u, np.rint(p * 255).astype(np.uint8))  # the documented scaling, round(p·255)
+    # the quantised bands' argmax differs only where the top two classes share a 1/255 step
+    differ = u.argmax(0) != labels[~invalid]
+    top2 = np.sort(p, axis=0)[-2:]
+    assert np.all(top2[1, differ] - top2[0, differ] < 1 / 255)
+    assert np.all(u.max(0)[differ] == np.take_along_axis(u, labels[~invalid][None].astype(int), 0)[0, differ])
+    assert differ.mean() < 0.02  # 331 of 25680 px here: a random model, its top classes close everywhere
+
+
+def test_probs_all_resumes_byte_identically_and_cogs_with_average_overviews(tmp_path: Path) -> None:
+    from rio_cogeo.cogeo import cog_validate
+
+    img = (np.random.default_rng(4).random((3, 700, 120)) * 255).astype(np.uint8)
+    write_tif(tmp_path / "in.tif", img)
+    backend = _conv()
+    opts = dict(tile=64, overlap=16, batch=4, class_probs=True, preview=False)
+    predict_file(backend, tmp_path / "in.tif", tmp_path / "ref.tif", PredictOptions(**opts))
+
+    def interrupt(done: int, total: int, pixels: int) -> None:
+        if done >= 40:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        predict_file(backend, tmp_path / "in.tif", tmp_path / "out.tif", PredictOptions(**opts), progress=interrupt)
+    assert 0 < json.loads((tmp_path / "out.tif.partial.json").read_text())["rows_on_disk"] < 700
+    predict_file(backend, tmp_path / "in.tif", tmp_path / "out.tif", PredictOptions(**opts, resume=True))
+    for name in ("", ".probs"):
+        assert (tmp_path / f"ref{name}.tif").read_bytes() == (tmp_path / f"out{name}.tif").read_bytes()
+    # COG: 1 px stripes of classes 0 and 3: the probability bands' overviews average them (mode would not)
+    stripes = (np.indices((600, 600)).sum(0) % 2 * 3).astype(np.uint8)
+    write_tif(tmp_path / "stripes.tif", stripes)
+    res = predict_file(EchoBackend(4, 64), tmp_path / "stripes.tif", tmp_path / "s.tif",
+                       PredictOptions(tile=64, overlap=8, class_probs=True, cog=True, preview=False))
+    assert res.files == [str(tmp_path / "s.tif"), str(tmp_path / "s.probs.tif")]
+    valid, errors, _ = cog_validate(str(tmp_path / "s.probs.tif"))
+    assert valid and not errors, errors
+    with rasterio.open(tmp_path / "s.probs.tif") as pr:
+        assert pr.overviews(1) and pr.descriptions == ("c0", "c1", "c2", "c3")
+        small = pr.read(1, out_shape=(pr.height // 4, pr.width // 4))
+    assert 120 <= small.mean() <= 135  # 255 and 0 alternating: averaged to about 127
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_tta_is_the_average_of_the_transformed_forwards_through_onnxruntime(tiny_onnx: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from segdeploy.artifact import read_onnx_meta
+    from segdeploy.runtime import load_backend
+
+    meta = read_onnx_meta(tiny_onnx)
+    sess = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    t = meta.tile_size
+    img = np.random.default_rng(0).integers(0, 256, (t, t, meta.bands)).astype(np.uint8)
+    x = ((img.astype(np.float32) / np.float32(meta.max_pixel_value) - np.float32(meta.mean))
+         / np.float32(meta.std)).transpose(2, 0, 1)[None].astype(np.float32)
+
+    def forward(a: np.ndarray) -> np.ndarray:
+        return _softmax(sess.run(None, {name: np.ascontiguousarray(a)})[0].astype(np.float64))
+
+    # by hand: the tile and its mirror; every quarter turn, each also mirrored (undo each before averaging)
+    flips = (forward(x) + forward(x[..., ::-1])[..., ::-1]) / 2
+    d4 = sum(np.rot90(forward(np.rot90(x, k, (2, 3))), -k, (2, 3))
+             + np.rot90(forward(np.rot90(x, k, (2, 3))[..., ::-1])[..., ::-1], -k, (2, 3)) for k in range(4)) / 8
+    backend = load_backend(tiny_onnx)
+    for mode, expected in (("flips", flips), ("d4", d4)):
+        calls = []
+
+        def call(batch: np.ndarray, tiles: list[int]) -> np.ndarray:
+            calls.append(len(batch))
+            return backend(batch)
+
+        np.testing.assert_allclose(tta_forward(call, x, mode), expected, atol=2e-6)
+        assert calls == [len(TTA_MODES[mode])]  # every view of the tile in one batch
+        np.testing.assert_allclose(tta_forward(call, x, mode, max_batch=3), expected, atol=2e-6)
+    # and through predict: one tile, so the written probabilities are the TTA average itself
+    write_tif(tmp_path / "tile.tif", img.transpose(2, 0, 1))
+    predict_file(backend, tmp_path / "tile.tif", tmp_path / "o.tif", PredictOptions(
+        tile=t, overlap=0, tta="d4", class_probs=True, probs_dtype="float32", preview=False))
+    with rasterio.open(tmp_path / "o.probs.tif") as pr, rasterio.open(tmp_path / "o.tif") as out:
+        np.testing.assert_allclose(pr.read(), d4[0], atol=2e-6)
+        assert np.array_equal(out.read(1), d4[0].argmax(0))
+
+
+def test_decide_threshold_ties_and_min_confidence_against_numpy() -> None:
+    rng = np.random.default_rng(3)
+    p1 = np.round(rng.random((40, 50)), 2).astype(np.float32)  # steps of 0.01: many exact ties at each T
+    probs = np.stack([1 - p1, p1])
+    w = rng.random((40, 50)).astype(np.float32) + 0.5  # a blend's weight sum: the rule depends on ratios only
+    for t in (0.1, 0.3, 0.5, 0.75):
+        labels, _ = decide(probs * w, Decision(threshold=t), w)
+        expected = (p1.astype(np.float64) > t) if t != 0.5 else (probs.argmax(0) == 1)
+        near = np.abs(p1 - t) < 1e-6  # an exact tie in float32 may fall either side of float64's T, not at 0.5
+        assert np.array_equal(labels[~near], expected[~near]), t
+    tie = np.full((2, 1, 1), 0.5, np.float32)
+    assert decide(tie, Decision(threshold=0.5))[0][0, 0] == 0 and decide(tie)[0][0, 0] == 0  # a tie goes to class 0
+    scores = rng.dirichlet(np.ones(4), (30, 30)).transpose(2, 0, 1).astype(np.float32)
+    labels, _ = decide(scores, Decision(min_confidence=0.5))
+    assert np.array_equal(labels == WITHHELD, scores.max(0) < 0.5)
+    assert np.array_equal(labels[labels >= 0], scores.argmax(0)[labels >= 0])
+    assert quantize_probs(np.array([0, 0.5 / 255, 0.2, 1.0], np.float32)).tolist() == [0, 0, 51, 255]
+    assert parse_thresholds("0.1:0.9:0.05")[-1] == 0.9 and len(parse_thresholds("0.1:0.9:0.05")) == 17
+    with pytest.raises(UserError, match="strictly between 0 and 1"):
+        parse_thresholds("0:1:0.5")
+
+
+def test_threshold_and_min_confidence_in_predict(tmp_path: Path) -> None:
+    p1 = (np.random.default_rng(5).integers(0, 100, (90, 70)) / 100 + 0.005).astype(np.float32)  # never on a T
+    write_tif(tmp_path / "p.tif", p1)
+    backend = ProbabilityBackend()
+    for t in (None, 0.3, 0.8):
+        res = predict_file(backend, tmp_path / "p.tif", tmp_path / f"t{t}.tif", PredictOptions(
+            tile=32, overlap=8, decision=Decision(threshold=t), preview=False))
+        with rasterio.open(tmp_path / f"t{t}.tif") as out:
+            assert np.array_equal(out.read(1), (p1 > (0.5 if t is None else t)).astype(np.uint8)), t
+        assert res.decision == {"threshold": t, "min_confidence": None}
+    res = predict_file(backend, tmp_path / "p.tif", tmp_path / "mc.tif", PredictOptions(
+        tile=32, overlap=8, decision=Decision(min_confidence=0.7), preview=False))
+    uncertain = np.maximum(p1, 1 - p1) < 0.7
+    with rasterio.open(tmp_path / "mc.tif") as out:
+        assert np.array_equal(out.read(1) == 255, uncertain)
+    assert res.withheld_pixels == int(uncertain.sum()) and res.withheld_share == pytest.approx(uncertain.mean(), abs=1e-6)
+    with pytest.raises(UserError, match="--threshold is for two-class models"):
+        predict_file(EchoBackend(3, 32), tmp_path / "p.tif", tmp_path / "x.tif",
+                     PredictOptions(decision=Decision(threshold=0.4)))
+
+
+def test_predict_applies_the_threshold_eval_recorded_and_says_so(tmp_path: Path) -> None:
+    meta = ModelMeta(classes=["background", "lesion"], palette=[[0, 0, 0], [255, 0, 0]], mean=[0.0], std=[1.0],
+                     max_pixel_value=1.0, bands=1, input_divisor=8, tile_size=32)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text("{}\n")
+    (tmp_path / "run" / "meta.json").write_text(json.dumps({"status": "complete", "model_meta": meta.to_dict()}))
+    run = Run(tmp_path / "run")
+    assert resolve(run.root, None, None) == (Decision(), "")  # nothing recorded: argmax
+    run.write_threshold({"threshold": 0.35, "metric": "IoU of lesion", "score": 0.61, "split": "val"})
+    decision, note = resolve(run.root, None, None)
+    assert decision == Decision(threshold=0.35) and "recorded by `segdeploy eval --thresholds` on the val split" in note
+    assert resolve(run.root, 0.6, None)[0] == Decision(threshold=0.6)  # --threshold overrides
+
+
+def test_probs_flag_forms_and_refusals_on_the_cli(tiny_onnx: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from segdeploy.cli import app
+
+    img = (np.random.default_rng(6).random((3, 80, 70)) * 255).astype(np.uint8)
+    write_tif(tmp_path / "in.tif", img)
+    runner = CliRunner()
+    base = ["predict", str(tiny_onnx)]
+    # the old form: a bare --probs before an input still means the confidence raster
+    res = runner.invoke(app, [*base, "--probs", str(tmp_path / "in.tif"), "--out", str(tmp_path / "a.tif"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(tmp_path / "a.probs.tif") as pr:
+        assert pr.count == 1
+    res = runner.invoke(app, [*base, str(tmp_path / "in.tif"), "--out", str(tmp_path / "b.tif"), "--probs", "all",
+                              "--tta", "flips", "--min-confidence", "0.5", "--no-progress", "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "b.json").read_text())
+    assert summary["decision"]["min_confidence"] == 0.5 and summary["decision"]["tta"] == "flips"
+    assert 0 <= summary["results"][0]["withheld_share"] <= 1
+    with rasterio.open(tmp_path / "b.probs.tif") as pr:
+        assert pr.count == len(json.loads(json.dumps(pr.descriptions))) > 2
+    res = runner.invoke(app, [*base, str(tmp_path / "in.tif"), "--out", str(tmp_path / "c.tif"), "--threshold", "0.4"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert "--threshold is for two-class models" in res.output and "--min-confidence" in res.output
