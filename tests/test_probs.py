@@ -232,3 +232,70 @@ def test_probs_flag_forms_and_refusals_on_the_cli(tiny_onnx: Path, tmp_path: Pat
     res = runner.invoke(app, [*base, str(tmp_path / "in.tif"), "--out", str(tmp_path / "c.tif"), "--threshold", "0.4"])
     assert res.exit_code == 2 and res.output.count("\n") == 1
     assert "--threshold is for two-class models" in res.output and "--min-confidence" in res.output
+    res = runner.invoke(app, ["eval", str(tiny_onnx), "--thresholds", "0.3,0.5", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 2 and "--thresholds is for two-class models" in res.output
+    assert not (tmp_path / "ev").exists()
+
+
+class ImageProbabilityBackend(ProbabilityBackend):
+    """`ProbabilityBackend` for 3-band uint8 images: band 0 / 255 is class 1's probability."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meta = ModelMeta(classes=["background", "lesion"], palette=[[0, 0, 0], [255, 0, 0]], mean=[0.0] * 3,
+                              std=[1.0] * 3, max_pixel_value=255.0, bands=3, input_divisor=8, tile_size=32)
+        self.path = Path("probability")
+
+
+def _binary_run(tmp_path: Path) -> tuple[Path, Path, list[tuple[np.ndarray, np.ndarray]]]:
+    """A hand-built two-class run, its recipe and a val split of 4 images whose band 0 is p(lesion)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(9)
+    (tmp_path / "data" / "val").mkdir(parents=True)
+    pairs = []
+    for i in range(4):
+        p = rng.integers(0, 256, (40, 56)).astype(np.uint8)
+        truth = (p > 100) ^ (rng.random(p.shape) < 0.1)  # a noisy truth: the best T is near 100/255
+        Image.fromarray(np.stack([p, p // 2, p // 3], -1)).save(tmp_path / "data" / "val" / f"{i}_img.png")
+        Image.fromarray((truth * 255).astype(np.uint8)).save(tmp_path / "data" / "val" / f"{i}_mask.png")
+        pairs.append((p, truth))
+    recipe = tmp_path / "binary.yaml"
+    recipe.write_text(f"""name: binary
+data: {{root: {tmp_path / 'data'}, image_dir: "{{split}}", mask_dir: "{{split}}", image_suffix: _img.png,
+       mask_suffix: _mask.png, mask_encoding: binary, tile_size: 32}}
+classes: {{names: [background, lesion]}}
+model: {{arch: unet, encoder: resnet18, weights: null}}
+""")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(recipe.read_text())
+    (run / "meta.json").write_text(json.dumps({"status": "complete",
+                                               "model_meta": ImageProbabilityBackend().meta.to_dict()}))
+    return run, recipe, pairs
+
+
+def test_eval_threshold_sweep_and_tta_against_numpy_and_predict_applies_the_best(tmp_path: Path) -> None:
+    from segdeploy.evaluate import evaluate
+
+    run, recipe, pairs = _binary_run(tmp_path)
+    report = evaluate(run, "val", recipe_path=recipe, backend=ImageProbabilityBackend(), tta="d4",
+                      thresholds=parse_thresholds("0.21:0.61:0.1"))  # no k/255 on a T
+    for row in report.sweep.rows():  # independently: class 1 where p > T, IoU/Dice over all images
+        pred = np.concatenate([(p.astype(np.float64) / 255 > row["threshold"]).ravel() for p, _ in pairs])
+        truth = np.concatenate([t.ravel() for _, t in pairs])
+        inter, union = (pred & truth).sum(), (pred | truth).sum()
+        assert row["iou"] == pytest.approx(inter / union, abs=1e-6)
+        assert row["dice"] == pytest.approx(2 * inter / (pred.sum() + truth.sum()), abs=1e-6)
+    best = max(report.sweep.rows(), key=lambda r: r["iou"])
+    recorded = json.loads((run / "threshold.json").read_text())
+    assert recorded["threshold"] == best["threshold"] == pytest.approx(0.41) and recorded["split"] == "val"
+    assert (report.out_dir / "thresholds.png").is_file()
+    # a per-pixel model is unchanged by rotations and mirrors: TTA must give the same IoU (views undone exactly)
+    np.testing.assert_allclose(report.tta.metrics.iou, report.metrics.iou, atol=1e-9)
+    assert report.tta.seconds > 0 and report.tta.mode == "d4"
+    decision, note = resolve(run, None, None)
+    assert decision.threshold == best["threshold"] and "threshold.json" in note
+    again = evaluate(run, "val", recipe_path=recipe, backend=ImageProbabilityBackend())  # eval applies it too
+    assert again.decision["threshold"] == best["threshold"]
+    assert again.metrics.iou[1] == pytest.approx(best["iou"], abs=1e-6)
