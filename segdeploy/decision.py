@@ -66,7 +66,10 @@ def class_argmax(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, best
 
 
-def decide(scores: np.ndarray, decision: Decision = Decision(),
+ARGMAX = Decision()  # the default: classes by argmax, nothing withheld
+
+
+def decide(scores: np.ndarray, decision: Decision = ARGMAX,
            total: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(int16 classes, float32 winning score) of C×H×W `scores` under `decision`.
 
@@ -123,7 +126,10 @@ def resolve(model: Path, threshold: float | None, min_confidence: float | None) 
     line saying where its threshold came from ('' for today's argmax): `threshold` when given, else
     for a two-class model the one `eval --thresholds` recorded in the run (`Run.recorded_threshold`).
     Raises UserError (`Decision.check`) for --threshold on a model with more than two classes."""
-    from segdeploy.artifact import Run, artifact_meta  # a run directory or an artifact: no runtime
+    from segdeploy.artifact import (  # a run directory or an artifact: no runtime
+        Run,
+        artifact_meta,
+    )
 
     model = Path(model)
     run = Run.find(model)

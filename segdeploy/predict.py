@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from segdeploy.decision import PROBS_DTYPES, WITHHELD, Decision
 from segdeploy.errors import DataError, UserError
 from segdeploy.raster import (
     ClassRasterWriter,
@@ -37,7 +38,6 @@ from segdeploy.raster import (
 )
 from segdeploy.runtime.base import Backend
 from segdeploy.runtime.finite import FiniteLogits
-from segdeploy.decision import PROBS_DTYPES, WITHHELD, Decision
 from segdeploy.tiling import BLENDS, TTA_MODES, StripAccumulator, TilePlan, default_overlap, normalize, tta_forward
 from segdeploy.utils import RssSampler, writable_location, write_json
 
@@ -313,7 +313,7 @@ class RowSink:
             self.valid_rows.append(labels != -1)
         if self.opts.probs:
             cf = np.clip(np.round(conf.astype(np.float32) * 100), 0, 100).astype(np.uint8)
-            cf[nodata_px] = 255
+            cf[labels == -1] = 255  # a withheld pixel keeps its confidence: it says why it was withheld
             self.conf.append(cf)
         if self.vector is not None:
             self.vector.add_rows(y, lab, self.conf[-1] if self.opts.probs else None)

@@ -14,7 +14,7 @@ import numpy as np
 
 from segdeploy.artifact import ModelMeta
 from segdeploy.data.dataset import SampleReader
-from segdeploy.decision import Decision
+from segdeploy.decision import ARGMAX, Decision
 from segdeploy.metrics import ConfusionMatrix
 from segdeploy.tiling import TilePlan, Window, default_overlap, predict_arrays
 
@@ -39,7 +39,7 @@ def default_plan(meta: ModelMeta, batch: int) -> TilePlan:
 
 def score_split(backend, reader: SampleReader, plan: TilePlan, indices: Iterable[int] | None = None,  # noqa: ANN001
                 observe_tiles: TileObserver | None = None, observe_images: ImageObserver | None = None,
-                infer: TileInfer | None = None, decision: Decision = Decision(),
+                infer: TileInfer | None = None, decision: Decision = ARGMAX,
                 observe_probs: ProbsObserver | None = None) -> ConfusionMatrix:
     """Confusion matrix (rows: truth) of `backend` over the reader's images `indices` (default:
     all), each predicted tiled by `plan`. Pixels the input marks invalid are not counted.

@@ -13,8 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from segdeploy.decision import Decision, class_argmax, decide, quantize_probs  # noqa: F401 - class_argmax re-exported
-
+from segdeploy.decision import ARGMAX, Decision, class_argmax, decide, quantize_probs  # noqa: F401 - class_argmax re-exported
 
 PAD_MODES = {"reflect": "reflect", "replicate": "edge", "constant": "constant"}
 
@@ -302,7 +301,7 @@ class StripAccumulator:
     """
 
     def __init__(self, plan: TilePlan, classes: int, keep_confidence: bool = True,
-                 decision: Decision = Decision(), keep_probs: str | None = None) -> None:
+                 decision: Decision = ARGMAX, keep_probs: str | None = None) -> None:
         self.plan = plan
         self.h, self.w, self.c, self.tile, self.ov = plan.height, plan.width, classes, plan.tile, plan.overlap
         self.keep_confidence = keep_confidence
@@ -484,7 +483,7 @@ class _InFlight:
 
 def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]],  # noqa: ANN001 - any Backend
                    plan: TilePlan, scale: float, observe: Observer | None = None,
-                   infer: Infer | None = None, decision: Decision = Decision(),
+                   infer: Infer | None = None, decision: Decision = ARGMAX,
                    with_probs: bool = False) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
     """The class map of each in-memory image, predicted through predict's machinery: the windows,
     padding and blending of `plan` (its height and width are replaced by each image's), tiles

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from tests.test_predict import ConvBackend, EchoBackend, write_tif
 
 from segdeploy.artifact import ModelMeta, Run
 from segdeploy.decision import WITHHELD, Decision, decide, parse_thresholds, quantize_probs, resolve
 from segdeploy.errors import UserError
 from segdeploy.predict import PredictOptions, predict_file
 from segdeploy.tiling import TTA_MODES, tta_forward
+from tests.test_predict import ConvBackend, EchoBackend, write_tif
 
 
 class ProbabilityBackend(EchoBackend):
@@ -77,7 +77,7 @@ def test_probs_all_resumes_byte_identically_and_cogs_with_average_overviews(tmp_
     img = (np.random.default_rng(4).random((3, 700, 120)) * 255).astype(np.uint8)
     write_tif(tmp_path / "in.tif", img)
     backend = _conv()
-    opts = dict(tile=64, overlap=16, batch=4, class_probs=True, preview=False)
+    opts = {"tile": 64, "overlap": 16, "batch": 4, "class_probs": True, "preview": False}
     predict_file(backend, tmp_path / "in.tif", tmp_path / "ref.tif", PredictOptions(**opts))
 
     def interrupt(done: int, total: int, pixels: int) -> None:
@@ -131,12 +131,14 @@ def test_tta_is_the_average_of_the_transformed_forwards_through_onnxruntime(tiny
     d4 = sum(np.rot90(forward(np.rot90(x, k, (2, 3))), -k, (2, 3))
              + np.rot90(forward(np.rot90(x, k, (2, 3))[..., ::-1])[..., ::-1], -k, (2, 3)) for k in range(4)) / 8
     backend = load_backend(tiny_onnx)
-    for mode, expected in (("flips", flips), ("d4", d4)):
-        calls = []
+    calls: list[int] = []
 
-        def call(batch: np.ndarray, tiles: list[int]) -> np.ndarray:
-            calls.append(len(batch))
-            return backend(batch)
+    def call(batch: np.ndarray, tiles: list[int]) -> np.ndarray:
+        calls.append(len(batch))
+        return backend(batch)
+
+    for mode, expected in (("flips", flips), ("d4", d4)):
+        calls.clear()
 
         np.testing.assert_allclose(tta_forward(call, x, mode), expected, atol=2e-6)
         assert calls == [len(TTA_MODES[mode])]  # every view of the tile in one batch
