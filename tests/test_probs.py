@@ -277,7 +277,9 @@ model: {{arch: unet, encoder: resnet18, weights: null}}
     return run, recipe, pairs
 
 
-def test_eval_threshold_sweep_and_tta_against_numpy_and_predict_applies_the_best(tmp_path: Path) -> None:
+def test_eval_threshold_sweep_and_tta_against_numpy_and_predict_applies_the_best(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from segdeploy.cli.evaluate import _print_tta_and_sweep
     from segdeploy.evaluate import evaluate
 
     run, recipe, pairs = _binary_run(tmp_path)
@@ -296,6 +298,9 @@ def test_eval_threshold_sweep_and_tta_against_numpy_and_predict_applies_the_best
     # a per-pixel model is unchanged by rotations and mirrors: TTA must give the same IoU (views undone exactly)
     np.testing.assert_allclose(report.tta.metrics.iou, report.metrics.iou, atol=1e-9)
     assert report.tta.seconds > 0 and report.tta.mode == "d4"
+    _print_tta_and_sweep(report)
+    shown = capsys.readouterr().err
+    assert "IoU with d4" in shown and f"best threshold {best['threshold']:g} (recorded in {run / 'threshold.json'}" in shown
     decision, note = resolve(run, None, None)
     assert decision.threshold == best["threshold"] and "threshold.json" in note
     again = evaluate(run, "val", recipe_path=recipe, backend=ImageProbabilityBackend())  # eval applies it too
