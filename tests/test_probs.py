@@ -306,3 +306,57 @@ def test_eval_threshold_sweep_and_tta_against_numpy_and_predict_applies_the_best
     again = evaluate(run, "val", recipe_path=recipe, backend=ImageProbabilityBackend())  # eval applies it too
     assert again.decision["threshold"] == best["threshold"]
     assert again.metrics.iou[1] == pytest.approx(best["iou"], abs=1e-6)
+
+
+def _probability_onnx(path: Path, meta: ModelMeta) -> Path:
+    """An ONNX model whose class-1 probability is its input's band 0 (logits [0, log(p / (1 - p))])."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from segdeploy.artifact import write_onnx_meta
+
+    const = [helper.make_tensor(n, TensorProto.FLOAT if t == "f" else TensorProto.INT64, [len(v)], v)
+             for n, t, v in (("lo", "f", [1e-6]), ("hi", "f", [1 - 1e-6]), ("one", "f", [1.0]), ("zero", "f", [0.0]),
+                             ("s", "i", [0]), ("e", "i", [1]), ("ax", "i", [1]))]
+    nodes = [helper.make_node("Slice", ["x", "s", "e", "ax"], ["b0"]),
+             helper.make_node("Clip", ["b0", "lo_s", "hi_s"], ["p"]),
+             helper.make_node("Squeeze", ["lo"], ["lo_s"]), helper.make_node("Squeeze", ["hi"], ["hi_s"]),
+             helper.make_node("Sub", ["one", "p"], ["q"]), helper.make_node("Div", ["p", "q"], ["odds"]),
+             helper.make_node("Log", ["odds"], ["z"]), helper.make_node("Mul", ["z", "zero"], ["z0"]),
+             helper.make_node("Concat", ["z0", "z"], ["logits"], axis=1)]
+    graph = helper.make_graph(nodes, "probability", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2, "H", "W"])], const)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    write_onnx_meta(model, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_eval_thresholds_then_predict_on_the_cli_applies_the_recorded_threshold(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from segdeploy.cli import app
+
+    run, recipe, pairs = _binary_run(tmp_path)
+    onnx_path = _probability_onnx(run / "export" / "model.onnx", ImageProbabilityBackend().meta)
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(onnx_path), "--split", "val", "--thresholds", "0.21,0.41,0.61",
+                              "--no-progress", "--json", str(tmp_path / "ev.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "threshold.json").read_text())["threshold"] == 0.41
+    assert json.loads((tmp_path / "ev.json").read_text())["thresholds"]["best"]["threshold"] == 0.41
+    p, _ = pairs[0]
+    write_tif(tmp_path / "p.tif", np.stack([p, p // 2, p // 3]))
+    res = runner.invoke(app, ["predict", str(onnx_path), str(tmp_path / "p.tif"), "--out", str(tmp_path / "o.tif"),
+                              "--no-progress", "--json", str(tmp_path / "o.json")])
+    assert res.exit_code == 0, res.output
+    assert "decision: threshold 0.41 on the probability of 'lesion', recorded by" in " ".join(res.output.split())
+    with rasterio.open(tmp_path / "o.tif") as out:
+        assert np.array_equal(out.read(1), (p.astype(np.float64) / 255 > 0.41).astype(np.uint8))
+    assert json.loads((tmp_path / "o.json").read_text())["decision"]["threshold"] == 0.41
+    res = runner.invoke(app, ["predict", str(onnx_path), str(tmp_path / "p.tif"), "--out", str(tmp_path / "o2.tif"),
+                              "--threshold", "0.61", "--no-progress"])
+    with rasterio.open(tmp_path / "o2.tif") as out:  # --threshold overrides the record
+        assert np.array_equal(out.read(1), (p.astype(np.float64) / 255 > 0.61).astype(np.uint8))
