@@ -360,3 +360,25 @@ def test_eval_thresholds_then_predict_on_the_cli_applies_the_recorded_threshold(
                               "--threshold", "0.61", "--no-progress"])
     with rasterio.open(tmp_path / "o2.tif") as out:  # --threshold overrides the record
         assert np.array_equal(out.read(1), (p.astype(np.float64) / 255 > 0.61).astype(np.uint8))
+
+
+def test_bench_tta_column_times_every_view_in_one_batch() -> None:
+    from segdeploy.bench import OK, BenchOptions, BenchRow, _time_row
+
+    class Counting(EchoBackend):
+        def run(self, batch: np.ndarray) -> np.ndarray:
+            self.sizes.append(len(batch))
+            return super().run(batch)
+
+    backend = Counting(3, tile=32)
+    backend.sizes = []
+
+    class NoFlops:
+        def get(self, bands: int, size: int) -> None:
+            return None
+
+    row = BenchRow("m", "fake", "fp32", 2, 32, OK)
+    _time_row(row, backend, BenchOptions(size=32, min_iters=2, min_seconds=0, warmup=0, tta="d4"), NoFlops())
+    assert row.tta == "d4" and row.tta_p50_ms > 0
+    assert row.tta_mp_per_s == pytest.approx(2 * 32 * 32 / 1e6 / (row.tta_p50_ms / 1e3), rel=1e-3)
+    assert backend.sizes[-2:] == [16, 16]  # 2 tiles × 8 views, one call each time
