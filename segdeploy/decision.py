@@ -126,10 +126,7 @@ def resolve(model: Path, threshold: float | None, min_confidence: float | None) 
     line saying where its threshold came from ('' for today's argmax): `threshold` when given, else
     for a two-class model the one `eval --thresholds` recorded in the run (`Run.recorded_threshold`).
     Raises UserError (`Decision.check`) for --threshold on a model with more than two classes."""
-    from segdeploy.artifact import (  # a run directory or an artifact: no runtime
-        Run,
-        artifact_meta,
-    )
+    from segdeploy.artifact import Run, artifact_meta  # a run directory or an artifact: no runtime
 
     model = Path(model)
     run = Run.find(model)
@@ -142,9 +139,11 @@ def resolve(model: Path, threshold: float | None, min_confidence: float | None) 
     record = run.recorded_threshold() if run is not None and meta.num_classes == 2 else None
     if threshold is None and record is not None:
         decision = Decision(float(record["threshold"]), min_confidence)
+        score = record.get("score")
         note = (f"threshold {decision.threshold:g} on the probability of {meta.classes[1]!r}, recorded by "
                 f"`segdeploy eval --thresholds` on the {record.get('split', '?')} split ({record.get('metric', 'IoU')} "
-                f"{record.get('score', float('nan')):.4f}) in {run.threshold_path}; --threshold overrides it")
+                f"{f'{score:.4f}' if isinstance(score, (int, float)) else '?'}) in {run.threshold_path}; "
+                "--threshold overrides it")
     if min_confidence:
         note += ("; " if note else "") + f"pixels whose winning probability is below {min_confidence:g} written as nodata"
     return decision, note
