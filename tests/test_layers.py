@@ -134,7 +134,7 @@ def test_artifact_imports_no_model_runtime_or_verb() -> None:
 @pytest.mark.parametrize(("files", "forbidden"), [
     (("runtime/*.py",), VERBS + ("segdeploy.cli",)),  # runtime never reaches up to export or any verb
     (("data/*.py", "predict.py", "jobs.py", "cluster.py", "viz.py"), ("segdeploy.evaluate", "segdeploy.cli")),
-    (("artifact.py", "tiling.py", "scoring.py", "metrics.py", "recipe.py", "registry.py", "errors.py", "utils.py",
+    (("artifact.py", "tiling.py", "decision.py", "scoring.py", "metrics.py", "recipe.py", "registry.py", "errors.py", "utils.py",
       "viz.py", "tracking.py", "checkpoint.py", "foreign_onnx.py", "classes.py", "onnx_props.py"),
      VERBS + ("segdeploy.runtime", "segdeploy.cli")),
     (("recipe.py", "classes.py", "onnx_props.py", "errors.py", "registry.py"),
@@ -159,12 +159,12 @@ RUN_FILE_NAMES = ("history.csv", "meta.json", "model.safetensors", "model.torchs
                   "last.ckpt", "splits.json", "parity.json",
                   "parity.md", "model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8.cpu.onnx",
                   "model.engine", "model.int8.engine", "metrics.json", "confusion_matrix.png", "overlay_{:02d}.png",
-                  "loss.png", "miou.png")
+                  "loss.png", "miou.png", "threshold.json", "thresholds.png")
 RUN_DIR_NAMES = ("plots", "tensorboard", "export", "eval", "export-rejected", ".staging-")
 
 
 def artifact_names() -> tuple[set[str], set[str]]:
-    """(file names, folder names) artifact.py defines: its *_FILE/*_CKPT/*_SUMMARY constants and
+    """(file names, folder names) artifact.py defines: its *_FILE/*_CKPT/*_SUMMARY/*_PLOT constants and
     dict/tuple values of them, the table of export forms' files, its *_DIR/*_PREFIX constants."""
     import segdeploy.artifact as art
 
@@ -173,7 +173,7 @@ def artifact_names() -> tuple[set[str], set[str]]:
     for name, value in vars(art).items():
         values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
         strings = [v for v in values if isinstance(v, str)]
-        if name.endswith(("_FILE", "_FILES", "_CKPT", "_SUMMARY")):
+        if name.endswith(("_FILE", "_FILES", "_CKPT", "_SUMMARY", "_PLOT")):
             files.update(strings)
         elif name.endswith(("_DIR", "_PREFIX")):
             dirs.update(strings)
