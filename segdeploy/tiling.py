@@ -60,6 +60,12 @@ def normalize(pixels: np.ndarray, max_pixel_value: float, mean: np.ndarray, std:
     return x
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """float32 softmax over the class axis (-3) of a new array (…×C×H×W float logits in, the same
+    shape out), stable for large logits: `weighted_softmax` with weight 1. TTA averages its views'."""
+    return weighted_softmax(np.array(logits, dtype=np.float32), np.float32(1))
+
+
 def weighted_softmax(logits: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """softmax over the class axis (-3) times the blend weights (H×W): what one tile adds to the
     blend. Computed in place when `logits` is a writable float32 array (the backend's fresh
