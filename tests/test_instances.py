@@ -1,0 +1,151 @@
+"""Other instances of the fault kinds of issues 17, 18 and 19, each found by trying it as a user would
+and fixed as a kind: decoding (16-bit colour PNGs, paletted and RGB-GeoTIFF masks under palette
+encoding), checkpoints saved by a module attribute (`self.net`), outputs that would replace what
+the command reads or writes, and hints that must be commands that work. Expected values come from
+numpy, Pillow, rasterio and torch directly."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image, ImageOps
+from rasterio.transform import from_origin
+from typer.testing import CliRunner
+
+from segdeploy.cli import app
+from segdeploy.errors import UserError
+from segdeploy.predict import PredictOptions, predict_file
+from tests.test_predict import EchoBackend, write_tif
+
+runner = CliRunner()
+
+
+def tif(path: Path, arr: np.ndarray) -> Path:
+    write_tif(path, arr)
+    return path
+
+
+def run(*args: object):  # noqa: ANN201
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def one_line_error(result) -> str:  # noqa: ANN001
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------ issue 17: one decoder
+
+
+def png_with_exif(path: Path, orientation: int) -> None:
+    """Add an eXIf chunk (EXIF Orientation) after IHDR of the PNG at `path`, as cameras and
+    labelling tools do; GDAL cannot write one."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif\x00\x00") else exif.tobytes()
+    chunk = struct.pack(">I", len(data)) + b"eXIf" + data + struct.pack(">I", zlib.crc32(b"eXIf" + data))
+    raw = path.read_bytes()
+    end_of_ihdr = 8 + 8 + 13 + 4
+    path.write_bytes(raw[:end_of_ihdr] + chunk + raw[end_of_ihdr:])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_of_deep_pngs_is_pillows(tmp_path: Path, orientation: int) -> None:
+    """The numpy orientation used for pictures Pillow cannot decode is Pillow's exif_transpose."""
+    from segdeploy.data.decode import _orient
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "o.png", exif=exif)
+    with Image.open(tmp_path / "o.png") as im:
+        displayed = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    assert np.array_equal(_orient(stored, orientation), displayed)
+
+
+@pytest.mark.parametrize(("bands", "orientation"), [(3, 1), (4, 6), (2, 8)])
+def test_a_16_bit_colour_png_keeps_its_16_bits_alpha_and_orientation(tmp_path: Path, bands: int,
+                                                                     orientation: int) -> None:
+    """Pillow decodes 16-bit RGB(A) PNGs to their high bytes: predict with --input-max 65535 then
+    saw values 257× too small (every class wrong, silently), and training on 16-bit PNGs saw 8 bits."""
+    from segdeploy.data.decode import open_image
+
+    rng = np.random.default_rng(bands)
+    stored = rng.integers(1, 65536, (bands, 12, 20)).astype(np.uint16)
+    if bands in (2, 4):
+        stored[-1] = 65535
+        stored[-1, 3:5, 2:9] = 0  # transparent
+    with rasterio.open(tmp_path / "deep.png", "w", driver="PNG", width=20, height=12, count=bands,
+                       dtype="uint16") as dst:
+        dst.write(stored)
+    if orientation != 1:
+        png_with_exif(tmp_path / "deep.png", orientation)
+    turn = {1: lambda a: a, 6: lambda a: np.rot90(a, -1), 8: lambda a: np.rot90(a, 1)}[orientation]
+    displayed = turn(np.moveaxis(stored, 0, -1))
+    with open_image(tmp_path / "deep.png", 3) as src:
+        pixels, valid = src.read()
+    colour = displayed[..., :3] if bands != 2 else np.repeat(displayed[..., :1], 3, -1)
+    assert pixels.dtype == np.uint16 and np.array_equal(pixels, colour)
+    assert np.array_equal(valid, displayed[..., -1] > 0 if bands in (2, 4) else np.ones(valid.shape, bool))
+
+
+def palette_dataset(root: Path, form: str):  # noqa: ANN201 - (Recipe, labels)
+    """Two 16×16 image/mask pairs whose masks are palette colours stored as `form`: an RGB PNG (the
+    reference), a paletted PNG whose table lists unused colours first and the classes in another
+    order, a paletted GeoTIFF like it, or a 3-band GeoTIFF of the colours."""
+    palette = [[255, 255, 0], [0, 160, 0], [0, 0, 255]]
+    table = [[10, 10, 10], [20, 20, 20], palette[2], palette[0], [30, 30, 30], palette[1]]
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, (2, 16, 16))
+    root = root / "train"
+    root.mkdir()
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)).save(root / f"k{k}_sat.png")
+        rgb = np.asarray(palette, np.uint8)[labels[k]]
+        index = np.array([table.index(palette[c]) for c in range(3)], np.uint8)[labels[k]]
+        if form == "rgb_png":
+            Image.fromarray(rgb).save(root / f"k{k}_mask.png")
+        elif form == "paletted_png":
+            im = Image.fromarray(index, "P")
+            im.putpalette(sum(table, []))
+            im.save(root / f"k{k}_mask.png")
+        else:
+            profile = dict(driver="GTiff", width=16, height=16, dtype="uint8", crs="EPSG:32633",
+                           transform=from_origin(0, 16, 1, 1))
+            with rasterio.open(root / f"k{k}_mask.tif", "w", count=1 if form == "paletted_tif" else 3,
+                               photometric="palette" if form == "paletted_tif" else "rgb", **profile) as dst:
+                if form == "paletted_tif":
+                    dst.write(index[None])
+                    dst.write_colormap(1, {i: (*c, 255) for i, c in enumerate(table)})
+                else:
+                    dst.write(np.moveaxis(rgb, -1, 0))
+    from segdeploy import recipe
+
+    suffix = ".png" if form.endswith("png") else ".tif"
+    rec = recipe.validate({"data": {"root": str(root.parent), "image_dir": "{split}", "mask_dir": "{split}",
+                                    "image_suffix": "_sat.png", "mask_suffix": f"_mask{suffix}",
+                                    "mask_encoding": "palette"},
+                           "classes": {"names": ["field", "forest", "water"], "palette": palette}}, "test")
+    return rec, labels
+
+
+@pytest.mark.parametrize("form", ["paletted_png", "paletted_tif", "rgb_tif"])
+def test_palette_masks_are_read_by_colour_whatever_holds_the_colours(tmp_path: Path, form: str) -> None:
+    """A paletted mask under mask_encoding: palette was refused with 'use index', and following
+    that hint read its table positions as classes (wrong classes, or values outside them)."""
+    from segdeploy.data.dataset import SampleReader, discover
+
+    rec, labels = palette_dataset(tmp_path, form)
+    reader = SampleReader(discover(rec.data, "train"), rec.data, rec.classes, [0.5] * 3, [0.2] * 3)
+    assert [s.image.name for s in reader.samples] == ["k0_sat.png", "k1_sat.png"]
+    for k in range(2):
+        assert np.array_equal(reader.sample(k).mask, labels[k])
