@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import re
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +191,7 @@ class Match:
         out = []
         if self.stripped:
             out.append(f"key prefix{'es' if len(self.stripped) > 1 else ''} {' + '.join(self.stripped)} removed "
-                       "(DataParallel / Lightning / torch.compile wrappers)")
+                       "(wrappers: DataParallel, Lightning, torch.compile, a module attribute)")
         if self.dropped:
             out.append(f"{len(self.dropped)} tensor(s) outside the model left out: {', '.join(self.dropped[:3])}"
                        f"{' …' if len(self.dropped) > 3 else ''}")
@@ -208,11 +209,23 @@ def _strip(keys: list[str], chain: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _strip_all(key: str, prefixes: tuple[str, ...]) -> str:
+    """`key` without any leading run of `prefixes`, in any order."""
+    while (p := next((p for p in prefixes if key.startswith(p)), None)) is not None:
+        key = key[len(p):]
+    return key
+
+
 def best_prefix_chain(keys: list[str], target: Mapping[str, Any],
                       prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> tuple[str, ...]:
     """The shortest sequence of wrapper prefixes (up to three) whose removal fits the most keys
-    to `target`; () when removing none fits as many."""
+    to `target`; () when removing none fits as many. Besides `prefixes`, the first name that most
+    of the keys that do not fit share is tried (a LightningModule's ``self.net = smp.Unet(...)``
+    saves ``net.encoder…``): it is removed, like the others, only where more keys then fit."""
     best, best_score = (), sum(k in target for k in keys)
+    misfits = [_strip_all(k, prefixes) for k in keys if k not in target]
+    firsts = Counter(k.split(".", 1)[0] + "." for k in misfits if "." in k)
+    prefixes += tuple(p for p, n in firsts.most_common(2) if 2 * n >= len(misfits) and p not in prefixes)
     for n in (1, 2, 3):
         for chain in itertools.product(prefixes, repeat=n):
             if not any(k.startswith(chain[0]) for k in keys):

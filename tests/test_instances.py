@@ -149,3 +149,26 @@ def test_palette_masks_are_read_by_colour_whatever_holds_the_colours(tmp_path: P
     assert [s.image.name for s in reader.samples] == ["k0_sat.png", "k1_sat.png"]
     for k in range(2):
         assert np.array_equal(reader.sample(k).mask, labels[k])
+
+
+# ------------------------------------------------------------------------------ issue 18: checkpoints
+
+
+@pytest.mark.parametrize("prefix", ["net.", "module.net.", "seg_model.", "_orig_mod.module.backbone_model."])
+def test_a_model_saved_as_a_module_attribute_loads_with_its_prefix_removed(prefix: str) -> None:
+    """A LightningModule with `self.net = smp.Unet(...)` saves `net.encoder…`: 0 tensors matched and
+    'the keys look like no segdeploy architecture', though every tensor was there."""
+    import torch
+
+    from segdeploy.checkpoint import match_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+    target = model.state_dict()
+    state = {prefix + k: v.clone() for k, v in target.items()} | {"criterion.weight": torch.ones(2)}
+    match = match_state_dict(state, target)
+    assert match.complete and set(match.loaded) == set(target), match.summary()
+    assert all(torch.equal(match.loaded[k], target[k]) for k in target)
+    assert "".join(match.stripped) == prefix and match.dropped == ["criterion.weight"]
+    # a prefix is removed only where more keys then fit: another model's tensors stay unmatched
+    other = {prefix + k.replace("0.", "7."): v for k, v in target.items()}
+    assert not match_state_dict(other, target).complete
