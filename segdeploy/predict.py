@@ -171,7 +171,10 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> t
         reader.notes.append(f"tile {fixed}: the model accepts only {fixed}×{fixed} inputs (trained at {tile})")
         tile = fixed
     if tile % meta.input_divisor:
-        raise UserError(f"--tile {tile} must be a multiple of the model's input divisor {meta.input_divisor}")
+        div, low = meta.input_divisor, max(meta.input_divisor, meta.min_tile_size or 0)
+        fits = sorted({t for t in (tile // div * div, -(-tile // div) * div) if t >= low} or {-(-low // div) * div})
+        raise UserError(f"--tile {tile} must be a multiple of the model's input divisor {div}; use "
+                        + " or ".join(f"--tile {t}" for t in fits))
     if meta.min_tile_size and tile < meta.min_tile_size:
         raise UserError(f"--tile {tile} is below the smallest tile {meta.min_tile_size} the model runs at; "
                         f"use --tile {meta.min_tile_size} or larger")
@@ -196,8 +199,10 @@ def resume_point(out: Path, opts: PredictOptions, settings: dict, stride: int) -
     if opts.resume and state_path.is_file():
         state = json.loads(state_path.read_text())
         if state.get("settings") != settings:
-            raise UserError(f"{state_path} was written with other settings {state.get('settings')}; "
-                            "rerun without --resume or with the same options")
+            theirs = state.get("settings") or {}
+            differ = ", ".join(f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in settings.items() if theirs.get(k) != v)
+            raise UserError(f"{state_path} was written with other settings: {differ}; continue it with those "
+                            "options plus --resume, or start it over with --overwrite instead of --resume")
         if not tmp.is_file():
             raise UserError(f"cannot resume {out}: its partial output {tmp.name} is gone; rerun without --resume")
         rows_on_disk = int(state["rows_on_disk"])

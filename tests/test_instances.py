@@ -172,3 +172,97 @@ def test_a_model_saved_as_a_module_attribute_loads_with_its_prefix_removed(prefi
     # a prefix is removed only where more keys then fit: another model's tensors stay unmatched
     other = {prefix + k.replace("0.", "7."): v for k, v in target.items()}
     assert not match_state_dict(other, target).complete
+
+
+# ------------------------------------------------------------------------------ issue 19: outputs and hints
+
+
+def test_predict_never_replaces_its_input_even_with_overwrite(tmp_path: Path) -> None:
+    """`predict m.onnx a.tif --out a.tif` said 'a.tif already exists: a finished prediction is
+    replaced only with --overwrite'; following it replaced the input with its own prediction."""
+    (tmp_path / "m.onnx").write_bytes(b"")
+    scene = tif(tmp_path / "a.tif", np.full((3, 8, 8), 7, np.uint8))
+    before = scene.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        line = one_line_error(run("predict", tmp_path / "m.onnx", scene, "--out", tmp_path / "." / "a.tif", *extra))
+        assert "is the input" in line and "never replaces what it reads" in line
+    assert scene.read_bytes() == before
+    # several inputs into their own folder: b.tif's output would be the input b_pred.tif
+    write_tif(tmp_path / "b.tif", np.zeros((3, 8, 8), np.uint8))
+    write_tif(tmp_path / "b_pred.tif", np.ones((3, 8, 8), np.uint8))
+    line = one_line_error(run("predict", tmp_path / "m.onnx", tmp_path / "b.tif", tmp_path / "b_pred.tif",
+                              "--out", tmp_path, "--overwrite"))
+    assert "b_pred.tif is the input" in line
+    fix = re.search(r"--out (\S+)$", line)
+    assert fix and not Path(fix.group(1)).exists()
+
+
+def test_a_report_is_never_written_over_the_commands_own_files_or_into_a_directory(tmp_path: Path) -> None:
+    """`predict … --out pred.tif --json pred.tif` replaced the prediction with its summary, and
+    `--json DIR` failed only after the work was done."""
+    (tmp_path / "m.onnx").write_bytes(b"")
+    scene = tif(tmp_path / "a.tif", np.full((3, 8, 8), 7, np.uint8))
+    line = one_line_error(run("predict", tmp_path / "m.onnx", scene, "--out", tmp_path / "p.tif",
+                              "--json", tmp_path / "p.tif"))
+    assert "--json" in line and "same file as --out" in line
+    line = one_line_error(run("predict", tmp_path / "m.onnx", scene, "--out", tmp_path / "p.tif", "--json", scene))
+    assert "same file as an input" in line
+    line = one_line_error(run("bench", tmp_path / "m.onnx", "--json", tmp_path / "r.json", "--csv", tmp_path / "r.json"))
+    assert "--csv" in line and "same file as --json" in line
+    line = one_line_error(run("predict", tmp_path / "m.onnx", scene, "--out", tmp_path / "p.tif", "--json", tmp_path))
+    assert "is a directory" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "m.onnx"]  # refused before any work
+
+
+def test_an_existing_vector_file_is_replaced_only_with_overwrite(tiny_onnx: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pyogrio")
+    scene = tif(tmp_path / "a.tif", np.random.default_rng(0).integers(0, 255, (3, 40, 40)).astype(np.uint8))
+    mine = tmp_path / "mine.gpkg"
+    mine.write_bytes(b"the user's own polygons")
+    args = ["predict", tiny_onnx, scene, "--out", tmp_path / "p.tif", "--vector", mine, "--no-progress", "--no-preview"]
+    line = one_line_error(run(*args))
+    assert f"{mine} already exists" in line and "--overwrite" in line
+    assert mine.read_bytes() == b"the user's own polygons" and not (tmp_path / "p.tif").exists()
+    result = run(*args, "--overwrite")  # the fix it names
+    assert result.exit_code == 0, result.output
+    import pyogrio
+
+    assert pyogrio.read_info(mine)["features"] > 0
+
+
+def test_the_tile_a_divisor_refusal_suggests_is_accepted(tmp_path: Path) -> None:
+    labels = np.random.default_rng(3).integers(0, 3, (40, 50)).astype(np.uint8)
+    write_tif(tmp_path / "in.tif", labels)
+    backend = EchoBackend(3, tile=32, divisor=8)
+    backend.meta.min_tile_size = 16
+    for tile, expect in ((20, [16, 24]), (12, [16])):
+        with pytest.raises(UserError, match="input divisor 8") as refused:
+            predict_file(backend, tmp_path / "in.tif", tmp_path / "x.tif", PredictOptions(tile=tile))
+        suggested = [int(t) for t in re.findall(r"--tile (\d+)", str(refused.value))[1:]]
+        assert suggested == expect
+        for t in suggested:
+            out = tmp_path / f"t{tile}_{t}.tif"
+            predict_file(backend, tmp_path / "in.tif", out, PredictOptions(tile=t, overlap=0))
+            with rasterio.open(out) as src:
+                assert np.array_equal(src.read(1), labels)
+
+
+def test_resuming_with_other_settings_names_them_and_the_fix_works(tmp_path: Path) -> None:
+    """The refusal said 'rerun without --resume', which is refused in turn (an unfinished output
+    is started over only with --overwrite)."""
+    labels = np.random.default_rng(4).integers(0, 3, (700, 40)).astype(np.uint8)
+    write_tif(tmp_path / "in.tif", labels)
+    backend, out = EchoBackend(3, tile=32), tmp_path / "out.tif"
+
+    def interrupt(done: int, total: int, pixels: int) -> None:
+        if done >= 40:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        predict_file(backend, tmp_path / "in.tif", out, PredictOptions(tile=32, overlap=8), progress=interrupt)
+    with pytest.raises(UserError) as refused:
+        predict_file(backend, tmp_path / "in.tif", out, PredictOptions(tile=32, overlap=0, resume=True))
+    assert "overlap 8 (now 0)" in str(refused.value) and "--overwrite" in str(refused.value)
+    predict_file(backend, tmp_path / "in.tif", out, PredictOptions(tile=32, overlap=0, overwrite=True))
+    with rasterio.open(out) as src:
+        assert np.array_equal(src.read(1), labels)
