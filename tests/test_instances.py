@@ -151,6 +151,34 @@ def test_palette_masks_are_read_by_colour_whatever_holds_the_colours(tmp_path: P
         assert np.array_equal(reader.sample(k).mask, labels[k])
 
 
+@pytest.mark.parametrize(("nodata", "dtype", "ignored"), [(-1, "int16", True), (15, "uint8", True), (0, "uint8", False)])
+def test_a_label_rasters_nodata_is_ignored_where_it_is_no_class(tmp_path: Path, nodata: int, dtype: str,
+                                                                ignored: bool) -> None:
+    """A label GeoTIFF with nodata -1 ("unlabelled") was refused as 'values [-1] outside classes';
+    its nodata pixels are ignore_index now. A nodata value that is a class (QGIS rasterizes with
+    nodata 0, often the background) stays that class."""
+    from segdeploy import recipe
+    from segdeploy.data.dataset import SampleReader, discover
+
+    (tmp_path / "train").mkdir()
+    labels = np.random.default_rng(6).integers(0, 3, (16, 16))
+    stored = labels.astype(dtype)
+    stored[:4] = nodata
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (16, 16, 3)).astype(np.uint8)).save(
+        tmp_path / "train/k_sat.png")
+    with rasterio.open(tmp_path / "train/k_mask.tif", "w", driver="GTiff", width=16, height=16, count=1, dtype=dtype,
+                       nodata=nodata, crs="EPSG:32633", transform=from_origin(0, 16, 1, 1)) as dst:
+        dst.write(stored[None])
+    rec = recipe.validate({"data": {"root": str(tmp_path), "image_dir": "{split}", "mask_dir": "{split}",
+                                    "image_suffix": "_sat.png", "mask_suffix": "_mask.tif"},
+                           "classes": {"names": ["a", "b", "c"]}}, "test")
+    mask = SampleReader(discover(rec.data, "train"), rec.data, rec.classes, [0.5] * 3, [0.2] * 3).sample(0).mask
+    expect = stored.astype(np.int64)
+    if ignored:
+        expect[:4] = 255
+    assert np.array_equal(mask, expect)
+
+
 # ------------------------------------------------------------------------------ issue 18: checkpoints
 
 

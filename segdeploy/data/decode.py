@@ -484,7 +484,8 @@ def read_mask(path: Path, colours: bool = False) -> np.ndarray:
 
 def _read_raster_mask(path: Path, colours: bool) -> np.ndarray:
     """Band 1 of a GDAL mask (its colour table expanded to RGB with `colours`; else 3 bands as RGB
-    when it has them and `colours`)."""
+    when it has them and `colours`). A declared nodata value comes back masked (a numpy masked
+    array): `io.decode_mask` makes it ignore_index where it is no class."""
     import rasterio
     from rasterio.enums import ColorInterp
 
@@ -500,4 +501,7 @@ def _read_raster_mask(path: Path, colours: bool) -> np.ndarray:
                 return lut[band]
             if colours and src.count >= 3:
                 return np.moveaxis(src.read([1, 2, 3]), 0, -1)
+            nodata = src.nodatavals[0]
+            if nodata is not None and not math.isnan(nodata) and band.dtype.kind in "iu":
+                return np.ma.masked_equal(band, nodata) if (band == nodata).any() else band
             return band
