@@ -294,3 +294,19 @@ def test_resuming_with_other_settings_names_them_and_the_fix_works(tmp_path: Pat
     predict_file(backend, tmp_path / "in.tif", out, PredictOptions(tile=32, overlap=0, overwrite=True))
     with rasterio.open(out) as src:
         assert np.array_equal(src.read(1), labels)
+
+
+@pytest.mark.parametrize(("setting", "said"), [
+    ("data.cache=-5", "data.cache: input should be greater than or equal to 0 (got -5)"),
+    ("data.crops_per_image=0", "data.crops_per_image: input should be greater than or equal to 1, or 'auto' (got 0)"),
+])
+def test_a_key_of_several_types_is_named_as_written_with_the_constraint_it_broke(setting: str, said: str) -> None:
+    """`--set data.cache=-5` said 'data.cache.bool: input should be a valid boolean' (a key that does
+    not exist, and not what is wrong with -5); crops_per_image said 'constrained-int'."""
+    from segdeploy import recipe
+    from segdeploy.errors import RecipeError
+    from tests.conftest import RECIPES
+
+    with pytest.raises(RecipeError) as refused:
+        recipe.load(RECIPES / "demo.yaml", [setting], Path("."))
+    assert said in str(refused.value)
