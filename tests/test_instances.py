@@ -310,3 +310,17 @@ def test_a_key_of_several_types_is_named_as_written_with_the_constraint_it_broke
     with pytest.raises(RecipeError) as refused:
         recipe.load(RECIPES / "demo.yaml", [setting], Path("."))
     assert said in str(refused.value)
+
+
+def test_resume_with_every_output_finished_says_so_and_loads_no_model(tmp_path: Path) -> None:
+    """It said '0 of 0 rasters predicted' under an empty progress bar, after loading the model."""
+    (tmp_path / "m.onnx").write_bytes(b"")  # never loaded
+    scene = tif(tmp_path / "a.tif", np.zeros((3, 8, 8), np.uint8))
+    (tmp_path / "p.tif").write_bytes(b"a finished prediction")
+    result = run("predict", tmp_path / "m.onnx", scene, "--out", tmp_path / "p.tif", "--resume", "--json",
+                 tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "nothing to predict: 1 of 1 outputs already finished" in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["results"] == [] and report["skipped"] == [str(scene)]
+    assert (tmp_path / "p.tif").read_bytes() == b"a finished prediction"

@@ -79,6 +79,11 @@ def predict_cmd(
                           bands=band_list, max_pixel_value=max_pixel_value, preview=preview, cog=cog, vector=vector_opts,
                           **outputs)
     jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
+    if not jobs:  # --resume and every output finished: no model to load, no empty progress bar
+        console.print(f"nothing to predict: {len(finished)} of {len(files)} outputs already finished (skipped)")
+        emit_json({"backend": "", "ray": None, "seconds": 0.0, "megapixels_per_s": 0.0, "results": [],
+                   "failures": [], "skipped": [str(j.src) for j in finished]}, json_out)
+        return
     try:
         summary = _run(model, options, jobs, opts, ray or ray_address is not None, ray_address, workers, progress)
     except KeyboardInterrupt:
