@@ -19,7 +19,7 @@ from segdeploy.utils import atomic_path, raise_write_error
 
 RASTER = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
 PICTURE = {".png", ".jpg", ".jpeg", ".bmp"}
-SUPPORTED_DTYPES = {"uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
+SUPPORTED_DTYPES = {"int8", "uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -149,7 +149,9 @@ class SceneReader:
         self.georeferenced = self.georef.present
         if self.dtype not in SUPPORTED_DTYPES:
             src.close()
-            raise DataError(f"{path} has pixel type {self.dtype}; supported: {', '.join(sorted(SUPPORTED_DTYPES))}")
+            raise DataError(f"{path} has pixel type {self.dtype}; supported: {', '.join(sorted(SUPPORTED_DTYPES))}: "
+                            f"convert it first, e.g. `rio convert --dtype float32 {path} "
+                            f"{Path(str(path)).stem}_float32.tif` (rasterio's CLI)")
 
     def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(H×W×B pixels, H×W valid mask) for the in-image part of a window."""

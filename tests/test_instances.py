@@ -324,3 +324,28 @@ def test_resume_with_every_output_finished_says_so_and_loads_no_model(tmp_path: 
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["results"] == [] and report["skipped"] == [str(scene)]
     assert (tmp_path / "p.tif").read_bytes() == b"a finished prediction"
+
+
+def test_int8_rasters_are_predicted_and_an_unsupported_type_names_a_conversion_that_works(tmp_path: Path) -> None:
+    """An int8 GeoTIFF (GDAL ≥ 3.7) was refused with only a list of types; complex64 too, without a fix."""
+    import subprocess
+    import sys
+
+    labels = np.random.default_rng(8).integers(0, 3, (30, 40)).astype(np.int8)
+    labels[5:9] = -128
+    write_tif(tmp_path / "i8.tif", labels, nodata=-128)
+    predict_file(EchoBackend(3), tmp_path / "i8.tif", tmp_path / "p.tif", PredictOptions(input_max=1.0))
+    with rasterio.open(tmp_path / "p.tif") as src:
+        got = src.read(1)
+    assert (got[5:9] == 255).all() and np.array_equal(np.delete(got, range(5, 9), 0), np.delete(labels, range(5, 9), 0))
+    write_tif(tmp_path / "c.tif", labels.clip(0).astype(np.complex64))
+    with pytest.raises(UserError) as refused:
+        predict_file(EchoBackend(3), tmp_path / "c.tif", tmp_path / "q.tif", PredictOptions())
+    fix = re.search(r"`rio (convert [^`]+)`", str(refused.value))
+    assert fix, refused.value
+    rio = [sys.executable, "-c", "import sys; from rasterio.rio.main import main_group; sys.exit(main_group())"]
+    subprocess.run(rio + fix.group(1).split(), check=True, capture_output=True, cwd=tmp_path)
+    converted = tmp_path / fix.group(1).split()[-1]
+    predict_file(EchoBackend(3), converted, tmp_path / "q.tif", PredictOptions(input_max=1.0))
+    with rasterio.open(tmp_path / "q.tif") as src:
+        assert np.array_equal(src.read(1), labels.clip(0))
