@@ -223,7 +223,10 @@ def predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpti
     a GDAL virtual path of a remote raster (`/vsicurl/https://…`, `/vsis3/…`, `/vsigs/…`)."""
     import rasterio
 
-    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(), **remote_settings()), RssSampler() as rss:
+    # the network settings only for a remote raster: their "no directory listing" would hide a local
+    # file's sidecars from GDAL (a .msk mask, a .tfw world file, an .aux.xml with nodata or CRS)
+    network = remote_settings() if is_remote(src) else {}
+    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(), **network), RssSampler() as rss:
         result = _predict_file(backend, src, Path(out), opts, progress)
     result.peak_rss_mb = round(rss.peak, 1)
     return result

@@ -314,12 +314,31 @@ def write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.n
     im.putpalette(flat + [0] * (768 - len(flat)))
     with atomic_path(out) as tmp:
         im.save(tmp, format="PNG")
+    _georeference_picture(out, reader.georef)
     rgb = display_rgb(reader.array, meta.max_pixel_value)
     ov_path = out.with_name(f"{out.stem}_overlay.png")
     save_overlay_picture(rgb, labels, meta.classes, [tuple(c) for c in meta.palette], ov_path,
                          background_index(meta.classes, meta.background),
                          title=f"{Path(str(reader.path)).name} · {reader.width} x {reader.height} px")
     return [str(out), str(ov_path)]
+
+
+def _georeference_picture(out: Path, georef) -> None:  # noqa: ANN001 - a decode.Georeference
+    """Give a class PNG its input's georeference (a world file's geotransform, its CRS) the way GDAL
+    keeps it for a PNG: in ``NAME.png.aux.xml``, which GDAL and QGIS read. An earlier output's
+    sidecar is removed when the new one has none (it would georeference the wrong picture)."""
+    sidecar = out.with_name(out.name + ".aux.xml")
+    sidecar.unlink(missing_ok=True)
+    if georef.transform is None:
+        return
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(out, "r+") as dst:
+            dst.transform = georef.transform
+            if georef.crs is not None:
+                dst.crs = georef.crs
 
 
 def pixel_agreement(pred: Path, labels: Path) -> float:

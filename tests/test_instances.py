@@ -349,3 +349,59 @@ def test_int8_rasters_are_predicted_and_an_unsupported_type_names_a_conversion_t
     predict_file(EchoBackend(3), converted, tmp_path / "q.tif", PredictOptions(input_max=1.0))
     with rasterio.open(tmp_path / "q.tif") as src:
         assert np.array_equal(src.read(1), labels.clip(0))
+
+
+def test_a_local_rasters_sidecars_reach_predict(tmp_path: Path) -> None:
+    """predict applied the remote-raster setting GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR to local
+    files too, so GDAL never saw their sidecars: a `.msk` mask's holes were predicted as classes
+    (0 nodata pixels where there were 355), a `.tfw` world file's georeference was lost."""
+    labels = np.random.default_rng(10).integers(0, 3, (40, 50)).astype(np.uint8)
+    hole = np.zeros((40, 50), bool)
+    hole[10:15] = True
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), \
+            rasterio.open(tmp_path / "m.tif", "w", driver="GTiff", width=50, height=40, count=1, dtype="uint8",
+                          crs="EPSG:32633", transform=from_origin(0, 40, 1, 1)) as dst:
+        dst.write(labels[None])
+        dst.write_mask(np.where(hole, 0, 255).astype(np.uint8))
+    assert (tmp_path / "m.tif.msk").is_file()
+    predict_file(EchoBackend(3), tmp_path / "m.tif", tmp_path / "pm.tif", PredictOptions(input_max=1.0))
+    with rasterio.open(tmp_path / "pm.tif") as src:
+        got = src.read(1)
+    assert (got[hole] == 255).all() and np.array_equal(got[~hole], labels[~hole])
+    with rasterio.open(tmp_path / "w.tif", "w", driver="GTiff", width=50, height=40, count=1, dtype="uint8") as dst:
+        dst.write(labels[None])
+    (tmp_path / "w.tfw").write_text("0.5\n0\n0\n-0.5\n300000.25\n4000000.25\n")
+    predict_file(EchoBackend(3), tmp_path / "w.tif", tmp_path / "pw.tif", PredictOptions(input_max=1.0))
+    with rasterio.open(tmp_path / "w.tif") as a, rasterio.open(tmp_path / "pw.tif") as b:
+        assert a.transform == b.transform == from_origin(300_000, 4_000_000.5, 0.5, 0.5)
+
+
+def test_a_pictures_world_file_georeferences_its_class_png_and_polygons(tmp_path: Path) -> None:
+    """A PNG with a world file (.pgw, QGIS's 'save as image') gave a class PNG without georeference
+    and polygons in pixel coordinates; with EXIF orientation the world file no longer fits: left out."""
+    pytest.importorskip("pyogrio")
+    import pyogrio
+    import shapely
+    from rasterio.features import rasterize
+
+    from segdeploy.vector import VectorOptions
+
+    labels = np.random.default_rng(11).integers(0, 3, (30, 40)).astype(np.uint8)
+    Image.fromarray(labels).save(tmp_path / "a.png")
+    (tmp_path / "a.pgw").write_text("0.5\n0\n0\n-0.5\n300000.25\n4000000.25\n")
+    with rasterio.open(tmp_path / "a.png", "r+") as dst:  # the CRS, in GDAL's .aux.xml
+        dst.crs = "EPSG:32633"
+    grid = from_origin(300_000, 4_000_000.5, 0.5, 0.5)
+    opts = PredictOptions(input_max=1.0, vector=VectorOptions(str(tmp_path / "a.gpkg")))
+    predict_file(EchoBackend(3), tmp_path / "a.png", tmp_path / "p.png", opts)
+    with rasterio.open(tmp_path / "p.png") as src:
+        assert src.transform == grid and src.crs == "EPSG:32633" and np.array_equal(src.read(1), labels)
+    meta, _, wkb, fields = pyogrio.raw.read(tmp_path / "a.gpkg")
+    assert "32633" in pyogrio.read_info(tmp_path / "a.gpkg")["crs"]
+    ids = fields[list(meta["fields"]).index("class_id")]
+    back = rasterize(zip(shapely.from_wkb(wkb), ids.tolist()), out_shape=labels.shape, transform=grid, dtype="uint8")
+    assert np.array_equal(back, labels)
+    png_with_exif(tmp_path / "a.png", 6)
+    res = predict_file(EchoBackend(3), tmp_path / "a.png", tmp_path / "q.png", PredictOptions(input_max=1.0))
+    assert any("world file" in n and "left out" in n for n in res.notes)
+    assert not (tmp_path / "q.png.aux.xml").exists()

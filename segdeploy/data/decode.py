@@ -302,7 +302,33 @@ def _open_picture(path: Path, bands: int, requested: list[int] | None) -> ArrayS
             valid = None
     src = ArraySource(path, arr, kinds, valid, bands, requested, notes)
     src.is_picture, src.orientation, src.stored_size = True, orientation, stored
+    src.georef = _picture_georeference(path, orientation, src.notes)
     return src
+
+
+WORLD_FILE_SUFFIXES = {".png": (".pgw", ".pngw"), ".jpg": (".jgw", ".jpgw"), ".jpeg": (".jgw", ".jpegw"),
+                       ".bmp": (".bpw", ".bmpw")}  # GDAL's world-file names, besides .wld and NAME.aux.xml
+
+
+def _picture_georeference(path: Path, orientation: int, notes: list[str]) -> Georeference:
+    """A picture's georeference as GDAL reads it — a world file (``.pgw``, ``.jgw``, ``.wld``) or
+    GDAL's ``.aux.xml`` — or none. GDAL is asked only when such a sidecar exists (training reads
+    thousands of pictures). The georeference describes the stored pixels, so a picture whose EXIF
+    orientation turns them keeps none, and a note says so."""
+    sidecars = [path.with_suffix(s) for s in (*WORLD_FILE_SUFFIXES.get(path.suffix.lower(), ()), ".wld")]
+    if not any(p.is_file() for p in [*sidecars, path.with_name(path.name + ".aux.xml")]):
+        return Georeference()
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(path) as ds:
+            georef = Georeference.of(ds)
+    if georef.present and orientation in ORIENTATIONS:
+        notes.append(f"its georeference (world file) is left out: it describes the stored pixels, which EXIF "
+                     f"orientation {orientation} turns")
+        return Georeference()
+    return georef
 
 
 def _open_numpy(path: Path, bands: int, requested: list[int] | None) -> ArraySource:
