@@ -2,9 +2,10 @@
 it to a model strictly, saying why when it does not fit.
 
 Reading never unpickles code: ``.safetensors`` through safetensors, anything else through
-``torch.load(weights_only=True)``. A file that needs more (a whole pickled model, a checkpoint
-with custom classes) is refused in one line that shows the two safe ways to save it, unless the
-caller passes ``trust_pickle`` (the user's explicit ``--trust-pickle``).
+``torch.load(weights_only=True)``. A file that needs more (a whole pickled model) is refused in
+one line that shows the two safe ways to save it, unless the caller passes ``trust_pickle`` (the
+user's explicit ``--trust-pickle``); a checkpoint whose weights are plain tensors beside entries
+that need classes (Lightning hyper-parameters) is read with those classes as inert placeholders.
 
 Matching is strict: every tensor the model needs must come from the file with its shape. Key
 prefixes that wrappers add (``module.`` DataParallel/DDP, ``model.`` Lightning, ``_orig_mod.``
@@ -83,6 +84,8 @@ def read_object(path: Path, trust_pickle: bool = False, warn: Callable[[str], No
             raise ModelError(f"cannot read {path}: {type(exc).__name__}: {_first_line(text)}") from None
         needs = re.search(r"GLOBAL ([\w.]+)", text)
         what = f" (it needs the Python class {needs.group(1)})" if needs else ""
+        if not trust_pickle and (held := _weights_beside_objects(path, warn)) is not None:
+            return held
         if not trust_pickle:
             raise PickleRefused(f"{path} is a pickled Python object{what}, not plain tensors, and loading it would run "
                                 f"code from the file; {SAFE_WAYS}, or pass --trust-pickle if you trust the file") from None
@@ -93,6 +96,42 @@ def read_object(path: Path, trust_pickle: bool = False, warn: Callable[[str], No
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot unpickle {path}: {type(exc).__name__}: {_first_line(str(exc))} (the classes it "
                          f"was saved with must be importable here); {SAFE_WAYS}") from None
+
+
+class _Placeholder:
+    """What an object of a class a checkpoint names (and segdeploy does not trust) is read as: its
+    arguments and state kept as data, none of its code run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _weights_beside_objects(path: Path, warn: Callable[[str], None] | None) -> Any:
+    """A checkpoint whose weights are plain tensors beside entries that need Python classes (a
+    Lightning checkpoint's hyper-parameters: argparse.Namespace, an OmegaConf config, a Path): read
+    with `weights_only=True`, each such class replaced by an inert `_Placeholder` (torch's
+    `safe_globals` stand-ins), so no code from the file runs. Returned only when a state dict of
+    tensors is then found outside every placeholder (those entries are left out, and `warn` says
+    so); None otherwise — a whole pickled model stays refused."""
+    import torch
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stand_ins = [(type(n.rsplit(".", 1)[-1], (_Placeholder,), {}), n) for n in names]
+        with torch.serialization.safe_globals(stand_ins):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, Mapping):
+            return None
+        find_state_dict(obj, path)  # raises when no tensors are found outside the placeholders
+    except Exception:  # noqa: BLE001 - anything else: the plain refusal
+        return None
+    if warn is not None:
+        warn(f"{path.name}: entries that need Python classes ({', '.join(names[:3])}{' …' if len(names) > 3 else ''}) "
+             "were read as inert placeholders, without running their code, and left out: only its tensors are used")
+    return obj
 
 
 def _first_line(text: str) -> str:

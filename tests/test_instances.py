@@ -202,6 +202,47 @@ def test_a_model_saved_as_a_module_attribute_loads_with_its_prefix_removed(prefi
     assert not match_state_dict(other, target).complete
 
 
+class RunsACommand:
+    """An object whose unpickling would run a shell command (what a hostile checkpoint carries)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_whose_other_entries_need_classes_gives_its_tensors_without_running_code(tmp_path: Path) -> None:
+    """A Lightning checkpoint whose hyper-parameters hold an argparse.Namespace, a Path (or an
+    OmegaConf config) was refused as 'a pickled Python object' though its weights are plain
+    tensors; they are read now, every class in the file replaced by an inert placeholder — even one
+    whose unpickling would run a command — while a whole pickled model stays refused."""
+    import argparse
+
+    import torch
+
+    from segdeploy.checkpoint import PickleRefused, read_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    weights = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": weights, "hyper_parameters": {
+        "args": argparse.Namespace(lr=0.1), "root": tmp_path}}, tmp_path / "l.ckpt")
+    said: list[str] = []
+    got = read_state_dict(tmp_path / "l.ckpt", warn=said.append)
+    assert set(got.tensors) == set(weights) and all(torch.equal(got.tensors[k], weights[k]) for k in weights)
+    assert "argparse.Namespace" in said[0] and "inert placeholders" in said[0]
+    torch.save(model, tmp_path / "whole.pth")
+    with pytest.raises(PickleRefused, match="torch.nn.modules"):
+        read_state_dict(tmp_path / "whole.pth")
+    marker = tmp_path / "code-ran"  # torch blocks os/posix even as a placeholder: refused, nothing run
+    torch.save({"state_dict": weights, "hyper_parameters": {"payload": RunsACommand(marker)}}, tmp_path / "h.ckpt")
+    with pytest.raises(PickleRefused, match="posix.system|os.system"):
+        read_state_dict(tmp_path / "h.ckpt")
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------------ issue 19: outputs and hints
 
 
