@@ -82,7 +82,7 @@ def predict_cmd(
     if not jobs:  # --resume and every output finished: no model to load, no empty progress bar
         console.print(f"nothing to predict: {len(finished)} of {len(files)} outputs already finished (skipped)")
         emit_json({"backend": "", "ray": None, "seconds": 0.0, "megapixels_per_s": 0.0, "results": [],
-                   "failures": [], "skipped": [str(j.src) for j in finished]}, json_out)
+                   "failures": [], "decision": applied, "skipped": [str(j.src) for j in finished]}, json_out)
         return
     try:
         summary = _run(model, options, jobs, opts, ray or ray_address is not None, ray_address, workers, progress)
