@@ -34,6 +34,7 @@ from segdeploy.raster import (
     is_remote,
     partial_paths,
     remote_settings,
+    probs_path,
     write_picture_outputs,
 )
 from segdeploy.runtime.base import Backend
@@ -393,7 +394,7 @@ class RowSink:
         os.replace(self.tmp, self.out)
         files = [str(self.out)]
         if self.probs_tmp:
-            probs_out = self.out.with_name(f"{self.out.stem}.probs.tif")
+            probs_out = probs_path(self.out)
             os.replace(self.probs_tmp, probs_out)
             files.append(str(probs_out))
         files += vector

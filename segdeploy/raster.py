@@ -110,6 +110,24 @@ def output_for(src: Path | str, out: Path, many: bool) -> Path:
     return out / f"{input_stem(src)}_pred{'.png' if is_picture(src) else '.tif'}"
 
 
+def companion_paths(out: Path, picture: bool, probs: bool) -> list[Path]:
+    """The files predict writes beside an output: a picture's overlay; a raster's preview and, with
+    `probs`, its confidence raster."""
+    from segdeploy.viz import preview_path
+
+    if picture:
+        return [overlay_path(out)]
+    return [preview_path(out)] + ([probs_path(out)] if probs else [])
+
+
+def overlay_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_overlay.png")
+
+
+def probs_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.probs.tif")
+
+
 def partial_paths(out: Path) -> tuple[Path, Path]:
     """(resume state, unfinished raster) of an output: present only while it is unfinished."""
     return out.with_name(out.name + ".partial.json"), out.with_name(f".{out.stem}.partial.tif")
@@ -316,7 +334,7 @@ def write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.n
         im.save(tmp, format="PNG")
     _georeference_picture(out, reader.georef)
     rgb = display_rgb(reader.array, meta.max_pixel_value)
-    ov_path = out.with_name(f"{out.stem}_overlay.png")
+    ov_path = overlay_path(out)
     save_overlay_picture(rgb, labels, meta.classes, [tuple(c) for c in meta.palette], ov_path,
                          background_index(meta.classes, meta.background),
                          title=f"{Path(str(reader.path)).name} · {reader.width} x {reader.height} px")

@@ -264,6 +264,14 @@ def test_predict_never_replaces_its_input_even_with_overwrite(tmp_path: Path) ->
     assert "b_pred.tif is the input" in line
     fix = re.search(r"--out (\S+)$", line)
     assert fix and not Path(fix.group(1)).exists()
+    # a file written beside the output: the confidence raster of c.tif is c.probs.tif, a picture's overlay
+    tif(tmp_path / "c.probs.tif", np.zeros((3, 8, 8), np.uint8))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "d_overlay.png")
+    for src, out, extra in (("c.probs.tif", "c.tif", ["--probs"]), ("d_overlay.png", "d.png", [])):
+        before = (tmp_path / src).read_bytes()
+        line = one_line_error(run("predict", tmp_path / "m.onnx", tmp_path / src, "--out", tmp_path / out, *extra))
+        assert f"and that is the input {tmp_path / src}" in line, line
+        assert (tmp_path / src).read_bytes() == before
 
 
 def test_a_report_is_never_written_over_the_commands_own_files_or_into_a_directory(tmp_path: Path) -> None:

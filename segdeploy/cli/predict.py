@@ -78,7 +78,7 @@ def predict_cmd(
     opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, resume=resume, overwrite=overwrite,
                           bands=band_list, max_pixel_value=max_pixel_value, preview=preview, cog=cog, vector=vector_opts,
                           **outputs)
-    jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
+    jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts, opts.probs or opts.class_probs)
     if not jobs:  # --resume and every output finished: no model to load, no empty progress bar
         console.print(f"nothing to predict: {len(finished)} of {len(files)} outputs already finished (skipped)")
         emit_json({"backend": "", "ray": None, "seconds": 0.0, "megapixels_per_s": 0.0, "results": [],
@@ -134,13 +134,13 @@ def _checked(blend: str, device: str, bands: str | None) -> list[int] | None:
 
 
 def _plan(files: list, out: Path, many: bool, resume: bool, overwrite: bool,  # noqa: ANN001
-          vector_opts) -> tuple[list, list]:
+          vector_opts, probs: bool = False) -> tuple[list, list]:
     """The jobs to run and those already finished (named); an unwritable output (raster or vector)
     fails before any progress is drawn."""
     from segdeploy.jobs import plan_jobs
     from segdeploy.utils import writable_location
 
-    jobs, finished = plan_jobs(files, out, many, resume, overwrite, vector_opts)
+    jobs, finished = plan_jobs(files, out, many, resume, overwrite, vector_opts, probs)
     for job in jobs:
         writable_location(job.out)
         if vector_opts is not None:
