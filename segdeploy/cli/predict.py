@@ -79,23 +79,29 @@ def predict_cmd(
                           bands=band_list, max_pixel_value=max_pixel_value, preview=preview, cog=cog, vector=vector_opts,
                           **outputs)
     jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts, opts.probs or opts.class_probs)
-    if not jobs:  # --resume and every output finished: no model to load, no empty progress bar
-        console.print(f"nothing to predict: {len(finished)} of {len(files)} outputs already finished (skipped)")
-        emit_json({"backend": "", "ray": None, "seconds": 0.0, "megapixels_per_s": 0.0, "results": [],
-                   "failures": [], "decision": applied, "skipped": [str(j.src) for j in finished]}, json_out)
-        return
-    try:
-        summary = _run(model, options, jobs, opts, ray or ray_address is not None, ray_address, workers, progress)
-    except KeyboardInterrupt:
-        from segdeploy.errors import Interrupted
-
-        raise Interrupted("the rows already on disk are kept (hidden .partial files beside each output); continue "
-                          "with the same command plus --resume (and without --overwrite)") from None
+    summary = _run_or_say(model, options, jobs, opts, ray or ray_address is not None, ray_address, workers, progress,
+                          len(files))
     emit_json(summary | {"decision": applied, "skipped": [str(j.src) for j in finished]}, json_out)
     if failures := summary["failures"]:
         raise UserError(f"{len(failures)} of {len(jobs)} rasters failed: "
                         f"{', '.join(f['input'] for f in failures[:5])}{' …' if len(failures) > 5 else ''}"
                         " (reasons above); the others are written, and --resume skips them")
+
+
+def _run_or_say(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: str | None,  # noqa: ANN001
+                workers: int | None, progress: bool, inputs: int) -> dict:
+    """`_run`, or with every output finished (--resume) a line saying so: no model loaded, no empty
+    progress bar. A Ctrl-C says what was kept and the command that continues."""
+    if not jobs:
+        console.print(f"nothing to predict: {inputs} of {inputs} outputs already finished (skipped)")
+        return {"backend": "", "ray": None, "seconds": 0.0, "megapixels_per_s": 0.0, "results": [], "failures": []}
+    try:
+        return _run(model, options, jobs, opts, use_ray, address, workers, progress)
+    except KeyboardInterrupt:
+        from segdeploy.errors import Interrupted
+
+        raise Interrupted("the rows already on disk are kept (hidden .partial files beside each output); continue "
+                          "with the same command plus --resume (and without --overwrite)") from None
 
 
 def _probs_and_decision(model: Path, probs: str | None, dtype: str, tta: str, threshold: float | None,
