@@ -121,10 +121,12 @@ def companion_paths(out: Path, picture: bool, probs: bool) -> list[Path]:
 
 
 def overlay_path(out: Path) -> Path:
+    """NAME_overlay.png beside a picture's class PNG `out`: the classes over the photo, with a legend."""
     return out.with_name(f"{out.stem}_overlay.png")
 
 
 def probs_path(out: Path) -> Path:
+    """NAME.probs.tif beside a class GeoTIFF `out`: its confidence raster (--probs)."""
     return out.with_name(f"{out.stem}.probs.tif")
 
 

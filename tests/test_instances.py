@@ -383,7 +383,7 @@ def test_int8_rasters_are_predicted_and_an_unsupported_type_names_a_conversion_t
     labels = np.random.default_rng(8).integers(0, 3, (30, 40)).astype(np.int8)
     labels[5:9] = -128
     write_tif(tmp_path / "i8.tif", labels, nodata=-128)
-    predict_file(EchoBackend(3), tmp_path / "i8.tif", tmp_path / "p.tif", PredictOptions(input_max=1.0))
+    predict_file(EchoBackend(3), tmp_path / "i8.tif", tmp_path / "p.tif", PredictOptions(max_pixel_value=1.0))
     with rasterio.open(tmp_path / "p.tif") as src:
         got = src.read(1)
     assert (got[5:9] == 255).all() and np.array_equal(np.delete(got, range(5, 9), 0), np.delete(labels, range(5, 9), 0))
@@ -395,7 +395,7 @@ def test_int8_rasters_are_predicted_and_an_unsupported_type_names_a_conversion_t
     rio = [sys.executable, "-c", "import sys; from rasterio.rio.main import main_group; sys.exit(main_group())"]
     subprocess.run(rio + fix.group(1).split(), check=True, capture_output=True, cwd=tmp_path)
     converted = tmp_path / fix.group(1).split()[-1]
-    predict_file(EchoBackend(3), converted, tmp_path / "q.tif", PredictOptions(input_max=1.0))
+    predict_file(EchoBackend(3), converted, tmp_path / "q.tif", PredictOptions(max_pixel_value=1.0))
     with rasterio.open(tmp_path / "q.tif") as src:
         assert np.array_equal(src.read(1), labels.clip(0))
 
@@ -413,14 +413,14 @@ def test_a_local_rasters_sidecars_reach_predict(tmp_path: Path) -> None:
         dst.write(labels[None])
         dst.write_mask(np.where(hole, 0, 255).astype(np.uint8))
     assert (tmp_path / "m.tif.msk").is_file()
-    predict_file(EchoBackend(3), tmp_path / "m.tif", tmp_path / "pm.tif", PredictOptions(input_max=1.0))
+    predict_file(EchoBackend(3), tmp_path / "m.tif", tmp_path / "pm.tif", PredictOptions(max_pixel_value=1.0))
     with rasterio.open(tmp_path / "pm.tif") as src:
         got = src.read(1)
     assert (got[hole] == 255).all() and np.array_equal(got[~hole], labels[~hole])
     with rasterio.open(tmp_path / "w.tif", "w", driver="GTiff", width=50, height=40, count=1, dtype="uint8") as dst:
         dst.write(labels[None])
     (tmp_path / "w.tfw").write_text("0.5\n0\n0\n-0.5\n300000.25\n4000000.25\n")
-    predict_file(EchoBackend(3), tmp_path / "w.tif", tmp_path / "pw.tif", PredictOptions(input_max=1.0))
+    predict_file(EchoBackend(3), tmp_path / "w.tif", tmp_path / "pw.tif", PredictOptions(max_pixel_value=1.0))
     with rasterio.open(tmp_path / "w.tif") as a, rasterio.open(tmp_path / "pw.tif") as b:
         assert a.transform == b.transform == from_origin(300_000, 4_000_000.5, 0.5, 0.5)
 
@@ -441,7 +441,7 @@ def test_a_pictures_world_file_georeferences_its_class_png_and_polygons(tmp_path
     with rasterio.open(tmp_path / "a.png", "r+") as dst:  # the CRS, in GDAL's .aux.xml
         dst.crs = "EPSG:32633"
     grid = from_origin(300_000, 4_000_000.5, 0.5, 0.5)
-    opts = PredictOptions(input_max=1.0, vector=VectorOptions(str(tmp_path / "a.gpkg")))
+    opts = PredictOptions(max_pixel_value=1.0, vector=VectorOptions(str(tmp_path / "a.gpkg")))
     predict_file(EchoBackend(3), tmp_path / "a.png", tmp_path / "p.png", opts)
     with rasterio.open(tmp_path / "p.png") as src:
         assert src.transform == grid and src.crs == "EPSG:32633" and np.array_equal(src.read(1), labels)
@@ -451,6 +451,6 @@ def test_a_pictures_world_file_georeferences_its_class_png_and_polygons(tmp_path
     back = rasterize(zip(shapely.from_wkb(wkb), ids.tolist()), out_shape=labels.shape, transform=grid, dtype="uint8")
     assert np.array_equal(back, labels)
     png_with_exif(tmp_path / "a.png", 6)
-    res = predict_file(EchoBackend(3), tmp_path / "a.png", tmp_path / "q.png", PredictOptions(input_max=1.0))
+    res = predict_file(EchoBackend(3), tmp_path / "a.png", tmp_path / "q.png", PredictOptions(max_pixel_value=1.0))
     assert any("world file" in n and "left out" in n for n in res.notes)
     assert not (tmp_path / "q.png.aux.xml").exists()
