@@ -291,6 +291,23 @@ def test_a_report_is_never_written_over_the_commands_own_files_or_into_a_directo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "m.onnx"]  # refused before any work
 
 
+def test_a_report_is_never_written_over_a_runs_own_file(tmp_path: Path) -> None:
+    """`eval RUN --json RUN/recipe.yaml` replaced the run's recipe with the report: a run's own files
+    (by name, inside a run, its export/ or eval/ folders) are refused before any work; a report file
+    of the user's own in a run directory is fine."""
+    run_dir = tmp_path / "run"
+    (run_dir / "export").mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text("the recipe\n")
+    (run_dir / "meta.json").write_text("{}")
+    (run_dir / "export" / "parity.json").write_text("{}")
+    for target in (run_dir / "recipe.yaml", run_dir / "export" / "parity.json"):
+        line = one_line_error(run("eval", run_dir, "--json", target))
+        assert f"is a file of the run {run_dir}" in line and "--json" in line, line
+    assert (run_dir / "recipe.yaml").read_text() == "the recipe\n"
+    result = run("eval", run_dir, "--json", run_dir / "my_eval.json")  # not refused by the guard (the run is fake)
+    assert "is a file of the run" not in result.output
+
+
 def test_an_existing_vector_file_is_replaced_only_with_overwrite(tiny_onnx: Path, tmp_path: Path) -> None:
     pytest.importorskip("pyogrio")
     scene = tif(tmp_path / "a.tif", np.random.default_rng(0).integers(0, 255, (3, 40, 40)).astype(np.uint8))

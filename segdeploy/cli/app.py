@@ -219,6 +219,7 @@ def _check_report_targets(kwargs: dict[str, Any]) -> None:
     input, another report), which the report would replace."""
     import os
 
+    from segdeploy.artifact import owning_run
     from segdeploy.utils import raise_write_error, writable_location
 
     others = {key: value for key, value in kwargs.items() if key not in REPORT_OPTIONS}
@@ -232,6 +233,9 @@ def _check_report_targets(kwargs: dict[str, Any]) -> None:
             raise_write_error(path, IsADirectoryError(errno.EISDIR, "is a directory", str(path)))
         writable_location(path)
         option = OUTPUT_OPTIONS[key]
+        if (run := owning_run(path)) is not None:
+            raise UserError(f"{option} {target} is a file of the run {run} (segdeploy's own {path.name}), which the "
+                            "report would replace; give the report a file of its own")
         here = os.path.abspath(path)
         for name, value in list(others.items()) + [(k, v) for k, v in taken.items()]:
             for item in value if isinstance(value, list | tuple) else [value]:
