@@ -108,6 +108,23 @@ def test_bench_and_comparison_tables_fit_80_columns_without_cutting_names() -> N
         assert any(cls in line for line in lines)
 
 
+def test_bench_table_leaves_out_columns_no_row_has_a_value_for() -> None:
+    """On a CPU-only machine without --tiled, the GPU MB and tiled MP/s columns were a table of dashes."""
+    from dataclasses import replace
+
+    from segdeploy.bench import OK, BenchReport, BenchRow
+    from segdeploy.cli.bench import render
+
+    row = BenchRow("runs/demo", "onnxruntime", "fp32", 1, 128, OK, p50_ms=68.6, p90_ms=92.2, p99_ms=98.7,
+                   std_ms=13.2, images_per_s=13.6, megapixels_per_s=0.22, tflops=0.037, peak_rss_mb=226)
+    text = "\n".join(_lines(render(BenchReport(rows=[row], threads=2, machine={}), 200), 200))
+    assert "68.6±13.2" in text and "RSS MB" in text and "226" in text
+    assert "GPU MB" not in text and "tiled MP/s" not in text and "mIoU" not in text
+    measured = replace(row, peak_gpu_mb=512.0, tiled_mp_per_s=0.31, miou=0.9612)
+    text = "\n".join(_lines(render(BenchReport(rows=[measured, row], threads=2, machine={}), 200), 200))
+    assert all(h in text for h in ("GPU MB", "tiled MP/s", "mIoU")) and "0.31" in text and "0.9612" in text
+
+
 def test_short_names_keep_what_tells_items_apart() -> None:
     from segdeploy.cli.render import short_names
 

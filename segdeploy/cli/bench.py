@@ -94,7 +94,9 @@ MARKS = {"ok": "✅", "gate_failed": "⚠️", "unavailable": "❌"}
 
 def render(report, width: int) -> list[Table]:  # noqa: ANN001
     """One row per backend × precision × batch, most-read columns first, folded into more tables
-    when wider than `width`; reasons as numbered notes under the last table."""
+    when wider than `width`; reasons as numbered notes under the last table. A column no row has a
+    value for (GPU MB on a CPU-only machine, tiled MP/s without --tiled) is left out; JSON and CSV
+    keep every field."""
 
     def f(v: float | None, d: int = 1) -> str:
         return "-" if v is None else f"{v:.{d}f}"
@@ -130,6 +132,8 @@ def render(report, width: int) -> list[Table]:  # noqa: ANN001
     mode = next((r.tta for r in rows if r.tta != "none"), None)
     if mode:
         columns.insert(6, (f"MP/s {mode}", [f(r.tta_mp_per_s, 2) for r in rows]))
+    # a column no row has a value for (GPU MB without a GPU, tiled MP/s without --tiled) is left out
+    columns = columns[:1] + [c for c in columns[1:] if any(v != "-" for v in c[1])]
     for model, classes in report.miou_classes.items():
         notes.append(f"mIoU/mDice of {short[model] if model in short else Path(model).name}: mean over the "
                      f"{len(classes)} classes present in its accuracy tiles ({', '.join(classes)}), the same for every "
