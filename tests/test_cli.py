@@ -46,6 +46,20 @@ def test_bad_input_is_one_line_nonzero_without_traceback(args: list, message: st
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_several_overrides_after_one_set_name_the_command_line_that_works() -> None:
+    """`--set a=1 b=2` was "Got unexpected extra argument(s)" with no hint; the hint's command line parses,
+    and each override reaches the recipe (a misspelt second key is caught by the recipe's own check)."""
+    demo = RECIPES / "demo.yaml"
+    result = run("train", demo, "--set", "train.epochs=3", "data.tile_size=64", "train.lr=1")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    fix = "--set data.tile_size=64 --set train.lr=1"
+    assert f"--set takes one key=value, so repeat it: {fix}" in result.output
+    fixed = run("train", demo, "--set", "train.epochs=3", *fix.split())
+    assert fixed.exit_code == 2 and "'train.lr'" in fixed.output and "did you mean 'optimizer.lr'" in fixed.output
+    other = run("train", demo, "extra_arg")  # another usage error: no --set hint
+    assert other.exit_code == 2 and "repeat it" not in other.output
+
+
 def test_debug_shows_the_traceback() -> None:
     import traceback
 

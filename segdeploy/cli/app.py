@@ -62,12 +62,28 @@ class _GlobalFlagsAnywhere(typer.core.TyperGroup):
             if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
                 ctx = getattr(exc, "ctx", None)
                 where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-                typer.echo(f"error: {one_line(exc.format_message()).rstrip('.')}{where}", err=True)
+                message = one_line(exc.format_message()).rstrip(".")
+                hint = _one_value_per_set(message, list(sys.argv[1:] if args is None else args))
+                typer.echo(f"error: {message}{hint}{where}", err=True)
             sys.exit(exc.exit_code)
         except typer.Abort:
             typer.echo("aborted", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _one_value_per_set(message: str, args: list[str]) -> str:
+    """The fix for `--set a.b=1 c.d=2` (click takes one value per option, so the rest are extra
+    arguments): the same overrides, one `--set` each; "" for any other usage error."""
+    import re
+
+    if "--set" not in args or not message.startswith("Got unexpected extra argument"):
+        return ""
+    override = re.compile(r"[A-Za-z_]\w*(\.\w+)+=.*")
+    loose = [a for i, a in enumerate(args) if override.fullmatch(str(a)) and (i == 0 or args[i - 1] != "--set")]
+    if not loose:
+        return ""
+    return "; --set takes one key=value, so repeat it: " + " ".join(f"--set {a}" for a in loose)
 
 
 def _escape_help(group: Any) -> None:
