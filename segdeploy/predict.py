@@ -30,6 +30,7 @@ from segdeploy.errors import DataError, UserError
 from segdeploy.raster import (
     ClassRasterWriter,
     SceneReader,
+    full_scale_flag,
     gdal_cache_bytes,
     is_remote,
     partial_paths,
@@ -125,16 +126,9 @@ def input_max_pixel_value(reader: SceneReader, meta, opts: PredictOptions) -> fl
                             f"{reader.dtype} input assumed to match, scaled by 1/{meta.max_pixel_value:g}")
     elif reader.dtype != meta.input_dtype:
         raise DataError(f"{reader.path} is {reader.dtype} but the model was trained on {meta.input_dtype} images "
-                        f"(full scale {meta.max_pixel_value:g}); rescale it with {_full_scale(reader.dtype)}, or "
+                        f"(full scale {meta.max_pixel_value:g}); rescale it with {full_scale_flag(reader.dtype)}, or "
                         f"convert it to {meta.input_dtype}")
     return float(meta.max_pixel_value)
-
-
-def _full_scale(dtype: str) -> str:
-    """The --max-pixel-value that maps this pixel type's full scale to the model's (a flag that works as printed)."""
-    if np.dtype(dtype).kind in "ui":
-        return f"--max-pixel-value {np.iinfo(np.dtype(dtype)).max} (its pixel type's full scale)"
-    return "--max-pixel-value 1.0 if its values run 0..1 (else --max-pixel-value with its largest value)"
 
 
 def _refuse_unfinished(out: Path, state_path: Path, tmp: Path) -> None:
@@ -247,7 +241,9 @@ def time_file(backend: Backend, src: Path, workdir: Path, tta: str = "none") -> 
 def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOptions,
                   progress: Progress | None) -> PredictResult:
     t0 = time.perf_counter()
-    reader = SceneReader(src, backend.meta.bands, opts.bands)
+    # the model's pixel type, for a --bands hint that also names the rescaling the input needs
+    reader = SceneReader(src, backend.meta.bands, opts.bands,
+                         backend.meta.input_dtype if opts.max_pixel_value is None else None)
     plan, max_pixel_value = plan_tiles(backend, reader, opts)
     is_picture = reader.array is not None
     if is_picture and (opts.probs or opts.class_probs):

@@ -152,16 +152,19 @@ class SceneReader:
     """predict's view of one input, decoded by the one decoder (`segdeploy.data.decode`): rasters
     read by windows (pictures decoded whole, EXIF orientation applied), each window's validity
     (dataset mask, alpha, nodata — any fed band of a float raster, every fed band of an integer one —, NaN/±Inf), the georeference in
-    every form GDAL has, and what was decided about the bands (`notes`)."""
+    every form GDAL has, and what was decided about the bands (`notes`). `model_dtype` (the model's
+    input pixel type, None when --max-pixel-value is given) lets a refusal of the bands name the
+    rescaling the input needs as well. Raises DataError naming the file."""
 
-    def __init__(self, path: Path | str, bands: int, band_order: list[int] | None = None) -> None:
+    def __init__(self, path: Path | str, bands: int, band_order: list[int] | None = None,
+                 model_dtype: str | None = None) -> None:
         self.path = path  # a GDAL /vsi… path stays a string: Path would collapse its '//'
         if not is_remote(path) and not Path(path).exists():
             raise DataError(f"input {path} not found")
         try:
             self.source = open_image(path, bands, band_order)
         except BandCountError as exc:
-            raise DataError(bands_fix(exc)) from None
+            raise DataError(bands_fix(exc, model_dtype)) from None
         src = self.source
         self.array: np.ndarray | None = src.array if src.is_picture else None  # type: ignore[attr-defined]
         self.height, self.width, self.count, self.dtype = src.height, src.width, src.count, src.dtype
@@ -182,15 +185,26 @@ class SceneReader:
         self.source.close()
 
 
-def bands_fix(exc: BandCountError) -> str:
-    """predict's refusal of an input whose bands do not fit the model, with the --bands that does."""
+def bands_fix(exc: BandCountError, model_dtype: str | None = None) -> str:
+    """predict's refusal of an input whose bands do not fit the model, with the --bands that does; when
+    the raster's pixel type is not `model_dtype` (the model's, None: no rescaling asked), the fix names
+    --max-pixel-value too, so the one hint works when followed (not a second refusal after it)."""
     have, want = len(exc.colour), exc.bands
     if have > want:
         pick = ",".join(map(str, exc.colour[:want]))
+        rescale = (f", and rescale its {exc.dtype} pixels (the model was trained on {model_dtype}) with "
+                   f"{full_scale_flag(exc.dtype)}" if model_dtype and exc.dtype and exc.dtype != model_dtype else "")
         return (f"{exc.path} has {have} bands but the model expects {want}; pick {want} of them with --bands "
-                f"(e.g. --bands {pick})")
+                f"(e.g. --bands {pick}){rescale}")
     return (f"{exc.path} has {have} band{'s' if have != 1 else ''} but the model expects {want}, and no choice of "
             f"its bands makes up the other {want - have}; predict it with a model trained on {have}-band images")
+
+
+def full_scale_flag(dtype: str) -> str:
+    """The --max-pixel-value that maps this pixel type's full scale to the model's (a flag that works as printed)."""
+    if np.dtype(dtype).kind in "ui":
+        return f"--max-pixel-value {np.iinfo(np.dtype(dtype)).max} (its pixel type's full scale)"
+    return "--max-pixel-value 1.0 if its values run 0..1 (else --max-pixel-value with its largest value)"
 
 
 # --------------------------------------------------------------------------------------- writers

@@ -396,20 +396,24 @@ def cli(*args: object):  # noqa: ANN201
 
 def test_every_hint_for_a_refused_input_is_a_command_that_works(tiny_onnx: Path, tmp_path: Path) -> None:
     """predict refuses an input whose bands or pixel type do not fit the model with a hint; each
-    hint, run as printed, predicts the input. Inputs no flag can fit say so and suggest no flag."""
+    hint, run as printed, predicts the input. Inputs no flag can fit say so and suggest no flag.
+    One hint names every flag the input needs: a 4-band uint16 raster's --bands hint used to be
+    followed by a second refusal for --max-pixel-value."""
     rng = np.random.default_rng(9)
-    cases = {"rgbn.tif": (rng.integers(0, 256, (4, 64, 64)), "uint8", r"--bands [\d,]+"),
-             "u16.tif": (rng.integers(0, 65536, (3, 64, 64)), "uint16", r"--max-pixel-value \S+"),
-             "f32.tif": (rng.random((3, 64, 64)), "float32", r"--max-pixel-value [\d.]+")}
-    for name, (arr, dtype, hint) in cases.items():
+    bands, scale = r"--bands [\d,]+", r"--max-pixel-value \S+"
+    cases = {"rgbn.tif": (rng.integers(0, 256, (4, 64, 64)), "uint8", [bands]),
+             "u16.tif": (rng.integers(0, 65536, (3, 64, 64)), "uint16", [scale]),
+             "f32.tif": (rng.random((3, 64, 64)), "float32", [r"--max-pixel-value [\d.]+"]),
+             "bgrn_u16.tif": (rng.integers(0, 65536, (4, 64, 64)), "uint16", [bands, scale])}
+    for name, (arr, dtype, hints) in cases.items():
         write_bands(tmp_path / name, arr.astype(dtype))
         out = tmp_path / f"pred_{name}"
         refused = cli("predict", tiny_onnx, tmp_path / name, "--out", out, "--no-progress", "--no-preview")
         assert refused.exit_code == 2 and not out.exists(), refused.output
-        flag = re.search(hint, refused.output)
-        assert flag, refused.output
+        flags = [re.search(hint, refused.output) for hint in hints]
+        assert all(flags), refused.output
         done = cli("predict", tiny_onnx, tmp_path / name, "--out", out, "--no-progress", "--no-preview",
-                   *shlex.split(flag.group(0).rstrip(")")))
+                   *[arg for flag in flags for arg in shlex.split(flag.group(0).rstrip(")"))])
         assert done.exit_code == 0, done.output
         assert read_band(out).max() < 5
     write_tif(tmp_path / "two.tif", rng.integers(0, 256, (2, 64, 64)).astype("uint8"))

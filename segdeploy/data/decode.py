@@ -52,6 +52,7 @@ class BandCountError(DataError):
 
     def __init__(self, path: Path | str, colour: list[int], bands: int) -> None:
         self.path, self.colour, self.bands = path, colour, bands
+        self.dtype: str | None = None  # the raster's pixel type, where known (a fix may need to rescale it too)
         super().__init__(f"{path} has {len(colour)} bands but {bands} are expected")
 
 
@@ -374,7 +375,9 @@ class RasterSource(ImageSource):
             self.indexes, notes = choose_bands(path, kinds, bands, requested)
             if self.lut is not None and max(self.indexes) > 3:
                 raise DataError(f"{path} is paletted: its bands are the colour table's red, green, blue (1..3)")
-        except DataError:
+        except DataError as exc:
+            if isinstance(exc, BandCountError):
+                exc.dtype = src.dtypes[0]
             src.close()
             raise
         self.notes += notes
