@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -122,9 +122,11 @@ def evaluate(
         return finite.check(x, backend(x), lambda j: f"tile {tiles[j][1].row},{tiles[j][1].col} of image "
                                                      f"{ds.samples[tiles[j][0]].image}")
 
+    plan = default_plan(meta, min(batch_size, backend.max_batch or batch_size))
+    if getattr(backend, "output", "logits") == "labels":  # an argmax head: labels are not blended (predict.check_head)
+        plan = replace(plan, blend="crop")
     t0 = time.perf_counter()
-    cm = score_split(backend, ds, default_plan(meta, min(batch_size, backend.max_batch or batch_size)),
-                     observe_images=overlay, infer=infer)
+    cm = score_split(backend, ds, plan, observe_images=overlay, infer=infer)
     seconds = time.perf_counter() - t0
     mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
     if meta.hierarchy:

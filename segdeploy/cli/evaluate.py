@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from segdeploy.cli.app import app, check_choice, console, emit_json, guarded
+from segdeploy.cli.predict import BACKEND_HELP, PROVIDER_HELP
 
 
 @app.command("eval")
@@ -19,6 +20,8 @@ def eval_cmd(
     data: Path = typer.Option(None, "--data", help="Dataset directory (overrides the recipe's data.root)."),
     recipe: Path = typer.Option(None, help="Recipe, when MODEL is not inside a run directory."),
     out: Path = typer.Option(None, help="Where plots and metrics.json go (default: next to MODEL, eval/)."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    provider: str = typer.Option(None, "--provider", help=PROVIDER_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier evaluation in the output directory "
                                    "(without it, one is refused)."),
     progress: bool = typer.Option(True, help="Show progress (plain progress lines when not on a terminal)."),
@@ -34,11 +37,20 @@ def eval_cmd(
         check_choice("--split", split, ("train", "val", "test"))
     if out is not None and len(models) > 1:
         raise UserError("--out takes one model; with several, each writes next to itself")
-    reports = []
+    from segdeploy.runtime import load_backend
+    from segdeploy.runtime.choose import resolve
+
+    reports, choices = [], []
     for model in models:
+        choice = resolve(model, backend, provider)
+        if choice.basis != "file":
+            console.print(choice.line(), soft_wrap=True, highlight=False, markup=False)
+        choices.append(choice)
+        loaded = load_backend(choice.path, **choice.options)
         with WorkProgress(console, f"eval {model} · {split or 'default split'}", None, "images", enabled=progress,
                           transient=True) as bar:
             report = evaluate(model, split, recipe_path=recipe, data_root=data, out_dir=out, overwrite=overwrite,
+                              backend=loaded,
                               progress=lambda done, total: bar.update(done - bar.done, total=total))
         console.print(metrics_table(report.metrics, f"{model} · {report.split} · {report.images} images · "
                                                     f"{report.backend.split(' (')[0]}"))
@@ -51,7 +63,8 @@ def eval_cmd(
     if len(reports) > 1:
         for table in comparison_tables(reports, console.width):
             console.print(table)
-    emit_json(reports[0].to_dict() if len(reports) == 1 else {"models": [r.to_dict() for r in reports]}, json_out)
+    docs = [r.to_dict() | {"model_choice": c.to_dict()} for r, c in zip(reports, choices, strict=True)]
+    emit_json(docs[0] if len(docs) == 1 else {"models": docs}, json_out)
 
 
 def comparison_tables(reports: list, width: int) -> list[Table]:  # noqa: ANN001

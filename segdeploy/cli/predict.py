@@ -9,6 +9,12 @@ import typer
 from segdeploy.cli.app import app, check_choice, console, emit_json, guarded, positive
 
 
+BACKEND_HELP = ("For a run directory: auto (the fastest of its forms that passed the gate and is current, on this "
+                "machine; said in one line), or force one: torch, onnx, fp16, int8, engine.")
+PROVIDER_HELP = ("onnxruntime execution provider: cpu, cuda or tensorrt; refused when onnxruntime here lacks it "
+                 "(never a silent fall-back to the CPU).")
+
+
 @app.command("predict")
 @guarded
 def predict_cmd(
@@ -42,6 +48,8 @@ def predict_cmd(
     min_area: str = typer.Option(None, help="Leave out polygons under this many map units² (250) or pixels (40px)."),
     simplify: float = typer.Option(None, min=0.0, help="Simplify polygons, tolerance in map units, neighbours edge to edge."),
     classes: str = typer.Option(None, help="Classes to polygonise, names or 0-based ids (water,urban; default: all)."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    provider: str = typer.Option(None, "--provider", help=PROVIDER_HELP),
     device: str = typer.Option("auto", help="torch backend device: auto, cpu or cuda."),
     threads: int = typer.Option(None, min=1, help="CPU threads for the backend (per worker with --ray)."),
     ray: bool = typer.Option(False, "--ray", help="Predict the rasters on a Ray cluster: a local one on 127.0.0.1 "
@@ -60,14 +68,9 @@ def predict_cmd(
     from segdeploy.errors import UserError
     from segdeploy.predict import PredictOptions
     from segdeploy.raster import expand_inputs
-    from segdeploy.runtime import backend_for
-
     files = expand_inputs(inputs)
     band_list = _checked(blend, device, bands)
-    kind = backend_for(model)
-    options: dict = {"threads": threads} if threads else {}
-    if kind == "torch":
-        options["device"] = device
+    choice, options = _model(model, backend, provider, device, threads)
     out = Path(out_arg)
     many = len(files) > 1 or out.is_dir() or out_arg.endswith(("/", "\\"))
     vector_opts = _vector_options(model, vector, vector_layers, min_area, simplify, classes, many)
@@ -75,20 +78,34 @@ def predict_cmd(
                           overwrite=overwrite, bands=band_list, input_max=input_max, preview=preview, cog=cog,
                           vector=vector_opts)
     jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
+    if choice.basis != "file":
+        console.print(choice.line(), soft_wrap=True, highlight=False, markup=False)
     use_ray = ray or ray_address is not None
     try:
-        summary = _run(model, options, jobs, opts, use_ray, ray_address, workers, progress)
+        summary = _run(choice.path, options, jobs, opts, use_ray, ray_address, workers, progress)
     except KeyboardInterrupt:
         from segdeploy.errors import Interrupted
 
         raise Interrupted("the rows already on disk are kept (hidden .partial files beside each output); continue "
                           "with the same command plus --resume (and without --overwrite)") from None
-    emit_json(summary | {"skipped": [str(j.src) for j in finished]}, json_out)
+    emit_json(summary | {"model": choice.to_dict(), "skipped": [str(j.src) for j in finished]}, json_out)
     failures = summary["failures"]
     if failures:
         raise UserError(f"{len(failures)} of {len(jobs)} rasters failed: "
                         f"{', '.join(f['input'] for f in failures[:5])}{' …' if len(failures) > 5 else ''}"
                         " (reasons above); the others are written, and --resume skips them")
+
+
+def _model(model: Path, backend: str, provider: str | None, device: str, threads: int | None) -> tuple:
+    """(what runs: a `runtime.choose.Choice`, the options to load it with)."""
+    from segdeploy.runtime import backend_for
+    from segdeploy.runtime.choose import resolve
+
+    choice = resolve(model, backend, provider, device)
+    options: dict = ({"threads": threads} if threads else {}) | choice.options
+    if backend_for(choice.path) == "torch":
+        options.setdefault("device", device)
+    return choice, options
 
 
 def _checked(blend: str, device: str, bands: str | None) -> list[int] | None:

@@ -66,6 +66,7 @@ class ExportOptions:
     int8: bool = False
     calib_images: int = 32
     calib_method: str = "minmax"
+    heads: list[str] = field(default_factory=list)  # server heads on the FP32 graph: "argmax", "softmax"
     opset: int = 17
     tile: int | None = None
     batch: str = "1:4:8"
@@ -78,7 +79,8 @@ class ExportOptions:
     @property
     def flags(self) -> list[str]:
         """The export flags these options stand for (``--trt`` brings its FP16 source along)."""
-        return flag_order([f for f, on in (("--fp16", self.fp16), ("--int8", self.int8), ("--trt", self.trt)) if on])
+        asked = [f for f, on in (("--fp16", self.fp16), ("--int8", self.int8), ("--trt", self.trt)) if on]
+        return flag_order(asked + [f"--head={h}" for h in self.heads])
 
     def args(self, forms: list[ExportForm], gate: bool = True) -> list[str]:
         """The command-line arguments that make `forms` with these options: their flags, then every
@@ -359,7 +361,7 @@ class _Builder:
         self.proto32 = None
         self._int8: dict | None = None
         self.builders = {"fp32": self._fp32, "fp16": self._fp16, "int8": self._int8_form, "int8_cpu": self._int8_form,
-                         "engine": self._engine, "int8_engine": self._engine}
+                         "engine": self._engine, "int8_engine": self._engine, "argmax": self._head, "softmax": self._head}
 
     def build_all(self) -> None:
         for form in self.job.forms:
@@ -376,7 +378,8 @@ class _Builder:
     def gate(self, backend, form: ExportForm, usage: PrecisionUse | None = None) -> ParityReport:  # noqa: ANN001
         """The verdict on one candidate (thresholds: the recipe's for its precision, with --set)."""
         ref = self.job.reference
-        rep = ref.compare(ref.logits_of(backend), self.job.meta, form.label, form.precision, usage=usage)
+        rep = ref.compare(ref.logits_of(backend), self.job.meta, form.label, form.precision, usage=usage,
+                          output=form.output)
         self.log(rep.summary())
         return rep
 
@@ -415,6 +418,21 @@ class _Builder:
         blocking = [f for f in findings if f.action.startswith("error")]
         if blocking and any(f.key in ("fp16", "engine") for f in self.job.forms):
             raise UserError(f"cannot build for TensorRT: {blocking[0]}")
+        return FormResult(form, self.gate(OrtBackend(path), form))
+
+    def _head(self, form: ExportForm) -> FormResult:
+        """The FP32 graph with a server head (`export.onnx.add_head`), gated like the FP32 form: its
+        class map (argmax head) or its probabilities (softmax head) against the reference's."""
+        import onnx
+
+        from segdeploy.export.onnx import add_head
+        from segdeploy.runtime.onnxruntime import OrtBackend
+
+        path, proto = self.stage / form.file, copy.deepcopy(self.proto32)
+        add_head(proto, form.output, self.job.meta.num_classes)
+        set_metadata(proto, self.meta_for(form, self.source_of(form)), {"export": self.job.plan.to_dict(),
+                                                                         "head": form.output})
+        onnx.save(proto, str(path))
         return FormResult(form, self.gate(OrtBackend(path), form))
 
     def _fp16(self, form: ExportForm) -> FormResult:
