@@ -110,7 +110,7 @@ def machine() -> dict:
     import onnxruntime
 
     return {**machine_fingerprint(), "int8_fast_by": int8_fast(), "onnxruntime": onnxruntime.__version__,
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "load_average_1_5_15_min_at_end": os.getloadavg()}
 
 
 if __name__ == "__main__":
