@@ -91,6 +91,11 @@ EXPORT_FORMS = {f.key: f for f in (
                True, 0.6),
     ExportForm("int8_engine", "model.int8.engine", (".engine", ".plan"), ".int8", "tensorrt", "int8",
                "tensorrt (INT8)", ("--trt", "--int8"), "int8", True, 0.4),
+    # server heads on the FP32 graph (`export --head`): the class map (argmax in the graph) or the probabilities
+    ExportForm("argmax", "model.argmax.onnx", (".onnx",), ".argmax", "onnxruntime", "fp32", "onnxruntime (argmax head)",
+               ("--head=argmax",), "fp32", False, 1.0, "labels"),
+    ExportForm("softmax", "model.softmax.onnx", (".onnx",), ".softmax", "onnxruntime", "fp32",
+               "onnxruntime (softmax head)", ("--head=softmax",), "fp32", False, 1.0, "probabilities"),
 )}
 # derived from the table: a file suffix -> the backend that loads it; the precision names a user may type
 SUFFIX_BACKENDS = {s: f.backend for f in EXPORT_FORMS.values() for s in f.suffixes}

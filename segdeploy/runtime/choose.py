@@ -166,10 +166,13 @@ def tensorrt_here() -> str:
 # ------------------------------------------------------------------------------------ choosing
 
 
-def usable(export: Export) -> str:
-    """'' when an export may be run (its gate passed, it is not stale), else why not (one line)."""
+def usable(export: Export, run: Run) -> str:
+    """'' when an export may be run (its gate passed, it is not stale; an imported ONNX model's
+    model.onnx is the run's model itself, the gate's reference), else why not (one line)."""
     if export.stale:
         return export.stale
+    if export.form.key == "fp32" and run.model_format == "onnx":
+        return ""
     if export.gate is None:
         return f"{export.path} has no gate record in parity.json; re-export it with `{make_command(export.path.parent.parent, export.form.key)}`"
     if export.gate.get("passed") is not True:
@@ -202,7 +205,7 @@ def choose(run_dir: Path, backend: str = "auto", provider: str | None = None, de
                         "drop one of them")
     has_torch_model = run.model_format != "onnx"
     exports = {e.form.key: e for e in run.exports()}
-    skipped = {k: why for k, e in exports.items() if (why := usable(e))}
+    skipped = {k: why for k, e in exports.items() if (why := usable(e, run))}
     ready = {k: e for k, e in exports.items() if k not in skipped and EXPORT_FORMS[k].output == "logits"}
     if backend != "auto":
         return _forced(run, backend, ort_name, ready, skipped, has_torch_model, device)
