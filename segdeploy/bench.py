@@ -317,8 +317,8 @@ def _after_run(run: Run, rows: list[BenchRow], report: BenchReport, record: bool
 
 def _candidate_key(row: BenchRow) -> str | None:
     """The `runtime.choose` candidate a row measured (None for a server head: auto never picks one)."""
-    if row.backend == "torch":
-        return "torch:cuda" if row.device.startswith("cuda") else "torch"
+    if row.backend == "torch":  # auto runs PyTorch at FP32 (FP16 autocast is bench's own row)
+        return None if row.precision != "fp32" else "torch:cuda" if row.device.startswith("cuda") else "torch"
     form = bench_form(row.backend, row.precision) if row.backend in BACKENDS else None
     return form.key if form is not None else None
 

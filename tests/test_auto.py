@@ -201,3 +201,19 @@ def test_an_argmax_head_predicts_only_with_crop_blending_and_matches_the_fp32_mo
     predict_file(OrtBackend(headed / "export/model.onnx"), scene, tmp_path / "fp32.tif", opts)
     with rasterio.open(tmp_path / "head.tif") as a, rasterio.open(tmp_path / "fp32.tif") as b:
         assert np.array_equal(a.read(1), b.read(1))
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_onnxruntime_cuda_runs_the_fp16_form_and_agrees_with_the_cpu(run: Path) -> None:
+    """Where onnxruntime-gpu and a CUDA GPU are: auto picks FP16 on the CUDA provider (the run has
+    no engine), and `--provider cuda` really runs on CUDA with the CPU's classes."""
+    from segdeploy.runtime import load_backend
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime here has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+    assert (choose(run).form, choose(run).provider) == ("fp16", "CUDAExecutionProvider")  # the run has no engine
+    picked = choose(run, "onnx", provider="cuda")
+    gpu, cpu = load_backend(picked.path, **picked.options), load_backend(picked.path, providers=["CPUExecutionProvider"])
+    assert gpu.providers[0] == "CUDAExecutionProvider" and gpu.device == "cuda"
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    assert (gpu(x).argmax(1) == cpu(x).argmax(1)).mean() >= 0.999
