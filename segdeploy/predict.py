@@ -160,22 +160,23 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> t
         raise UserError(f"--overlap {overlap} must be between 0 and half the tile ({tile // 2})")
     if opts.blend not in BLENDS:
         raise UserError(f"--blend {opts.blend!r} is unknown; choose one of {', '.join(BLENDS)}")
-    check_head(backend, opts)
+    check_head(getattr(backend, "output", "logits"), Path(backend.path).name, opts)
     batch = opts.batch if opts.batch is not None else (8 if backend.device.startswith("cuda") else 2)
     batch = min(batch, backend.max_batch or batch)
     return TilePlan(reader.height, reader.width, tile, overlap, opts.blend, opts.pad, batch), scale
 
 
-def check_head(backend: Backend, opts: PredictOptions) -> None:
-    """An argmax head returns one class per pixel, no scores: labels cannot be blended where tiles
-    overlap, so it runs only with ``--blend crop`` (each pixel is decided by the tile whose centre
-    holds it, and the one-hot scores make that exact) and without ``--probs``. Raises UserError."""
-    if getattr(backend, "output", "logits") != "labels":
+def check_head(output: str, name: str, opts: PredictOptions) -> None:
+    """A model whose `output` (`artifact.ExportForm.output`) is "labels" — an argmax head, file
+    `name` — returns one class per pixel, no scores: labels cannot be blended where tiles overlap,
+    so it runs only with ``--blend crop`` (each pixel is decided by the tile whose centre holds it,
+    and the one-hot scores make that exact) and without ``--probs``. Raises UserError."""
+    if output != "labels":
         return
     what = "--probs (a class map has no probabilities)" if opts.probs else (
         f"--blend {opts.blend} (labels cannot be averaged where tiles overlap)" if opts.blend != "crop" else "")
     if what:
-        raise UserError(f"{Path(backend.path).name} is an argmax head, which returns the class map only, and cannot "
+        raise UserError(f"{name} is an argmax head, which returns the class map only, and cannot "
                         f"serve {what}; pass --blend crop{' without --probs' if opts.probs else ''}, or use the "
                         "model.onnx beside it")
 

@@ -196,6 +196,13 @@ def test_an_argmax_head_predicts_only_with_crop_blending_and_matches_the_fp32_mo
         predict_file(head, scene, tmp_path / "g.tif", PredictOptions(preview=False))
     with pytest.raises(UserError, match="cannot serve --probs"):
         predict_file(head, scene, tmp_path / "p.tif", PredictOptions(preview=False, blend="crop", probs=True))
+    from typer.testing import CliRunner
+
+    from segdeploy.cli import app
+
+    many = CliRunner().invoke(app, ["predict", str(head.path), str(scene), str(synth_dir / "test/test0000_sat.png"),
+                                    "--out", str(tmp_path / "many/")])  # refused before any raster
+    assert many.exit_code == 2 and many.output.count("error:") == 1 and not (tmp_path / "many").exists()
     opts = PredictOptions(preview=False, blend="crop")
     predict_file(head, scene, tmp_path / "head.tif", opts)
     predict_file(OrtBackend(headed / "export/model.onnx"), scene, tmp_path / "fp32.tif", opts)

@@ -77,6 +77,7 @@ def predict_cmd(
     opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
                           overwrite=overwrite, bands=band_list, input_max=input_max, preview=preview, cog=cog,
                           vector=vector_opts)
+    _check_head(choice.path, opts)
     jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
     if choice.basis != "file":
         console.print(choice.line(), soft_wrap=True, highlight=False, markup=False)
@@ -106,6 +107,15 @@ def _model(model: Path, backend: str, provider: str | None, device: str, threads
     if backend_for(choice.path) == "torch":
         options.setdefault("device", device)
     return choice, options
+
+
+def _check_head(model: Path, opts) -> None:  # noqa: ANN001 - PredictOptions
+    """An argmax head with options it cannot serve is refused before any raster (predict.check_head)."""
+    from segdeploy.artifact import form_of
+    from segdeploy.predict import check_head
+
+    form = form_of(Path(model)) if Path(model).is_file() else None
+    check_head(form.output if form is not None else "logits", Path(model).name, opts)
 
 
 def _checked(blend: str, device: str, bands: str | None) -> list[int] | None:

@@ -65,7 +65,8 @@ class Choice:
     def line(self) -> str:
         """One line for the terminal: what runs and why."""
         device = self.options.get("device", "")
-        on = f" on {self.provider.removesuffix('ExecutionProvider')}" if self.provider else f" on {device}" if device else ""
+        on = (f" on {self.provider.removesuffix('ExecutionProvider')}" if self.provider else
+              f" on {device}" if device and device != "auto" else "")
         return f"model: {self.label}{on} — {self.reason}"
 
     def to_dict(self) -> dict:
