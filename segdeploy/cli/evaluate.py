@@ -43,8 +43,6 @@ def eval_cmd(
     reports, choices = [], []
     for model in models:
         choice = resolve(model, backend, provider)
-        if choice.basis != "file":
-            console.print(choice.line(), soft_wrap=True, highlight=False, markup=False)
         choices.append(choice)
         loaded = load_backend(choice.path, **choice.options)
         with WorkProgress(console, f"eval {model} · {split or 'default split'}", None, "images", enabled=progress,
@@ -54,6 +52,8 @@ def eval_cmd(
                               progress=lambda done, total: bar.update(done - bar.done, total=total))
         console.print(metrics_table(report.metrics, f"{model} · {report.split} · {report.images} images · "
                                                     f"{report.backend.split(' (')[0]}"))
+        if choice.basis != "file":  # after the work: a refusal stays one line
+            console.print(choice.line(), soft_wrap=True, highlight=False, markup=False)
         for note in report.notes:
             console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
         if report.split_reason:

@@ -79,8 +79,6 @@ def predict_cmd(
                           vector=vector_opts)
     _check_head(choice.path, opts)
     jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
-    if choice.basis != "file":
-        console.print(choice.line(), soft_wrap=True, highlight=False, markup=False)
     use_ray = ray or ray_address is not None
     try:
         summary = _run(choice.path, options, jobs, opts, use_ray, ray_address, workers, progress)
@@ -89,6 +87,8 @@ def predict_cmd(
 
         raise Interrupted("the rows already on disk are kept (hidden .partial files beside each output); continue "
                           "with the same command plus --resume (and without --overwrite)") from None
+    if choice.basis != "file":  # after the work: a refusal stays one line
+        console.print(choice.line(), soft_wrap=True, highlight=False, markup=False)
     emit_json(summary | {"model": choice.to_dict(), "skipped": [str(j.src) for j in finished]}, json_out)
     failures = summary["failures"]
     if failures:
