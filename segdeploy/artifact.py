@@ -37,6 +37,8 @@ EVAL_DIR = "eval"
 PARITY_FILE, PARITY_SUMMARY = "parity.json", "parity.md"
 
 
+THRESHOLD_FILE = "threshold.json"  # the decision threshold `eval --thresholds` chose (two-class runs)
+THRESHOLD_PLOT = "thresholds.png"  # its sweep, in the evaluation's folder
 REJECTED_DIR = "export-rejected"  # the last failed export's parity report (export/ itself is left as it was)
 STAGING_PREFIX = ".staging-"  # an export builds its forms in RUN/export/.staging-*/ and renames them when all pass
 # the flags that ask for export forms, in the order commands show them (a head is `--head NAME`,
@@ -471,6 +473,28 @@ class Run:
 
     def export_path(self, key: str) -> Path:
         return self.export_dir / EXPORT_FORMS[key].file
+
+    # -- the decision threshold chosen on validation data (two-class runs; predict applies it)
+    @property
+    def threshold_path(self) -> Path:
+        return self.root / THRESHOLD_FILE
+
+    def recorded_threshold(self) -> dict[str, Any] | None:
+        """The record `write_threshold` left ({"threshold": T, "metric", "split", "iou", "dice", "model",
+        …}), or None when there is none or it is unreadable (predict then uses 0.5, the argmax)."""
+        try:
+            doc = json.loads(self.threshold_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        ok = isinstance(doc, dict) and isinstance(doc.get("threshold"), (int, float)) and 0 <= doc["threshold"] <= 1
+        return doc if ok else None
+
+    def write_threshold(self, record: dict[str, Any]) -> Path:
+        """Record the chosen threshold (atomically), replacing an earlier one; its path."""
+        from segdeploy.utils import write_json
+
+        write_json(self.threshold_path, record)
+        return self.threshold_path
 
     def split_keys(self) -> dict[str, list[str]]:
         """The keys of every split the run was trained with ({} for a run without splits.json)."""

@@ -72,6 +72,9 @@ class BenchRow:
     agreement: float | None = None
     tiled_mp_per_s: float | None = None
     tiled_peak_rss_mb: float | None = None
+    tta: str = "none"  # --tta: the mode of the two columns below
+    tta_p50_ms: float | None = None  # the batch's tiles test-time augmented: every view forward, softmax averaged
+    tta_mp_per_s: float | None = None  # tile pixels per second with TTA (the plain MP/s column is without)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +95,7 @@ class BenchOptions:
     min_seconds: float = 1.0
     warmup: int = 3
     accuracy: bool = True
+    tta: str = "none"  # also time each row's batch test-time augmented (tiling.tta_forward), and --tiled with it
     record: bool = False  # write the measured speeds into each run (`record_speeds`; the CLI's default)
 
 
@@ -420,6 +424,30 @@ def _time_row(row: BenchRow, backend: Backend, opts: BenchOptions, flops: FlopCa
     per_image = flops.get(meta.bands, opts.size)
     if per_image:
         row.tflops = _round(per_image * t["images_per_s"] / 1e12, 4)
+    if opts.tta != "none":
+        row.tta = opts.tta
+        row.tta_p50_ms = _round(time_tta(backend, x, opts))
+        row.tta_mp_per_s = _round(row.batch * opts.size**2 / 1e6 / (row.tta_p50_ms / 1e3))
+
+
+def time_tta(backend: Backend, x: np.ndarray, opts: BenchOptions) -> float:
+    """Median wall time (ms) of `tiling.tta_forward` on a host batch: every view through the backend
+    (host in, host out, as predict calls it), the views' softmax averaged. Same warm-up and minimum
+    iterations/seconds as `time_backend`."""
+    from segdeploy.tiling import tta_forward
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        tta_forward(lambda b, _: backend(b), x, opts.tta, backend.max_batch)
+        return time.perf_counter() - t0
+
+    for _ in range(opts.warmup):
+        once()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < opts.min_iters or (time.perf_counter() - start < opts.min_seconds and len(times) < 1000):
+        times.append(once())
+    return float(np.median(times) * 1e3)
 
 
 class FlopCache:
@@ -504,7 +532,7 @@ def _tiled(backend: Backend, opts: BenchOptions) -> dict:
     blend = "crop" if getattr(backend, "output", "logits") == "labels" else "gaussian"  # predict.check_head
     with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
         res = predict_file(backend, Path(opts.tiled), Path(tmp) / "pred.tif",  # type: ignore[arg-type]
-                           PredictOptions(tile=backend.meta.tile_size, blend=blend))  # predict's own defaults
+                           PredictOptions(tile=backend.meta.tile_size, blend=blend, tta=opts.tta))  # predict's defaults
     return {"tiled_mp_per_s": _round(res.megapixels_per_s), "tiled_peak_rss_mb": _round(rss.peak)}
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from segdeploy import recipe as recipe_mod
-from segdeploy.artifact import EVAL_DIR, Run
+from segdeploy.artifact import EVAL_DIR, THRESHOLD_PLOT, Run
 from segdeploy.data.dataset import SampleReader, discover, eval_split
-from segdeploy.errors import ArtifactError
+from segdeploy.decision import Decision, decide, resolve
+from segdeploy.errors import ArtifactError, UserError
 from segdeploy.metrics import ConfusionMatrix, SegMetrics, level_mious
 from segdeploy.recipe import Recipe
 from segdeploy.runtime import load_backend
@@ -39,13 +40,64 @@ class EvalReport:
     # tiles whose logits were not finite at the model's precision, recomputed at FP32
     recomputed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    decision: dict = field(default_factory=dict)  # the thresholds the classes were chosen with, and their source
+    tta: TtaComparison | None = None  # --tta: the same split scored with test-time augmentation
+    sweep: ThresholdSweep | None = None  # --thresholds
 
     def to_dict(self) -> dict:
         return {"model": self.model, "backend": self.backend, "split": self.split, "split_reason": self.split_reason,
                 "images": self.images,
                 "seconds": round(self.seconds, 3), **self.metrics.to_dict(),
+                "decision": self.decision, "tta": self.tta.to_dict() if self.tta else None,
+                "thresholds": self.sweep.to_dict() if self.sweep else None,
                 "recomputed_at_fp32": self.recomputed, "notes": self.notes,
                 "files": [str(p) for p in self.files]}
+
+
+@dataclass
+class TtaComparison:
+    """The split scored again with test-time augmentation (`tiling.TTA_MODES`): its metrics and time."""
+
+    mode: str
+    metrics: SegMetrics
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "seconds": round(self.seconds, 3), **self.metrics.to_dict()}
+
+
+class ThresholdSweep:
+    """Confusion matrices of a two-class model at each threshold T on the class-1 probability, every
+    pixel decided by `decision.decide` (the rule predict applies), from one pass's blended
+    probabilities. The best T maximises class 1's IoU (the lowest T among equals)."""
+
+    def __init__(self, thresholds: list[float], names: list[str], ignore_index: int) -> None:
+        self.thresholds, self.names = thresholds, names
+        self.matrices = [ConfusionMatrix(2, ignore_index) for _ in thresholds]
+        self.recorded: str = ""  # where the best was recorded ('' when it was not)
+        self.plot: Path | None = None
+
+    def observe(self, truth: np.ndarray, probs: np.ndarray) -> None:
+        for t, cm in zip(self.thresholds, self.matrices, strict=True):
+            cm.update(decide(probs, Decision(threshold=t))[0], truth)
+
+    def rows(self) -> list[dict]:
+        out = []
+        for t, cm in zip(self.thresholds, self.matrices, strict=True):
+            m = cm.compute(self.names)
+            out.append({"threshold": t, "iou": _num(m.iou[1]), "dice": _num(m.dice[1]), "miou": _num(m.miou)})
+        return out
+
+    def best(self) -> dict:
+        return max(self.rows(), key=lambda r: (r["iou"] if r["iou"] is not None else -1.0, -r["threshold"]))
+
+    def to_dict(self) -> dict:
+        return {"class": self.names[1], "rows": self.rows(), "best": self.best(), "recorded": self.recorded,
+                "plot": str(self.plot) if self.plot else None}
+
+
+def _num(v: float) -> float | None:
+    return None if v != v else round(float(v), 6)
 
 
 def recipe_for(model_path: Path, recipe_path: Path | None = None, data_root: Path | None = None) -> Recipe:
@@ -71,6 +123,8 @@ def evaluate(
     plots: bool = True,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    tta: str = "none",
+    thresholds: list[float] | None = None,
 ) -> EvalReport:
     """Metrics of `model_path` over a split, scored tiled exactly as training validation scores it
     (`scoring.score_split`: predict's default windows, padding and blending; memory bounded by the
@@ -78,19 +132,19 @@ def evaluate(
     beside an exported file: the model's own record of that split, which the next evaluation
     replaces). `split` None: the layout's test split, else val (the report says which and why). An
     earlier evaluation in a directory the caller names is replaced only with `overwrite`; either way
-    the new one is written beside it and swapped in when complete.
+    the new one is written beside it and swapped in when complete. Classes are chosen as predict
+    chooses them (`decision.resolve`: a two-class run's recorded threshold applies). `tta` ("flips",
+    "d4"): the split is scored again with test-time augmentation, both timed (`report.tta`).
+    `thresholds` (two-class models): each T's IoU/Dice of class 1 from the same pass's probabilities
+    (`report.sweep`), a plot, and the best T recorded in the run (`Run.write_threshold`) for predict.
     `progress(images done, images in all)` is called after each image. Raises UserError subclasses
-    (ArtifactError for a model that does not fit the recipe, DataError for a split the layout does
-    not define, OutputError for an unwritable output)."""
+    (ArtifactError for a model that does not fit the recipe or thresholds on a model with more than
+    two classes, DataError for a split the layout does not define, OutputError for an unwritable output)."""
     model_path = Path(model_path)
     backend = backend or load_backend(model_path)
     rec = recipe_for(model_path, recipe_path, data_root)
     meta = backend.meta
-    if meta.num_classes != rec.classes.num_classes:
-        raise ArtifactError(f"{model_path} predicts {meta.num_classes} classes but the recipe has "
-                            f"{rec.classes.num_classes}; evaluate with the recipe it was trained on")
-    if meta.bands != rec.data.bands:
-        raise ArtifactError(f"{model_path} expects {meta.bands} bands but the data has {rec.data.bands}")
+    _check_fits(model_path, meta, rec, thresholds)
     split, why = eval_split(rec.data, split)
     if out_dir is None:  # the model's own record of this split: the next evaluation replaces it
         out_dir = (Run(model_path).eval_dir(split) if model_path.is_dir()
@@ -101,47 +155,105 @@ def evaluate(
     writable_location(out_dir)  # an unwritable output fails before the evaluation, not after
     # each image is read once: no cache (a split of 2448² images would be held whole)
     ds = SampleReader(discover(rec.data, split), rec.data, rec.classes, meta.mean, meta.std)
-    n_overlays = rec.eval.overlays if overlays is None else overlays
-    keep: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-
-    done = 0
-
-    def overlay(i: int, truth: np.ndarray, pred: np.ndarray) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, len(ds))
-        if len(keep) < n_overlays:
-            ignored = pred < 0  # invalid input: neither predicted nor scored
-            keep.append((_display_image(ds, i), np.where(ignored, meta.ignore_index, truth),
-                         np.where(ignored, meta.ignore_index, pred)))
-
-    finite = FiniteLogits(backend)  # a tile whose logits are not finite: recomputed at FP32, or named
-
-    def infer(x: np.ndarray, tiles: list) -> np.ndarray:
-        return finite.check(x, backend(x), lambda j: f"tile {tiles[j][1].row},{tiles[j][1].col} of image "
-                                                     f"{ds.samples[tiles[j][0]].image}")
-
+    decision, decision_note = resolve(model_path, None, None)
+    sweep = ThresholdSweep(thresholds, rec.classes.names, meta.ignore_index) if thresholds else None
+    scorer = _Scorer(backend, ds, rec.eval.overlays if overlays is None else overlays, progress,
+                     2 if tta != "none" else 1)
     plan = default_plan(meta, min(batch_size, backend.max_batch or batch_size))
     if getattr(backend, "output", "logits") == "labels":  # an argmax head: labels are not blended (predict.check_head)
         plan = replace(plan, blend="crop")
-    t0 = time.perf_counter()
-    cm = score_split(backend, ds, plan, observe_images=overlay, infer=infer)
-    seconds = time.perf_counter() - t0
+    cm, seconds = scorer.score(plan, decision, sweep if tta == "none" else None, keep=True)
+    mets = _metrics(cm, rec, meta)
+    compared = None
+    if tta != "none":
+        from dataclasses import replace
+
+        tta_cm, tta_seconds = scorer.score(replace(plan, tta=tta), decision, sweep, keep=False)
+        compared = TtaComparison(tta, _metrics(tta_cm, rec, meta), tta_seconds)
+    notes = [n for n in (scorer.finite.summary(), decision_note) if n]
+    report = EvalReport(str(model_path), backend.describe(), split, len(ds), mets, seconds, Path(out_dir), split_reason=why,
+                        recomputed=scorer.finite.recomputed, notes=notes,
+                        decision={**decision.to_dict(), "source": decision_note}, tta=compared, sweep=sweep)
+    with staged_dir(out_dir, overwrite, METRICS_FILE, "evaluation") as work:
+        names = _write_outputs(work, report, scorer.keep if plots else None, rec, meta)
+    report.files = [out_dir / name for name in names]
+    if sweep is not None:
+        _record_threshold(model_path, report)
+    return report
+
+
+def _check_fits(model_path: Path, meta, rec: Recipe, thresholds: list[float] | None) -> None:  # noqa: ANN001
+    if meta.num_classes != rec.classes.num_classes:
+        raise ArtifactError(f"{model_path} predicts {meta.num_classes} classes but the recipe has "
+                            f"{rec.classes.num_classes}; evaluate with the recipe it was trained on")
+    if meta.bands != rec.data.bands:
+        raise ArtifactError(f"{model_path} expects {meta.bands} bands but the data has {rec.data.bands}")
+    if thresholds and meta.num_classes != 2:
+        raise UserError(f"--thresholds is for two-class models, and {model_path} has {meta.num_classes} classes; "
+                        "drop it (predict --min-confidence P withholds uncertain pixels of any model)")
+
+
+def _metrics(cm: ConfusionMatrix, rec: Recipe, meta) -> SegMetrics:  # noqa: ANN001
     mets = cm.compute(rec.classes.names, rec.eval.exclude_background)
     if meta.hierarchy:
         mets.levels = level_mious(cm.matrix, rec.classes.names, meta.hierarchy, rec.eval.exclude_background)
-    report = EvalReport(str(model_path), backend.describe(), split, len(ds), mets, seconds, Path(out_dir), split_reason=why,
-                        recomputed=finite.recomputed, notes=[finite.summary()] if finite.recomputed else [])
-    with staged_dir(out_dir, overwrite, METRICS_FILE, "evaluation") as work:
-        names = _write_outputs(work, report, keep if plots else None, rec, meta)
-    report.files = [out_dir / name for name in names]
-    return report
+    return mets
+
+
+class _Scorer:
+    """One backend over one split, possibly several times (plain, then with TTA): the overlays of
+    the first pass, progress over all passes, non-finite tiles recomputed at FP32 or named."""
+
+    def __init__(self, backend: Backend, ds: SampleReader, overlays: int,
+                 progress: Callable[[int, int], None] | None, passes: int) -> None:
+        self.backend, self.ds, self.overlays, self.progress, self.passes = backend, ds, overlays, progress, passes
+        self.keep: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.done = 0
+        self.finite = FiniteLogits(backend)  # a tile whose logits are not finite: recomputed at FP32, or named
+
+    def infer(self, x: np.ndarray, tiles: list) -> np.ndarray:
+        return self.finite.check(x, self.backend(x), lambda j: f"tile {tiles[j][1].row},{tiles[j][1].col} of image "
+                                                               f"{self.ds.samples[tiles[j][0]].image}")
+
+    def score(self, plan, decision: Decision, sweep: ThresholdSweep | None,  # noqa: ANN001 - a TilePlan
+              keep: bool) -> tuple[ConfusionMatrix, float]:
+        ignore = self.backend.meta.ignore_index
+
+        def image(i: int, truth: np.ndarray, pred: np.ndarray) -> None:
+            self.done += 1
+            if self.progress is not None:
+                self.progress(self.done, len(self.ds) * self.passes)
+            if keep and len(self.keep) < self.overlays:
+                shown = pred < 0  # invalid input (or withheld): neither predicted nor scored
+                self.keep.append((_display_image(self.ds, i), np.where(shown, ignore, truth), np.where(shown, ignore, pred)))
+
+        t0 = time.perf_counter()
+        cm = score_split(self.backend, self.ds, plan, observe_images=image, infer=self.infer, decision=decision,
+                         observe_probs=sweep.observe if sweep is not None else None)
+        return cm, time.perf_counter() - t0
+
+
+def _record_threshold(model_path: Path, report: EvalReport) -> None:
+    """The sweep's best threshold into the run (predict applies it), or a note why not."""
+    sweep = report.sweep
+    run = Run.find(model_path)
+    if run is None:
+        report.notes.append(f"the best threshold is not recorded: {model_path} is not inside a run directory; "
+                            f"pass predict --threshold {sweep.best()['threshold']:g}")
+        return
+    best = sweep.best()
+    record = {"threshold": best["threshold"], "metric": f"IoU of {sweep.names[1]}", "score": best["iou"],
+              "dice": best["dice"], "split": report.split, "model": report.model, "backend": report.backend,
+              "tta": report.tta.mode if report.tta else "none", "sweep": sweep.rows()}
+    sweep.recorded = str(run.write_threshold(record))
 
 
 def _write_outputs(work: Path, report: EvalReport, keep: list | None, rec: Recipe, meta) -> list[str]:  # noqa: ANN001
     """metrics.json, the confusion matrix and the overlays into `work`; their file names."""
     names = [METRICS_FILE]
+    if report.sweep is not None:
+        report.sweep.plot = report.out_dir / plot_thresholds(report.sweep, work / THRESHOLD_PLOT).name
+        names.append(THRESHOLD_PLOT)
     if keep is not None:
         names.append(plot_confusion(report.metrics, work / "confusion_matrix.png").name)
         palette = [tuple(c) for c in meta.palette]
@@ -185,6 +297,31 @@ def plot_confusion(mets: SegMetrics, path: Path) -> Path:
                         color="white" if norm[r, c] > 0.5 else "black")
     ax.set_title(f"confusion (row-normalised), mIoU {mets.miou:.3f}")
     fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_thresholds(sweep: ThresholdSweep, path: Path) -> Path:
+    """IoU and Dice of class 1 against the threshold, the best marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sweep.rows()
+    t = [r["threshold"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key, label in (("iou", "IoU"), ("dice", "Dice")):
+        ax.plot(t, [np.nan if r[key] is None else r[key] for r in rows], marker="o", label=f"{label} of {sweep.names[1]}")
+    best = sweep.best()
+    ax.axvline(best["threshold"], color="grey", linestyle="--", label=f"best T = {best['threshold']:g}")
+    ax.set_xlabel(f"threshold on p({sweep.names[1]})")
+    ax.set_ylabel("score")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from segdeploy.decision import PROBS_DTYPES, WITHHELD, Decision
 from segdeploy.errors import DataError, UserError
 from segdeploy.raster import (
     ClassRasterWriter,
@@ -37,7 +38,7 @@ from segdeploy.raster import (
 )
 from segdeploy.runtime.base import Backend
 from segdeploy.runtime.finite import FiniteLogits
-from segdeploy.tiling import BLENDS, StripAccumulator, TilePlan, default_overlap, normalize
+from segdeploy.tiling import BLENDS, TTA_MODES, StripAccumulator, TilePlan, default_overlap, normalize, tta_forward
 from segdeploy.utils import RssSampler, writable_location, write_json
 
 if TYPE_CHECKING:
@@ -54,7 +55,11 @@ class PredictOptions:
     overlap: int | None = None  # None: default_overlap(tile)
     batch: int | None = None  # None: 8 on a GPU, 2 on CPU (larger batches cost memory and gain no speed there)
     blend: str = "gaussian"
-    probs: bool = False
+    probs: bool = False  # also a confidence raster: the winning class's probability, percent
+    class_probs: bool = False  # also every class's probability, one band each (`--probs all`)
+    probs_dtype: str = "uint8"  # of the class probabilities: uint8 round(p·255), or float32 p
+    tta: str = "none"  # test-time augmentation of each tile (tiling.TTA_MODES): none, flips, d4
+    decision: Decision = field(default_factory=Decision)  # --threshold / --min-confidence (decision.decide)
     resume: bool = False
     overwrite: bool = False  # start an unfinished output over instead of refusing to (a finished one: jobs.plan_jobs)
     pad: str = "reflect"
@@ -94,6 +99,10 @@ class PredictResult:
     recomputed_tiles: list[str] = field(default_factory=list)
     # NaN/±Inf input pixels no nodata value declared (output as nodata all the same)
     nonfinite_pixels: int = 0
+    tta: str = "none"
+    decision: dict = field(default_factory=dict)  # the thresholds applied (decision.Decision), None: not applied
+    withheld_pixels: int = 0  # written as nodata because their winning probability was below min_confidence
+    withheld_share: float = 0.0  # of the valid pixels written in this invocation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,24 +169,33 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> t
         raise UserError(f"--overlap {overlap} must be between 0 and half the tile ({tile // 2})")
     if opts.blend not in BLENDS:
         raise UserError(f"--blend {opts.blend!r} is unknown; choose one of {', '.join(BLENDS)}")
+    if opts.tta not in TTA_MODES:
+        raise UserError(f"--tta {opts.tta!r} is unknown; choose one of {', '.join(TTA_MODES)}")
+    if opts.probs_dtype not in PROBS_DTYPES:
+        raise UserError(f"--probs-dtype {opts.probs_dtype!r} is unknown; choose one of {', '.join(PROBS_DTYPES)}")
+    opts.decision.check(meta.num_classes, str(backend.path))
     check_head(getattr(backend, "output", "logits"), Path(backend.path).name, opts)
     batch = opts.batch if opts.batch is not None else (8 if backend.device.startswith("cuda") else 2)
     batch = min(batch, backend.max_batch or batch)
-    return TilePlan(reader.height, reader.width, tile, overlap, opts.blend, opts.pad, batch), scale
+    return TilePlan(reader.height, reader.width, tile, overlap, opts.blend, opts.pad, batch, opts.tta), scale
 
 
 def check_head(output: str, name: str, opts: PredictOptions) -> None:
     """A model whose `output` (`artifact.ExportForm.output`) is "labels" — an argmax head, file
     `name` — returns one class per pixel, no scores: labels cannot be blended where tiles overlap,
     so it runs only with ``--blend crop`` (each pixel is decided by the tile whose centre holds it,
-    and the one-hot scores make that exact) and without ``--probs``. Raises UserError."""
+    and the one-hot scores make that exact) and without what needs probabilities: ``--probs``,
+    ``--tta`` (it averages them), ``--threshold``/``--min-confidence``. Raises UserError."""
     if output != "labels":
         return
-    what = "--probs (a class map has no probabilities)" if opts.probs else (
-        f"--blend {opts.blend} (labels cannot be averaged where tiles overlap)" if opts.blend != "crop" else "")
-    if what:
-        raise UserError(f"{name} is an argmax head, which returns the class map only, and cannot "
-                        f"serve {what}; pass --blend crop{' without --probs' if opts.probs else ''}, or use the "
+    needs = [flag for flag, on in (("--probs", opts.probs or opts.class_probs), ("--tta", opts.tta != "none"),
+                                   ("--threshold/--min-confidence", not opts.decision.is_argmax)) if on]
+    if needs:
+        raise UserError(f"{name} is an argmax head, which returns the class map only, without the probabilities "
+                        f"{needs[0]} needs; drop {needs[0]}, or use the model.onnx beside it")
+    if opts.blend != "crop":
+        raise UserError(f"{name} is an argmax head, which returns the class map only, and cannot serve --blend "
+                        f"{opts.blend} (labels cannot be averaged where tiles overlap); pass --blend crop, or use the "
                         "model.onnx beside it")
 
 
@@ -221,6 +239,8 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     reader = SceneReader(src, backend.meta.bands, opts.bands)
     plan, scale = plan_tiles(backend, reader, opts)
     is_picture = reader.array is not None
+    if is_picture and (opts.probs or opts.class_probs):
+        reader.notes.append("--probs writes a GeoTIFF beside a raster's output; a picture's prediction has none")
     if not is_picture and not reader.georeferenced:
         warnings.warn(f"{src} has no georeference (no geotransform, GCPs or RPCs); the output will not have one "
                       "either", stacklevel=3)
@@ -232,6 +252,9 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
         raise UserError(f"cannot create output directory {out.parent}: {exc.strerror}") from None
     settings = {"input": src if is_remote(src) else str(Path(src).resolve()), "model": str(backend.path),
                 "tile": plan.tile, "overlap": plan.overlap, "blend": opts.blend, "probs": opts.probs}
+    if opts.class_probs or opts.tta != "none" or not opts.decision.is_argmax:  # older state files stay valid
+        settings |= {"class_probs": opts.class_probs and opts.probs_dtype, "tta": opts.tta,
+                     "decision": opts.decision.to_dict()}
     start_row, rows_on_disk = (0, 0) if is_picture else resume_point(out, opts, settings, plan.stride)
     writable_location(out)
     sink = RowSink(out, reader, backend.meta, opts, settings, start_row, plan)
@@ -248,7 +271,8 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     return PredictResult(str(src), str(out), reader.width, reader.height, pipeline.done, pipeline.skipped,
                          round(seconds, 3), round(pixels / 1e6 / seconds, 3), 0.0, files, rows_on_disk, plan.total,
                          pixels, round(pipeline.acc.nbytes() / 2**20, 2), list(reader.indexes), notes,
-                         list(pipeline.finite.recomputed), pipeline.nonfinite)
+                         list(pipeline.finite.recomputed), pipeline.nonfinite, opts.tta, opts.decision.to_dict(),
+                         sink.withheld, round(sink.withheld / max(sink.valid, 1), 6))
 
 
 def _nonfinite_note(pixels: int) -> str:
@@ -259,8 +283,9 @@ def _nonfinite_note(pixels: int) -> str:
 
 
 class RowSink:
-    """Final class rows (and confidence) in image order → the raster writer by whole block rows,
-    with the resume state after each; or, for a picture, kept until the end."""
+    """Final class rows (and confidence, or every class's probability) in image order → the raster
+    writer by whole block rows, with the resume state after each; or, for a picture, kept until the
+    end. Counts the valid pixels written and those withheld by --min-confidence."""
 
     def __init__(self, out: Path, reader: SceneReader, meta, opts: PredictOptions, settings: dict,  # noqa: ANN001
                  start_row: int, plan: TilePlan) -> None:
@@ -269,14 +294,20 @@ class RowSink:
         self.block = 512 if min(reader.height, reader.width) >= 512 else 256
         self.labels: list[np.ndarray] = []
         self.conf: list[np.ndarray] = []
+        self.probs: list[np.ndarray] = []  # C×rows×W (--probs all)
+        self.valid_rows: list[np.ndarray] = []
+        self.valid = self.withheld = 0
         self.picture_rows: list[tuple[np.ndarray, np.ndarray | None]] = []
         # first image row held in the buffers (emitting starts at the first tile row not on disk)
         self.buffered_from = plan.rows[start_row] if start_row < len(plan.rows) else reader.height
-        self.probs_tmp = out.with_name(f".{out.stem}.probs.partial.tif") if opts.probs and reader.array is None else None
+        wants_probs = (opts.probs or opts.class_probs) and reader.array is None
+        self.probs_tmp = out.with_name(f".{out.stem}.probs.partial.tif") if wants_probs else None
         self.writer = None
         if reader.array is None:
             self.writer = ClassRasterWriter(out, self.tmp, self.state_path, reader, meta.num_classes, meta.palette,
-                                            self.block, self.probs_tmp, resume=start_row > 0)
+                                            self.block, self.probs_tmp, resume=start_row > 0,
+                                            class_names=list(meta.classes) if opts.class_probs else None,
+                                            probs_dtype=opts.probs_dtype)
         self.nodata = self.writer.nodata if self.writer else 255
         self.vector = None  # a listener fed every band of rows as written (polygons: segdeploy.vector)
         if opts.vector is not None:
@@ -286,16 +317,23 @@ class RowSink:
             self.vector = VectorSink(out, opts.vector, reader, meta, self.nodata, opts.probs, done, self.tmp,
                                      self.probs_tmp)
 
-    def add(self, y: int, labels: np.ndarray, conf: np.ndarray) -> None:
-        """Rows from image row `y` on, as the accumulator emits them (-1: nodata in the input; the
-        validity came with the tiles, so this thread never reads the input)."""
+    def add(self, y: int, labels: np.ndarray, conf: np.ndarray, probs: np.ndarray | None = None) -> None:
+        """Rows from image row `y` on, as the accumulator emits them (-1: nodata in the input,
+        `WITHHELD`: below --min-confidence, both written as nodata; the validity came with the
+        tiles, so this thread never reads the input)."""
         nodata_px = labels < 0
+        withheld = int(np.count_nonzero(labels == WITHHELD)) if self.opts.decision.min_confidence else 0
+        self.withheld += withheld
+        self.valid += labels.size - int(np.count_nonzero(nodata_px)) + withheld
         lab = labels.astype(np.uint16 if self.meta.num_classes >= 255 else np.uint8)
         lab[nodata_px] = self.nodata
         self.labels.append(lab)
+        if self.opts.class_probs and probs is not None:
+            self.probs.append(probs)
+            self.valid_rows.append(labels != -1)
         if self.opts.probs:
             cf = np.clip(np.round(conf.astype(np.float32) * 100), 0, 100).astype(np.uint8)
-            cf[nodata_px] = 255
+            cf[labels == -1] = 255  # a withheld pixel keeps its confidence: it says why it was withheld
             self.conf.append(cf)
         if self.vector is not None:
             self.vector.add_rows(y, lab, self.conf[-1] if self.opts.probs else None)
@@ -306,18 +344,26 @@ class RowSink:
             return
         lab = np.concatenate(self.labels)
         conf = np.concatenate(self.conf) if self.conf else None
+        probs = np.concatenate(self.probs, axis=1) if self.probs else None
+        valid = np.concatenate(self.valid_rows) if self.valid_rows else None
         y0 = self.buffered_from
         n = len(lab) if final else ((y0 + len(lab)) // self.block) * self.block - y0
         if n <= 0:
             return
         if self.writer is not None:
-            self.writer.write_rows(y0, lab[:n], conf[:n] if conf is not None else None)
+            if probs is not None:
+                self.writer.write_rows(y0, lab[:n], probs[:, :n], valid[:n])
+            else:
+                self.writer.write_rows(y0, lab[:n], conf[:n] if conf is not None else None)
             write_json(self.state_path, {"settings": self.settings, "rows_on_disk": y0 + n,
                                          "height": self.reader.height})
         else:
             self.picture_rows.append((lab[:n], conf[:n] if conf is not None else None))
-        self.labels = [lab[n:]] if n < len(lab) else []
-        self.conf = [conf[n:]] if conf is not None and n < len(lab) else []
+        more = n < len(lab)
+        self.labels = [lab[n:]] if more else []
+        self.conf = [conf[n:]] if conf is not None and more else []
+        self.probs = [probs[:, n:]] if probs is not None and more else []
+        self.valid_rows = [valid[n:]] if valid is not None and more else []
         self.buffered_from = y0 + n
 
     def close(self) -> None:
@@ -379,7 +425,9 @@ class TilePipeline:
         self.backend, self.reader, self.plan, self.scale, self.opts, self.sink = backend, reader, plan, scale, opts, sink
         self.start_row, self.progress = start_row, progress
         self.pixels = reader.width * reader.height if pixels is None else pixels  # written by this run
-        self.acc = StripAccumulator(plan, backend.meta.num_classes, keep_confidence=opts.probs or reader.array is not None)
+        self.acc = StripAccumulator(plan, backend.meta.num_classes, keep_confidence=opts.probs or reader.array is not None,
+                                    decision=opts.decision,
+                                    keep_probs=opts.probs_dtype if opts.class_probs and reader.array is None else None)
         # rebuild the overlap band of the row before `start_row` by recomputing that row (output not re-emitted)
         self.replay_from = max(start_row - 1, 0)
         if self.replay_from:
@@ -439,7 +487,7 @@ class TilePipeline:
         try:
             while (got := self.results.get()) is not None:
                 for r, c, logits, valid in got:
-                    emitted = self.acc.add_logits(r, c, logits, valid)
+                    emitted = self.acc.add_output(r, c, logits, valid)
                     self.done += 1
                     if self.progress:
                         self.progress(self.done, self.total, self.pixels)
@@ -449,10 +497,11 @@ class TilePipeline:
             self.fail(exc)
 
     def infer(self, items: list[Tile]) -> list[Tile]:
-        """Pixels → logits per tile (None stays None for skipped tiles). Invalid pixels are filled
-        with the training mean by `normalize`; a tile whose logits are not finite is recomputed at
-        FP32 or named in an error (`FiniteLogits`). The softmax is the writer thread's, folded into
-        the blend, so this thread goes straight back to the backend."""
+        """Pixels → logits per tile (None stays None for skipped tiles); with --tta, each tile's views
+        through the backend in one batch and their softmax averaged (`tiling.tta_forward`). Invalid
+        pixels are filled with the training mean by `normalize`; a tile whose logits are not finite
+        is recomputed at FP32 or named in an error (`FiniteLogits`). Without TTA the softmax is the
+        writer thread's, folded into the blend, so this thread goes straight back to the backend."""
         tiles = [(r, c, a, v) for r, c, a, v in items if a is not None]
         logits: Iterator[np.ndarray] = iter(())
         if tiles:
@@ -461,7 +510,10 @@ class TilePipeline:
             if any(v is not None for *_, v in tiles):
                 valid = np.stack([np.ones((t, t), bool) if v is None else v for *_, v in tiles])
             x = normalize(np.stack([a for _, _, a, _ in tiles]), self.scale, meta.mean, meta.std, valid)
-            logits = iter(self.finite.check(x, self.backend(x), lambda i: self.tile_name(*tiles[i][:2])))
+            def call(batch: np.ndarray, index: list[int]) -> np.ndarray:
+                return self.finite.check(batch, self.backend(batch), lambda i: self.tile_name(*tiles[index[i]][:2]))
+
+            logits = iter(tta_forward(call, x, self.plan.tta, self.backend.max_batch))
         self.skipped += len(items) - len(tiles)
         return [(r, c, next(logits) if a is not None else None, v) for r, c, a, v in items]
 

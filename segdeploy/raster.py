@@ -187,11 +187,16 @@ def _with_errno(exc: Exception, directory: Path) -> OSError:
 class ClassRasterWriter:
     """Class-index GeoTIFF (uint8 while classes fit), tiled, compressed, BigTIFF when needed,
     georeference copied in every form the input has (geotransform, GCPs, RPCs, with their CRS),
-    nodata, palette as colormap; written by whole block rows. The confidence raster gets the same."""
+    nodata, palette as colormap; written by whole block rows. The probability raster gets the same:
+    the confidence (max softmax, percent, nodata 255), or with `class_names` one band per class
+    (described by its name) of `probs_dtype` — uint8 round(p·255) or float32 p — where invalid
+    input pixels are masked by an internal mask band (every uint8 value is a probability)."""
 
     def __init__(self, final: Path, tmp: Path, state_path: Path, reader: SceneReader, classes: int,
-                 palette: list[list[int]], block: int, probs_tmp: Path | None, resume: bool) -> None:
+                 palette: list[list[int]], block: int, probs_tmp: Path | None, resume: bool,
+                 class_names: list[str] | None = None, probs_dtype: str = "uint8") -> None:
         self.final, self.state_path = final, state_path
+        self.class_names, self.probs_dtype = class_names, probs_dtype
         self.dtype = "uint8" if classes < 255 else "uint16"
         self.nodata = 255 if self.dtype == "uint8" else 65535
         self.block = block
@@ -229,12 +234,20 @@ class ClassRasterWriter:
                 if self.dtype == "uint8":
                     dst.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(palette[:255])})
                 dst.update_tags(segdeploy="incomplete")
-            if probs_tmp:
+            if probs_tmp and self.class_names:
+                scale = "round(p * 255)" if self.probs_dtype == "uint8" else "p"
+                with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
+                        probs_tmp, "w", dtype=self.probs_dtype, **{**profile, "count": len(self.class_names)}) as dst:
+                    dst.descriptions = tuple(self.class_names)
+                    dst.update_tags(segdeploy="incomplete", scale=f"probability of each class: value = {scale}")
+            elif probs_tmp:
                 with rasterio.open(probs_tmp, "w", dtype="uint8", nodata=255, **profile) as dst:
                     dst.update_tags(segdeploy="incomplete", scale="percent confidence (max softmax × 100)")
 
-    def write_rows(self, y: int, labels: np.ndarray, conf: np.ndarray | None) -> None:
-        """Write full-width rows starting at `y` (the file is reopened so each call is on disk)."""
+    def write_rows(self, y: int, labels: np.ndarray, conf: np.ndarray | None, valid: np.ndarray | None = None) -> None:
+        """Write full-width rows starting at `y` (the file is reopened so each call is on disk):
+        classes, and the confidence (rows × W) or every class's probability (C × rows × W, masked
+        where `valid`, rows × W bool, is False)."""
         import rasterio
         from rasterio.windows import Window
 
@@ -244,8 +257,11 @@ class ClassRasterWriter:
             with rasterio.open(self.paths[0], "r+") as dst:
                 dst.write(labels.astype(self.dtype)[None], window=win)
             if conf is not None and len(self.paths) > 1:
-                with rasterio.open(self.paths[1], "r+") as dst:
-                    dst.write(conf[None], window=win)
+                with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(self.paths[1], "r+") as dst:
+                    dst.write(conf if conf.ndim == 3 else conf[None], window=win)
+                    if self.class_names:
+                        dst.write_mask(np.where(valid, np.uint8(255), np.uint8(0)) if valid is not None
+                                       else np.full(labels.shape, 255, np.uint8), window=win)
 
     def finish(self, cog: bool = False) -> None:
         """Mark the outputs complete; with `cog`, rewrite each as a Cloud-Optimized GeoTIFF in place

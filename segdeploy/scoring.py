@@ -14,6 +14,7 @@ import numpy as np
 
 from segdeploy.artifact import ModelMeta
 from segdeploy.data.dataset import SampleReader
+from segdeploy.decision import ARGMAX, Decision
 from segdeploy.metrics import ConfusionMatrix
 from segdeploy.tiling import TilePlan, Window, default_overlap, predict_arrays
 
@@ -22,6 +23,8 @@ from segdeploy.tiling import TilePlan, Window, default_overlap, predict_arrays
 TileObserver = Callable[[np.ndarray, np.ndarray], None]
 # (index in the reader, H×W truth, H×W predicted classes with -1 where the input is invalid)
 ImageObserver = Callable[[int, np.ndarray, np.ndarray], None]
+# (H×W truth, ignore_index where the input is invalid; C×H×W float32 blended probabilities)
+ProbsObserver = Callable[[np.ndarray, np.ndarray], None]
 # (normalised N×B×tile×tile batch, (index in the reader, window) per tile) -> N×C×tile×tile logits
 TileInfer = Callable[[np.ndarray, list[tuple[int, Window]]], np.ndarray]
 
@@ -36,12 +39,16 @@ def default_plan(meta: ModelMeta, batch: int) -> TilePlan:
 
 def score_split(backend, reader: SampleReader, plan: TilePlan, indices: Iterable[int] | None = None,  # noqa: ANN001
                 observe_tiles: TileObserver | None = None, observe_images: ImageObserver | None = None,
-                infer: TileInfer | None = None) -> ConfusionMatrix:
+                infer: TileInfer | None = None, decision: Decision = ARGMAX,
+                observe_probs: ProbsObserver | None = None) -> ConfusionMatrix:
     """Confusion matrix (rows: truth) of `backend` over the reader's images `indices` (default:
     all), each predicted tiled by `plan`. Pixels the input marks invalid are not counted.
     `observe_tiles` sees each batch's targets and logits (validation loss); `observe_images` each
     image's truth and prediction (overlays); `infer`, when given, computes each batch's logits
-    instead of the backend (eval checks them for non-finite values, naming the tile)."""
+    instead of the backend (eval checks them for non-finite values, naming the tile). Classes are
+    chosen by `decision` (`decision.decide`: argmax, a two-class threshold, withheld pixels not
+    counted); `observe_probs` sees each image's truth and blended probabilities (threshold sweeps).
+    With `plan.tta`, every tile is test-time augmented as predict does it."""
     meta = backend.meta
     cm = ConfusionMatrix(meta.num_classes, meta.ignore_index)
     order = list(range(len(reader))) if indices is None else list(indices)
@@ -64,10 +71,13 @@ def score_split(backend, reader: SampleReader, plan: TilePlan, indices: Iterable
 
     scale = reader.data.max_pixel_value
     labels_of = predict_arrays(backend, images(), plan, scale, tiles if observe_tiles else None,
-                               logits if infer else None)
-    for position, labels in enumerate(labels_of):
+                               logits if infer else None, decision, with_probs=observe_probs is not None)
+    for position, out in enumerate(labels_of):
+        labels, probs = out if observe_probs is not None else (out, None)
         i, mask = in_flight.pop(position)
         cm.update(np.maximum(labels, 0), np.where(labels < 0, meta.ignore_index, mask))
+        if observe_probs is not None:
+            observe_probs(np.where(labels == -1, meta.ignore_index, mask), probs)
         if observe_images is not None:
             observe_images(i, mask, labels)
     return cm

@@ -9,9 +9,11 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 
+from segdeploy.decision import ARGMAX, Decision, class_argmax, decide, quantize_probs  # noqa: F401 - class_argmax re-exported
 
 PAD_MODES = {"reflect": "reflect", "replicate": "edge", "constant": "constant"}
 
@@ -76,22 +78,6 @@ def weighted_softmax(logits: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return z
 
 
-def class_argmax(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int16 index of the largest score, the largest score) over the class axis of C×H×W, the
-    first class winning ties, as `argmax(0)`. A running maximum over class planes: numpy's
-    argmax over a leading axis walks the array across its strides, 10× slower for few classes."""
-    best = scores[0].copy()
-    labels = np.zeros(best.shape, np.int16)
-    hit = np.empty(best.shape, bool)
-    step = np.empty(best.shape, np.int16)
-    for k in range(1, scores.shape[0]):
-        np.greater(scores[k], best, out=hit)
-        np.maximum(best, scores[k], out=best)
-        np.multiply(hit, np.int16(k), out=step)
-        np.maximum(labels, step, out=labels)  # k beats every earlier index: a hit always wins
-    return labels, best
-
-
 # --------------------------------------------------------------------------- window grid
 
 
@@ -139,9 +125,10 @@ class TilePlan:
     tile × tile windows stepping tile − overlap (`window_starts`), the last ones running past the
     edge and padded by `pad` (reflect, or edge where the image is too small), blended with `blend`
     weights; `batch` windows go to the backend at once. predict, `StripAccumulator`, tiled eval and
-    validation (`predict_arrays`) and the parity gate all draw their windows from a plan.
+    validation (`predict_arrays`) and the parity gate all draw their windows from a plan. With
+    `tta` other than "none" each tile's output is the average softmax of its views (`tta_forward`).
 
-    Raises ValueError for an overlap outside [0, tile) or an unknown blend."""
+    Raises ValueError for an overlap outside [0, tile), an unknown blend or TTA mode."""
 
     height: int
     width: int
@@ -150,12 +137,15 @@ class TilePlan:
     blend: str = "gaussian"
     pad: str = "reflect"
     batch: int = 1
+    tta: str = "none"  # test-time augmentation of each tile (`TTA_MODES`): its views' softmax averaged
 
     def __post_init__(self) -> None:
         if not 0 <= self.overlap < self.tile:
             raise ValueError(f"overlap {self.overlap} must be in [0, tile={self.tile})")
         if self.blend not in BLENDS:
             raise ValueError(f"unknown blend {self.blend!r}; choose one of {', '.join(BLENDS)}")
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"unknown tta {self.tta!r}; choose one of {', '.join(TTA_MODES)}")
 
     @cached_property
     def rows(self) -> list[int]:
@@ -199,6 +189,61 @@ class TilePlan:
         return self.fill(array[..., rows, cols], mode)
 
 
+# --------------------------------------------------------------------------- test-time augmentation
+
+# mode -> the views of a tile: (quarter turns counter-clockwise, then mirrored left-right). "flips":
+# the tile and its mirror image; "d4": the dihedral group of the square, every rotation and mirror
+# (ttach's `d4_transform`).
+TTA_MODES: dict[str, tuple[tuple[int, bool], ...]] = {
+    "none": ((0, False),),
+    "flips": ((0, False), (0, True)),
+    "d4": tuple((turns, mirror) for mirror in (False, True) for turns in range(4)),
+}
+
+
+def tta_views(x: np.ndarray, mode: str) -> np.ndarray:
+    """The views of each tile of an N×B×T×T batch, view-major: a (V·N)×B×T×T batch whose item
+    v·N + i is view v of tile i (tiles are square, so every rotation keeps the shape)."""
+    return np.concatenate([_view(x, turns, mirror) for turns, mirror in TTA_MODES[mode]])
+
+
+def _view(x: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    y = np.rot90(x, turns, axes=(-2, -1))
+    return y[..., ::-1] if mirror else y
+
+
+def _unview(y: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    return np.rot90(y[..., ::-1] if mirror else y, -turns, axes=(-2, -1))
+
+
+def tta_merge(logits: np.ndarray, mode: str) -> np.ndarray:
+    """N×C×T×T float32 probabilities: the softmax of each view's logits ((V·N)×C×T×T, view-major as
+    `tta_views` made them) mapped back to the tile's orientation and averaged over the views."""
+    views = TTA_MODES[mode]
+    n = len(logits) // len(views)
+    total = np.zeros((n, *logits.shape[1:]), np.float32)
+    for v, (turns, mirror) in enumerate(views):
+        total += _unview(softmax(logits[v * n : (v + 1) * n]), turns, mirror)
+    total /= np.float32(len(views))
+    return total
+
+
+def tta_forward(call: Callable[[np.ndarray, list[int]], np.ndarray], x: np.ndarray, mode: str,
+                max_batch: int | None = None) -> np.ndarray:
+    """A normalised N×B×T×T batch through `call(batch, tiles)` (→ that batch's logits; `tiles`: the
+    index in `x` of each item, for naming one): for mode "none" the logits themselves, else the
+    views' averaged probabilities (`tta_merge`). The views go through `call` together, in chunks
+    of `max_batch` items when the model takes no more."""
+    if mode == "none":
+        return call(x, list(range(len(x))))
+    views = tta_views(x, mode)
+    step = max_batch or len(views)
+    logits = np.concatenate([call(np.ascontiguousarray(views[i : i + step]),
+                                  [k % len(x) for k in range(i, min(i + step, len(views)))])
+                             for i in range(0, len(views), step)])
+    return tta_merge(logits, mode)
+
+
 # --------------------------------------------------------------------------- blend weights
 
 BLENDS = ("gaussian", "hann", "pyramid", "crop")
@@ -233,20 +278,34 @@ def blend_weights(tile: int, kind: str = "gaussian", overlap: int = 0) -> np.nda
 # --------------------------------------------------------------------------- stitching
 
 
+class FinishedRows(NamedTuple):
+    """What `StripAccumulator` hands on for a finished row of tiles, rows × image width: int16
+    classes (-1 nodata input, `decision.WITHHELD` below --min-confidence), float16 winning
+    probability (0 rows unless kept), and C×rows×W probabilities of every class (None unless kept)."""
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    probs: np.ndarray | None
+
+
 class StripAccumulator:
     """Blends tile probabilities row of tiles by row of tiles, holding only what a later tile can
     still touch: the overlap band below the current row (C × overlap × width) and the current
     tile. Final pixels are handed on as soon as no later tile covers them.
 
-    Feed tiles in the plan's row-major order with `add(row, col, probs)` (or `add_logits`); each
-    finished row of tiles returns the final class map (and confidence) of its `stride` rows (all
-    remaining rows for the last row of tiles), cropped to the image.
+    Feed tiles in the plan's row-major order with `add(row, col, probs)`, `add_logits`, or
+    `add_output` (what `tta_forward` returned for the plan); each finished row of tiles returns the
+    `FinishedRows` of its `stride` rows (all remaining rows for the last row of tiles), cropped to the
+    image: classes chosen by `decision.decide` under `decision`, the winning probability, and with
+    `keep_probs` ("uint8": `quantize_probs`, or "float32") every class's blended probability.
     """
 
-    def __init__(self, plan: TilePlan, classes: int, keep_confidence: bool = True) -> None:
+    def __init__(self, plan: TilePlan, classes: int, keep_confidence: bool = True,
+                 decision: Decision = ARGMAX, keep_probs: str | None = None) -> None:
         self.plan = plan
         self.h, self.w, self.c, self.tile, self.ov = plan.height, plan.width, classes, plan.tile, plan.overlap
         self.keep_confidence = keep_confidence
+        self.decision, self.keep_probs = decision, keep_probs
         self.stride = plan.stride
         self.rows, self.cols = plan.rows, plan.cols
         tile, overlap = plan.tile, plan.overlap
@@ -264,6 +323,8 @@ class StripAccumulator:
         self.left_w = np.zeros((self.tile, self.ov), np.float32)
         self.row_labels = np.full((self._row_height(), self.w), -1, dtype=np.int16)
         self.row_conf = np.zeros((self._row_height() if self.keep_confidence else 0, self.w), dtype=np.float16)
+        self.row_probs = (np.zeros((self.c, self._row_height(), self.w), self.keep_probs) if self.keep_probs
+                          else None)
         self.expected_col = 0
 
     def start_at(self, row: int) -> None:
@@ -284,20 +345,25 @@ class StripAccumulator:
         return max(0, min(bottom, self.h) - top)
 
     def add(self, row: int, col: int, probs: np.ndarray | None,
-            valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+            valid: np.ndarray | None = None) -> FinishedRows | None:
         """Blend one tile (C×tile×tile probabilities, or None for a skipped tile). `valid`
         (tile×tile, False where the input is nodata) marks this tile's final pixels -1 there.
 
-        Returns (labels, confidence) for the finished rows when `col` is the row's last tile."""
+        Returns the `FinishedRows` when `col` is the row's last tile."""
         return self._blend(row, col, None if probs is None else probs * self.weights, valid)
 
     def add_logits(self, row: int, col: int, logits: np.ndarray | None,
-                   valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+                   valid: np.ndarray | None = None) -> FinishedRows | None:
         """`add` for C×tile×tile logits, softmaxed here; a writable float32 array is used in place."""
         return self._blend(row, col, None if logits is None else weighted_softmax(logits, self.weights), valid)
 
+    def add_output(self, row: int, col: int, output: np.ndarray | None,
+                   valid: np.ndarray | None = None) -> FinishedRows | None:
+        """`add_logits`, or `add` when the plan's TTA made `output` probabilities (`tta_forward`)."""
+        return (self.add_logits if self.plan.tta == "none" else self.add)(row, col, output, valid)
+
     def _blend(self, row: int, col: int, weighted: np.ndarray | None,
-               valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+               valid: np.ndarray | None) -> FinishedRows | None:
         if row != self.row_index or col != self.expected_col:
             raise ValueError(f"tiles must arrive in row-major order: expected ({self.row_index}, {self.expected_col}), "
                              f"got ({row}, {col})")
@@ -336,7 +402,7 @@ class StripAccumulator:
         self.expected_col += 1
         if not last_col:
             return None
-        out = (self.row_labels, self.row_conf)
+        out = FinishedRows(self.row_labels, self.row_conf, self.row_probs)
         self._row = self.row_index + 1
         if self._row < len(self.rows):
             self._reset_row()
@@ -344,10 +410,10 @@ class StripAccumulator:
 
     def _finish_block(self, block: np.ndarray, bw: np.ndarray, invalid: np.ndarray | bool | None, x0: int,
                       x_end: int) -> None:
-        """Classes (and confidence) of pixels no later tile touches; -1 where the input is nodata or
-        only skipped tiles covered them. Every class is divided by the same weight sum, so the
-        class is the argmax of the weighted sums; only the confidence needs the division."""
-        labels, best = class_argmax(block)
+        """Classes (and confidence, probabilities) of pixels no later tile touches; -1 where the input
+        is nodata or only skipped tiles covered them. Every class is divided by the same weight sum,
+        so `decide` works on the weighted sums; only the confidence and probabilities need the division."""
+        labels, best = decide(block, self.decision, bw)
         uncovered = bw <= 0
         if invalid is not None:
             uncovered |= invalid
@@ -357,10 +423,14 @@ class StripAccumulator:
         self.row_labels[:y_keep, x0:x_end] = labels
         if self.keep_confidence:
             self.row_conf[:y_keep, x0:x_end] = best / np.maximum(bw, 1e-12)
+        if self.row_probs is not None:
+            probs = block / np.maximum(bw, np.float32(1e-12))
+            self.row_probs[:, :y_keep, x0:x_end] = quantize_probs(probs) if self.keep_probs == "uint8" else probs
 
     def nbytes(self) -> int:
         """Bytes held between tiles (what must not grow with the scene's height)."""
         tensors = [self.carry, self.carry_w, self.left, self.left_w, self.row_labels, self.row_conf]
+        tensors += [self.row_probs] if self.row_probs is not None else []
         return sum(t.nbytes for t in tensors)
 
 
@@ -375,12 +445,15 @@ class _InFlight:
     """One image whose tiles are on their way through the backend: its accumulator and the class
     map its finished rows are written into."""
 
-    def __init__(self, index: int, image: np.ndarray, valid: np.ndarray | None, plan: TilePlan, classes: int) -> None:
+    def __init__(self, index: int, image: np.ndarray, valid: np.ndarray | None, plan: TilePlan, classes: int,
+                 decision: Decision, with_probs: bool) -> None:
         self.index, self.plan = index, plan
         self.bands_first = np.moveaxis(image, -1, 0)  # B×H×W view: windows are cut from it
         self.valid = valid
-        self.acc = StripAccumulator(plan, classes, keep_confidence=False)
+        self.acc = StripAccumulator(plan, classes, keep_confidence=False, decision=decision,
+                                    keep_probs="float32" if with_probs else None)
         self.labels = np.empty((plan.height, plan.width), np.int16)
+        self.probs = np.empty((classes, plan.height, plan.width), np.float32) if with_probs else None
         self.waiting = plan.total  # windows not blended yet
 
     def tiles(self) -> Iterator[tuple[Window, np.ndarray | None, np.ndarray | None]]:
@@ -395,17 +468,23 @@ class _InFlight:
             valid = None if part is None or part.all() else self.plan.fill(part)
             yield window, self.plan.cut(self.bands_first, window), valid
 
-    def blend(self, window: Window, logits: np.ndarray | None, valid: np.ndarray | None) -> None:
-        out = self.acc.add_logits(window.row, window.col, logits, valid)
+    def blend(self, window: Window, output: np.ndarray | None, valid: np.ndarray | None) -> None:
+        out = self.acc.add_output(window.row, window.col, output, valid)
         if out is not None:
             top = self.plan.rows[window.row]
-            self.labels[top : top + len(out[0])] = out[0]
+            self.labels[top : top + len(out.labels)] = out.labels
+            if self.probs is not None:
+                self.probs[:, top : top + len(out.labels)] = out.probs
         self.waiting -= 1
+
+    def result(self) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        return self.labels if self.probs is None else (self.labels, self.probs)
 
 
 def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]],  # noqa: ANN001 - any Backend
                    plan: TilePlan, scale: float, observe: Observer | None = None,
-                   infer: Infer | None = None) -> Iterator[np.ndarray]:
+                   infer: Infer | None = None, decision: Decision = ARGMAX,
+                   with_probs: bool = False) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
     """The class map of each in-memory image, predicted through predict's machinery: the windows,
     padding and blending of `plan` (its height and width are replaced by each image's), tiles
     normalised by `normalize`, blended by `StripAccumulator`. Tiles of consecutive images share
@@ -413,26 +492,30 @@ def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]
 
     items: (H×W×B raw pixels of any dtype, H×W bool validity or None for all valid); scale: the
     pixels' full-scale value. Yields H×W int16 class maps in input order, -1 where the input is
-    invalid. `observe(windows, logits)`, when given, sees each batch's (image index, window) pairs
-    and the backend's float32 N×C×tile×tile logits before they are blended (validation loss);
-    `infer(batch, windows)`, when given, replaces ``backend(batch)`` (a caller that checks or
-    recomputes logits names the tiles by their windows)."""
+    invalid (`decision.WITHHELD` where `decision` withholds a pixel); with `with_probs`, (class map,
+    C×H×W float32 blended probabilities) pairs. `observe(windows, logits)`, when given, sees each
+    batch's (image index, window) pairs and the backend's float32 N×C×tile×tile logits before they
+    are blended (validation loss; not with TTA); `infer(batch, windows)`, when given, replaces
+    ``backend(batch)`` (a caller that checks or recomputes logits names the tiles by their windows;
+    with TTA, `batch` holds views, and `windows` names each one's tile)."""
+    if observe is not None and plan.tta != "none":
+        raise ValueError("observe sees the logits of plain tiles: not with TTA")
     meta = backend.meta
     queue: list[_InFlight] = []
     batch: list[tuple[_InFlight, Window, np.ndarray | None, np.ndarray | None]] = []
     for index, (image, valid) in enumerate(items):
         height, width = image.shape[:2]
-        queue.append(_InFlight(index, image, valid, _sized(plan, height, width), meta.num_classes))
+        queue.append(_InFlight(index, image, valid, _sized(plan, height, width), meta.num_classes, decision, with_probs))
         for window, pixels, tile_valid in queue[-1].tiles():
             batch.append((queue[-1], window, pixels, tile_valid))
             if sum(p is not None for _, _, p, _ in batch) >= plan.batch:
-                _run_batch(backend, batch, scale, observe, infer)
+                _run_batch(backend, batch, scale, observe, infer, plan)
                 batch = []
                 while queue and queue[0].waiting == 0:
-                    yield queue.pop(0).labels
-    _run_batch(backend, batch, scale, observe, infer)
+                    yield queue.pop(0).result()
+    _run_batch(backend, batch, scale, observe, infer, plan)
     for done in queue:
-        yield done.labels
+        yield done.result()
 
 
 def _sized(plan: TilePlan, height: int, width: int) -> TilePlan:
@@ -442,8 +525,9 @@ def _sized(plan: TilePlan, height: int, width: int) -> TilePlan:
 
 
 def _run_batch(backend, batch: list, scale: float, observe: Observer | None,  # noqa: ANN001
-               infer: Infer | None) -> None:
-    """Logits for the batch's tiles (skipped ones stay None), then each blended in order."""
+               infer: Infer | None, plan: TilePlan) -> None:
+    """Logits (or with TTA averaged probabilities) for the batch's tiles (skipped ones stay None),
+    then each blended in order."""
     tiles = [(pixels, valid) for _, _, pixels, valid in batch if pixels is not None]
     logits: Iterator[np.ndarray] = iter(())
     if tiles:
@@ -453,7 +537,10 @@ def _run_batch(backend, batch: list, scale: float, observe: Observer | None,  # 
             valid = np.stack([np.ones((t, t), bool) if v is None else v for _, v in tiles])
         x = normalize(np.stack([p for p, _ in tiles]), scale, meta.mean, meta.std, valid)
         windows = [(item.index, window) for item, window, pixels, _ in batch if pixels is not None]
-        out = infer(x, windows) if infer is not None else backend(x)
+        def call(v: np.ndarray, items: list[int]) -> np.ndarray:
+            return backend(v) if infer is None else infer(v, [windows[i] for i in items])
+
+        out = tta_forward(call, x, plan.tta, backend.max_batch)
         if observe is not None:
             observe(windows, out)
         logits = iter(out)

@@ -194,7 +194,7 @@ def test_an_argmax_head_predicts_only_with_crop_blending_and_matches_the_fp32_mo
     with pytest.raises(UserError, match=r"model.argmax.onnx is an argmax head, .* cannot serve --blend gaussian .*; "
                                         "pass --blend crop"):
         predict_file(head, scene, tmp_path / "g.tif", PredictOptions(preview=False))
-    with pytest.raises(UserError, match="cannot serve --probs"):
+    with pytest.raises(UserError, match="without the probabilities --probs needs; drop --probs"):
         predict_file(head, scene, tmp_path / "p.tif", PredictOptions(preview=False, blend="crop", probs=True))
     from typer.testing import CliRunner
 

@@ -31,7 +31,7 @@ def modules(*globs: str) -> list[Path]:
 @pytest.mark.parametrize(("files", "forbidden"), [
     (("runtime/*.py",), VERBS + ("segdeploy.cli",)),  # runtime never reaches up to export or any verb
     (("data/*.py", "predict.py", "jobs.py", "cluster.py", "viz.py"), ("segdeploy.evaluate", "segdeploy.cli")),
-    (("artifact.py", "tiling.py", "scoring.py", "metrics.py", "recipe.py", "registry.py", "errors.py", "utils.py",
+    (("artifact.py", "tiling.py", "decision.py", "scoring.py", "metrics.py", "recipe.py", "registry.py", "errors.py", "utils.py",
       "viz.py", "tracking.py", "checkpoint.py", "foreign_onnx.py"), VERBS + ("segdeploy.runtime", "segdeploy.cli")),
     (("*.py", "data/*.py", "export/*.py", "runtime/*.py"), ("segdeploy.cli",)),  # only the CLI imports the CLI
 ])
@@ -50,7 +50,7 @@ def test_the_layer_check_sees_imports_inside_functions(tmp_path: Path) -> None:
 RUN_FILE_NAMES = ("history.csv", "meta.json", "model.safetensors", "model.torchscript.pt", "model.pt2", "recipe.yaml",
                   "last.ckpt", "splits.json", "parity.json",
                   "parity.md", "model.onnx", "model.fp16.onnx", "model.int8.onnx", "model.int8.cpu.onnx",
-                  "model.engine", "model.int8.engine")
+                  "model.engine", "model.int8.engine", "threshold.json", "thresholds.png")
 
 
 def code_strings(path: Path) -> list[str]:

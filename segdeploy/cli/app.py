@@ -26,6 +26,9 @@ GLOBAL_FLAGS = ("--debug",)
 TRAINING_STACK = {"torch", "torchvision", "timm", "segmentation_models_pytorch", "safetensors", "onnxscript",
                   "onnxslim"}
 OPTIONAL_VALUE = {"--mlflow": "local"}  # options whose value may be left out
+# options whose value may be left out, and the words they take: a bare `--probs` (followed by
+# anything but max/all, e.g. an input file as in older command lines) means `--probs max`
+OPTIONAL_CHOICE = {"--probs": ("max", ("max", "all"))}
 
 
 class _GlobalFlagsAnywhere(typer.core.TyperGroup):
@@ -42,6 +45,8 @@ class _GlobalFlagsAnywhere(typer.core.TyperGroup):
         for i, a in enumerate(rest):  # a bare `--mlflow` means the local ./mlruns store
             if a in OPTIONAL_VALUE and (i + 1 == len(rest) or rest[i + 1].startswith("-")):
                 rest.insert(i + 1, OPTIONAL_VALUE[a])
+            elif a in OPTIONAL_CHOICE and (i + 1 == len(rest) or rest[i + 1] not in OPTIONAL_CHOICE[a][1]):
+                rest.insert(i + 1, OPTIONAL_CHOICE[a][0])
         return super().parse_args(ctx, flags + rest)
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,

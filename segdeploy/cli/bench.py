@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from segdeploy.cli.app import app, console, emit_json, guarded
+from segdeploy.cli.app import app, check_choice, console, emit_json, guarded
 
 
 def _split(value: str, kind: type = str) -> tuple:
@@ -27,6 +27,8 @@ def bench_cmd(
                              "what predict feeds it)."),
     data: Path = typer.Option(None, "--data", help="Dataset for the accuracy columns (default: the run's data)."),
     tiled: Path = typer.Option(None, "--tiled", help="Also time `predict` end to end on this image."),
+    tta: str = typer.Option("none", help="Also time each batch test-time augmented (flips: 2 views, d4: 8; "
+                            "softmax averaged): the TTA MP/s column, and --tiled with it."),
     threads: int = typer.Option(None, min=1, help="CPU threads for every CPU backend (default: torch's)."),
     iters: int = typer.Option(10, min=1, help="Minimum timed iterations per row."),
     seconds: float = typer.Option(1.0, min=0, help="Minimum timed seconds per row (the defaults give a first "
@@ -43,6 +45,9 @@ def bench_cmd(
     from segdeploy.bench import BACKENDS, PRECISIONS, BenchOptions, bench, plot, write_csv
     from segdeploy.errors import UserError
 
+    from segdeploy.tiling import TTA_MODES
+
+    check_choice("--tta", tta, tuple(TTA_MODES))
     backends, precisions = _split(backend), _split(precision)
     for name in backends:
         if name not in (*BACKENDS, "auto"):
@@ -57,7 +62,8 @@ def bench_cmd(
     if not batches or min(batches) < 1:
         raise UserError(f"--batch {batch!r} must be comma-separated integers ≥ 1, e.g. 1,8")
     opts = BenchOptions(backends=backends, precisions=precisions, batches=batches, size=size, threads=threads,
-                        data=data, tiled=tiled, min_iters=iters, min_seconds=seconds, accuracy=accuracy, record=record)
+                        data=data, tiled=tiled, min_iters=iters, min_seconds=seconds, accuracy=accuracy, tta=tta,
+                        record=record)
     from segdeploy.progress import WorkProgress
 
     with WorkProgress(console, "bench", None, "rows", enabled=progress, transient=True) as bar:
@@ -125,6 +131,9 @@ def render(report, width: int) -> list[Table]:  # noqa: ANN001
         ("GPU MB", [f(r.peak_gpu_mb, 0) for r in rows]),
         ("tiled MP/s", [f(r.tiled_mp_per_s, 2) for r in rows]),
     ]
+    mode = next((r.tta for r in rows if r.tta != "none"), None)
+    if mode:
+        columns.insert(6, (f"MP/s {mode}", [f(r.tta_mp_per_s, 2) for r in rows]))
     for model, classes in report.miou_classes.items():
         notes.append(f"mIoU/mDice of {short[model] if model in short else Path(model).name}: mean over the "
                      f"{len(classes)} classes present in its accuracy tiles ({', '.join(classes)}), the same for every "

@@ -29,7 +29,12 @@ def predict_cmd(
     batch: int = typer.Option(None, min=1, help="Tiles per inference batch (default: 8 on a GPU, 2 on CPU, where larger "
                               "batches cost memory and gain no speed)."),
     blend: str = typer.Option("gaussian", help="Blend window: gaussian, hann, pyramid or crop."),
-    probs: bool = typer.Option(False, "--probs", help="Also write a confidence raster (max softmax, percent)."),
+    probs: str = typer.Option(None, "--probs", metavar="[max|all]", help="Also OUT.probs.tif: max (also a bare "
+                              "--probs): the winning probability, percent; all: a band per class, uint8 round(p*255)."),
+    probs_dtype: str = typer.Option("uint8", help="Pixel type of --probs all: uint8 (round(p*255)) or float32 (p)."),
+    tta: str = typer.Option("none", help="Test-time augmentation per tile, softmax averaged: none, flips (2×), d4 (8×)"),
+    threshold: float = typer.Option(None, min=0.0, max=1.0, help="Two-class models: class 1 where p > T (default: 0.5)."),
+    min_confidence: float = typer.Option(None, min=0.0, max=1.0, help="Nodata where the winning probability is < P."),
     cog: bool = typer.Option(False, "--cog", help="Write Cloud-Optimized GeoTIFFs: internal tiles and overviews "
                              "(mode resampling for classes, never averaged)."),
     preview: bool = typer.Option(True, "--preview/--no-preview", help="Write a quick-look PNG (≤ 1024 px, palette, "
@@ -62,39 +67,42 @@ def predict_cmd(
     progress: bool = typer.Option(True, help="Show the progress bar."),
     json_out: Path = typer.Option(None, "--json", help="Write the summary as JSON ('-' for stdout)."),
 ) -> None:
-    """Tiled inference on scenes of any size with bounded memory, georeference kept.
-
-    Many rasters run one after another, or side by side on a Ray cluster with --ray."""
+    """Tiled inference on scenes of any size with bounded memory, georeference kept; many rasters in turn or on a Ray
+    cluster (--ray). A two-class run's threshold from `eval --thresholds` is applied (--threshold overrides it)."""
     from segdeploy.errors import UserError
     from segdeploy.predict import PredictOptions
     from segdeploy.raster import expand_inputs
     files = expand_inputs(inputs)
     band_list = _checked(blend, device, bands)
     choice, options = _model(model, backend, provider, device, threads)
+    outputs, applied = _probs_and_decision(model, probs, probs_dtype, tta, threshold, min_confidence)
     out = Path(out_arg)
     many = len(files) > 1 or out.is_dir() or out_arg.endswith(("/", "\\"))
     vector_opts = _vector_options(model, vector, vector_layers, min_area, simplify, classes, many)
-    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, probs=probs, resume=resume,
-                          overwrite=overwrite, bands=band_list, input_max=input_max, preview=preview, cog=cog,
-                          vector=vector_opts)
+    opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, resume=resume, overwrite=overwrite,
+                          bands=band_list, input_max=input_max, preview=preview, cog=cog, vector=vector_opts, **outputs)
     _check_head(choice.path, opts)
     jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
-    use_ray = ray or ray_address is not None
     try:
-        summary = _run(choice.path, options, jobs, opts, use_ray, ray_address, workers, progress)
+        summary = _run(choice.path, options, jobs, opts, ray or ray_address is not None, ray_address, workers, progress)
     except KeyboardInterrupt:
         from segdeploy.errors import Interrupted
 
         raise Interrupted("the rows already on disk are kept (hidden .partial files beside each output); continue "
                           "with the same command plus --resume (and without --overwrite)") from None
-    if choice.basis != "file":  # after the work: a refusal stays one line
-        console.print(choice.line(), soft_wrap=True, highlight=False, markup=False)
-    emit_json(summary | {"model": choice.to_dict(), "skipped": [str(j.src) for j in finished]}, json_out)
-    failures = summary["failures"]
-    if failures:
+    say_choice(choice)  # after the work: a refusal stays one line
+    emit_json(summary | {"model": choice.to_dict(), "decision": applied, "skipped": [str(j.src) for j in finished]},
+              json_out)
+    if failures := summary["failures"]:
         raise UserError(f"{len(failures)} of {len(jobs)} rasters failed: "
                         f"{', '.join(f['input'] for f in failures[:5])}{' …' if len(failures) > 5 else ''}"
                         " (reasons above); the others are written, and --resume skips them")
+
+
+def say_choice(choice) -> None:  # noqa: ANN001 - a runtime.choose.Choice
+    """The one line saying which of a run's forms ran and why (nothing for a file given as it is)."""
+    if choice.basis != "file":
+        console.print(choice.line(), soft_wrap=True, highlight=False, markup=False)
 
 
 def _model(model: Path, backend: str, provider: str | None, device: str, threads: int | None) -> tuple:
@@ -116,6 +124,28 @@ def _check_head(model: Path, opts) -> None:  # noqa: ANN001 - PredictOptions
 
     form = form_of(Path(model)) if Path(model).is_file() else None
     check_head(form.output if form is not None else "logits", Path(model).name, opts)
+
+
+def _probs_and_decision(model: Path, probs: str | None, dtype: str, tta: str, threshold: float | None,
+                        min_confidence: float | None) -> tuple[dict, dict]:
+    """--probs, --probs-dtype, --tta, --threshold and --min-confidence checked before any work (the
+    threshold recorded in the run applied, and said): PredictOptions fields, and what the JSON
+    summary records as applied."""
+    from segdeploy.decision import PROBS_DTYPES, resolve
+    from segdeploy.errors import UserError
+    from segdeploy.tiling import TTA_MODES
+
+    check_choice("--probs", probs or "max", ("max", "all"))
+    check_choice("--probs-dtype", dtype, PROBS_DTYPES)
+    check_choice("--tta", tta, tuple(TTA_MODES))
+    if dtype != "uint8" and probs != "all":
+        raise UserError("--probs-dtype is the pixel type of --probs all; add --probs all")
+    decision, note = resolve(model, threshold, min_confidence)
+    if note:
+        console.print(f"decision: {note}", soft_wrap=True)
+    fields = {"probs": probs == "max", "class_probs": probs == "all", "probs_dtype": dtype, "tta": tta,
+              "decision": decision}
+    return fields, {**decision.to_dict(), "source": note, "tta": tta}
 
 
 def _checked(blend: str, device: str, bands: str | None) -> list[int] | None:
@@ -240,5 +270,8 @@ def _print_outcome(outcome) -> None:  # noqa: ANN001
     console.print(f"{r.input} → {', '.join(r.files)}: {r.width}×{r.height} px, {r.tiles} tiles "
                   f"({r.skipped_tiles} all-nodata skipped) in {r.seconds:.1f}s = {r.megapixels_per_s:.2f} MP/s, "
                   f"peak RSS {r.peak_rss_mb:.0f} MB during it{resumed}", soft_wrap=True)
+    if r.decision.get("min_confidence"):
+        console.print(f"  withheld (winning probability < {r.decision['min_confidence']:g}, written as nodata): "
+                      f"{r.withheld_pixels} px = {r.withheld_share:.2%} of the valid pixels")
     for note in r.notes:
         console.print(f"  {note}")
