@@ -42,9 +42,9 @@ def measure(run: Path, args: argparse.Namespace) -> dict:
     report = export_run(run, ExportOptions(fp16=True, int8=True, calib_images=args.calib_images,
                                            calib_method=args.calib_method), log=print)
     opts = BenchOptions(min_iters=args.iters, min_seconds=args.seconds)
-    from segdeploy.export.onnx import read_metadata
+    from segdeploy.artifact import read_onnx_meta
 
-    meta = read_metadata(run / "export/model.onnx")
+    meta = read_onnx_meta(run / "export/model.onnx")
     out: dict = {"run": str(run), "model": f"{meta.arch} {meta.encoder}", "latency_ms": {}, "accuracy": {}}
     for name, file in FILES.items():
         backend = load_backend(run / "export" / file, threads=args.threads)

@@ -21,6 +21,38 @@ from pathlib import Path
 import numpy as np
 
 
+def local_errors(fp32, fp16, batches: list[np.ndarray]) -> dict[str, float]:  # noqa: ANN001
+    """The ranking compared here (it lived in export/fp16.py; the pipeline ranks with sensitivity.py).
+    For each node of the FP32 graph: the relative FP16 error it adds beyond what its inputs carry."""
+    from segdeploy.export.fp16 import run_all
+
+    ref = run_all(fp32, batches)
+    got = run_all(fp16, batches)
+
+    def rel_err(name: str) -> float:
+        errs = []
+        for r, g in zip(ref, got, strict=True):
+            if name in r and name in g:
+                a, b = r[name].astype(np.float32), g[name].astype(np.float32)
+                scale = float(np.abs(a).mean()) + 1e-6
+                errs.append(float(np.abs(a - b).mean()) / scale)
+        return max(errs) if errs else 0.0
+
+    cache: dict[str, float] = {}
+
+    def err(name: str) -> float:
+        if name not in cache:
+            cache[name] = rel_err(name)
+        return cache[name]
+
+    out: dict[str, float] = {}
+    for node in fp32.graph.node:
+        produced = max((err(o) for o in node.output if o), default=0.0)
+        inherited = max((err(i) for i in node.input if i), default=0.0)
+        out[node.name] = max(produced - inherited, 0.0)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
@@ -41,7 +73,7 @@ def measure(run_dir: Path, n_calib: int, n_tiles: int, ks: list[int]) -> dict:
     import onnxruntime as ort
 
     from segdeploy.artifact import Run
-    from segdeploy.export import fp16, int8, sensitivity
+    from segdeploy.export import int8, sensitivity
     from segdeploy.parity import as_numpy_batches, parity_tiles
 
     run = Run(run_dir)
@@ -65,7 +97,7 @@ def measure(run_dir: Path, n_calib: int, n_tiles: int, ks: list[int]) -> dict:
         out["all_int8_agreement"] = agreement()
         proto = onnx.load(str(prepared))
         ops = {n.name: n.op_type for n in proto.graph.node}
-        own = fp16.local_errors(proto, onnx.load(str(q)), calib[:2])
+        own = local_errors(proto, onnx.load(str(q)), calib[:2])
         everything = [n for n in ops if n in set(int8.quantizable_nodes(proto)) or ops[n] in int8.REMOVABLE_ACTIVATIONS]
         sets = {"quantized": everything, "quantized_less_relu_clip": int8.quantizable_nodes(proto),
                 "compute": sorted(int8.compute_nodes(proto))}

@@ -65,7 +65,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from segdeploy.tiling import softmax
+    from segdeploy.tiling import weighted_softmax
 
     torch.set_num_threads(args.threads)
 
@@ -77,7 +77,7 @@ def child(args: argparse.Namespace) -> dict:
     x = (x - torch.tensor(meta.mean).view(1, -1, 1, 1)) / torch.tensor(meta.std).view(1, -1, 1, 1)
     with torch.inference_mode():
         probs = sliding_window_inference(x, roi_size=(args.tile, args.tile), sw_batch_size=args.batch,
-                                         predictor=lambda t: torch.from_numpy(softmax(backend(t.numpy()))),
+                                         predictor=lambda t: torch.from_numpy(weighted_softmax(backend(t.numpy()), np.float32(1))),
                                          overlap=args.overlap / args.tile, mode="gaussian", padding_mode="reflect")
     labels = probs.argmax(1)[0].numpy().astype(np.uint8)
     sec = time.perf_counter() - t0

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from segdeploy.errors import ArtifactError
+from segdeploy.onnx_props import metadata_props
 
 META_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -34,6 +35,9 @@ TENSORBOARD_DIR = "tensorboard"
 ONNX_META_KEY = "segdeploy"  # the metadata_props key of an exported ONNX file
 EXPORT_DIR = "export"
 EVAL_DIR = "eval"
+# an evaluation's directory (RUN/eval/<split>/, or eval --out): metrics.json marks it as one
+EVAL_METRICS_FILE, CONFUSION_FILE, OVERLAY_FILE = "metrics.json", "confusion_matrix.png", "overlay_{:02d}.png"
+CURVE_FILES = {"loss": "loss.png", "miou": "miou.png"}  # RUN/plots/: training curves by what they plot
 PARITY_FILE, PARITY_SUMMARY = "parity.json", "parity.md"
 
 
@@ -137,6 +141,11 @@ MODEL_FORMATS = ("weights", "torchscript", "exported_program", "onnx")
 
 @dataclass
 class ModelMeta:
+    """What a model artifact says about itself, wherever it travels (a run's meta.json, an ONNX file's metadata_props,
+    an engine's sidecar): class names and RGB palette (0..255), per-band normalisation (mean/std after dividing by
+    max_pixel_value), the number of input bands, the input divisor and tile size in pixels, the static size/batch
+    when the model accepts only one, and where a derived artifact came from (`source`). `from_dict` raises
+    ArtifactError for a record without the essential fields."""
     classes: list[str]
     palette: list[list[int]]
     mean: list[float]
@@ -157,7 +166,7 @@ class ModelMeta:
     recipe_digest: str = ""
     # pixel type the model was trained on (None: recorded before segdeploy checked it)
     input_dtype: str | None = None
-    # the class pictures leave unpainted (recipe classes.background); None: by name, see viz.background_index
+    # the class pictures leave unpainted (recipe classes.background); None: by name, see classes.background_index
     background: int | None = None
     # what a derived artifact was made from: {"path": relative to the artifact, "sha256": ...}; an
     # imported model's record also has "format" (the file is foreign: the chain ends there)
@@ -167,13 +176,17 @@ class ModelMeta:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes (the logits' channel count C)."""
         return len(self.classes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON types (what meta.json and metadata_props hold)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str) -> ModelMeta:
+        """The record in `d`, unknown keys (from a newer segdeploy) ignored. `source` names the file for the error:
+        ArtifactError when classes, mean, std or bands are missing."""
         known = {f for f in cls.__dataclass_fields__}
         missing = [f for f in ("classes", "mean", "std", "bands") if f not in d]
         if missing:
@@ -182,6 +195,8 @@ class ModelMeta:
 
 
 def read_run_meta(run_dir: Path) -> dict[str, Any]:
+    """RUN/meta.json as a dict. Raises ArtifactError naming the fix for a missing directory, a directory that is not a
+    run, or a corrupt file."""
     path = run_dir / META_FILE
     if not run_dir.is_dir():
         raise ArtifactError(f"run directory {run_dir} not found; train one with `segdeploy train RECIPE --out {run_dir}`")
@@ -224,10 +239,6 @@ def continue_hint(run_dir: Path) -> str:
         return f"continue it with `segdeploy train --resume --out {run_dir}`"
     return (f"it stopped before its first epoch ended; start it again with "
             f"`segdeploy train {run_dir / RECIPE_FILE} --out {run_dir}`")
-
-
-def require_finished(run_dir: Path) -> dict[str, Any]:
-    return Run(run_dir).require_finished()
 
 
 def source_record(source: Path, artifact_dir: Path) -> dict[str, str]:
@@ -299,7 +310,7 @@ def read_onnx_meta(path: Path) -> ModelMeta:
     the graph: parsing a model (onnx.load) costs its size in memory again, ~100 MB of predict's
     peak for the demo model."""
     try:
-        props = onnx_metadata_props(path)
+        props = metadata_props(path)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not a readable ONNX file ({type(exc).__name__}); re-export it with "
                             "`segdeploy export`") from None
@@ -330,60 +341,6 @@ def write_onnx_meta(proto, meta: ModelMeta, extra: dict | None = None) -> None: 
         entry.key, entry.value = k, v
 
 
-def onnx_metadata_props(path: Path) -> dict[str, str]:
-    """ModelProto.metadata_props (field 14) by walking the protobuf's top-level fields and seeking
-    past the others (the graph with its weights is never read)."""
-    props: dict[str, str] = {}
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        while (tag := _varint(f, allow_eof=True)) is not None:
-            field_number, wire = tag >> 3, tag & 7
-            if wire == 0:
-                _varint(f)
-            elif wire in (1, 5):
-                f.seek(8 if wire == 1 else 4, 1)
-            elif wire == 2:
-                n = _varint(f)
-                if f.tell() + n > size:
-                    raise ValueError("truncated field")
-                if field_number == 14:
-                    key, value = _string_pair(f.read(n))
-                    props[key] = value
-                else:
-                    f.seek(n, 1)
-            else:
-                raise ValueError(f"wire type {wire}")
-    return props
-
-
-def _varint(f, allow_eof: bool = False) -> int | None:  # noqa: ANN001 - a binary file
-    shift = result = 0
-    while True:
-        b = f.read(1)
-        if not b:
-            if allow_eof and shift == 0:
-                return None
-            raise ValueError("truncated varint")
-        result |= (b[0] & 0x7F) << shift
-        if not b[0] & 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _string_pair(buf: bytes) -> tuple[str, str]:
-    """(key, value) of a StringStringEntryProto."""
-    import io
-
-    f, out = io.BytesIO(buf), {1: "", 2: ""}
-    while (tag := _varint(f, allow_eof=True)) is not None:
-        if tag & 7 != 2:
-            raise ValueError("metadata entry is not a string pair")
-        out[tag >> 3] = f.read(_varint(f)).decode()
-    return out[1], out[2]
-
-
 @dataclass
 class Export:
     """An export of a run as found on disk: its form, path, why it cannot be used (stale: the
@@ -397,7 +354,8 @@ class Export:
 
 
 class Run:
-    """A run directory: opened once, its meta.json and recipe read once, its files named here.
+    """A run directory: its files named here, its meta.json and recipe read at most once per `Run`
+    object (kept on it; `write_status` refreshes meta.json's copy).
 
     `Run.find` accepts the run directory, an exported file inside RUN/export, or a file beside the
     run's meta.json, and returns None for an artifact deployed without its run."""
@@ -409,6 +367,9 @@ class Run:
 
     @classmethod
     def find(cls, path: Path) -> Run | None:
+        """The run that `path` belongs to: the run directory itself, a file in it (an imported archive), or a file in
+        RUN/export; None for an artifact deployed without its run (a directory holding both recipe.yaml and
+        meta.json is a run)."""
         path = Path(path)
         for cand in (path, path.parent, path.parent.parent):
             if cand.is_dir() and (cand / RECIPE_FILE).is_file() and (cand / META_FILE).is_file():
@@ -427,6 +388,7 @@ class Run:
 
     @classmethod
     def open_finished(cls, root: Path) -> Run:
+        """The run at `root`, refused with ArtifactError (and the command that finishes it) unless complete."""
         run = cls(root)
         run.require_finished()
         return run
@@ -434,49 +396,65 @@ class Run:
     # -- files
     @property
     def weights(self) -> Path:
+        """RUN/model.safetensors: a trained (or imported state dict's) weights."""
         return self.root / WEIGHTS_FILE
 
     @property
     def recipe_path(self) -> Path:
+        """RUN/recipe.yaml: the resolved recipe the run was trained with."""
         return self.root / RECIPE_FILE
 
     @property
     def meta_path(self) -> Path:
+        """RUN/meta.json: status, the ModelMeta and the run's facts (`write_status` writes it)."""
         return self.root / META_FILE
 
     @property
     def last_checkpoint(self) -> Path:
+        """RUN/last.ckpt: the resume state (`save_checkpoint` / `load_checkpoint`)."""
         return self.root / LAST_CKPT
 
     @property
     def splits_path(self) -> Path:
+        """RUN/splits.json: the keys of each split the run was trained with."""
         return self.root / SPLITS_FILE
 
     @property
     def history_path(self) -> Path:
+        """RUN/history.csv: one row per epoch (HISTORY_FIELDS)."""
         return self.root / HISTORY_FILE
 
     @property
     def plots_dir(self) -> Path:
+        """RUN/plots: the training curves (CURVE_FILES)."""
         return self.root / PLOTS_DIR
 
     @property
     def tensorboard_dir(self) -> Path:
+        """RUN/tensorboard: TensorBoard event files."""
         return self.root / TENSORBOARD_DIR
 
     @property
     def export_dir(self) -> Path:
+        """RUN/export: the exported forms (EXPORT_FORMS) and their gate records."""
         return self.root / EXPORT_DIR
 
     def eval_dir(self, name: str) -> Path:
+        """RUN/eval/`name`: an evaluation's default folder (`name` is e.g. the split)."""
         return self.root / EVAL_DIR / name
 
+    def evaluation_files(self) -> list[Path]:
+        """The metrics.json of every evaluation kept under RUN/eval, sorted by path."""
+        return sorted((self.root / EVAL_DIR).glob(f"*/{EVAL_METRICS_FILE}"))
+
     def export_path(self, key: str) -> Path:
+        """RUN/export/<file> of the export form `key` (a key of EXPORT_FORMS; KeyError otherwise)."""
         return self.export_dir / EXPORT_FORMS[key].file
 
     # -- the decision threshold chosen on validation data (two-class runs; predict applies it)
     @property
     def threshold_path(self) -> Path:
+        """RUN/threshold.json: the two-class decision threshold `eval --thresholds` recorded."""
         return self.root / THRESHOLD_FILE
 
     def recorded_threshold(self) -> dict[str, Any] | None:
@@ -629,16 +607,21 @@ class Run:
     # -- contents (read once)
     @property
     def info(self) -> dict[str, Any]:
+        """meta.json as a dict, read on first use and kept (rewritten by `write_status`); ArtifactError as
+        `read_run_meta`."""
         if self._info is None:
             self._info = read_run_meta(self.root)
         return self._info
 
     @property
     def meta(self) -> ModelMeta:
+        """The run's ModelMeta (from meta.json's model_meta); ArtifactError when it is missing or incomplete."""
         return ModelMeta.from_dict(self.info["model_meta"], str(self.meta_path))
 
     @property
     def recipe(self):  # noqa: ANN201 - a recipe.Recipe (imported lazily: pydantic schema)
+        """The run's recipe (RUN/recipe.yaml through `recipe.load`), read on first use and kept; RecipeError when it
+        no longer validates."""
         if self._recipe is None:
             from segdeploy import recipe as recipe_mod
 
@@ -646,6 +629,8 @@ class Run:
         return self._recipe
 
     def require_finished(self) -> dict[str, Any]:
+        """meta.json's contents when the run is complete and its model file exists; else ArtifactError naming the
+        command that finishes it (or re-imports it)."""
         info = self.info
         if info.get("status") != "complete":
             raise ArtifactError(f"run {self.root} is unfinished (status {info.get('status')!r}); "
@@ -656,45 +641,6 @@ class Run:
                 raise ArtifactError(f"run {self.root} has no {name}; import the model again with `segdeploy import`")
             raise ArtifactError(f"run {self.root} has no {name}; {continue_hint(self.root)}")
         return info
-
-    def build_model(self):  # noqa: ANN201 - a torch.nn.Module in eval mode with the run's weights
-        """The run's model: rebuilt from its recipe with its weights (safetensors; no pickle), or
-        an imported TorchScript / torch.export archive loaded as it is. Refuses a model whose
-        imported source changed since (stale), and an ONNX import, which has no PyTorch model."""
-        from segdeploy.models import build_model, wrap_output
-
-        self.require_finished()
-        meta, fmt = self.meta, self.model_format
-        check_source(self.model_file, meta)
-        if fmt == "onnx":
-            raise ArtifactError(f"run {self.root} is an imported ONNX model: it has no PyTorch model; use its "
-                                f"{self.export_path('fp32').relative_to(self.root)}")
-        if fmt != "weights":
-            return wrap_output(self._load_archive(fmt), self.recipe.model).eval()
-        model = build_model(self.recipe.model.model_copy(update={"weights": None}), meta.bands, meta.num_classes)
-        state = self.load_weights()
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ArtifactError(f"{self.weights} does not match the recipe's model ({len(missing)} missing, "
-                                f"{len(unexpected)} unexpected tensors); retrain the run")
-        return model.eval()
-
-    def _load_archive(self, fmt: str):  # noqa: ANN202 - a torch.nn.Module (ScriptModule or GraphModule)
-        import warnings
-
-        import torch
-
-        from segdeploy.models import ExportedProgramModule
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice: TorchScript is what was imported
-                if fmt == "torchscript":
-                    return torch.jit.load(str(self.model_file), map_location="cpu")
-                return ExportedProgramModule(torch.export.load(str(self.model_file)).module())
-        except Exception as exc:  # noqa: BLE001 - any failure is the file's
-            raise ArtifactError(f"{self.model_file} cannot be loaded ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:160]}); import the model again") from None
 
     def exports(self) -> list[Export]:
         """The exported forms present in RUN/export, each checked against its source's hash, with
@@ -715,6 +661,7 @@ class Run:
     # -- the gate's records (parity.json: one record per form, kept across export commands)
     @property
     def parity_path(self) -> Path:
+        """RUN/export/parity.json: the gate record of each exported form."""
         return self.export_dir / PARITY_FILE
 
     @property
@@ -750,6 +697,7 @@ class Run:
     # -- speed measurements (speed.json: `segdeploy bench`'s, per machine, what `--backend auto` ranks by)
     @property
     def speed_path(self) -> Path:
+        """RUN/export/speed.json: `segdeploy bench`'s measurements per machine."""
         return self.export_dir / SPEED_FILE
 
     def speed_records(self) -> dict[str, dict[str, Any]]:

@@ -35,6 +35,9 @@ BACKENDS = ("torch", *dict.fromkeys(f.backend for f in EXPORT_FORMS.values()))
 
 @dataclass
 class Candidate:
+    """One (backend, precision) bench may measure for a model: the file that holds it (None with the `reason` it is
+    missing, e.g. the export command that makes it) and its gate record from parity.json, whose thresholds judge
+    its accuracy here too."""
     model: str  # what the user passed
     backend: str
     precision: str
@@ -45,6 +48,10 @@ class Candidate:
 
 @dataclass
 class BenchRow:
+    """One row of the bench table: a candidate at one batch size and input size (px). Latencies are per batch in
+    milliseconds (backend forward only, input already on the device); throughput in images/s and MP/s; memory in
+    MiB (peak RSS during the row, peak GPU allocation); FLOPs as TFLOP/s; accuracy (mIoU, mDice, agreement with the
+    reference) on the same tiles for every row; `status` says whether it ran, and `reason` why not."""
     model: str
     backend: str
     precision: str
@@ -77,18 +84,26 @@ class BenchRow:
     tta_mp_per_s: float | None = None  # tile pixels per second with TTA (the plain MP/s column is without)
 
     def to_dict(self) -> dict:
+        """The row as JSON types, one key per column (CSV_FIELDS order)."""
         return asdict(self)
 
 
 @dataclass
 class BenchOptions:
+    """What bench measures: which backends and precisions, batch sizes, the input size (px; None: each model's static
+    size, else its tile size), CPU threads (None: all cores), the data for the accuracy columns (None: the run's
+    recipe's), an image to time predict on end to end (`tiled`, with `tiled_run`), and how long each row is timed
+    (warm-up runs, then at least `min_iters` runs and `min_seconds` seconds)."""
     backends: tuple[str, ...] = BACKENDS
     precisions: tuple[str, ...] = PRECISIONS
     batches: tuple[int, ...] = (1, 8)
     size: int | None = None  # None: each model's tile size (what predict feeds it)
     threads: int | None = None
     data: Path | None = None
-    tiled: Path | None = None
+    tiled: Path | None = None  # an image `tiled_run` predicts end to end, once per candidate
+    # (backend, image, scratch dir) -> megapixels per second: the caller's, since bench imports no
+    # other verb (the CLI passes `predict.time_file`); required with `tiled`
+    tiled_run: Callable[[Backend, Path, Path], float] | None = None
     # a row: warm-up, then >= min_iters runs and >= min_seconds; a first table of the demo model at
     # its 128² tile on 2 CPU cores takes about a minute with these (--iters/--seconds for more)
     min_iters: int = 10
@@ -101,6 +116,8 @@ class BenchOptions:
 
 @dataclass
 class BenchReport:
+    """All rows, the CPU threads used, the machine's description, and per model the classes its mIoU/mDice average
+    over and the tiles its accuracy columns come from."""
     rows: list[BenchRow] = field(default_factory=list)
     threads: int = 0
     machine: dict = field(default_factory=dict)
@@ -115,9 +132,11 @@ class BenchReport:
 
     @property
     def measured(self) -> int:
+        """How many rows have a latency (ran), as opposed to unavailable or failed ones."""
         return sum(1 for r in self.rows if r.p50_ms is not None)
 
     def to_dict(self) -> dict:
+        """The report as JSON types (what `bench --json` writes)."""
         return {"note": self.note, "threads": self.threads, "machine": self.machine,
                 "miou_classes": self.miou_classes, "accuracy_tiles": self.accuracy_tiles, "auto": self.auto,
                 "rows": [r.to_dict() for r in self.rows]}
@@ -238,7 +257,9 @@ def count_flops(run: Run | None, bands: int, size: int) -> float | None:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
-        model = run.build_model()
+        from segdeploy.models import load_run_model
+
+        model = load_run_model(run)
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, bands, size, size))
         return float(counter.get_total_flops())
@@ -253,12 +274,15 @@ def bench(models: list[Path], opts: BenchOptions, log=print,  # noqa: ANN001
           progress: Callable[[int, str], None] | None = None) -> BenchReport:
     """One job per (candidate, batch): load the candidate once, measure accuracy once, time each batch.
     `progress(rows in all, "")` is called once the rows are known, then `progress(rows done, label)`
-    after each row (for a bar with an estimate)."""
+    after each row (for a bar with an estimate). Raises ValueError for `opts.tiled` without
+    `opts.tiled_run`."""
     from dataclasses import replace
 
     from segdeploy.utils import cpu_count
 
-    threads = opts.threads or cpu_count()  # every CPU backend gets this many (torch's own load sets it)
+    if opts.tiled and opts.tiled_run is None:
+        raise ValueError("BenchOptions.tiled needs tiled_run, the pipeline it times (e.g. segdeploy.predict.time_file)")
+    threads = opts.threads or cpu_count()  # every CPU backend runs with this many (torch: while it runs)
     report = BenchReport(threads=threads, machine=_machine())
     plan = [(Path(m), replace(opts, size=opts.size or model_size(Path(m)))) for m in models]
     plan = [(m, o, auto_candidates(m, o, log) if "auto" in o.backends else candidates(m, o)) for m, o in plan]
@@ -353,10 +377,12 @@ def record_speeds(run: Run, rows: list[BenchRow]) -> Path | None:
 
 
 def model_size(model: Path) -> int:
-    """The tile size a model was trained for (bench's default input size), 512 when unknown."""
+    """Bench's default input size (px): a static-size model's one size, else the tile size it was
+    trained for; 512 when unknown."""
     try:
         run = Run.find(model)
-        return int((run.meta if run is not None and model.is_dir() else artifact_meta(model)).tile_size)
+        meta = run.meta if run is not None and model.is_dir() else artifact_meta(model)
+        return int(meta.static_size or meta.tile_size)
     except Exception:  # noqa: BLE001 - an unreadable model is reported by its row, not here
         return 512
 
@@ -380,7 +406,7 @@ def _bench_candidate(cand: Candidate, opts: BenchOptions, threads: int, referenc
     common = {"device": backend.device, "threads": threads if backend.device == "cpu" else None,
               "provider": (getattr(backend, "providers", None) or [""])[0],
               "miou": acc.miou, "mdice": acc.mdice, "agreement": acc.agreement,
-              **(_tiled(backend, opts) if opts.tiled else {}), **_engine_facts(cand)}
+              **(_tiled(backend, opts) if opts.tiled and getattr(backend, "output", "logits") != "labels" else {}), **_engine_facts(cand)}
     rows = []
     for batch in opts.batches:
         row = BenchRow(cand.model, cand.backend, cand.precision, batch, opts.size, OK, **common)
@@ -396,9 +422,9 @@ def _bench_candidate(cand: Candidate, opts: BenchOptions, threads: int, referenc
 
 def _time_row(row: BenchRow, backend: Backend, opts: BenchOptions, flops: FlopCache) -> None:
     """Fill a row's timing columns, or mark it unavailable with the reason."""
-    meta, static = backend.meta, backend.static_shape
-    if static and static != (opts.size, opts.size):
-        row.status, row.reason = UNAVAILABLE, f"static model: {static[0]}×{static[1]} only (use --size {static[0]})"
+    meta, static = backend.meta, backend.static_size
+    if static and static != opts.size:
+        row.status, row.reason = UNAVAILABLE, f"static model: {static}×{static} only (use --size {static})"
         return
     if meta.static_batch and row.batch != meta.static_batch:
         row.status, row.reason = UNAVAILABLE, f"the model's batch is fixed at {meta.static_batch} (use --batch {meta.static_batch})"
@@ -457,6 +483,8 @@ class FlopCache:
         self.run, self.cache = run, {}
 
     def get(self, bands: int, size: int) -> float | None:
+        """FLOPs of one `bands`×`size`² image through the run's PyTorch model (`count_flops`), counted once per size;
+        None when there is no run or counting failed."""
         if size not in self.cache:
             self.cache[size] = count_flops(self.run, bands, size)
         return self.cache[size]
@@ -464,6 +492,9 @@ class FlopCache:
 
 @dataclass
 class Accuracy:
+    """A candidate's accuracy columns on the reference tiles (None when not measured): mIoU and mDice over the classes
+    present, pixel agreement with the reference's argmax (0..1), and why it fails the parity gate ('' when it
+    passes or was not checked)."""
     miou: float | None = None
     mdice: float | None = None
     agreement: float | None = None
@@ -506,7 +537,7 @@ class AccuracyColumns:
             from segdeploy.metrics import ConfusionMatrix
 
             if self.ref is None:
-                self._make(backend.static_shape[0] if backend.static_shape else backend.meta.tile_size)
+                self._make(backend.static_size or backend.meta.tile_size)
             logits = self.ref.logits_of(backend)
             rep = self.ref.compare(logits, backend.meta, cand.backend, cand.precision, self.thresholds(cand),
                                    output=getattr(backend, "output", "logits"))
@@ -527,13 +558,9 @@ class AccuracyColumns:
 def _tiled(backend: Backend, opts: BenchOptions) -> dict:
     import tempfile
 
-    from segdeploy.predict import PredictOptions, predict_file
-
-    blend = "crop" if getattr(backend, "output", "logits") == "labels" else "gaussian"  # predict.check_head
     with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
-        res = predict_file(backend, Path(opts.tiled), Path(tmp) / "pred.tif",  # type: ignore[arg-type]
-                           PredictOptions(tile=backend.meta.tile_size, blend=blend, tta=opts.tta))  # predict's defaults
-    return {"tiled_mp_per_s": _round(res.megapixels_per_s), "tiled_peak_rss_mb": _round(rss.peak)}
+        mps = opts.tiled_run(backend, Path(opts.tiled), Path(tmp))  # type: ignore[arg-type, misc]
+    return {"tiled_mp_per_s": _round(mps), "tiled_peak_rss_mb": _round(rss.peak)}
 
 
 def _engine_facts(c: Candidate) -> dict:
@@ -582,6 +609,7 @@ CSV_FIELDS = list(BenchRow.__dataclass_fields__)
 
 
 def write_csv(report: BenchReport, path: Path) -> None:
+    """The report's rows as CSV (CSV_FIELDS columns) at `path`, atomically."""
     from segdeploy.utils import atomic_path
 
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
@@ -593,14 +621,10 @@ def write_csv(report: BenchReport, path: Path) -> None:
 
 def plot(report: BenchReport, path: Path) -> Path:
     """Latency (p50, with p90 whiskers) against batch size, one line per backend/precision."""
-    import matplotlib
+    from segdeploy.viz import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from segdeploy.utils import atomic_path
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig = new_figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.subplots()
     series: dict[str, list[BenchRow]] = {}
     for r in report.rows:
         if r.p50_ms is not None:
@@ -622,10 +646,7 @@ def plot(report: BenchReport, path: Path) -> Path:
     if series:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def log_to_mlflow(report: BenchReport) -> list[str]:

@@ -108,6 +108,7 @@ class StateDict:
 
     @property
     def where(self) -> str:
+        """Where in the checkpoint the state dict was found, as the subscripts to reach it (or 'the top level')."""
         return "".join(f"[{k!r}]" for k in self.nested) or "the top level"
 
 
@@ -164,10 +165,12 @@ class Match:
 
     @property
     def complete(self) -> bool:
+        """True when every model tensor was loaded and nothing was unexpected or of the wrong shape."""
         return not (self.missing or self.unexpected or self.mismatched)
 
     @property
     def matched(self) -> int:
+        """How many model tensors were loaded (optional buffers such as BatchNorm's num_batches_tracked not counted)."""
         return len([k for k in self.loaded if not k.endswith(OPTIONAL_SUFFIXES)])
 
     def summary(self) -> str:
@@ -183,6 +186,7 @@ class Match:
         return "; ".join(parts)
 
     def notes(self) -> list[str]:
+        """What matching did that the user should know: wrapper prefixes removed, tensors left out (named)."""
         out = []
         if self.stripped:
             out.append(f"key prefix{'es' if len(self.stripped) > 1 else ''} {' + '.join(self.stripped)} removed "

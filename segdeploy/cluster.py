@@ -1,6 +1,7 @@
-"""Many rasters on a Ray cluster: an actor pool with one backend per actor; every raster goes
-through the same streaming `predict_file` as a local run, so the outputs are identical, pixel for
-pixel, and each is written atomically by the worker that made it.
+"""Where predict's jobs run: `run_jobs` runs them here (`jobs.run_serial`) or on a Ray cluster,
+an actor pool with one backend per actor; every raster goes through the same streaming
+`predict_file` as a local run, so the outputs are identical, pixel for pixel, and each is written
+atomically by the worker that made it.
 
 The cluster is Ray's (`pip install segdeploy[ray]`): a local one started on demand, bound to
 127.0.0.1 with no dashboard, or an existing one joined by address. Inputs, the model and the
@@ -14,11 +15,12 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from segdeploy.errors import BackendUnavailable, UserError
-from segdeploy.jobs import Job, Outcome, TileCallback, run_one
+from segdeploy.jobs import Job, Outcome, TileCallback, run_one, run_serial
 from segdeploy.predict import PredictOptions
 
 LOOPBACK = "127.0.0.1"
@@ -28,32 +30,52 @@ REPORT_EVERY_S = 0.5  # how often a worker sends its tile count to the driver's 
 
 @dataclass
 class Cluster:
+    """The Ray cluster predict runs on: its address ("local" for one segdeploy started), the number of worker actors,
+    backend threads per worker, and the cluster's CPU and GPU counts."""
     address: str  # "local" for a cluster segdeploy started
     workers: int
     threads: int  # backend threads per worker
     cpus: float
     gpus: float
-    started_here: bool
 
     def to_dict(self) -> dict:
+        """The cluster's facts as JSON types (predict's summary, `--json`)."""
         return {"address": self.address, "workers": self.workers, "threads_per_worker": self.threads,
                 "cluster_cpus": self.cpus, "cluster_gpus": self.gpus}
 
 
-def _import_ray(local: bool):  # noqa: ANN202
-    if local:
-        # Ray resolves 127.0.0.1 to the machine's outward address (and binds its servers to every
-        # interface) unless it believes it runs a single-machine cluster; read at import time.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+def _import_ray():  # noqa: ANN202
     try:
         import ray
     except ImportError:
         raise BackendUnavailable("--ray needs Ray: pip install 'segdeploy[ray]'") from None
-    if local:
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the variable was set
     return ray
+
+
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # ray._private.ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+
+
+@contextmanager
+def single_machine() -> Iterator[None]:
+    """Ray resolves 127.0.0.1 to the machine's outward address (and binds its servers to every
+    interface) unless it believes it runs a single-machine cluster: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+    in the environment of the processes `ray.init` starts, and the private constant
+    ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` that this process read from that variable when
+    it imported Ray (ray/_private/services.py, `get_node_ip_address`). Both are set only while a
+    local cluster starts, and put back as they were after: its processes keep the environment they
+    started with, and once the node exists Ray asks it for its address, not the constant."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    if saved_env is None:  # a user's own setting is kept
+        os.environ[SINGLE_MACHINE_ENV] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
 
 
 def check_reachable(address: str) -> None:
@@ -77,7 +99,7 @@ def connect(address: str | None, workers: int | None, threads: int | None, gpu: 
     import logging
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray = _import_ray(local=address is None)
+    ray = _import_ray()
     if address:
         check_reachable(address)
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
@@ -86,8 +108,9 @@ def connect(address: str | None, workers: int | None, threads: int | None, gpu: 
 
         cores = cpu_count()
         want = (workers or 1) * (threads or 1)
-        ray.init(num_cpus=max(cores, want), include_dashboard=False, _node_ip_address=LOOPBACK,
-                 logging_level=logging.ERROR, log_to_driver=False)
+        with single_machine():
+            ray.init(num_cpus=max(cores, want), include_dashboard=False, _node_ip_address=LOOPBACK,
+                     logging_level=logging.ERROR, log_to_driver=False)
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     if gpu:
@@ -101,7 +124,7 @@ def connect(address: str | None, workers: int | None, threads: int | None, gpu: 
         ray.shutdown()
         raise UserError(f"--workers {workers} × --threads {threads} needs {workers * threads} CPUs; the Ray cluster "
                         f"has {cpus:g}: ask for fewer")
-    return Cluster(address or "local", workers, threads, cpus, gpus, started_here=address is None)
+    return Cluster(address or "local", workers, threads, cpus, gpus)
 
 
 class _TileCounter:
@@ -196,6 +219,39 @@ def run_on_ray(model: Path, options: dict, jobs: list[Job], opts: PredictOptions
 
 
 def disconnect(cluster: Cluster) -> None:
+    """Leave the cluster: stops a local one this process started, only detaches from a joined one."""
     import ray
 
     ray.shutdown()  # stops a local cluster this process started; only detaches from a joined one
+
+
+def run_jobs(model: Path, options: dict, jobs: list[Job], opts: PredictOptions, use_ray: bool, address: str | None,
+             workers: int | None, on_tiles: TileCallback | None, info: dict) -> Iterator[Outcome]:
+    """Outcomes from the serial runner (`jobs.run_serial`, one backend loaded here) or, with
+    `use_ray`, from Ray's actor pool (the cluster is left at the end); `info` gets the backend's
+    description and, on Ray, the cluster's facts. Ray is imported only on that path."""
+    if not jobs:
+        return
+    if not use_ray:
+        from segdeploy.runtime import load_backend
+
+        backend = load_backend(model, **options)
+        info["backend"] = backend.describe()
+        yield from run_serial(backend, jobs, opts, on_tiles)
+        return
+    t0 = time.perf_counter()
+    gpu = backend_for_gpu(model, options)
+    cl = connect(address, workers, options.get("threads"), gpu, len(jobs))
+    try:
+        info["ray"] = cl.to_dict() | {"connect_seconds": round(time.perf_counter() - t0, 2)}
+        yield from run_on_ray(model, options, jobs, opts, cl, on_tiles,
+                              on_ready=lambda d: info.__setitem__("backend", d))
+    finally:
+        disconnect(cl)
+
+
+def backend_for_gpu(model: Path, options: dict) -> bool:
+    """Whether each Ray worker needs a GPU: the model's backend says (`Backend.needs_gpu`)."""
+    from segdeploy.runtime import backend_class, backend_for
+
+    return backend_class(backend_for(model)).needs_gpu(options)

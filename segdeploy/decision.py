@@ -44,9 +44,11 @@ class Decision:
 
     @property
     def is_argmax(self) -> bool:
+        """True when this decision is the plain argmax (no threshold other than 0.5, no minimum confidence)."""
         return self.threshold in (None, 0.5) and not self.min_confidence
 
     def to_dict(self) -> dict:
+        """The decision as JSON types (`threshold`, `min_confidence`, ...), as the summaries record it."""
         return asdict(self)
 
 

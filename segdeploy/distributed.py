@@ -18,6 +18,8 @@ from torch.utils.data import Sampler
 
 @dataclass(frozen=True)
 class World:
+    """This process's place in a torchrun job: its rank, the world size and its local rank (GPU index); a single
+    process is World(0, 1, 0)."""
     rank: int = 0
     size: int = 1
     local_rank: int = 0
@@ -29,10 +31,13 @@ class World:
 
     @property
     def active(self) -> bool:
+        """True when several processes train together (world size > 1)."""
         return self.size > 1
 
 
 def join(device: str) -> World:
+    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, else gloo; init method SEGDEPLOY_DIST_INIT or
+    env://), pin this rank's GPU, and return its World; World() alone otherwise."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
@@ -57,6 +62,7 @@ def leave(world: World) -> None:
 
 
 def barrier(world: World) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
     if world.active:
         import torch.distributed as dist
 
@@ -64,6 +70,7 @@ def barrier(world: World) -> None:
 
 
 def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:
+    """`t` summed over all ranks, in place (unchanged in a single process); returns `t`."""
     if world.active:
         import torch.distributed as dist
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from segdeploy import recipe as recipe_mod
-from segdeploy.artifact import EVAL_DIR, THRESHOLD_PLOT, Run
+from segdeploy.artifact import CONFUSION_FILE, EVAL_DIR, EVAL_METRICS_FILE, OVERLAY_FILE, THRESHOLD_PLOT, Run
 from segdeploy.data.dataset import SampleReader, discover, eval_split
 from segdeploy.decision import Decision, decide, resolve
 from segdeploy.errors import ArtifactError, UserError
@@ -20,14 +20,17 @@ from segdeploy.runtime import load_backend
 from segdeploy.runtime.base import Backend
 from segdeploy.runtime.finite import FiniteLogits
 from segdeploy.scoring import default_plan, score_split
-from segdeploy.utils import atomic_path, check_replaceable, staged_dir, writable_location, write_json
-from segdeploy.viz import overlay_figure, save_figure
+from segdeploy.utils import check_replaceable, staged_dir, writable_location, write_json
+from segdeploy.viz import new_figure, overlay_figure, save_figure
 
-METRICS_FILE = "metrics.json"  # what marks a directory as an evaluation's (replaceable with --overwrite)
 
 
 @dataclass
 class EvalReport:
+    """One evaluation: the model and backend, the split scored (and why, when it was chosen), image count, metrics,
+    wall seconds, where its files are, the images whose logits were recomputed at FP32, notes, the decision rule
+    the classes were chosen with, and the optional TTA comparison and threshold sweep."""
+
     model: str
     backend: str
     split: str
@@ -45,6 +48,7 @@ class EvalReport:
     sweep: ThresholdSweep | None = None  # --thresholds
 
     def to_dict(self) -> dict:
+        """The report as JSON types (metrics.json, `eval --json`)."""
         return {"model": self.model, "backend": self.backend, "split": self.split, "split_reason": self.split_reason,
                 "images": self.images,
                 "seconds": round(self.seconds, 3), **self.metrics.to_dict(),
@@ -63,6 +67,7 @@ class TtaComparison:
     seconds: float
 
     def to_dict(self) -> dict:
+        """Mode, seconds (wall) and the metrics as JSON types."""
         return {"mode": self.mode, "seconds": round(self.seconds, 3), **self.metrics.to_dict()}
 
 
@@ -78,10 +83,12 @@ class ThresholdSweep:
         self.plot: Path | None = None
 
     def observe(self, truth: np.ndarray, probs: np.ndarray) -> None:
+        """Count one image: H×W int truth (ignore_index where unscored), 2×H×W float32 blended probabilities."""
         for t, cm in zip(self.thresholds, self.matrices, strict=True):
             cm.update(decide(probs, Decision(threshold=t))[0], truth)
 
     def rows(self) -> list[dict]:
+        """Per threshold: class 1's IoU and Dice and the mIoU (None where undefined: no such pixels)."""
         out = []
         for t, cm in zip(self.thresholds, self.matrices, strict=True):
             m = cm.compute(self.names)
@@ -89,9 +96,11 @@ class ThresholdSweep:
         return out
 
     def best(self) -> dict:
+        """The row with the highest class-1 IoU (the lowest threshold among equals)."""
         return max(self.rows(), key=lambda r: (r["iou"] if r["iou"] is not None else -1.0, -r["threshold"]))
 
     def to_dict(self) -> dict:
+        """The sweep as JSON types: class name, rows, best row, where it was recorded, the plot."""
         return {"class": self.names[1], "rows": self.rows(), "best": self.best(), "recorded": self.recorded,
                 "plot": str(self.plot) if self.plot else None}
 
@@ -151,7 +160,7 @@ def evaluate(
                    else model_path.parent / EVAL_DIR / f"{model_path.name}-{split}")
         overwrite = True
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, overwrite, METRICS_FILE, "evaluation")  # before the work, not after it
+    check_replaceable(out_dir, overwrite, EVAL_METRICS_FILE, "evaluation")  # before the work, not after it
     writable_location(out_dir)  # an unwritable output fails before the evaluation, not after
     # each image is read once: no cache (a split of 2448² images would be held whole)
     ds = SampleReader(discover(rec.data, split), rec.data, rec.classes, meta.mean, meta.std)
@@ -174,7 +183,7 @@ def evaluate(
     report = EvalReport(str(model_path), backend.describe(), split, len(ds), mets, seconds, Path(out_dir), split_reason=why,
                         recomputed=scorer.finite.recomputed, notes=notes,
                         decision={**decision.to_dict(), "source": decision_note}, tta=compared, sweep=sweep)
-    with staged_dir(out_dir, overwrite, METRICS_FILE, "evaluation") as work:
+    with staged_dir(out_dir, overwrite, EVAL_METRICS_FILE, "evaluation") as work:
         names = _write_outputs(work, report, scorer.keep if plots else None, rec, meta)
     report.files = [out_dir / name for name in names]
     if sweep is not None:
@@ -250,19 +259,19 @@ def _record_threshold(model_path: Path, report: EvalReport) -> None:
 
 def _write_outputs(work: Path, report: EvalReport, keep: list | None, rec: Recipe, meta) -> list[str]:  # noqa: ANN001
     """metrics.json, the confusion matrix and the overlays into `work`; their file names."""
-    names = [METRICS_FILE]
+    names = [EVAL_METRICS_FILE]
     if report.sweep is not None:
         report.sweep.plot = report.out_dir / plot_thresholds(report.sweep, work / THRESHOLD_PLOT).name
         names.append(THRESHOLD_PLOT)
     if keep is not None:
-        names.append(plot_confusion(report.metrics, work / "confusion_matrix.png").name)
+        names.append(plot_confusion(report.metrics, work / CONFUSION_FILE).name)
         palette = [tuple(c) for c in meta.palette]
         for k, (img, truth, pred) in enumerate(keep):
             fig = overlay_figure(img, truth, pred, rec.classes.names, palette, meta.max_pixel_value, meta.ignore_index,
                                  background=rec.classes.background)
-            names.append(save_figure(fig, work / f"overlay_{k:02d}.png").name)
+            names.append(save_figure(fig, work / OVERLAY_FILE.format(k)).name)
     report.files = [report.out_dir / name for name in names]
-    write_json(work / METRICS_FILE, report.to_dict())
+    write_json(work / EVAL_METRICS_FILE, report.to_dict())
     return names
 
 
@@ -274,17 +283,13 @@ def _display_image(ds: SampleReader, i: int) -> np.ndarray:
 
 def plot_confusion(mets: SegMetrics, path: Path) -> Path:
     """Row-normalised confusion matrix (recall on the diagonal) with pixel counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     m = mets.matrix.astype(np.float64)
     rows = m.sum(1, keepdims=True)
     norm = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
     n = len(mets.names)
     size = max(4.0, 0.6 * n + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=100)
+    fig = new_figure(figsize=(size + 1, size), dpi=100)
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), mets.names, rotation=45, ha="right")
     ax.set_yticks(range(n), mets.names)
@@ -298,22 +303,15 @@ def plot_confusion(mets: SegMetrics, path: Path) -> Path:
     ax.set_title(f"confusion (row-normalised), mIoU {mets.miou:.3f}")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_thresholds(sweep: ThresholdSweep, path: Path) -> Path:
     """IoU and Dice of class 1 against the threshold, the best marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = sweep.rows()
     t = [r["threshold"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = new_figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
     for key, label in (("iou", "IoU"), ("dice", "Dice")):
         ax.plot(t, [np.nan if r[key] is None else r[key] for r in rows], marker="o", label=f"{label} of {sweep.names[1]}")
     best = sweep.best()
@@ -323,7 +321,4 @@ def plot_thresholds(sweep: ThresholdSweep, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

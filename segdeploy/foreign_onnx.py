@@ -54,6 +54,7 @@ class OnnxPlan:
     actions: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON types (recorded in the imported run's metadata)."""
         from dataclasses import asdict
 
         return asdict(self)

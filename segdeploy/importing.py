@@ -59,6 +59,8 @@ Log = Callable[[str], None]
 
 @dataclass
 class ImportOptions:
+    """What `segdeploy import` was given: the recipe, its `--set` overrides, `--data`, whether a pickled object may be
+    unpickled (`--trust-pickle`) and `--overwrite`."""
     recipe: Path
     overrides: list[str] = field(default_factory=list)  # --set key=value
     data_root: Path | None = None  # --data
@@ -68,6 +70,8 @@ class ImportOptions:
 
 @dataclass
 class ImportReport:
+    """What an import made: the source file, its detected format, the run directory, how the run holds the model
+    (MODEL_FORMATS), the file's sha256, the run's ModelMeta, notes and wall seconds."""
     source: str
     format: str  # a FORMAT_NAMES key (a trusted pickle reports what it held)
     run_dir: Path
@@ -78,6 +82,7 @@ class ImportReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON types (`import --json`), with the model's input facts."""
         return {"source": self.source, "format": self.format, "run_dir": str(self.run_dir),
                 "model_format": self.model_format, "sha256": self.sha256, "notes": self.notes,
                 "classes": self.meta.classes, "input_divisor": self.meta.input_divisor,
@@ -480,6 +485,7 @@ class ModuleProbe:
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
+        """The measured input sizes (static or any multiple of the divisor), fixed batch and output, in words."""
         sizes = f"static {self.static_size}²" if self.static_size else f"any multiple of {self.divisor}"
         batch = f", batch fixed at {self.static_batch}" if self.static_batch else ""
         return f"input sizes: {sizes}{batch}; output: {self.output}"
@@ -612,6 +618,7 @@ class PredictionCheck:
     kappa: float | None = None  # Cohen's kappa: agreement beyond chance
 
     def to_dict(self) -> dict[str, Any]:
+        """The check as JSON types: status, message, pixel accuracy and Cohen's kappa against the masks."""
         return {"status": self.status, "message": self.message, "pixel_accuracy": self.pixel_accuracy,
                 "kappa": self.kappa}
 

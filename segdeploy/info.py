@@ -31,6 +31,9 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 def describe_run(run: Run) -> dict[str, Any]:
+    """The facts `segdeploy info` shows for a run directory as JSON types: status, epochs, best metrics, model, data
+    and splits, evaluations, exports with their gate records and staleness, versions. Raises ArtifactError when
+    meta.json is missing or corrupt; needs no torch."""
     info = run.info  # ArtifactError when meta.json is missing or corrupt
     meta = ModelMeta.from_dict(info.get("model_meta") or {}, str(run.meta_path)) if info.get("model_meta") else None
     recipe = _recipe_facts(run)
@@ -80,7 +83,7 @@ def _model_facts(meta: ModelMeta) -> dict[str, Any]:
 def _evaluations(run: Run) -> list[dict[str, Any]]:
     """Each evaluation on disk under RUN/eval (split, mIoU, images, backend)."""
     found = []
-    for metrics in sorted(run.eval_dir("").glob("*/metrics.json")):
+    for metrics in run.evaluation_files():
         try:
             m = json.loads(metrics.read_text())
         except (OSError, ValueError):

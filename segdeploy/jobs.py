@@ -1,7 +1,7 @@
 """Many rasters, one outcome each: the plan (which outputs are finished, which continue), the
-serial runner, the tally behind the one progress bar, and `run_jobs`, which picks the serial
-runner or the Ray one (`segdeploy.cluster`: the same jobs, the same outcomes). Both run every
-raster through `predict_file`."""
+serial runner and the tally behind the one progress bar. `cluster.run_jobs` picks this serial
+runner or Ray's actor pool (the same jobs, the same outcomes); both run every raster through
+`run_one`, that is `predict_file`. This module never imports `cluster` (no import cycle)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ TileCallback = Callable[[int, int, int, int], None]  # (job index, tiles done, t
 
 @dataclass
 class Job:
+    """One raster to predict: its position in the batch, the input (a path or GDAL /vsi string), the output, and
+    whether to resume it."""
     index: int
     src: Path | str
     out: Path
@@ -29,12 +31,14 @@ class Job:
 
 @dataclass
 class Outcome:
+    """One raster's result: its PredictResult, or the one-line error naming it, and the georeference warnings."""
     job: Job
     result: PredictResult | None = None
     error: str | None = None  # one line naming the raster
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """The outcome as JSON types (predict's `--json` per raster)."""
         if self.result is not None:
             return self.result.to_dict() | {"warnings": self.warnings}
         return {"input": str(self.job.src), "output": str(self.job.out), "error": self.error}
@@ -132,6 +136,8 @@ def run_one(backend, job: Job, opts: PredictOptions,  # noqa: ANN001 - a runtime
 
 def run_serial(backend, jobs: list[Job], opts: PredictOptions,  # noqa: ANN001
                on_tiles: TileCallback | None = None) -> Iterator[Outcome]:
+    """Outcomes of the jobs one after the other in this process with `backend`; with several jobs a failure becomes
+    that raster's outcome and the rest go on (a single job raises)."""
     for job in jobs:
         yield run_one(backend, job, opts, on_tiles, keep_going=len(jobs) > 1)
 
@@ -149,9 +155,11 @@ class Tally:
         self.pixels_done = 0.0
 
     def tiles(self, index: int, done: int, total: int, pixels: int) -> None:
+        """Record raster `index`'s progress: `done` of `total` tiles, `pixels` in the raster."""
         self.running[index] = (done / max(total, 1), pixels)
 
     def finish(self, outcome: Outcome) -> None:
+        """Count a finished raster (and its pixels, or a failure)."""
         self.running.pop(outcome.job.index, None)
         self.done += 1
         if outcome.error:
@@ -161,51 +169,16 @@ class Tally:
 
     @property
     def completed(self) -> float:
+        """Rasters done, plus the tile share of those running (for the bar)."""
         return self.done + sum(share for share, _ in self.running.values())
 
     @property
     def seconds(self) -> float:
+        """Wall seconds since the batch started."""
         return time.perf_counter() - self.t0
 
     @property
     def megapixels_per_s(self) -> float:
+        """Megapixels predicted per wall second over the batch, running rasters counted by their share."""
         pixels = self.pixels_done + sum(share * px for share, px in self.running.values())
         return pixels / 1e6 / max(self.seconds, 1e-9)
-
-
-def run_jobs(model: Path, options: dict, jobs: list[Job], opts: PredictOptions, use_ray: bool, address: str | None,
-             workers: int | None, on_tiles: TileCallback | None, info: dict) -> Iterator[Outcome]:
-    """Outcomes from the serial runner, or from Ray's actor pool (the cluster is left at the end);
-    `info` gets the backend's description and, on Ray, the cluster's facts."""
-    if not jobs:
-        return
-    if not use_ray:
-        from segdeploy.runtime import load_backend
-
-        backend = load_backend(model, **options)
-        info["backend"] = backend.describe()
-        yield from run_serial(backend, jobs, opts, on_tiles)
-        return
-    from segdeploy import cluster as ray_cluster
-
-    t0 = time.perf_counter()
-    gpu = backend_for_gpu(model, options)
-    cl = ray_cluster.connect(address, workers, options.get("threads"), gpu, len(jobs))
-    try:
-        info["ray"] = cl.to_dict() | {"connect_seconds": round(time.perf_counter() - t0, 2)}
-        yield from ray_cluster.run_on_ray(model, options, jobs, opts, cl, on_tiles,
-                                          on_ready=lambda d: info.__setitem__("backend", d))
-    finally:
-        ray_cluster.disconnect(cl)
-
-
-def backend_for_gpu(model: Path, options: dict) -> bool:
-    """Whether each Ray worker needs a GPU: engines always, the torch backend unless told cpu."""
-    from segdeploy.runtime import backend_for
-
-    kind = backend_for(model)
-    if kind == "tensorrt":
-        return True
-    from segdeploy.utils import pick_device
-
-    return kind == "torch" and options.get("device", "auto") != "cpu" and pick_device("auto") == "cuda"

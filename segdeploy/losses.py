@@ -21,6 +21,8 @@ LOSSES: Registry[LossFactory] = Registry("loss")
 
 
 class CrossEntropy(nn.Module):
+    """`loss: ce`: cross-entropy over N×C×H×W logits and N×H×W int64 targets, ignore_index pixels left out, optional
+    per-class weights and label_smoothing (params); RecipeError for another param."""
     def __init__(self, ignore_index: int, weights: list[float] | None, **params: float) -> None:
         super().__init__()
         self.ignore_index = ignore_index
@@ -30,6 +32,7 @@ class CrossEntropy(nn.Module):
             raise RecipeError(f"loss ce does not take params {sorted(params)}")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy (a scalar tensor) of N×C×H×W logits against N×H×W class indices."""
         return F.cross_entropy(logits, target, weight=self.weight, ignore_index=self.ignore_index,
                                label_smoothing=self.label_smoothing)
 
@@ -45,6 +48,7 @@ class OneVsRestBCE(nn.Module):
             raise RecipeError(f"loss bce does not take params {sorted(params)}")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The mean BCE over valid pixels and classes (a scalar tensor) of N×C×H×W logits against N×H×W class indices."""
         valid = (target != self.ignore_index).unsqueeze(1)
         onehot = F.one_hot(target.clamp(0, logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
         loss = F.binary_cross_entropy_with_logits(logits, onehot, weight=self.weight, reduction="none")
@@ -80,12 +84,14 @@ LOSSES.add("tversky", _smp("TverskyLoss"))
 
 
 class WeightedSum(nn.Module):
+    """The recipe's loss terms as one module: Σ weight × term(logits, target)."""
     def __init__(self, terms: list[tuple[float, nn.Module]]) -> None:
         super().__init__()
         self.weights = [w for w, _ in terms]
         self.terms = nn.ModuleList(m for _, m in terms)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Σ weight × term(logits, target) over the terms (a scalar tensor)."""
         return sum(w * m(logits, target) for w, m in zip(self.weights, self.terms, strict=True))  # type: ignore[return-value]
 
 

@@ -11,8 +11,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from segdeploy.classes import hierarchy_levels
+
 
 class ConfusionMatrix:
+    """A streaming confusion matrix: `matrix[t, p]` counts pixels of true class t predicted p (int64, num_classes²);
+    pixels whose target is `ignore_index` (or outside 0..num_classes-1) are not counted."""
     def __init__(self, num_classes: int, ignore_index: int | None = 255) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -48,6 +52,7 @@ class ConfusionMatrix:
         self.matrix += np.bincount(idx, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
 
     def compute(self, names: list[str] | None = None, exclude_background: bool = False) -> SegMetrics:
+        """Every metric of the counts so far (`metrics_from_matrix`)."""
         return metrics_from_matrix(self.matrix, names, exclude_background)
 
 
@@ -73,6 +78,8 @@ class SegMetrics:
     levels: dict[str, float] = field(default_factory=dict)
 
     def per_class(self) -> list[dict[str, float | str | int]]:
+        """One dict per class: name, IoU, Dice, precision, recall, F1 (None where undefined: no pixels) and support
+        (true pixels)."""
         def f(x: float) -> float | None:
             return None if np.isnan(x) else round(float(x), 6)
 
@@ -101,6 +108,7 @@ class SegMetrics:
         return float(np.mean([0.0 if np.isnan(values[i]) else values[i] for i in classes]))
 
     def to_dict(self) -> dict:
+        """The metrics as JSON types (6 decimals), per class and the confusion matrix included."""
         return {
             "miou": round(self.miou, 6),
             "mdice": round(self.mdice, 6),
@@ -114,6 +122,10 @@ class SegMetrics:
 def metrics_from_matrix(
     matrix: np.ndarray, names: list[str] | None = None, exclude_background: bool = False
 ) -> SegMetrics:
+    """Per-class IoU = TP/(TP+FP+FN), Dice = 2TP/(2TP+FP+FN) (= F1), precision and recall from a C×C confusion matrix
+    (rows true, columns predicted), pixel accuracy, and their means over the classes where they are defined (NaN
+    for a class with no pixels in truth or prediction is left out of the mean, as torchmetrics' `ignore_index`-free
+    macro average does); `exclude_background` leaves class 0 out of the means."""
     m = matrix.astype(np.float64)
     tp = np.diag(m)
     fp = m.sum(0) - tp
@@ -137,39 +149,6 @@ def metrics_from_matrix(
         mdice=nan_mean(dice[counted]),
         matrix=matrix.copy(),
     )
-
-
-def hierarchy_levels(names: list[str], tree: dict[str, list[str]]) -> list[list[str]]:
-    """For each depth d≥1 (root's children first), the group name of every leaf class.
-
-    A leaf shallower than d keeps its own name. ``background → body → upper/lower → parts``
-    gives levels [[background, body, …], [background, upper_body, lower_body, …], [leaves]].
-    """
-    parent: dict[str, str] = {}
-    for p, children in tree.items():
-        for c in children:
-            if c in parent:
-                raise ValueError(f"classes.hierarchy: {c!r} has two parents")
-            parent[c] = p
-    for leaf in names:
-        if leaf in tree:
-            raise ValueError(f"classes.hierarchy: class {leaf!r} is a leaf and cannot have children")
-    known = set(names) | set(tree)
-    for c in parent:
-        if c not in known:
-            raise ValueError(f"classes.hierarchy: {c!r} is neither a class name nor a group")
-
-    def ancestry(leaf: str) -> list[str]:
-        chain = [leaf]
-        while chain[-1] in parent:
-            chain.append(parent[chain[-1]])
-            if len(chain) > len(known) + 1:
-                raise ValueError("classes.hierarchy has a cycle")
-        return chain[::-1]  # root-most first
-
-    chains = [ancestry(n) for n in names]
-    depth = max(len(c) for c in chains)
-    return [[c[min(d, len(c) - 1)] for c in chains] for d in range(depth)]
 
 
 def level_mious(

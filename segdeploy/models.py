@@ -5,7 +5,8 @@ segmenter on a timm backbone.
 Every architecture is registered once, with what the rest of segdeploy needs to know about it
 (`Architecture`: input divisor, static size, minimum tile, what ``model.encoder`` names, export
 rewrites), the way timm registers a model with its pretrained config. Its builder takes
-(ModelConfig, in_channels, num_classes) and returns an nn.Module mapping a float32 N×B×H×W batch to
+(ModelConfig, bands, num_classes) — bands: input channels, the recipe's data.bands (smp and timm
+call it in_channels / in_chans) — and returns an nn.Module mapping a float32 N×B×H×W batch to
 N×C×H×W logits; H and W must be multiples of ``facts(cfg, model).input_divisor``. Adding an
 architecture is one `register_architecture` call here; nothing else probes a model's attributes.
 """
@@ -22,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segdeploy.artifact import MODEL_FORMATS
-from segdeploy.errors import ModelError
+from segdeploy.artifact import MODEL_FORMATS, Run, check_source
+from segdeploy.errors import ArtifactError, ModelError
 from segdeploy.recipe import ModelConfig
 from segdeploy.registry import Registry, did_you_mean
 
@@ -63,6 +64,8 @@ class Architecture:
     export_rewrite: Callable[[nn.Module], list[tuple[str, str, str]]] | None = None
 
     def facts(self, model: nn.Module) -> ArchFacts:
+        """The registered facts evaluated on `model` as built (its encoder and kwargs decide the divisor): an
+        ArchFacts."""
         divisor = int(self.input_divisor(model))
         static = self.static_size(model)
         return ArchFacts(divisor, None if static is None else int(static), int(self.min_tile(model)))
@@ -88,14 +91,14 @@ def register_architecture(name: str, *, encoder: Literal["smp", "timm", "none"],
 
 
 def _smp_builder(arch: str) -> Builder:
-    def build(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    def build(cfg: ModelConfig, bands: int, num_classes: int) -> nn.Module:
         import segmentation_models_pytorch as smp
 
         check_encoder_name(cfg.encoder)
         weights = "imagenet" if cfg.weights == "imagenet" else None
         try:
             model = smp.create_model(
-                arch, encoder_name=cfg.encoder, encoder_weights=weights, in_channels=in_channels,
+                arch, encoder_name=cfg.encoder, encoder_weights=weights, in_channels=bands,
                 classes=num_classes, **cfg.kwargs,
             )
         except TypeError as exc:
@@ -160,6 +163,8 @@ def _register_smp() -> None:
 
 
 def check_encoder_name(name: str) -> None:
+    """Refuse an unknown encoder before anything is built: a `tu-<name>` must be a timm model, any other name an smp
+    encoder. Raises ModelError with the closest names."""
     if name.startswith("tu-"):
         import timm
 
@@ -246,12 +251,12 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 class SegNet(nn.Module):
     """SegNet (Badrinarayanan et al.): the decoder upsamples with the encoder's max-pool indices."""
 
-    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (64, 128, 256, 512, 512),
+    def __init__(self, bands: int, num_classes: int, widths: tuple[int, ...] = (64, 128, 256, 512, 512),
                  convs: int = 2) -> None:
         super().__init__()
         self.enc = nn.ModuleList()
         self.dec = nn.ModuleList()
-        cin = in_channels
+        cin = bands
         for w in widths:
             self.enc.append(nn.Sequential(*[_conv_bn_relu(cin if i == 0 else w, w) for i in range(convs)]))
             cin = w
@@ -269,6 +274,7 @@ class SegNet(nn.Module):
     export_friendly = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×B×H×W float32 -> N×C×H×W logits (H, W multiples of 2^len(widths))."""
         if self.export_friendly:
             return self._forward_onehot(x)
         indices = []
@@ -300,9 +306,9 @@ class StridedUNet(nn.Module):
     """U-Net whose encoder downsamples with stride-2 convolutions and whose decoder upsamples
     with transposed convolutions (no pooling, no interpolation)."""
 
-    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 128, 256, 512)) -> None:
+    def __init__(self, bands: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 128, 256, 512)) -> None:
         super().__init__()
-        self.stem = nn.Sequential(_conv_bn_relu(in_channels, widths[0]), _conv_bn_relu(widths[0], widths[0]))
+        self.stem = nn.Sequential(_conv_bn_relu(bands, widths[0]), _conv_bn_relu(widths[0], widths[0]))
         self.down = nn.ModuleList(
             nn.Sequential(_conv_bn_relu(a, b, stride=2), _conv_bn_relu(b, b)) for a, b in zip(widths, widths[1:])
         )
@@ -314,6 +320,7 @@ class StridedUNet(nn.Module):
         self.input_divisor = 2 ** (len(widths) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×B×H×W float32 -> N×C×H×W logits (H, W multiples of 2^(len(widths)-1))."""
         skips = [self.stem(x)]
         for d in self.down:
             skips.append(d(skips[-1]))
@@ -330,11 +337,11 @@ class ViTSegmenter(nn.Module):
     this kind are static at that size.
     """
 
-    def __init__(self, backbone: str, in_channels: int, num_classes: int, img_size: int, pretrained: bool) -> None:
+    def __init__(self, backbone: str, bands: int, num_classes: int, img_size: int, pretrained: bool) -> None:
         super().__init__()
         import timm
 
-        self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, in_chans=in_channels,
+        self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, in_chans=bands,
                                           img_size=img_size)
         self.patch = self.backbone.patch_embed.patch_size[0]
         self.prefix = getattr(self.backbone, "num_prefix_tokens", 1)
@@ -344,6 +351,8 @@ class ViTSegmenter(nn.Module):
         self.static_size = img_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×B×H×W float32 -> N×C×H×W logits: the patch tokens' class scores, bilinearly upsampled (H, W multiples of
+        the patch size)."""
         n, _, h, w = x.shape
         tokens = self.backbone.forward_features(x)[:, self.prefix :]
         logits = self.head(self.norm(tokens))  # N × (h/p·w/p) × C
@@ -362,11 +371,13 @@ class SigmoidAsTwoClasses(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×B×H×W -> N×2×H×W logits [0, z] of the wrapped one-channel model's z (softmax gives [1 - σ(z), σ(z)])."""
         z = self.net(x)
         return torch.cat([torch.zeros_like(z), z], 1)
 
     @property
     def encoder(self) -> nn.Module | None:  # freeze_encoder and the weights loader look for it
+        """The wrapped model's encoder (None when it has none), for encoder freezing and weights loading."""
         return getattr(self.net, "encoder", None)
 
 
@@ -380,9 +391,11 @@ class ExportedProgramModule(nn.Module):
         self.program = program_module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The program's output for N×B×H×W float32 input (logits-like, as the program computes them)."""
         return self.program(x)
 
     def train(self, mode: bool = True) -> ExportedProgramModule:  # noqa: ARG002 - fixed at export
+        """A no-op returning self: a torch.export program's train/eval behaviour was fixed when it was exported."""
         return self
 
 
@@ -413,19 +426,19 @@ def _segnet_export_rewrite(model: nn.Module) -> list[tuple[str, str, str]]:
 @register_architecture("segnet", encoder="none", input_divisor=lambda m: m.input_divisor,
                        min_tile=lambda m: m.input_divisor,  # the deepest pooled map is 1 px
                        static_size=any_size, export_rewrite=_segnet_export_rewrite)
-def _segnet(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    return SegNet(in_channels, num_classes, **_widths_kwargs(cfg))
+def _segnet(cfg: ModelConfig, bands: int, num_classes: int) -> nn.Module:
+    return SegNet(bands, num_classes, **_widths_kwargs(cfg))
 
 
 @register_architecture("unet_strided", encoder="none", input_divisor=lambda m: m.input_divisor,
                        min_tile=lambda m: m.input_divisor, static_size=any_size)
-def _unet_strided(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    return StridedUNet(in_channels, num_classes, **_widths_kwargs(cfg))
+def _unet_strided(cfg: ModelConfig, bands: int, num_classes: int) -> nn.Module:
+    return StridedUNet(bands, num_classes, **_widths_kwargs(cfg))
 
 
 @register_architecture("vit_segmenter", encoder="timm", input_divisor=lambda m: m.patch,
                        min_tile=lambda m: m.static_size, static_size=lambda m: m.static_size)
-def _vit(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+def _vit(cfg: ModelConfig, bands: int, num_classes: int) -> nn.Module:
     import timm
 
     name = cfg.encoder.removeprefix("tu-")
@@ -436,7 +449,7 @@ def _vit(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     if kw:
         raise ModelError(f"model.kwargs {sorted(kw)} are not used by vit_segmenter (only img_size)")
     try:
-        return ViTSegmenter(name, in_channels, num_classes, img_size, pretrained=cfg.weights == "imagenet")
+        return ViTSegmenter(name, bands, num_classes, img_size, pretrained=cfg.weights == "imagenet")
     except Exception as exc:
         if cfg.weights == "imagenet" and _looks_like_download_failure(exc):
             raise _offline_error(cfg.encoder, exc) from None
@@ -456,7 +469,7 @@ def check_model_names(cfg: ModelConfig) -> None:
         check_encoder_name(cfg.encoder)
 
 
-def build_model(cfg: ModelConfig, in_channels: int, num_classes: int,
+def build_model(cfg: ModelConfig, bands: int, num_classes: int,
                 log: Callable[[str], None] | None = None) -> nn.Module:
     """The recipe's model; with ``model.weights: FILE`` its tensors come from the file (a whole
     model, or an encoder; `log` is told which). ``model.output: sigmoid`` builds a one-channel
@@ -466,12 +479,54 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int,
     if cfg.output == "sigmoid" and num_classes != 2:
         raise ModelError(f"model.output: sigmoid is for two classes (one sigmoid channel); the recipe has {num_classes}")
     with fail_fast_when_offline(cfg.weights):
-        net = arch.build(cfg, in_channels, 1 if cfg.output == "sigmoid" else num_classes)
+        net = arch.build(cfg, bands, 1 if cfg.output == "sigmoid" else num_classes)
     if cfg.weights not in (None, "imagenet"):
-        note = load_weights_file(net, Path(cfg.weights), cfg, in_channels, num_classes)
+        note = load_weights_file(net, Path(cfg.weights), cfg, bands, num_classes)
         if log is not None:
             log(note)
     return wrap_output(net, cfg)
+
+
+def load_run_model(run: Run) -> nn.Module:
+    """A finished run's PyTorch model, in eval mode on the CPU: rebuilt from its recipe's
+    architecture (`build_model`, no pretrained download) with its safetensors weights (no
+    unpickling), or an imported TorchScript / torch.export archive loaded as it is (wrapped like a
+    trained model's output, `wrap_output`). Maps float32 N×B×H×W to N×C×H×W logits.
+
+    Raises ArtifactError for an unfinished run, a model whose imported source changed since
+    (`artifact.check_source`), an imported ONNX model (it has no PyTorch model: use its FP32
+    ONNX), weights that do not match the recipe's model, and an archive that cannot be loaded."""
+    run.require_finished()
+    meta, fmt = run.meta, run.model_format
+    check_source(run.model_file, meta)
+    if fmt == "onnx":
+        raise ArtifactError(f"run {run.root} is an imported ONNX model: it has no PyTorch model; use its "
+                            f"{run.export_path('fp32').relative_to(run.root)}")
+    if fmt != "weights":
+        return wrap_output(_load_archive(run.model_file, fmt), run.recipe.model).eval()
+    model = build_model(run.recipe.model.model_copy(update={"weights": None}), meta.bands, meta.num_classes)
+    state = run.load_weights()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(f"{run.weights} does not match the recipe's model ({len(missing)} missing, "
+                            f"{len(unexpected)} unexpected tensors); retrain the run")
+    return model.eval()
+
+
+def _load_archive(path: Path, fmt: str) -> nn.Module:
+    """An imported TorchScript archive (``torch.jit.load``) or torch.export program
+    (``torch.export.load``, as a plain module) on the CPU; ArtifactError when it cannot be loaded."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice: TorchScript is what was imported
+            if fmt == "torchscript":
+                return torch.jit.load(str(path), map_location="cpu")
+            return ExportedProgramModule(torch.export.load(str(path)).module())
+    except Exception as exc:  # noqa: BLE001 - any failure is the file's
+        raise ArtifactError(f"{path} cannot be loaded ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160]}); import the model again") from None
 
 
 def facts(cfg: ModelConfig, model: nn.Module) -> ArchFacts:

@@ -80,26 +80,32 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
+        """True when no threshold failed (`failures` is empty)."""
         return not self.failures
 
     @property
     def min_agreement(self) -> float:
+        """The pixel agreement (0..1) the gate required."""
         return self.thresholds.min_agreement
 
     @property
     def max_class_iou_drop(self) -> float:
+        """The largest per-class IoU drop (percentage points) the gate allowed."""
         return self.thresholds.max_class_iou_drop
 
     @property
     def reduced_flops_share(self) -> float | None:
+        """The share (0..1) of FLOPs in reduced precision, or None when not measured (an FP32 form)."""
         return None if self.usage is None else self.usage.reduced_flops_share
 
     @property
     def fp32_nodes(self) -> list[str]:
+        """The nodes kept in FP32 in a reduced-precision form ([] when none or not measured)."""
         return [] if self.usage is None else list(self.usage.fp32_nodes)
 
     @property
     def worst_drop(self) -> float:
+        """The largest per-class IoU drop (percentage points) measured; 0.0 when no class could be measured."""
         drops = [c["iou_drop_points"] for c in self.per_class if c["iou_drop_points"] is not None]
         return max(drops, default=0.0)
 
@@ -129,6 +135,7 @@ class ParityReport:
         return "no class lost IoU and every class agrees with the reference"
 
     def precision_share(self) -> str:
+        """'FP16 on 120/130 nodes, 97.1% of FLOPs', or '' when precision use was not measured."""
         if self.usage is None:
             return ""
         return (f"{self.precision.upper()} on {self.usage.reduced_nodes}/{self.usage.total_nodes} nodes, "
@@ -139,6 +146,7 @@ class ParityReport:
         return f"{self.backend} {self.precision}: {'; '.join(self.failures) or 'passed'} ({self.classes_line()})"
 
     def to_dict(self) -> dict:
+        """The verdict as JSON types (parity.json's record), with thresholds, worst classes and precision use."""
         d = asdict(self)
         d.pop("usage")
         d["thresholds"] = self.thresholds.to_dict()
@@ -150,6 +158,7 @@ class ParityReport:
         return d
 
     def summary(self) -> str:
+        """One line: agreement, worst class IoU drop, logit error, precision use, tiles and split, and PASS or FAIL."""
         share = f", {self.precision_share()}" if self.usage is not None else ""
         return (f"{self.backend} {self.precision}: agreement {self.agreement:.4%} (≥ {percent(self.min_agreement)}), "
                 f"worst class IoU drop {max(self.worst_drop, 0.0):.2f} pt (≤ {self.max_class_iou_drop}; "
@@ -226,15 +235,18 @@ class ParityReference:
         return f"{words} ({self.split_note})" if self.split_note else words
 
     def logits_of(self, backend: Backend) -> torch.Tensor:
+        """`backend`'s float32 N×C×H×W logits on the reference's tiles (as a torch tensor)."""
         return run_batched(backend, self.x)
 
     def compare(self, logits: torch.Tensor, meta: ModelMeta, backend: str, precision: str,
                 thresholds: GateThresholds | None = None, usage: PrecisionUse | None = None,
                 output: str = "logits") -> ParityReport:
-        """The verdict on `logits` (N×C×H×W, this reference's tiles) with `thresholds` (default: the
-        recipe's for `precision`). A head's scores (`output` "probabilities" or "labels", as the
+        """The verdict (`compare`) on a candidate's float N×C×H×W `logits` on this reference's tiles,
+        with `thresholds` (default: the recipe's ``parity.*`` for `precision`); `meta` gives the
+        classes and ignore_index. A head's scores (`output` "probabilities" or "labels", as the
         runtime returns them) are compared with the reference's turned into the same (`as_output`):
-        the agreement and per-class IoU are then those of its probabilities' argmax / its class map."""
+        agreement and per-class IoU are then those of its probabilities' argmax / its class map.
+        ParityError when the shapes differ."""
         thresholds = thresholds or self.rec.parity.thresholds(precision)
         return compare(as_output(self.logits, output), logits, self.y, meta, thresholds, backend, precision, self.split,
                        usage)
@@ -255,6 +267,8 @@ def as_output(logits: torch.Tensor, output: str) -> torch.Tensor:
 
 
 def run_batched(backend: Backend, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """`backend`'s logits (torch float32 N×C×H×W) for the N×B×H×W tensor `x`, fed in batches of at most `batch` (and
+    the backend's max_batch)."""
     limit = min(batch, backend.max_batch or batch)
     return torch.cat([torch.from_numpy(backend(x[i : i + limit].numpy())) for i in range(0, len(x), limit)])
 
@@ -318,9 +332,16 @@ def judge(m: Measurement, thresholds: GateThresholds, backend: str, precision: s
 
 def compare(ref: torch.Tensor, cand: torch.Tensor, target: torch.Tensor, meta: ModelMeta, thresholds: GateThresholds,
             backend: str, precision: str, split: str = "val", usage: PrecisionUse | None = None) -> ParityReport:
-    """`measure` then `judge`: the verdict on a candidate's logits against the reference's."""
+    """`measure` then `judge`: the verdict on a candidate's logits against the reference's.
+
+    ref, cand: float N×C×H×W logits on the same tiles; target: int64 N×H×W labels
+    (`meta.ignore_index` on padding and invalid pixels); thresholds: the recipe's ``parity.*`` for
+    this precision (`ParityConfig.thresholds`); split: where the tiles came from ("val" or
+    "train"), reported. Returns the typed verdict `ParityReport`; raises ParityError when the two
+    outputs' shapes differ (the only error: a failing candidate is a verdict, not an exception)."""
     return judge(measure(ref, cand, target, meta), thresholds, backend, precision, split, usage)
 
 
 def as_numpy_batches(x: torch.Tensor, batch: int = 8) -> list[np.ndarray]:
+    """`x` (N×B×H×W) as a list of numpy batches of at most `batch` items (views, no copy)."""
     return [x[i : i + batch].numpy() for i in range(0, len(x), batch)]

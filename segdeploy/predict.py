@@ -51,6 +51,9 @@ Tile = tuple[int, int, "np.ndarray | None", "np.ndarray | None"]
 
 @dataclass
 class PredictOptions:
+    """How predict runs on each raster: tile and overlap (px; None: the model's tile, tile/8), batch size, blend
+    window, whether to write the confidence raster (`probs`), resume/overwrite, which input bands to feed, the
+    input's full-scale value when its pixel type differs from the model's, previews, COG output and vector output."""
     tile: int | None = None
     overlap: int | None = None  # None: default_overlap(tile)
     batch: int | None = None  # None: 8 on a GPU, 2 on CPU (larger batches cost memory and gain no speed there)
@@ -62,11 +65,11 @@ class PredictOptions:
     decision: Decision = field(default_factory=Decision)  # --threshold / --min-confidence (decision.decide)
     resume: bool = False
     overwrite: bool = False  # start an unfinished output over instead of refusing to (a finished one: jobs.plan_jobs)
-    pad: str = "reflect"
     # 1-based input bands to feed the model, in order (None: all, or chosen by colour interpretation)
     bands: list[int] | None = None
-    # full-scale value of the input when its pixel type differs from the model's (None: refuse)
-    input_max: float | None = None
+    # full-scale value of the input when its pixel type differs from the model's (None: refuse);
+    # --max-pixel-value (alias --input-max), the input's counterpart of ModelMeta.max_pixel_value
+    max_pixel_value: float | None = None
     preview: bool = True  # a quick-look PNG beside each raster output
     cog: bool = False  # write Cloud-Optimized GeoTIFFs (overviews by mode) instead of plain tiled ones
     vector: VectorOptions | None = None  # also polygonise the class rows as they finish (segdeploy.vector)
@@ -105,16 +108,17 @@ class PredictResult:
     withheld_share: float = 0.0  # of the valid pixels written in this invocation
 
     def to_dict(self) -> dict:
+        """The result as JSON types (predict's `--json` per raster)."""
         return asdict(self)
 
 
-def input_scale(reader: SceneReader, meta, opts: PredictOptions) -> float:  # noqa: ANN001 - ModelMeta
+def input_max_pixel_value(reader: SceneReader, meta, opts: PredictOptions) -> float:  # noqa: ANN001 - ModelMeta
     """The value that maps to 1.0 before normalisation: the model's own, unless the input has
-    another pixel type, which is refused unless --input-max says what its full scale is."""
-    if opts.input_max is not None:
-        if opts.input_max <= 0:
-            raise UserError(f"--input-max must be > 0 (got {opts.input_max:g})")
-        return float(opts.input_max)
+    another pixel type, which is refused unless --max-pixel-value says what its full scale is."""
+    if opts.max_pixel_value is not None:
+        if opts.max_pixel_value <= 0:
+            raise UserError(f"--max-pixel-value must be > 0 (got {opts.max_pixel_value:g})")
+        return float(opts.max_pixel_value)
     if not meta.input_dtype:
         reader.notes.append(f"the model records no input pixel type (exported before segdeploy checked it): "
                             f"{reader.dtype} input assumed to match, scaled by 1/{meta.max_pixel_value:g}")
@@ -126,10 +130,10 @@ def input_scale(reader: SceneReader, meta, opts: PredictOptions) -> float:  # no
 
 
 def _full_scale(dtype: str) -> str:
-    """The --input-max that maps this pixel type's full scale to the model's (a flag that works as printed)."""
+    """The --max-pixel-value that maps this pixel type's full scale to the model's (a flag that works as printed)."""
     if np.dtype(dtype).kind in "ui":
-        return f"--input-max {np.iinfo(np.dtype(dtype)).max} (its pixel type's full scale)"
-    return "--input-max 1.0 if its values run 0..1 (else --input-max with its largest value)"
+        return f"--max-pixel-value {np.iinfo(np.dtype(dtype)).max} (its pixel type's full scale)"
+    return "--max-pixel-value 1.0 if its values run 0..1 (else --max-pixel-value with its largest value)"
 
 
 def _refuse_unfinished(out: Path, state_path: Path, tmp: Path) -> None:
@@ -149,16 +153,23 @@ def _refuse_unfinished(out: Path, state_path: Path, tmp: Path) -> None:
 
 def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> tuple[TilePlan, float]:
     """The scene's window grid (tiling.TilePlan: tile, overlap, blend, padding, batch) and the input's
-    full-scale value, from the options and the model: the one place they meet. Raises UserError for
-    a tile the model cannot run at, an overlap above half the tile, an unknown blend."""
+    full-scale value, from the options and the model: the one place they meet. Without --tile, a
+    static-size model's one size is used (said in the result's notes). Raises UserError for a tile
+    the model cannot run at (another size than a static model's included), an overlap above half
+    the tile, an unknown blend."""
     meta = backend.meta
     for flag, value in (("--tile", opts.tile), ("--batch", opts.batch)):
         if value is not None and value < 1:  # never a silent default for a number the user gave
             raise UserError(f"{flag} must be at least 1 (got {value})")
-    scale = input_scale(reader, meta, opts)
+    max_pixel_value = input_max_pixel_value(reader, meta, opts)
     tile = meta.tile_size if opts.tile is None else opts.tile
-    if backend.static_shape and (tile, tile) != backend.static_shape:
-        tile = backend.static_shape[0]
+    if backend.static_size and tile != backend.static_size:
+        fixed = backend.static_size
+        if opts.tile is not None:  # never another tile than the one the user gave
+            raise UserError(f"--tile {opts.tile}: {backend.path} accepts only {fixed}×{fixed} inputs (a static-size "
+                            f"export); pass --tile {fixed}, or drop --tile")
+        reader.notes.append(f"tile {fixed}: the model accepts only {fixed}×{fixed} inputs (trained at {tile})")
+        tile = fixed
     if tile % meta.input_divisor:
         raise UserError(f"--tile {tile} must be a multiple of the model's input divisor {meta.input_divisor}")
     if meta.min_tile_size and tile < meta.min_tile_size:
@@ -177,7 +188,7 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> t
     check_head(getattr(backend, "output", "logits"), Path(backend.path).name, opts)
     batch = opts.batch if opts.batch is not None else (8 if backend.device.startswith("cuda") else 2)
     batch = min(batch, backend.max_batch or batch)
-    return TilePlan(reader.height, reader.width, tile, overlap, opts.blend, opts.pad, batch, opts.tta), scale
+    return TilePlan(reader.height, reader.width, tile, overlap, opts.blend, batch=batch, tta=opts.tta), max_pixel_value
 
 
 def check_head(output: str, name: str, opts: PredictOptions) -> None:
@@ -233,11 +244,22 @@ def predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpti
     return result
 
 
+def time_file(backend: Backend, src: Path, workdir: Path, tta: str = "none") -> float:
+    """Megapixels per second of predicting `src` end to end (read, tile, infer, blend, write) into
+    `workdir` with predict's own defaults at the model's tile size, each tile test-time augmented
+    with `tta` (`tiling.TTA_MODES`): what ``bench --tiled`` reports (the CLI hands it to bench,
+    which imports no other verb). Raises what `predict_file` raises."""
+    from segdeploy.raster import is_picture
+
+    out = workdir / ("pred.png" if is_picture(src) else "pred.tif")
+    return predict_file(backend, src, out, PredictOptions(tile=backend.meta.tile_size, tta=tta)).megapixels_per_s
+
+
 def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOptions,
                   progress: Progress | None) -> PredictResult:
     t0 = time.perf_counter()
     reader = SceneReader(src, backend.meta.bands, opts.bands)
-    plan, scale = plan_tiles(backend, reader, opts)
+    plan, max_pixel_value = plan_tiles(backend, reader, opts)
     is_picture = reader.array is not None
     if is_picture and (opts.probs or opts.class_probs):
         reader.notes.append("--probs writes a GeoTIFF beside a raster's output; a picture's prediction has none")
@@ -260,7 +282,7 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
     sink = RowSink(out, reader, backend.meta, opts, settings, start_row, plan)
     pixels = (reader.height - rows_on_disk) * reader.width  # what this invocation writes
     try:
-        pipeline = TilePipeline(backend, reader, plan, scale, opts, sink, start_row, progress, pixels)
+        pipeline = TilePipeline(backend, reader, plan, max_pixel_value, opts, sink, start_row, progress, pixels)
         pipeline.run()
         backend.trim()  # the outputs and the preview are made after inference: not on top of its peak
         files = sink.finish()
@@ -340,6 +362,8 @@ class RowSink:
         self.flush(final=False)
 
     def flush(self, final: bool) -> None:
+        """Write the buffered class rows (and confidence) that fill whole block rows of the output (all of them when
+        `final`), then record the rows on disk for --resume."""
         if not self.labels:
             return
         lab = np.concatenate(self.labels)
@@ -420,9 +444,10 @@ class TilePipeline:
     error in any stage stops the others and is raised in the caller's thread; an interrupt leaves
     the rows on disk and the resume state for --resume."""
 
-    def __init__(self, backend: Backend, reader: SceneReader, plan: TilePlan, scale: float, opts: PredictOptions,
+    def __init__(self, backend: Backend, reader: SceneReader, plan: TilePlan, max_pixel_value: float, opts: PredictOptions,
                  sink: RowSink, start_row: int, progress: Progress | None, pixels: int | None = None) -> None:
-        self.backend, self.reader, self.plan, self.scale, self.opts, self.sink = backend, reader, plan, scale, opts, sink
+        self.backend, self.reader, self.plan, self.opts, self.sink = backend, reader, plan, opts, sink
+        self.max_pixel_value = max_pixel_value
         self.start_row, self.progress = start_row, progress
         self.pixels = reader.width * reader.height if pixels is None else pixels  # written by this run
         self.acc = StripAccumulator(plan, backend.meta.num_classes, keep_confidence=opts.probs or reader.array is not None,
@@ -467,6 +492,7 @@ class TilePipeline:
         return int(np.count_nonzero(mask[:h, :w]))
 
     def read_loop(self) -> None:
+        """The reader thread: cut the input into tiles (`tiles`) and queue them in batches for inference."""
         try:
             items: list[Tile] = []
             for item in self.tiles():
@@ -484,6 +510,8 @@ class TilePipeline:
             _put(self.work, None, self.stop, force=True)
 
     def write_loop(self) -> None:
+        """The writer thread: blend each tile's logits (softmax folded into the blend) and hand finished rows to the
+        sink."""
         try:
             while (got := self.results.get()) is not None:
                 for r, c, logits, valid in got:
@@ -509,7 +537,7 @@ class TilePipeline:
             valid = None
             if any(v is not None for *_, v in tiles):
                 valid = np.stack([np.ones((t, t), bool) if v is None else v for *_, v in tiles])
-            x = normalize(np.stack([a for _, _, a, _ in tiles]), self.scale, meta.mean, meta.std, valid)
+            x = normalize(np.stack([a for _, _, a, _ in tiles]), self.max_pixel_value, meta.mean, meta.std, valid)
             def call(batch: np.ndarray, index: list[int]) -> np.ndarray:
                 return self.finite.check(batch, self.backend(batch), lambda i: self.tile_name(*tiles[index[i]][:2]))
 
@@ -518,14 +546,18 @@ class TilePipeline:
         return [(r, c, next(logits) if a is not None else None, v) for r, c, a, v in items]
 
     def tile_name(self, row: int, col: int) -> str:
+        """A tile named for an error: its grid position, pixel rows and columns, and the input."""
         y, x, t = self.plan.rows[row], self.plan.cols[col], self.plan.tile
         return f"tile {row},{col} (rows {y}..{y + t}, columns {x}..{x + t}) of {self.reader.path}"
 
     def fail(self, exc: BaseException) -> None:
+        """Record `exc` and stop every thread (the caller raises it once they are joined)."""
         self.errors.append(exc)
         self.stop.set()
 
     def run(self) -> None:
+        """Run the three stages (reader thread, inference here, writer thread) to the end; raises the first error any
+        of them hit, after stopping the others."""
         reader_t = threading.Thread(target=self.read_loop, daemon=True, name="segdeploy-reader")
         writer_t = threading.Thread(target=self.write_loop, daemon=True, name="segdeploy-writer")
         reader_t.start()

@@ -74,6 +74,8 @@ class WorkProgress:
 
     def update(self, advance: int = 1, *, total: int | None = None, description: str | None = None,
                **fields: Any) -> None:
+        """Advance by `advance` units (and optionally set the total, the description or extra fields), redrawing the
+        bar or printing a due line."""
         self.done += advance
         if total is not None:
             self.total = total
@@ -171,6 +173,7 @@ class Ticker:
         self.t0 = self.last = time.perf_counter()
 
     def tick(self, line: Any) -> None:  # line: Callable[[], str], called only when a line is due
+        """Print `line()` when the last line is at least `every` seconds old (`line` is called only then)."""
         now = time.perf_counter()
         if self.enabled and now - self.last >= self.every:
             self.last = now

@@ -40,6 +40,7 @@ def gdal_path(item: str) -> str | None:
 
 
 def is_remote(path: Path | str) -> bool:
+    """True for a GDAL virtual path of a remote raster (/vsicurl/, /vsis3/, /vsigs/…)."""
     return isinstance(path, str) and path.startswith("/vsi")
 
 
@@ -85,6 +86,8 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path | str]:
 
 
 def read_manifest(path: Path) -> list[str]:
+    """The rasters an `@FILE` manifest lists, one path or URL per line (blank and # lines skipped), relative paths
+    taken from the manifest's folder. DataError when the file does not exist."""
     if not path.is_file():
         raise DataError(f"manifest {path} not found (@FILE lists one raster path or URL per line)")
     lines = [line.strip() for line in path.read_text().splitlines()]
@@ -101,6 +104,7 @@ def is_picture(src: Path | str) -> bool:
 
 
 def output_for(src: Path | str, out: Path, many: bool) -> Path:
+    """Where `src`'s prediction goes: `out` itself for one input, else OUT/<stem>_pred.tif (.png for a picture)."""
     if not many:
         return out
     return out / f"{input_stem(src)}_pred{'.png' if is_picture(src) else '.tif'}"
@@ -152,6 +156,7 @@ class SceneReader:
         return self.source.read(y, x, h, w)
 
     def close(self) -> None:
+        """Close the input (a raster's dataset stays open between windows until then)."""
         self.source.close()
 
 
@@ -296,7 +301,8 @@ def write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.n
     people: the classes over the photo, the background class not painted, with a legend."""
     from PIL import Image
 
-    from segdeploy.viz import background_index, display_rgb, save_overlay_picture
+    from segdeploy.classes import background_index
+    from segdeploy.viz import display_rgb, save_overlay_picture
 
     labels = np.concatenate([r[0] for r in rows]).astype(np.uint8)
     if out.suffix.lower() != ".png":  # jobs.check_output_name refuses such a name before the work

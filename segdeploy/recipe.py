@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from segdeploy.classes import background_index, default_palette, hierarchy_levels
 from segdeploy.errors import RecipeError
 
 RGB = tuple[int, int, int]
@@ -27,6 +28,7 @@ CACHE_DEFAULT_MB = 1024  # data.cache: true
 
 
 class Strict(BaseModel):
+    """Base of every recipe section: unknown keys are errors (with did-you-mean), assignments are validated."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -65,28 +67,24 @@ class ClassesConfig(Strict):
                 f"classes.ignore_index {self.ignore_index} collides with class {self.names[self.ignore_index]!r}"
             )
         if self.hierarchy:
-            from segdeploy.metrics import hierarchy_levels
-
             hierarchy_levels(self.names, self.hierarchy)  # raises ValueError on a bad tree
         return self
 
     @property
     def num_classes(self) -> int:
+        """The number of classes C (len(names))."""
         return len(self.names)
 
     def background_index(self) -> int | None:
         """The index pictures leave unpainted (see `background`), or None."""
-        from segdeploy.viz import background_index
-
         return background_index(self.names, self.background)
 
     def display_palette(self) -> list[RGB]:
+        """The RGB colour (0..255) of each class: the recipe's palette, else matplotlib's tab20 in order
+        (`classes.default_palette`)."""
         if self.palette is not None:
             return [tuple(c) for c in self.palette]  # type: ignore[misc]
-        from matplotlib import colormaps
-
-        cmap = colormaps["tab20"]
-        return [tuple(int(255 * v) for v in cmap(i % 20)[:3]) for i in range(self.num_classes)]  # type: ignore[misc]
+        return default_palette(self.num_classes)
 
 
 class SplitConfig(Strict):
@@ -154,6 +152,9 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
+    """`model:` — architecture and encoder names (ARCHITECTURES, smp/timm encoders), initial weights (None, "imagenet"
+    or a local file), how many encoder stages train, builder kwargs, and whether the network's output is logits or
+    one sigmoid channel."""
     arch: str = "unet"
     encoder: str = "resnet18"
     # None: random init; "imagenet": download (online); a path: local .safetensors/.pth state dict
@@ -167,6 +168,8 @@ class ModelConfig(Strict):
 
 
 class LossTerm(Strict):
+    """One term of `loss:` — a LOSSES name, its weight in the sum, per-class weights (a list, "auto" from pixel
+    counts, or none) and its params."""
     name: str
     weight: float = Field(1.0, gt=0)
     class_weights: list[float] | Literal["auto"] | None = None
@@ -174,6 +177,7 @@ class LossTerm(Strict):
 
 
 class OptimizerConfig(Strict):
+    """`optimizer:` — adam, adamw or sgd, learning rate, weight decay, SGD momentum."""
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -181,6 +185,8 @@ class OptimizerConfig(Strict):
 
 
 class ScheduleConfig(Strict):
+    """`schedule:` — the learning-rate schedule over epochs (none, cosine, cosine_restarts, poly, onecycle) and its
+    parameters."""
     name: Literal["none", "cosine", "cosine_restarts", "poly", "onecycle"] = "cosine"
     min_lr: float = Field(0.0, ge=0)
     restart_epochs: int = Field(10, ge=1, description="cosine_restarts: epochs in the first cycle")
@@ -189,6 +195,7 @@ class ScheduleConfig(Strict):
 
 
 class AugmentConfig(Strict):
+    """`augment:` — flips (probabilities), 90° rotations, random crops to data.tile_size, brightness/contrast jitter."""
     hflip: float = Field(0.5, ge=0, le=1)
     vflip: float = Field(0.0, ge=0, le=1)
     rot90: bool = False
@@ -198,6 +205,8 @@ class AugmentConfig(Strict):
 
 
 class TrainConfig(Strict):
+    """`train:` — epochs, batch size, loader workers, device, mixed precision, channels-last, gradient clipping,
+    early-stopping patience (epochs), a wall-time limit (minutes), the seed and deterministic mode."""
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(8, ge=1)
     num_workers: int | Literal["auto"] = "auto"
@@ -213,6 +222,7 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
+    """`eval:` — whether class 0 is left out of the means, and how many overlay pictures eval draws."""
     exclude_background: bool = False
     overlays: int = Field(4, ge=0)
 
@@ -261,6 +271,7 @@ class GateThresholds:
     keys: tuple[str, str, str] = ("", "", "")
 
     def to_dict(self) -> dict[str, Any]:
+        """The thresholds as JSON types (recorded in each form's gate record)."""
         return {"min_agreement": self.min_agreement, "max_class_iou_drop": self.max_class_iou_drop,
                 "min_reduced_share": self.min_reduced_share, "keys": list(self.keys)}
 
@@ -273,6 +284,9 @@ class GateThresholds:
 
 
 class Recipe(Strict):
+    """The whole recipe, validated: data, classes, model, loss terms, optimizer, schedule, augment, train, eval and
+    parity sections. `load` reads one from YAML (with `extends:` and `--set`); RecipeError for anything invalid,
+    naming the key."""
     name: str = "run"
     description: str = ""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -305,6 +319,7 @@ class Recipe(Strict):
         return self
 
     def to_yaml(self) -> str:
+        """The resolved recipe as YAML (what RUN/recipe.yaml holds), keys in schema order."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def digest(self) -> str:
@@ -374,6 +389,8 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set key.path=value` to the raw recipe dict in place (value parsed as YAML; list items by index).
+    RecipeError for a malformed assignment or a path that does not exist."""
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r} must look like key.path=value")
     key, value = assignment.split("=", 1)
@@ -400,6 +417,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 
 
 def validate(raw: dict[str, Any], source: str) -> Recipe:
+    """`raw` as a Recipe; RecipeError with every problem worded by key (and did-you-mean), `source` naming the file."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
@@ -407,6 +425,8 @@ def validate(raw: dict[str, Any], source: str) -> Recipe:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The YAML mapping in `path`; RecipeError for a missing file, invalid YAML (with its line) or a top level that is
+    not a mapping."""
     if not path.is_file():
         raise RecipeError(f"recipe {path} not found; pass a YAML file (see recipes/ for examples)")
     try:

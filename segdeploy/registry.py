@@ -18,11 +18,14 @@ def did_you_mean(name: str, options: Iterable[str], n: int = 3) -> str:
 
 
 class Registry(Generic[T]):
+    """Name -> object (builders, losses) of one `kind`; names are lower case, an unknown one is an UnknownNameError
+    listing the closest."""
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: register the decorated object under `name` (see `add`)."""
         def deco(obj: T) -> T:
             self.add(name, obj)
             return obj
@@ -30,11 +33,14 @@ class Registry(Generic[T]):
         return deco
 
     def add(self, name: str, obj: T) -> None:
+        """Register `obj` under `name`; ValueError when the name is taken."""
         if name in self._items:
             raise ValueError(f"{self.kind} {name!r} registered twice")
         self._items[name] = obj
 
     def get(self, name: str, where: str = "") -> T:
+        """The object registered as `name` (any case); UnknownNameError naming `where` (a recipe key), the closest
+        names and all valid ones."""
         key = name.lower()
         if key not in self._items:
             loc = f" in {where}" if where else ""
@@ -45,6 +51,7 @@ class Registry(Generic[T]):
         return self._items[key]
 
     def names(self) -> list[str]:
+        """Every registered name, sorted."""
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:

@@ -69,8 +69,7 @@ def score_split(backend, reader: SampleReader, plan: TilePlan, indices: Iterable
     def logits(x: np.ndarray, windows: list[tuple[int, Window]]) -> np.ndarray:
         return infer(x, [(in_flight[position][0], window) for position, window in windows])
 
-    scale = reader.data.max_pixel_value
-    labels_of = predict_arrays(backend, images(), plan, scale, tiles if observe_tiles else None,
+    labels_of = predict_arrays(backend, images(), plan, reader.data.max_pixel_value, tiles if observe_tiles else None,
                                logits if infer else None, decision, with_probs=observe_probs is not None)
     for position, out in enumerate(labels_of):
         labels, probs = out if observe_probs is not None else (out, None)

@@ -37,7 +37,7 @@ def pad_to(x: np.ndarray, height: int, width: int, mode: str = "reflect") -> np.
     return np.pad(x, widths, mode=PAD_MODES[mode])
 
 
-def normalize(pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarray,
+def normalize(pixels: np.ndarray, max_pixel_value: float, mean: np.ndarray, std: np.ndarray,
               valid: np.ndarray | None = None) -> np.ndarray:
     """The model's input, the one definition every verb uses: pixels / full scale, minus the band
     mean, over the band std; float32, bands on axis -3 (B×H×W or N×B×H×W).
@@ -50,7 +50,7 @@ def normalize(pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarra
     """
     mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(std, np.float32).reshape(-1, 1, 1)
-    x = np.asarray(pixels, np.float32) / np.float32(scale)
+    x = np.asarray(pixels, np.float32) / np.float32(max_pixel_value)
     x -= mean
     x /= std
     if valid is not None:
@@ -61,7 +61,8 @@ def normalize(pixels: np.ndarray, scale: float, mean: np.ndarray, std: np.ndarra
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """float32 softmax over the class axis (-3) of a new array, stable for large logits."""
+    """float32 softmax over the class axis (-3) of a new array (…×C×H×W float logits in, the same
+    shape out), stable for large logits: `weighted_softmax` with weight 1. TTA averages its views'."""
     return weighted_softmax(np.array(logits, dtype=np.float32), np.float32(1))
 
 
@@ -149,21 +150,26 @@ class TilePlan:
 
     @cached_property
     def rows(self) -> list[int]:
+        """The windows' top rows (px), `window_starts` of the height."""
         return window_starts(self.height, self.tile, self.overlap)
 
     @cached_property
     def cols(self) -> list[int]:
+        """The windows' left columns (px), `window_starts` of the width."""
         return window_starts(self.width, self.tile, self.overlap)
 
     @property
     def stride(self) -> int:
+        """The step between windows (px): tile − overlap."""
         return self.tile - self.overlap
 
     @property
     def total(self) -> int:
+        """The number of windows (rows × columns)."""
         return len(self.rows) * len(self.cols)
 
     def window(self, row: int, col: int) -> Window:
+        """The window at grid position (`row`, `col`): its top-left pixel and its size inside the image."""
         y, x = self.rows[row], self.cols[col]
         return Window(row, col, y, x, min(self.tile, self.height - y), min(self.tile, self.width - x))
 
@@ -289,9 +295,9 @@ class FinishedRows(NamedTuple):
 
 
 class StripAccumulator:
-    """Blends tile probabilities row of tiles by row of tiles, holding only what a later tile can
-    still touch: the overlap band below the current row (C × overlap × width) and the current
-    tile. Final pixels are handed on as soon as no later tile covers them.
+    """Blends tiles' softmax probabilities row of tiles by row of tiles, holding only what a later
+    tile can still touch: the overlap band below the current row (C × overlap × width) and the
+    current tile. Final pixels are handed on as soon as no later tile covers them.
 
     Feed tiles in the plan's row-major order with `add(row, col, probs)`, `add_logits`, or
     `add_output` (what `tta_forward` returned for the plan); each finished row of tiles returns the
@@ -335,6 +341,7 @@ class StripAccumulator:
 
     @property
     def row_index(self) -> int:
+        """The row of tiles being blended now."""
         return getattr(self, "_row", 0)
 
     def _row_height(self) -> int:
@@ -482,7 +489,7 @@ class _InFlight:
 
 
 def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]],  # noqa: ANN001 - any Backend
-                   plan: TilePlan, scale: float, observe: Observer | None = None,
+                   plan: TilePlan, max_pixel_value: float, observe: Observer | None = None,
                    infer: Infer | None = None, decision: Decision = ARGMAX,
                    with_probs: bool = False) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
     """The class map of each in-memory image, predicted through predict's machinery: the windows,
@@ -490,7 +497,7 @@ def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]
     normalised by `normalize`, blended by `StripAccumulator`. Tiles of consecutive images share
     batches of `plan.batch`; memory is one image, its class map and a batch of tiles.
 
-    items: (H×W×B raw pixels of any dtype, H×W bool validity or None for all valid); scale: the
+    items: (H×W×B raw pixels of any dtype, H×W bool validity or None for all valid); max_pixel_value: the
     pixels' full-scale value. Yields H×W int16 class maps in input order, -1 where the input is
     invalid (`decision.WITHHELD` where `decision` withholds a pixel); with `with_probs`, (class map,
     C×H×W float32 blended probabilities) pairs. `observe(windows, logits)`, when given, sees each
@@ -509,11 +516,11 @@ def predict_arrays(backend, items: Iterable[tuple[np.ndarray, np.ndarray | None]
         for window, pixels, tile_valid in queue[-1].tiles():
             batch.append((queue[-1], window, pixels, tile_valid))
             if sum(p is not None for _, _, p, _ in batch) >= plan.batch:
-                _run_batch(backend, batch, scale, observe, infer, plan)
+                _run_batch(backend, batch, max_pixel_value, observe, infer, plan)
                 batch = []
                 while queue and queue[0].waiting == 0:
                     yield queue.pop(0).result()
-    _run_batch(backend, batch, scale, observe, infer, plan)
+    _run_batch(backend, batch, max_pixel_value, observe, infer, plan)
     for done in queue:
         yield done.result()
 
@@ -524,7 +531,7 @@ def _sized(plan: TilePlan, height: int, width: int) -> TilePlan:
     return replace(plan, height=height, width=width)
 
 
-def _run_batch(backend, batch: list, scale: float, observe: Observer | None,  # noqa: ANN001
+def _run_batch(backend, batch: list, max_pixel_value: float, observe: Observer | None,  # noqa: ANN001
                infer: Infer | None, plan: TilePlan) -> None:
     """Logits (or with TTA averaged probabilities) for the batch's tiles (skipped ones stay None),
     then each blended in order."""
@@ -535,7 +542,7 @@ def _run_batch(backend, batch: list, scale: float, observe: Observer | None,  # 
         valid = None
         if any(v is not None for _, v in tiles):  # invalid pixels: exactly the training mean, as in predict
             valid = np.stack([np.ones((t, t), bool) if v is None else v for _, v in tiles])
-        x = normalize(np.stack([p for p, _ in tiles]), scale, meta.mean, meta.std, valid)
+        x = normalize(np.stack([p for p, _ in tiles]), max_pixel_value, meta.mean, meta.std, valid)
         windows = [(item.index, window) for item, window, pixels, _ in batch if pixels is not None]
         def call(v: np.ndarray, items: list[int]) -> np.ndarray:
             return backend(v) if infer is None else infer(v, [windows[i] for i in items])

@@ -45,13 +45,19 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def _mlflow(uri: str):  # noqa: ANN202
     if uri.startswith("file:"):
         # MLflow ≥ 3.x keeps its local file store behind this switch ("maintenance mode"); it is the
-        # embedded default here because a database store would need the full mlflow package
+        # embedded default here because a database store would need the full mlflow package. Left
+        # set for the process, on purpose: MLflow reads it whenever it makes a store for a file: URI
+        # (mlflow/store/tracking/file_store.py), and a Tracker's stores are made through a training
+        # run's whole life (log_metrics each epoch, log_report after export/bench), so a scoped value
+        # would be gone when they are; all it allows is the file store this user asked for.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     try:
         import logging
 
         import mlflow
 
+        # mlflow's INFO lines (a run's URL at each end_run) would break into the progress bar; a
+        # logger's level is process-wide, and mlflow logs through a training run's whole life
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     except ImportError:
         raise UserError("MLflow logging needs mlflow: pip install 'segdeploy[tracking]' (or drop --mlflow and "
@@ -102,6 +108,8 @@ class Tracker:
             self.notes.append(f"MLflow run {run.info.run_id} at {mlflow_uri}")
 
     def log_epoch(self, row: dict[str, float]) -> None:
+        """One history row's losses, metrics and learning rate as train/* and val/* scalars at step = epoch, to every
+        sink on."""
         step = int(row["epoch"])
         scalars = {f"{'train' if k.startswith('train') else 'val'}/{k.split('_', 1)[-1]}": float(v)
                    for k, v in row.items() if k.startswith(("train_", "val_"))}
@@ -134,6 +142,7 @@ class Tracker:
         m.end_run()
 
     def abort(self) -> None:
+        """Close the sinks of an interrupted or failed run (its MLflow run ends as KILLED)."""
         if self.tb is not None:
             self.tb.close()
         if self.mlflow is not None:

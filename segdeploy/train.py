@@ -53,7 +53,6 @@ from segdeploy.reproducible import deterministic_mode, epoch_seed, seed_everythi
 from segdeploy.scoring import default_plan, score_split
 from segdeploy.tracking import Tracker, resolve_mlflow_uri
 from segdeploy.utils import (
-    atomic_path,
     pick_device,
     swap_in,
     versions,
@@ -62,6 +61,8 @@ from segdeploy.utils import (
 
 @dataclass
 class TrainResult:
+    """What a training run did: its directory, best validation mIoU and epoch, epochs run, wall seconds, training
+    images/s, why it stopped early (None: it did not), the world size and whether this process is rank 0."""
     run_dir: Path
     best_miou: float
     best_epoch: int
@@ -95,8 +96,6 @@ def pad_collate(divisor: int, ignore_index: int):  # noqa: ANN201
 def _num_workers(setting: int | str, device: str) -> int:
     if setting != "auto":
         return int(setting)
-    import os
-
     cores = os.cpu_count() or 1
     # on a small CPU box, loader workers steal the cores the model needs
     return 0 if device == "cpu" and cores <= 4 else min(8, max(cores // 2, 1))
@@ -733,17 +732,16 @@ def plot_history(history: list[dict], out_dir: Path) -> list[Path]:
     """loss.png (train/val loss) and miou.png (val mIoU/mDice) per epoch."""
     if not history:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from segdeploy.artifact import CURVE_FILES
+    from segdeploy.viz import new_figure, save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ep = [r["epoch"] for r in history]
     paths = []
     for name, keys, ylabel in (("loss", ("train_loss", "val_loss"), "loss"),
                                ("miou", ("val_miou", "val_mdice"), "score")):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        fig = new_figure(figsize=(6, 4), dpi=100)
+        ax = fig.subplots()
         for k in keys:
             ax.plot(ep, [r[k] for r in history], marker="o", ms=3, label=k.replace("_", " "))
         ax.set_xlabel("epoch")
@@ -751,10 +749,6 @@ def plot_history(history: list[dict], out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = out_dir / f"{name}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / CURVE_FILES[name]))
     return paths
 

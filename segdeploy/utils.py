@@ -67,6 +67,8 @@ def raise_write_error(path: Path | str, exc: OSError) -> NoReturn:
 
 
 def describe_write_error(path: Path | str, exc: OSError, action: str = "write") -> str:
+    """One line for a failed `action` on `path`: the OS error's meaning and what to do (disk full, read-only,
+    permissions…)."""
     hints = {
         errno.ENOSPC: "the disk is full; free space or write elsewhere",
         errno.EDQUOT: "the disk quota is exceeded; free space or write elsewhere",
@@ -82,6 +84,7 @@ def describe_write_error(path: Path | str, exc: OSError, action: str = "write") 
 
 
 def write_json(path: Path | str, obj: Any) -> None:
+    """`obj` as indented JSON at `path`, atomically (numpy and Path values converted)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
@@ -104,6 +107,7 @@ def cpu_count() -> int:
 
 
 def pick_device(requested: str = "auto") -> str:
+    """'cuda' or 'cpu' for `requested` ('auto': CUDA when visible); BackendUnavailable for 'cuda' without a GPU."""
     import torch
 
     from segdeploy.errors import BackendUnavailable

@@ -82,6 +82,8 @@ class VectorOptions:
 
     @property
     def format(self) -> str:
+        """The vector format (a FORMATS key) from --vector's name or file suffix; UserError for an unknown one,
+        listing those that work."""
         name = self.target.lower()
         if name in FORMATS:
             return name
@@ -95,6 +97,7 @@ class VectorOptions:
 
     @property
     def is_format_name(self) -> bool:
+        """True when --vector names a format (a file beside each raster) rather than a file."""
         return self.target.lower() in FORMATS
 
     def path_for(self, raster_out: Path) -> Path:
@@ -212,6 +215,7 @@ class Regions:
 
     @staticmethod
     def concat(batches: list[Regions]) -> Regions:
+        """The regions of `batches` in order, as one Regions (empty when there are none)."""
         if not batches:
             return Regions(np.zeros(0, np.int64), np.empty(0, dtype=object), np.zeros(0, np.int64), np.zeros(0))
         return Regions(*(np.concatenate([getattr(b, f) for b in batches]) for f in
@@ -377,12 +381,6 @@ class SeamPolygonizer:
                        np.array([r.pixels for r in closed], np.int64),
                        np.array([r.confidence_sum for r in closed], np.float64))
 
-    def open_vertices(self) -> int:
-        """Coordinates held by open regions (what memory grows with)."""
-        import shapely
-
-        return int(sum(shapely.get_num_coordinates(r.parts).sum() for r in self.open.values()))
-
 
 def dissolve_seams(parts: list) -> Any:
     """The union of one region's pieces (shapely Polygons in pixel coordinates, each from one band),
@@ -505,7 +503,6 @@ class FeatureWriter:
         self.with_confidence, self.min_pixels = with_confidence, min_pixels
         self.pending: list[Regions] = []
         self.pending_count = 0
-        self.written = 0
         self.dropped = 0
         self.discard()
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -514,9 +511,12 @@ class FeatureWriter:
 
     @property
     def fields(self) -> list[str]:
+        """The attribute columns written: class_id, class_name, area, pixels, and confidence with --probs."""
         return ["class_id", "class_name", "area", "pixels"] + (["confidence"] if self.with_confidence else [])
 
     def add(self, regions: Regions) -> None:
+        """Queue finished regions (those under --min-area dropped and counted), writing a batch when BATCH_FEATURES
+        are pending."""
         kept = regions.take(regions.pixels >= self.min_pixels)
         self.dropped += len(regions) - len(kept)
         self.pending.append(kept)
@@ -525,6 +525,7 @@ class FeatureWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the pending regions to their layer (one per class with per-class layers)."""
         if not self.pending_count:
             return
         batch = Regions.concat(self.pending)
@@ -533,7 +534,6 @@ class FeatureWriter:
                 self._write(self.class_names[cid], batch.take(batch.class_ids == cid), append=True)
         else:
             self._write(self.layer_names[0], batch, append=True)
-        self.written += len(batch)
         self.pending, self.pending_count = [], 0
 
     def _write(self, layer: str, regions: Regions, append: bool) -> None:

@@ -1,8 +1,10 @@
 """Pictures people read: class colours, overlay strips with titles and a legend, and quick-look
 previews of class rasters. Imports no verb; every verb that draws comes here.
 
-Figures use matplotlib, imported inside each function (with the Agg backend), so importing this
-module costs nothing; the per-raster quick-look preview is drawn with Pillow alone.
+Figures use matplotlib, imported inside each function and made without pyplot (`new_figure`:
+no global backend switch), so importing this module costs nothing and drawing changes no
+process-wide state; `save_figure` writes every one. The per-raster quick-look preview is drawn
+with Pillow alone.
 """
 
 from __future__ import annotations
@@ -11,27 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from segdeploy.classes import background_index
 from segdeploy.utils import atomic_path
 
 NODATA_RGB = (40, 40, 40)  # dark grey: clearly "no data", unlike any palette's black
 PREVIEW_MAX = 1024
-BACKGROUND_NAMES = ("background", "_background_", "bg")
 # colours an error panel may use for "wrong", most visible first; the first far from every class is taken
 ERROR_CANDIDATES = ((230, 30, 30), (255, 0, 255), (0, 255, 255), (255, 255, 255), (255, 140, 0), (0, 0, 0),
                     (128, 0, 255), (0, 255, 0))
-
-
-def background_index(names: list[str], explicit: str | int | None = None) -> int | None:
-    """The class pictures leave unpainted: `explicit` (a name or index: recipe classes.background),
-    else a class named "background" (or "bg", "_background_"; any case), else None (all painted)."""
-    if isinstance(explicit, int):
-        return explicit
-    if isinstance(explicit, str):
-        return names.index(explicit)
-    for i, name in enumerate(names):
-        if name.lower() in BACKGROUND_NAMES:
-            return i
-    return None
 
 
 def error_colour(palette: list[tuple[int, int, int]], avoid: tuple[tuple[int, int, int], ...] = (NODATA_RGB,)) -> tuple:
@@ -62,6 +51,7 @@ def display_rgb(image: np.ndarray, max_value: float) -> np.ndarray:
 
 def colorize_classes(mask: np.ndarray, palette: list[tuple[int, int, int]], ignore_index: int,
                      ignore_rgb: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """An H×W class map as H×W×3 uint8 RGB in `palette`'s colours, `ignore_index` pixels in `ignore_rgb`."""
     lut = np.zeros((max(256, len(palette)), 3), dtype=np.uint8)
     lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
     m = mask.astype(np.int64)
@@ -96,13 +86,14 @@ def save_overlay_picture(rgb: np.ndarray, labels: np.ndarray, names: list[str], 
     return _save_with_legend(painted, entries, path, title or path.name)
 
 
-def _pyplot():  # noqa: ANN202
-    import matplotlib
+def new_figure(**kwargs: object):  # noqa: ANN201 - a matplotlib.figure.Figure
+    """A matplotlib Figure made directly, not through pyplot: no process-wide backend switch
+    (``matplotlib.use``), no global figure registry to close it from, so drawing leaves a caller's
+    own matplotlib session (a notebook's backend, its open figures) as it was. `kwargs` are
+    `Figure`'s: ``figsize`` (inches), ``dpi``. Draw on ``fig.subplots(...)``; write with `save_figure`."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)  # type: ignore[arg-type]
 
 
 def _legend(fig, names: list[str], palette: list[tuple[int, int, int]], extra: dict[str, tuple] | None = None,  # noqa: ANN001
@@ -120,7 +111,6 @@ def overlay_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names
     """image | ground truth | prediction | errors, titled, with a legend of the classes. The
     background class (`background_index`) is left as the image in the class panels; "wrong" has a
     colour no class has (`error_colour`)."""
-    plt = _pyplot()
     rgb = display_rgb(image, max_value)
     valid = truth != ignore_index
     wrong = valid & (pred != truth)
@@ -132,7 +122,8 @@ def overlay_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names
     panels = [("image", rgb), ("ground truth", paint_classes(rgb, truth, palette, bg, ignore_index)),
               ("prediction", paint_classes(rgb, pred, palette, bg, ignore_index)),
               (f"errors ({wrong.sum() / max(valid.sum(), 1):.1%} of pixels)", errors)]
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.9), dpi=100)
+    fig = new_figure(figsize=(13, 3.9), dpi=100)
+    axes = fig.subplots(1, 4)
     for ax, (title, panel) in zip(axes, panels, strict=True):
         ax.imshow(panel, interpolation="nearest")
         ax.set_title(title, fontsize=10)
@@ -146,11 +137,11 @@ def overlay_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names
     return fig
 
 
-def save_figure(fig, path: Path) -> Path:  # noqa: ANN001
-    plt = _pyplot()
+def save_figure(fig, path: Path) -> Path:  # noqa: ANN001 - a matplotlib.figure.Figure
+    """`fig` as a PNG at `path`, atomically (temp file + rename: never half a picture); returns
+    `path`. The one place segdeploy writes a matplotlib figure (train, eval, bench, data inspect)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return path
 
 
@@ -237,4 +228,5 @@ def _legend_rows(entries: list[tuple[str, tuple]], font, width: int) -> list[lis
 
 
 def preview_path(raster: Path) -> Path:
+    """The quick-look PNG beside a class raster: <stem>_preview.png."""
     return raster.with_name(f"{raster.stem}_preview.png")

@@ -102,8 +102,11 @@ def test_static_size_mismatch_is_a_row_not_a_crash_and_nothing_measured_exits_no
 
 
 def test_tiled_column_measures_predict_end_to_end(exported_run: Path, synth_dir: Path) -> None:
+    from segdeploy.predict import time_file
+
     report = bench([exported_run / "export/model.onnx"], BenchOptions(batches=(1,), size=64, threads=1,
-                   tiled=synth_dir / "scene/scene.tif", accuracy=False, **FAST), log=lambda m: None)
+                   tiled=synth_dir / "scene/scene.tif", tiled_run=time_file, accuracy=False, **FAST),
+                   log=lambda m: None)
     (row,) = report.rows
     assert row.status == OK and row.tiled_mp_per_s > 0 and row.tiled_peak_rss_mb > 0
 

@@ -19,7 +19,8 @@ from torch import nn
 from segdeploy import recipe
 from segdeploy.errors import ArtifactError, ParityError, UserError
 from segdeploy.evaluate import evaluate
-from segdeploy.export.onnx import FixedAdaptiveAvgPool2d, graph_findings, read_metadata
+from segdeploy.artifact import read_onnx_meta
+from segdeploy.export.onnx import FixedAdaptiveAvgPool2d, graph_findings
 from segdeploy.export.pipeline import ExportOptions, export_run
 from segdeploy.export.tensorrt import (
     DeviceInfo,
@@ -68,7 +69,7 @@ def test_export_writes_gated_onnx_pair_with_metadata(exported: Path) -> None:
         assert dims == ["batch", 3, "height", "width"], (name, dims)
         out_dims = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
         assert out_dims[:2] == ["batch", 5] and "height" in str(out_dims[2]) and "width" in str(out_dims[3]), out_dims
-    meta = read_metadata(out / "model.onnx")
+    meta = read_onnx_meta(out / "model.onnx")
     run_meta = json.loads((exported / "meta.json").read_text())["model_meta"]
     assert meta.classes == run_meta["classes"] and meta.palette == run_meta["palette"]
     assert meta.mean == run_meta["mean"] and meta.recipe_digest == run_meta["recipe_digest"]
@@ -110,7 +111,7 @@ def test_fp16_fallback_keeps_more_nodes_fp32_until_a_strict_gate_passes(tiny_run
     assert sum(len(r["added"]) for r in rounds) == len(rep.fp32_nodes) == rounds[-1]["fp32_nodes"]
     graph_nodes = {n.name for n in onnx.load(str(run / "export/model.onnx")).graph.node}
     assert rep.fp32_nodes and set(rep.fp32_nodes) <= graph_nodes  # reported by ONNX node name
-    saved = read_metadata(run / "export/model.fp16.onnx").extra["fp32_nodes"]
+    saved = read_onnx_meta(run / "export/model.fp16.onnx").extra["fp32_nodes"]
     assert saved == rep.fp32_nodes
     md = (run / "export/parity.md").read_text()  # what each round recovered, in agreement points
     first, last = rounds[0], rounds[-1]
@@ -226,7 +227,7 @@ def test_trt_hostile_architectures_export_after_preflight(arch: str, encoder: st
     dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert (dims[2:] == [64, 64]) is static
     if static:
-        assert read_metadata(tmp_path / "run/export/model.onnx").static_size == 64
+        assert read_onnx_meta(tmp_path / "run/export/model.onnx").static_size == 64
 
 
 @pytest.mark.parametrize(("size", "out"), [((16, 16), (3, 3)), ((13, 20), (6, 4)), ((8, 8), (2, 2)), ((7, 9), (7, 9))])
@@ -317,3 +318,19 @@ def test_trt_export_without_tensorrt_is_refused_before_any_work(exported: Path, 
     assert "TensorRT is not installed" in result.output and "pip install 'segdeploy[trt]'" in result.output
     assert len(result.output.strip().splitlines()) == 1  # nothing was exported first
     assert tree_digest(run / "export") == before
+
+
+def test_every_export_form_has_its_builder_and_every_builder_its_form() -> None:
+    """A form is its row in artifact.EXPORT_FORMS and its builder in export/pipeline.py: neither
+    without the other (docs/ARCHITECTURE.md, "How to add an export form")."""
+    from segdeploy.artifact import EXPORT_FLAGS, EXPORT_FORMS, PRECISIONS, SUFFIX_BACKENDS, forms_for
+    from segdeploy.export.pipeline import _Builder
+    from segdeploy.runtime import _BACKENDS
+
+    assert set(_Builder.BUILDERS) == set(EXPORT_FORMS)
+    assert all(callable(getattr(_Builder, m, None)) for m in _Builder.BUILDERS.values())
+    for form in EXPORT_FORMS.values():  # what derives from the row is there
+        assert form.backend in _BACKENDS and SUFFIX_BACKENDS[form.suffixes[0]] == form.backend
+        assert form.precision in PRECISIONS and set(form.flags) <= set(EXPORT_FLAGS)
+        assert form.source == "weights" or form.source in EXPORT_FORMS
+        assert form in forms_for(form.flags) or not form.flags

@@ -15,7 +15,8 @@ from torch import nn
 
 from segdeploy.artifact import ModelMeta
 from segdeploy.errors import ArtifactError
-from segdeploy.export.onnx import ExportPlan, export_onnx, read_metadata, run_bounded
+from segdeploy.artifact import read_onnx_meta
+from segdeploy.export.onnx import ExportPlan, export_onnx, run_bounded
 from segdeploy.models import build_model, facts
 from segdeploy.recipe import ModelConfig
 
@@ -60,7 +61,7 @@ def test_each_encoder_family_exports_within_the_time_limit_and_matches_pytorch(a
     assert len(logged) == notes[0].count("stopped after") + notes[0].count("Error")  # every fallback said why
     sizes = [(64, 64)] + ([(64 + divisor, 64 + 3 * divisor)] if plan.dynamic else [])
     assert_matches_torch(model, path, sizes)
-    assert read_metadata(path).static_size == (None if plan.dynamic else 64)
+    assert read_onnx_meta(path).static_size == (None if plan.dynamic else 64)
     assert not multiprocessing.active_children()  # a stopped exporter leaves no process behind
 
 
@@ -84,7 +85,7 @@ def test_a_dynamic_export_that_is_wrong_at_other_sizes_falls_back_to_a_static_on
     assert plan.dynamic is False and "static 64×64" in notes[0]
     assert any("TorchScript with dynamic shapes" in line and "72×80" in line for line in logged)
     dims = [d.dim_value for d in read_onnx_input_dims(path)]
-    assert dims[2:] == [64, 64] and read_metadata(path).static_size == 64
+    assert dims[2:] == [64, 64] and read_onnx_meta(path).static_size == 64
     assert_matches_torch(model, path, [(64, 64)])
 
 

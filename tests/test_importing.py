@@ -469,6 +469,7 @@ def test_a_one_channel_binary_state_dict_is_read_as_a_sigmoid(made: SimpleNamesp
     import segmentation_models_pytorch as smp
 
     from segdeploy.artifact import Run
+    from segdeploy.models import load_run_model
 
     torch.manual_seed(1)
     net = spread(smp.Unet("resnet18", encoder_weights=None, classes=1))  # a lesion model trained with BCE
@@ -476,7 +477,7 @@ def test_a_one_channel_binary_state_dict_is_read_as_a_sigmoid(made: SimpleNamesp
     result = cli("import", tmp_path / "lesion.pth", "--recipe", RECIPE, "--out", tmp_path / "run", *BINARY)
     assert result.exit_code == 0, result.output
     assert "one channel for two classes: read as a sigmoid" in result.output
-    model = Run(tmp_path / "run").build_model()
+    model = load_run_model(Run(tmp_path / "run"))
     with torch.no_grad():
         for w in windows(made.x):
             z = net(torch.from_numpy(w))[:, 0]

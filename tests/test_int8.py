@@ -7,14 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from typer.testing import CliRunner
 
 from segdeploy.cli import app
 from segdeploy.errors import ParityError
-from segdeploy.export.int8 import structure
-from segdeploy.export.onnx import read_metadata
+from segdeploy.artifact import read_onnx_meta
 from segdeploy.export.pipeline import ExportOptions, export_run
 from segdeploy.utils import file_sha256
 from tests.conftest import tree_digest
@@ -32,6 +32,25 @@ def int8_run(tiny_fp16: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     shutil.copytree(tiny_fp16, run, ignore=shutil.ignore_patterns("eval"))
     report = export_run(run, ExportOptions(int8=True, calib_images=6, parity_overrides=LOOSE), log=QUIET)
     return run, report
+
+
+def structure(proto: onnx.ModelProto) -> dict:
+    """What a QDQ model holds: Q/DQ counts, whether every activation zero point is 0, and whether
+    the weights are quantized per channel."""
+    from onnx import numpy_helper
+
+    init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    zero_points = [init[n.input[2]] for n in q if len(n.input) > 2 and n.input[2] in init]
+    weight_dq = [n for n in dq if n.input[0] in init and init[n.input[0]].ndim == 4]
+    return {
+        "quantize_nodes": len(q), "dequantize_nodes": len(dq),
+        "activation_dtypes": sorted({str(z.dtype) for z in zero_points}),
+        "activation_zero_points_all_zero": all(not np.any(z) for z in zero_points),
+        "weights_per_channel": bool(weight_dq) and all(init[n.input[1]].ndim == 1 and init[n.input[1]].size > 1
+                                                       for n in weight_dq),
+    }
 
 
 def test_both_forms_are_qdq_with_the_right_zero_points_and_per_channel_weights(int8_run: tuple) -> None:
@@ -75,14 +94,14 @@ def test_gate_records_of_earlier_commands_persist_with_their_own_thresholds(int8
 def test_calibration_reads_training_keys_only_and_the_metadata_travels(int8_run: tuple) -> None:
     run, report = int8_run
     splits = json.loads((run / "splits.json").read_text())
-    meta = read_metadata(run / "export/model.int8.cpu.onnx")
+    meta = read_onnx_meta(run / "export/model.int8.cpu.onnx")
     calib = meta.extra["calibration"]
     assert calib["split"] == "train" and calib["method"] == "minmax"
     assert calib["keys"] == report.calibration_keys and 0 < len(calib["keys"]) <= 6
     assert set(calib["keys"]) <= set(splits["train"]) and not set(calib["keys"]) & set(splits["val"] + splits["test"])
     assert meta.classes == ["field", "forest", "water", "road", "building"] and meta.input_dtype == "uint8"
     assert meta.source == {"path": "model.onnx", "sha256": file_sha256(run / "export/model.onnx")}
-    assert meta.extra["int8_form"] == "cpu" and read_metadata(run / "export/model.int8.onnx").extra["int8_form"] == "tensorrt"
+    assert meta.extra["int8_form"] == "cpu" and read_onnx_meta(run / "export/model.int8.onnx").extra["int8_form"] == "tensorrt"
 
 
 def test_a_harsh_gate_gates_each_form_on_its_own_and_replaces_nothing(int8_run: tuple, tmp_path: Path) -> None:

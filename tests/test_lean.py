@@ -96,10 +96,11 @@ def test_onnx_metadata_is_read_without_the_graph_and_equals_onnx_own_parse(tiny_
     import onnx
     import pytest
 
-    from segdeploy.artifact import onnx_metadata_props, read_onnx_meta
+    from segdeploy.artifact import read_onnx_meta
+    from segdeploy.onnx_props import metadata_props
     from segdeploy.errors import ArtifactError
 
-    props = onnx_metadata_props(tiny_onnx)
+    props = metadata_props(tiny_onnx)
     assert props == {p.key: p.value for p in onnx.load(str(tiny_onnx)).metadata_props} and "segdeploy" in props
     assert read_onnx_meta(tiny_onnx).num_classes == 5
     cut = tmp_path / "cut.onnx"

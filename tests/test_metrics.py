@@ -7,7 +7,8 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex, MulticlassPrecision, MulticlassRecall
 
-from segdeploy.metrics import ConfusionMatrix, hierarchy_levels, level_mious
+from segdeploy.classes import hierarchy_levels
+from segdeploy.metrics import ConfusionMatrix, level_mious
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -74,3 +75,21 @@ def test_bad_hierarchy_is_rejected() -> None:
         hierarchy_levels(["a", "b"], {"x": ["a"], "y": ["a"]})
     with pytest.raises(ValueError, match="neither a class name nor a group"):
         hierarchy_levels(["a", "b"], {"x": ["a", "zzz"]})
+
+
+def test_the_default_palette_is_matplotlibs_tab20_without_importing_matplotlib() -> None:
+    """recipe fills a missing palette from `classes.TAB20`, written out so the schema never imports
+    matplotlib; it must be the colormap it names."""
+    import subprocess
+    import sys
+
+    from matplotlib import colormaps
+
+    from segdeploy.classes import default_palette
+
+    tab20 = colormaps["tab20"]
+    assert default_palette(23) == [tuple(int(255 * v) for v in tab20(i % 20)[:3]) for i in range(23)]
+    code = ("import sys; from segdeploy.recipe import ClassesConfig; ClassesConfig(names=list('abc'), "
+            "hierarchy={'g': ['a', 'b']}).display_palette(); print(sorted({'matplotlib', 'numpy'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

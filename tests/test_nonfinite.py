@@ -31,7 +31,6 @@ from segdeploy.data.inspect import inspect
 from segdeploy.errors import NonFiniteError
 from segdeploy.predict import PredictOptions, predict_file
 from segdeploy.runtime import load_backend
-from tests.conftest import RECIPES
 from tests.test_predict import write_tif
 
 runner = CliRunner()
@@ -174,7 +173,7 @@ def test_a_tile_with_nonfinite_logits_is_recomputed_at_fp32_or_named(exports: tu
         scene = src.read().astype(np.float32) / 255  # reflectance 0..1: normalised |x| ≤ 2.7
     scene[:, 110:118, 110:118] = 5.0  # outside the calibration range: normalised |x| ≈ 20
     write_tif(tmp_path / "in.tif", scene)
-    opts = PredictOptions(input_max=1.0, preview=False)  # tile 64, overlap 8: windows at 0, 56, 112, 168, 224
+    opts = PredictOptions(max_pixel_value=1.0, preview=False)  # tile 64, overlap 8: windows at 0, 56, 112, 168, 224
     res = predict_file(load_backend(fp16, threads=2), tmp_path / "in.tif", tmp_path / "fp16.tif", opts)
     predict_file(load_backend(fp32, threads=2), tmp_path / "in.tif", tmp_path / "fp32.tif", opts)
     assert np.array_equal(read_band(tmp_path / "fp16.tif"), read_band(tmp_path / "fp32.tif"))
@@ -212,11 +211,12 @@ def test_eval_recomputes_images_with_nonfinite_logits_at_fp32(exports: tuple[Pat
 
 def test_the_gate_fails_a_candidate_with_nonfinite_logits_and_refuses_a_nonfinite_reference(tiny_run: Path) -> None:
     from segdeploy.parity import ParityReference, compare
+    from segdeploy.models import load_run_model
     from segdeploy.runtime.torch import TorchBackend
 
     run = art.Run(tiny_run)
     rec = run.recipe
-    reference = TorchBackend(run.build_model(), run.meta, run.root)
+    reference = TorchBackend(load_run_model(run), run.meta, run.root)
     ref = ParityReference(reference, rec, run.meta, 64)
     cand = ref.logits.clone()
     cand[3, :, 5, 7] = float("nan")
@@ -230,4 +230,4 @@ def test_the_gate_fails_a_candidate_with_nonfinite_logits_and_refuses_a_nonfinit
             return out
 
     with pytest.raises(NonFiniteError, match=r"non-finite logits on parity tile 1 of image 'val\d+'"):
-        ParityReference(Overflowing(run.build_model(), run.meta, run.root), rec, run.meta, 64)
+        ParityReference(Overflowing(load_run_model(run), run.meta, run.root), rec, run.meta, 64)

@@ -134,7 +134,7 @@ def test_valid_pixels_next_to_nodata_agree_with_a_hand_filled_scene_on_a_trained
     for name, arr in (("raw", raw), ("filled", filled)):
         write_tif(tmp_path / f"{name}.tif", arr, nodata=-9999.0)
         predict_file(backend, tmp_path / f"{name}.tif", tmp_path / f"{name}_pred.tif",
-                     PredictOptions(input_max=1.0, probs=True, preview=False))
+                     PredictOptions(max_pixel_value=1.0, probs=True, preview=False))
     a, b = read_band(tmp_path / "raw_pred.tif"), read_band(tmp_path / "filled_pred.tif")
     near = np.zeros_like(stripe)
     near[88:164] = True
@@ -399,8 +399,8 @@ def test_every_hint_for_a_refused_input_is_a_command_that_works(tiny_onnx: Path,
     hint, run as printed, predicts the input. Inputs no flag can fit say so and suggest no flag."""
     rng = np.random.default_rng(9)
     cases = {"rgbn.tif": (rng.integers(0, 256, (4, 64, 64)), "uint8", r"--bands [\d,]+"),
-             "u16.tif": (rng.integers(0, 65536, (3, 64, 64)), "uint16", r"--input-max \S+"),
-             "f32.tif": (rng.random((3, 64, 64)), "float32", r"--input-max [\d.]+")}
+             "u16.tif": (rng.integers(0, 65536, (3, 64, 64)), "uint16", r"--max-pixel-value \S+"),
+             "f32.tif": (rng.random((3, 64, 64)), "float32", r"--max-pixel-value [\d.]+")}
     for name, (arr, dtype, hint) in cases.items():
         write_bands(tmp_path / name, arr.astype(dtype))
         out = tmp_path / f"pred_{name}"

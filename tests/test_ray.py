@@ -160,3 +160,39 @@ def test_the_plan_skips_finished_outputs_continues_unfinished_ones_and_starts_th
     assert finished == [] and [j.resume for j in todo] == [False] * 3
     with pytest.raises(UserError, match="would both be written to"):
         plan_jobs([tmp_path / "a/x.tif", tmp_path / "b/x.tif"], out, many=True, resume=False)
+
+
+def test_the_single_machine_settings_hold_only_while_a_local_cluster_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's environment variable and private constant are put back after `ray.init` (an error
+    included), and a user's own setting of the variable is left alone."""
+    import os
+
+    from ray._private import ray_constants
+
+    from segdeploy.cluster import SINGLE_MACHINE_ENV, single_machine
+
+    monkeypatch.delenv(SINGLE_MACHINE_ENV, raising=False)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    with pytest.raises(RuntimeError, match="init failed"), single_machine():
+        assert os.environ[SINGLE_MACHINE_ENV] == "0" and ray_constants.ENABLE_RAY_CLUSTER is False
+        raise RuntimeError("init failed")
+    assert SINGLE_MACHINE_ENV not in os.environ and ray_constants.ENABLE_RAY_CLUSTER == before
+    monkeypatch.setenv(SINGLE_MACHINE_ENV, "1")
+    with single_machine():
+        assert os.environ[SINGLE_MACHINE_ENV] == "1" and ray_constants.ENABLE_RAY_CLUSTER == before
+    assert os.environ[SINGLE_MACHINE_ENV] == "1"
+
+
+def test_each_backend_says_whether_a_ray_worker_needs_a_gpu(tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cluster asks the model's backend (Backend.needs_gpu), no backend named in cluster.py."""
+    import torch
+
+    from segdeploy.cluster import backend_for_gpu
+    from segdeploy.runtime.tensorrt import TensorRTBackend
+    from segdeploy.runtime.torch import TorchBackend
+
+    assert backend_for_gpu(tiny_onnx, {}) is False and TensorRTBackend.needs_gpu({}) is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert TorchBackend.needs_gpu({}) is True and TorchBackend.needs_gpu({"device": "cpu"}) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert TorchBackend.needs_gpu({"device": "auto"}) is False

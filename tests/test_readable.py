@@ -114,3 +114,29 @@ def test_short_names_keep_what_tells_items_apart() -> None:
     assert short_names(["runs/demo"]) == ["demo"]
     assert short_names(["a/runs/unet", "b/runs/unet", "b/runs/fpn"]) == ["a/runs/unet", "b/runs/unet", "b/runs/fpn"]
     assert short_names(["x/export/model.onnx", "x/export/model.fp16.onnx"]) == ["model.onnx", "model.fp16.onnx"]
+
+
+def test_figures_are_drawn_and_written_without_pyplot(tmp_path: Path) -> None:
+    """Every figure is made by `viz.new_figure` and written by `viz.save_figure`: the PNG is
+    complete, and neither pyplot (its global figure list) nor `matplotlib.use` (the process's
+    backend) is touched, so a notebook's own matplotlib session is left as it was."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, numpy as np, matplotlib
+matplotlib.use = lambda *a, **k: sys.exit("matplotlib.use called")
+from segdeploy.viz import overlay_figure, save_figure
+from segdeploy.bench import BenchReport, BenchRow, plot
+truth = np.zeros((8, 8), np.int64)
+save_figure(overlay_figure(np.zeros((8, 8, 3), np.uint8), truth, truth, ["a", "b"], [(0, 0, 0), (9, 9, 9)], 255.0, 255),
+            __import__("pathlib").Path({str(tmp_path / "overlay.png")!r}))
+plot(BenchReport(rows=[BenchRow("m", "onnxruntime", "fp32", 1, 64, "ok", p50_ms=2.0, p90_ms=2.5)], threads=1),
+     __import__("pathlib").Path({str(tmp_path / "bench.png")!r}))
+print("matplotlib.pyplot" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+    for name in ("overlay.png", "bench.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.size[0] > 300

@@ -197,7 +197,7 @@ def test_training_refuses_a_leak_naming_the_two_splits(tmp_path: Path) -> None:
 class ConstantBackend:
     """Predicts class 1 everywhere: enough to see which split eval scores."""
 
-    name, precision, device, max_batch, static_shape = "constant", "fp32", "cpu", None, None
+    name, precision, device, max_batch, static_size = "constant", "fp32", "cpu", None, None
 
     def __init__(self, classes: int) -> None:
         from segdeploy.artifact import ModelMeta

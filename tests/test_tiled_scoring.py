@@ -69,6 +69,7 @@ def test_eval_validation_and_predict_agree_on_images_larger_than_the_tile(tiny_r
     from segdeploy.data.torchdata import SegmentationDataset
     from segdeploy.evaluate import evaluate
     from segdeploy.losses import build_loss
+    from segdeploy.models import load_run_model
     from segdeploy.runtime.torch import TorchBackend
     from segdeploy.train import validate
 
@@ -87,7 +88,7 @@ def test_eval_validation_and_predict_agree_on_images_larger_than_the_tile(tiny_r
     run = Run(tiny_run)
     report = evaluate(tiny_run, "val", data_root=data, plots=False)
     rec = recipe.load(run.recipe_path, data_root=data)
-    model, meta = run.build_model(), run.meta
+    model, meta = load_run_model(run), run.meta
     val = SegmentationDataset(discover(rec.data, "val"), rec.data, rec.classes, meta.mean, meta.std)
     loss_fn = build_loss(rec.loss, 5, 255, None)
     _, cm = validate(model, val, loss_fn, rec, "cpu", meta, False)

@@ -125,9 +125,9 @@ def test_unfinished_run_hints_lead_somewhere(tiny_run: Path, synth_dir: Path, tm
         fit(rec, early, resume=True, progress=False)
     assert plan_output(early, resume=False, overwrite=False) == "replace"  # the plain retry the hint names
     with pytest.raises(ArtifactError, match=r"segdeploy train .*early/recipe.yaml --out .*early`"):
-        from segdeploy.artifact import require_finished
+        from segdeploy.artifact import Run
 
-        require_finished(early)
+        Run(early).require_finished()
     with pytest.raises(ArtifactError, match="nothing to resume in .*fresh.*drop --resume"):
         fit(rec, tmp_path / "fresh", resume=True, progress=False)
     foreign = tmp_path / "mine"
@@ -474,10 +474,10 @@ def test_predict_refuses_another_pixel_type_unless_told_how_to_rescale(tmp_path:
     src = _tif(tmp_path / "u16.tif", (labels * 1000).astype(np.uint16))
     backend = _echo()
     backend.meta.max_pixel_value = 1.0
-    with pytest.raises(DataError, match=r"u16.tif is uint16 but the model was trained on uint8 .*--input-max"):
+    with pytest.raises(DataError, match=r"u16.tif is uint16 but the model was trained on uint8 .*--max-pixel-value"):
         predict_file(backend, src, tmp_path / "o.tif", PredictOptions(tile=32, overlap=8))
     assert not (tmp_path / "o.tif").exists()
-    predict_file(backend, src, tmp_path / "o.tif", PredictOptions(tile=32, overlap=8, input_max=1000))
+    predict_file(backend, src, tmp_path / "o.tif", PredictOptions(tile=32, overlap=8, max_pixel_value=1000))
     with rasterio.open(tmp_path / "o.tif") as out:
         assert np.array_equal(out.read(1), labels)
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +87,8 @@ def test_version_without_torch_says_so_and_does_not_import_it(tmp_path: Path) ->
     (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--overlap", "-8"], "--overlap"),
     (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--threads", "0"], "--threads"),
     (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--workers", "0"], "--workers"),
-    (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--input-max", "0"], "--input-max"),
+    (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--input-max", "0"], "--input-max"),  # the old name, an alias
+    (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--max-pixel-value", "0"], "--max-pixel-value"),
     (["predict", "m.onnx", "x.tif", "--out", "o.tif", "--blend", "gauss"], "--blend"),
     (["export", "run", "--opset", "16"], "--opset"),
     (["export", "run", "--calib-images", "0"], "--calib-images"),
@@ -421,6 +420,57 @@ def test_deterministic_mode_sets_and_restores_torchs_switches_and_names_ops_with
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     with deterministic_mode(False):
         assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_offline_switches_hold_only_inside_a_hub_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fail_fast_when_offline` sets the socket default timeout and huggingface_hub's offline
+    constant for the download it wraps and puts both back after it (a failure included)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from segdeploy import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    before = (socket.getdefaulttimeout(), constants.HF_HUB_OFFLINE)
+    with pytest.raises(OSError, match="no network"), models.fail_fast_when_offline("imagenet"):
+        assert socket.getdefaulttimeout() == 3.0 and constants.HF_HUB_OFFLINE is True
+        raise OSError("no network")
+    assert (socket.getdefaulttimeout(), constants.HF_HUB_OFFLINE) == before
+
+
+def test_a_torch_backends_threads_hold_only_while_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's thread count is process-wide: `threads` applies inside each run, and is put back."""
+    import torch
+
+    from segdeploy.artifact import ModelMeta
+    from segdeploy.runtime.base import LoadOptions
+    from segdeploy.runtime.torch import TorchBackend
+
+    seen: list[int] = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return x
+
+    meta = ModelMeta(classes=["a", "b"], palette=[[0, 0, 0], [9, 9, 9]], mean=[0.0, 0.0], std=[1.0, 1.0],
+                     max_pixel_value=1.0, bands=2, input_divisor=1, tile_size=8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        backend = TorchBackend(Spy(), meta, Path("spy"))
+        backend.threads = 1
+        backend(np.zeros((1, 2, 8, 8), np.float32))
+        assert seen == [1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(TorchBackend, "__init__", lambda self, *a, **k: None)
+        monkeypatch.setattr("segdeploy.models.load_run_model", lambda run: Spy())
+        monkeypatch.setattr("segdeploy.artifact.Run.meta", meta)
+        loaded = TorchBackend.load(Path("run"), LoadOptions(device="cpu", threads=1))
+        assert loaded.threads == 1 and torch.get_num_threads() == 2  # loading changes nothing process-wide
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------ 6. hints that point the right way

@@ -150,14 +150,19 @@ def root(
                                  help="Print the version, those of Python, PyTorch, onnxruntime, TensorRT and "
                                  "GDAL, and the devices they see."),
 ) -> None:
+    """Global options: --debug (full tracebacks) and --version. Without --debug, rasterio's logger is silenced so
+    GDAL's messages cannot add lines to a one-line error."""
     STATE["debug"] = debug
     if not debug:  # GDAL's own messages (e.g. libtiff's write errors) would add lines to one-line errors
+        # (process-wide on purpose: this callback runs once per `segdeploy` command, which owns its
+        # process; the library sets no logging level but mlflow's, in tracking.py)
         import logging
 
         logging.getLogger("rasterio").setLevel(logging.CRITICAL)
 
 
 def one_line(text: str) -> str:
+    """`text` with its lines joined by single spaces, blank lines dropped (errors are one line)."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 

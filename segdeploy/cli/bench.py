@@ -42,9 +42,11 @@ def bench_cmd(
     plot_out: Path = typer.Option(None, "--plot", help="PNG chart: latency vs batch per backend."),
 ) -> None:
     """Latency (p50/p90/p99), throughput, memory and accuracy per backend and precision, in one table."""
+    from functools import partial
+
     from segdeploy.bench import BACKENDS, PRECISIONS, BenchOptions, bench, plot, write_csv
     from segdeploy.errors import UserError
-
+    from segdeploy.predict import time_file
     from segdeploy.tiling import TTA_MODES
 
     check_choice("--tta", tta, tuple(TTA_MODES))
@@ -62,7 +64,8 @@ def bench_cmd(
     if not batches or min(batches) < 1:
         raise UserError(f"--batch {batch!r} must be comma-separated integers ≥ 1, e.g. 1,8")
     opts = BenchOptions(backends=backends, precisions=precisions, batches=batches, size=size, threads=threads,
-                        data=data, tiled=tiled, min_iters=iters, min_seconds=seconds, accuracy=accuracy, tta=tta,
+                        data=data, tiled=tiled, tiled_run=partial(time_file, tta=tta) if tiled else None, min_iters=iters,
+                        min_seconds=seconds, accuracy=accuracy, tta=tta,
                         record=record)
     from segdeploy.progress import WorkProgress
 

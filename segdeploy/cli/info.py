@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from segdeploy.cli.app import app, console, emit_json, guarded
+from segdeploy.cli.app import app, emit_json, guarded
 
 
 @app.command("info")
@@ -45,6 +45,7 @@ def _model_line(m: dict[str, Any] | None) -> str:
 
 
 def run_lines(f: dict[str, Any]) -> list[str]:
+    """The rich-markup lines `segdeploy info` prints for a run directory (`info.describe_run`'s facts)."""
     status = f["status"] + (f" ({f['error']})" if f.get("error") else "")
     lines = [f"[bold]{escape(f['path'])}[/] · {escape(status)} · {f['epochs_done']}/{f['epochs_planned']} epochs"]
     best = f.get("best")
@@ -73,6 +74,7 @@ def run_lines(f: dict[str, Any]) -> list[str]:
 
 
 def model_lines(f: dict[str, Any]) -> list[str]:
+    """The rich-markup lines `segdeploy info` prints for an ONNX file or engine (`info.describe`'s facts)."""
     lines = [f"[bold]{escape(f['path'])}[/] · {f['backend']} {f['precision']} · {f['size_mb']:.1f} MB",
              escape(_model_line(f["model"]))]
     src = f.get("source")
@@ -96,6 +98,8 @@ def _gate_text(g: dict[str, Any] | None) -> str:
 
 
 def exports_table(rows: list[dict[str, Any]]) -> Table:
+    """A rich Table of a run's export forms: file, size (MB), gate verdict and staleness, or how to make a missing
+    one."""
     t = Table(title="exports", title_justify="left")
     for col in ("form", "file", "size MB", "gate", "state"):
         t.add_column(col, justify="right" if col == "size MB" else "left", overflow="fold")

@@ -45,8 +45,9 @@ def predict_cmd(
     bands: str = typer.Option(None, "--bands", help="Input bands to use, 1-based, in the model's order: "
                               "3,2,1 for a BGR file, 1,2,3 for RGB out of RGBN (default: all bands, alpha left out, "
                               "R/G/B order from the file's colour interpretation)."),
-    input_max: float = typer.Option(None, "--input-max", callback=positive, help="Full-scale value of the input's pixel type when it "
-                                    "differs from the model's (e.g. 65535 for a uint16 raster and a uint8 model)."),
+    max_pixel_value: float = typer.Option(None, "--max-pixel-value", "--input-max", callback=positive,
+                                          help="Full-scale value of the input's pixel type when it differs from the "
+                                          "model's (e.g. 65535 for a uint16 raster and a uint8 model)."),
     vector: str = typer.Option(None, help="Also polygons per class: OUT.gpkg|.geojson|.fgb|.parquet (one input), or "
                                "a format (gpkg…) for a file beside each raster. Needs segdeploy[vector]."),
     vector_layers: str = typer.Option("single", help="single, or per-class: a layer per class (GeoPackage)."),
@@ -80,7 +81,8 @@ def predict_cmd(
     many = len(files) > 1 or out.is_dir() or out_arg.endswith(("/", "\\"))
     vector_opts = _vector_options(model, vector, vector_layers, min_area, simplify, classes, many)
     opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, resume=resume, overwrite=overwrite,
-                          bands=band_list, input_max=input_max, preview=preview, cog=cog, vector=vector_opts, **outputs)
+                          bands=band_list, max_pixel_value=max_pixel_value, preview=preview, cog=cog, vector=vector_opts,
+                          **outputs)
     _check_head(choice.path, opts)
     jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
     try:
@@ -90,13 +92,17 @@ def predict_cmd(
 
         raise Interrupted("the rows already on disk are kept (hidden .partial files beside each output); continue "
                           "with the same command plus --resume (and without --overwrite)") from None
-    say_choice(choice)  # after the work: a refusal stays one line
-    emit_json(summary | {"model": choice.to_dict(), "decision": applied, "skipped": [str(j.src) for j in finished]},
-              json_out)
+    _report(choice, summary | {"decision": applied, "skipped": [str(j.src) for j in finished]}, json_out)
     if failures := summary["failures"]:
         raise UserError(f"{len(failures)} of {len(jobs)} rasters failed: "
                         f"{', '.join(f['input'] for f in failures[:5])}{' …' if len(failures) > 5 else ''}"
                         " (reasons above); the others are written, and --resume skips them")
+
+
+def _report(choice, summary: dict, json_out: Path | None) -> None:  # noqa: ANN001 - a runtime.choose.Choice
+    """After the work (so that a refusal stays one line): the model-choice line, then the JSON summary."""
+    say_choice(choice)
+    emit_json(summary | {"model": choice.to_dict()}, json_out)
 
 
 def say_choice(choice) -> None:  # noqa: ANN001 - a runtime.choose.Choice
@@ -205,7 +211,8 @@ def _run(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: s
     """Run the jobs serially or on Ray under one progress bar; print each outcome; the summary."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-    from segdeploy.jobs import Tally, run_jobs
+    from segdeploy.cluster import run_jobs
+    from segdeploy.jobs import Tally
     from segdeploy.progress import Ticker, format_seconds
     from segdeploy.utils import live_progress
 
@@ -252,6 +259,7 @@ def _where(ray: dict | None) -> str:
 
 
 def plural(n: int, word: str) -> str:
+    """'1 raster', '2 rasters': `n` and `word`, with an s unless n is 1."""
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 

@@ -157,12 +157,14 @@ def _summary(seconds: float, data_dir: Path, run_dir: Path, result, report, expo
 
 def _print_map(files: dict[str, str], eval_dir: Path, run_dir: Path) -> None:
     """Where everything is, what to open first."""
+    from segdeploy.artifact import CONFUSION_FILE, CURVE_FILES, OVERLAY_FILE
+
     console.print("[bold]open first[/]")
     for what, path in (("the predicted scene, in colour", files["scene_preview"]),
-                       ("predictions vs ground truth, per class", str(eval_dir / "overlay_00.png")),
-                       ("confusion matrix", str(eval_dir / "confusion_matrix.png")),
+                       ("predictions vs ground truth, per class", str(eval_dir / OVERLAY_FILE.format(0))),
+                       ("confusion matrix", str(eval_dir / CONFUSION_FILE)),
                        ("FP32/FP16 parity report", files["parity"]),
-                       ("training curves", str(Path(files["curves"]) / "miou.png"))):
+                       ("training curves", str(Path(files["curves"]) / CURVE_FILES["miou"]))):
         console.print(f"  {what:<40} {path}", soft_wrap=True)
     console.print("[bold]everything else[/]")
     for k, v in files.items():

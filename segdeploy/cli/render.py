@@ -10,10 +10,13 @@ from segdeploy.metrics import SegMetrics
 
 
 def fmt(v: float | None, digits: int = 4) -> str:
+    """`v` with `digits` decimals, '-' for None or NaN (a value that could not be measured)."""
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
 def metrics_table(m: SegMetrics, title: str) -> Table:
+    """A rich Table of per-class IoU, Dice, precision, recall, F1 and pixel counts with the means, titled `title`; the
+    caption gives pixel accuracy and any hierarchy levels' mIoU."""
     t = Table(title=title, title_justify="left")
     for col in ("class", "IoU", "Dice", "precision", "recall", "F1", "pixels"):
         t.add_column(col, justify="left" if col == "class" else "right")

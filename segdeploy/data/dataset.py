@@ -18,12 +18,15 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Sample:
+    """One training/eval sample: its key (the name shared by image and mask) and the two files."""
     key: str
     image: Path
     mask: Path
 
 
 def data_root(cfg: DataConfig, source: str = "the recipe") -> Path:
+    """The recipe's data.root as an existing directory; DataError naming `--data DIR` (and `data synth` to make one)
+    when it is unset or missing. `source` names where data.root came from."""
     if cfg.root is None:
         raise DataError(f"data.root is not set in {source}; pass --data DIR")
     root = Path(cfg.root).expanduser()
@@ -43,6 +46,7 @@ def _keys_in(directory: Path, suffix: str) -> dict[str, Path]:
 
 
 def masks_without_images(root: Path, cfg: DataConfig, split_dir: str) -> list[Path]:
+    """Mask files of the split folder `split_dir` whose key has no image file (an unpaired mask)."""
     images = _keys_in(root / cfg.image_dir.format(split=split_dir), cfg.image_suffix)
     masks = _keys_in(root / cfg.mask_dir.format(split=split_dir), cfg.mask_suffix)
     return [path for key, path in masks.items() if key not in images]
@@ -123,6 +127,8 @@ def _empty_ratio_split(cfg: DataConfig, split: str, paired: int, where: Path) ->
 
 
 def read_list(path: Path) -> list[str]:
+    """The keys in a split list file: one per line, blank lines skipped, the first word of each (the rest may be a
+    path or a comment). DataError when the file does not exist."""
     if not path.is_file():
         raise DataError(f"split list {path} not found; fix data.split.lists")
     keys = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -206,6 +212,7 @@ class SharedImage:
     paths: tuple[Path, Path]
 
     def describe(self) -> str:
+        """One sentence naming the file (or the two files with equal bytes) and the two splits it is in."""
         a, b = self.paths
         how = f"{a} is in both" if a.resolve() == b.resolve() else f"{a} and {b} are the same image, in"
         return f"{how} the {self.splits[0]} and {self.splits[1]} splits"
@@ -261,6 +268,7 @@ class LoadedSample:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the decoded image, mask and validity hold in memory (what SampleCache counts)."""
         return self.image.nbytes + self.mask.nbytes + (0 if self.valid is None else self.valid.nbytes)
 
 
@@ -277,9 +285,12 @@ class SampleCache:
         self.left_out: set[tuple[Path, Path]] = set()  # samples read that did not fit
 
     def get(self, sample: Sample) -> LoadedSample | None:
+        """The decoded sample kept for `sample`, or None when it was not kept."""
         return self._items.get((sample.image, sample.mask))
 
     def put(self, sample: Sample, loaded: LoadedSample) -> None:
+        """Keep `loaded` when it fits under the limit; otherwise note it in `left_out` (it is decoded again each
+        read)."""
         key = (sample.image, sample.mask)
         if self.nbytes + loaded.nbytes > self.limit:
             self.left_out.add(key)
@@ -346,9 +357,12 @@ class SampleReader:
         return s.image, s.mask
 
     def set_normalization(self, mean: list[float], std: list[float]) -> None:
+        """Use these per-band mean and std (after division by data.max_pixel_value) from now on."""
         self.mean_values, self.std_values = list(mean), list(std)
 
     def item(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample `i` as the model's input: (B×H×W float32, normalised by `tiling.normalize`, invalid pixels exactly
+        0; H×W int64 mask, ignore_index where the image is invalid)."""
         s = self.sample(i)
         x = normalize(s.image.transpose(2, 0, 1), self.data.max_pixel_value, self.mean_values, self.std_values,
                       valid=s.valid)
@@ -374,6 +388,8 @@ def _size_mismatch(s: Sample, image: np.ndarray, mask: np.ndarray, source: Image
 
 
 def class_pixel_counts(dataset: SampleReader) -> np.ndarray:
+    """Pixels of each class over the reader's whole split (int64, length num_classes; ignore_index and out-of-range
+    values not counted). Decodes every mask once."""
     counts = np.zeros(dataset.classes.num_classes, dtype=np.int64)
     for i in range(len(dataset)):
         mask = dataset.load(i)[1]

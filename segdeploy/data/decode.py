@@ -75,9 +75,11 @@ class Georeference:
 
     @property
     def present(self) -> bool:
+        """True when the raster carries any georeference (a geotransform, GCPs or RPCs)."""
         return self.transform is not None or bool(self.gcps) or self.rpcs is not None
 
     def forms(self) -> list[str]:
+        """The georeference forms present, in words ("geotransform (EPSG:32633)", "4 GCPs (…)", "RPCs")."""
         return ([f"geotransform ({self.crs or 'no CRS'})"] if self.transform is not None else []) + \
             ([f"{len(self.gcps)} GCPs ({self.gcp_crs or 'no CRS'})"] if self.gcps else []) + \
             (["RPCs"] if self.rpcs is not None else [])
@@ -159,9 +161,13 @@ class ImageSource:
 
     @property
     def count(self) -> int:
+        """The number of bands fed to the model (len(indexes))."""
         return len(self.indexes)
 
     def read(self, y: int = 0, x: int = 0, h: int | None = None, w: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The window of `h` rows × `w` columns at row `y`, column `x` (None: to the image's edge; clipped to it) as
+        (h×w×B pixels in the file's dtype, after band choice and colour-table expansion; h×w bool validity: the
+        dataset mask, no fed band at its nodata value, finite)."""
         raise NotImplementedError
 
     def _clip(self, y: int, x: int, h: int | None, w: int | None) -> tuple[int, int]:
@@ -206,6 +212,9 @@ class ArraySource(ImageSource):
         self.valid_mask = valid
 
     def read(self, y: int = 0, x: int = 0, h: int | None = None, w: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The window of `h` rows × `w` columns at row `y`, column `x` (None: to the image's edge; clipped to it) as
+        (h×w×B pixels in the file's dtype, after band choice and colour-table expansion; h×w bool validity: the
+        dataset mask, no fed band at its nodata value, finite). A view of the decoded array, no copy."""
         h, w = self._clip(y, x, h, w)
         valid = (np.ones((h, w), bool) if self.valid_mask is None else self.valid_mask[y : y + h, x : x + w])
         self.nonfinite_mask = None if self.undeclared is None else self.undeclared[y : y + h, x : x + w]
@@ -323,6 +332,10 @@ class RasterSource(ImageSource):
         return lut
 
     def read(self, y: int = 0, x: int = 0, h: int | None = None, w: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The window of `h` rows × `w` columns at row `y`, column `x` (None: to the image's edge; clipped to it) as
+        (h×w×B pixels in the file's dtype, after band choice and colour-table expansion; h×w bool validity: the
+        dataset mask, no fed band at its nodata value, finite). Read from the file through GDAL; DataError for a
+        truncated or corrupt file."""
         from rasterio.windows import Window
 
         h, w = self._clip(y, x, h, w)
@@ -377,6 +390,7 @@ class RasterSource(ImageSource):
             valid &= ~np.logical_and.reduce(hits)
 
     def close(self) -> None:
+        """Close the rasterio dataset."""
         self.src.close()
 
 

@@ -27,11 +27,13 @@ from segdeploy.data.dataset import (
 )
 from segdeploy.errors import DataError, RecipeError
 from segdeploy.recipe import Recipe
-from segdeploy.utils import atomic_path
 
 
 @dataclass
 class InspectReport:
+    """What `data inspect` found: the data root, the classes, images per split, the problems (each a dict naming the
+    file and what is wrong), per-split class pixel counts, image sizes ("H×W" -> count) and class weights suggested
+    from the training split's pixel counts."""
     root: str
     classes: list[str]
     splits: dict[str, int] = field(default_factory=dict)
@@ -42,13 +44,16 @@ class InspectReport:
 
     @property
     def ok(self) -> bool:
+        """True when no problem was found (the CLI exits 0)."""
         return not self.problems
 
     def fractions(self, split: str) -> list[float]:
+        """The share (0..1, 6 decimals) of the split's labelled pixels in each class."""
         counts = np.asarray(self.pixel_counts[split], dtype=np.float64)
         return (counts / max(counts.sum(), 1)).round(6).tolist()
 
     def to_dict(self) -> dict:
+        """The report as JSON types (`data inspect --json`), with the pixel fractions added."""
         return {"root": self.root, "classes": self.classes, "ok": self.ok, "splits": self.splits,
                 "problems": self.problems, "pixel_counts": self.pixel_counts,
                 "pixel_fractions": {s: self.fractions(s) for s in self.pixel_counts},
@@ -172,14 +177,12 @@ def _nodata_of(path: Path) -> float | None:
 
 def plot_distribution(report: InspectReport, path: Path) -> Path:
     """Grouped bars: pixel fraction of every class in each split (log scale when imbalanced)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from segdeploy.viz import new_figure, save_figure
 
     n = len(report.classes)
     splits = list(report.pixel_counts)
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * n + 2), 4), dpi=100)
+    fig = new_figure(figsize=(max(6, 0.8 * n + 2), 4), dpi=100)
+    ax = fig.subplots()
     width = 0.8 / max(len(splits), 1)
     fr = {s: report.fractions(s) for s in splits}
     for k, s in enumerate(splits):
@@ -193,7 +196,4 @@ def plot_distribution(report: InspectReport, path: Path) -> Path:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -21,15 +21,20 @@ class RandomRot90(v2.Transform):
     """Rotate image and mask together by the same random multiple of 90°."""
 
     def make_params(self, flat_inputs: list) -> dict:
+        """A rotation by k × 90° for the whole sample (image and mask alike), k drawn uniformly from 0..3."""
         return {"k": int(torch.randint(4, ()))}
 
     def transform(self, inpt, params):  # type: ignore[override]
+        """`inpt` (an image or mask tv_tensor) rotated by params['k'] × 90° in its last two axes; anything else as is."""
         if isinstance(inpt, tv_tensors.TVTensor):
             return tv_tensors.wrap(torch.rot90(inpt, params["k"], dims=(-2, -1)), like=inpt)
         return inpt
 
 
 def build_augment(aug: AugmentConfig, tile: int, ignore_index: int, bands: int) -> v2.Compose:
+    """The joint image/mask augmentation of the recipe's `augment` section as a torchvision v2 Compose: random crop to
+    `tile` (padding with 0 and `ignore_index`), flips, 90° rotations and the brightness/contrast jitter (1- or
+    3-band images only)."""
     ops: list[v2.Transform] = []
     if aug.crop:
         ops.append(v2.RandomCrop(tile, pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index}))
@@ -62,6 +67,7 @@ class SegmentationDataset(SampleReader, Dataset):
         )
 
     def to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """An H×W×B image as a B×H×W float32 tensor divided by data.max_pixel_value (0..1 for in-range pixels)."""
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32))
         return x / self.data.max_pixel_value
 
@@ -104,11 +110,13 @@ class SeededSampler(Sampler):
         self.size, self.seed, self.base, self.epoch = size, seed, base, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Use epoch `epoch`'s order and seeds (and pass it on to a wrapped DistributedSampler)."""
         self.epoch = epoch
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)  # type: ignore[union-attr]
 
     def order(self) -> list[int]:
+        """This epoch's sample order: the wrapped sampler's, or a permutation seeded by (seed, epoch)."""
         if self.base is not None:
             return list(self.base)
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
@@ -135,6 +143,8 @@ class EpochPlan:
 
     @classmethod
     def of(cls, sizes: list[tuple[int, int]], tile: int, setting: int | str, cropping: bool) -> EpochPlan:
+        """The plan for images of `sizes` ((H, W) each) at `tile` px with data.crops_per_image `setting` ("auto" or a
+        count) when `cropping` (augment.crop) is on; one sample per image otherwise."""
         if not cropping:
             crops = [1] * len(sizes)
         elif setting == "auto":

@@ -9,8 +9,8 @@ cannot be revised per node after the parity gate.
 
 Which nodes stay FP32 is measured, not guessed: every intermediate tensor's range is recorded
 on real calibration tiles; nodes whose inputs or outputs come near the FP16 limit stay FP32.
-When the parity gate still fails, `local_errors` ranks nodes by the FP16 error they add
-themselves, and the caller keeps the worst ones in FP32 too.
+When the parity gate still fails, the export pipeline keeps more nodes in FP32, ranked by
+their measured effect on the logits (`export/sensitivity.py`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def with_all_outputs(proto):  # noqa: ANN001, ANN201
 
 
 def run_all(proto, batches: Iterable[np.ndarray], threads: int | None = None) -> list[dict[str, np.ndarray]]:  # noqa: ANN001
+    """Every float tensor of the graph for each batch: onnxruntime on the CPU with graph optimisation off (so every
+    node's output is addressable) and all outputs exposed; one {tensor name: array} dict per input batch (N×B×H×W
+    float32), `threads` intra-op threads."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -189,35 +192,6 @@ def _drop_duplicate_casts(proto) -> None:  # noqa: ANN001
         proto.graph.node.extend(keep)
 
 
-def local_errors(fp32, fp16, batches: list[np.ndarray]) -> dict[str, float]:  # noqa: ANN001
-    """For each node of the FP32 graph: the relative FP16 error it adds beyond what its inputs carry."""
-    ref = run_all(fp32, batches)
-    got = run_all(fp16, batches)
-
-    def rel_err(name: str) -> float:
-        errs = []
-        for r, g in zip(ref, got, strict=True):
-            if name in r and name in g:
-                a, b = r[name].astype(np.float32), g[name].astype(np.float32)
-                scale = float(np.abs(a).mean()) + 1e-6
-                errs.append(float(np.abs(a - b).mean()) / scale)
-        return max(errs) if errs else 0.0
-
-    cache: dict[str, float] = {}
-
-    def err(name: str) -> float:
-        if name not in cache:
-            cache[name] = rel_err(name)
-        return cache[name]
-
-    out: dict[str, float] = {}
-    for node in fp32.graph.node:
-        produced = max((err(o) for o in node.output if o), default=0.0)
-        inherited = max((err(i) for i in node.input if i), default=0.0)
-        out[node.name] = max(produced - inherited, 0.0)
-    return out
-
-
 def node_flops(proto, batch: np.ndarray) -> dict[str, float]:  # noqa: ANN001
     """Floating-point operations of each node for one real batch (2 per multiply-accumulate for
     Conv/ConvTranspose/MatMul/Gemm, one per output element for everything else), from the tensor
@@ -251,6 +225,7 @@ def reduced_share(flops: dict[str, float], kept: Iterable[str]) -> float:
 
 
 def save(proto, path: Path) -> None:  # noqa: ANN001
+    """Write the ONNX `proto` to `path` atomically (temp file + rename)."""
     import onnx
 
     from segdeploy.utils import atomic_path

@@ -78,6 +78,8 @@ def form_name(key: str) -> str:
 
 
 def compute_nodes(proto) -> set[str]:  # noqa: ANN001
+    """Names of the nodes that do the FLOP-heavy work quantization targets (COMPUTE_OPS: Conv, ConvTranspose, MatMul,
+    Gemm)."""
     return {n.name for n in proto.graph.node if n.op_type in COMPUTE_OPS}
 
 
@@ -103,22 +105,3 @@ def quantized_share(flops: dict[str, float], compute: set[str], excluded: Iterab
     excluded = set(excluded)
     total = sum(flops.values())
     return sum(flops.get(n, 0.0) for n in compute - excluded) / total if total else 0.0
-
-
-def structure(proto) -> dict:  # noqa: ANN001
-    """What a QDQ model holds: Q/DQ counts, whether every activation zero point is 0, and whether
-    the weights are quantized per channel (for tests and the report)."""
-    from onnx import numpy_helper
-
-    init = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    q = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
-    zero_points = [init[n.input[2]] for n in q if len(n.input) > 2 and n.input[2] in init]
-    weight_dq = [n for n in dq if n.input[0] in init and init[n.input[0]].ndim == 4]
-    return {
-        "quantize_nodes": len(q), "dequantize_nodes": len(dq),
-        "activation_dtypes": sorted({str(z.dtype) for z in zero_points}),
-        "activation_zero_points_all_zero": all(not np.any(z) for z in zero_points),
-        "weights_per_channel": bool(weight_dq) and all(init[n.input[1]].ndim == 1 and init[n.input[1]].size > 1
-                                                       for n in weight_dq),
-    }

@@ -13,13 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segdeploy.artifact import ONNX_META_KEY, ModelMeta, write_onnx_meta
-from segdeploy.artifact import read_onnx_meta as read_metadata  # noqa: F401 - the name export's callers use
+from segdeploy.artifact import ModelMeta, write_onnx_meta
 from segdeploy.errors import ArtifactError, UserError
 from segdeploy.utils import atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-META_KEY = ONNX_META_KEY
 
 
 @dataclass
@@ -36,6 +34,8 @@ class Finding:
 
 @dataclass
 class ExportPlan:
+    """How the FP32 ONNX is exported: dynamic or static H×W (static at `tile` px, with the reasons), the preflight
+    findings (constructs rewritten or risky for TensorRT) and a fixed batch (None: dynamic)."""
     dynamic: bool
     tile: int
     findings: list[Finding] = field(default_factory=list)
@@ -43,6 +43,7 @@ class ExportPlan:
     batch: int | None = None  # the model's fixed batch (an imported graph), None: dynamic
 
     def to_dict(self) -> dict:
+        """The plan as JSON types (the ONNX metadata's export record, `export --json`)."""
         return {"dynamic": self.dynamic, "tile": self.tile, "static_reasons": self.static_reasons, "batch": self.batch,
                 "findings": [asdict(f) for f in self.findings]}
 
@@ -60,6 +61,7 @@ class FixedAdaptiveAvgPool2d(nn.Module):
         self.register_buffer("cols", _bin_matrix(output_size[1], input_size[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×C×H×W (H, W the input size given) -> N×C×h×w (the output size) average-pooled: rows @ x @ colsᵀ."""
         return self.rows @ x @ self.cols.T
 
 
@@ -171,7 +173,7 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: Path, plan: ExportPlan,
         proto = simplify(proto, notes)
         name_nodes(proto)
         name_dynamic_axes(proto)
-        set_metadata(proto, replace(meta, static_size=None if plan.dynamic else plan.tile), {"export": plan.to_dict()})
+        write_onnx_meta(proto, replace(meta, static_size=None if plan.dynamic else plan.tile), {"export": plan.to_dict()})
         onnx.save(proto, str(tmp))
     return notes
 
@@ -357,14 +359,6 @@ def name_nodes(proto) -> None:  # noqa: ANN001
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{i}"
         seen.add(node.name)
-
-
-def set_metadata(proto, meta: ModelMeta, extra: dict | None = None) -> None:  # noqa: ANN001
-    """The whole ModelMeta as JSON under 'segdeploy', plus readable top-level keys for other tools
-    (`artifact.write_onnx_meta`, which `read_onnx_meta` reads back)."""
-    write_onnx_meta(proto, meta, extra)
-
-
 
 
 HEAD_OUTPUTS = {"labels": "labels", "probabilities": "probabilities"}  # a head's output: its graph output's name

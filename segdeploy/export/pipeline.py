@@ -46,12 +46,13 @@ from segdeploy.artifact import (
     flag_order,
     forms_for,
     source_record,
+    write_onnx_meta,
 )
 from segdeploy.errors import DataError, OutputError, ParityError, UserError
 from segdeploy.export import fp16 as fp16_mod
 from segdeploy.export import int8 as int8_mod
 from segdeploy.export import sensitivity
-from segdeploy.export.onnx import EXPORT_TIME_LIMIT_S, ExportPlan, export_onnx, graph_findings, preflight, set_metadata
+from segdeploy.export.onnx import EXPORT_TIME_LIMIT_S, ExportPlan, export_onnx, graph_findings, preflight
 from segdeploy.parity import SPLIT_WORDS, ParityReference, percent, ParityReport, PrecisionUse, as_numpy_batches, parity_tiles
 from segdeploy.recipe import Recipe
 from segdeploy.utils import file_sha256, versions, writable_location, write_json
@@ -61,6 +62,10 @@ SENSITIVITY_TILES = 2  # calibration tiles the per-node effect on the logits is 
 
 @dataclass
 class ExportOptions:
+    """What one `segdeploy export` asks for: the forms (`fp16`, `int8`, `trt`), calibration images and method for
+    INT8, the ONNX opset, the tile (px; None: the run's), the engine's batch profile ("min:opt:max") and workspace
+    (GiB), fallback rounds, the time limit per ONNX exporter attempt (seconds), the data root and `parity.*`
+    overrides for the gate."""
     fp16: bool = False
     trt: bool = False
     int8: bool = False
@@ -126,6 +131,7 @@ class FormResult:
 
     @property
     def passed(self) -> bool:
+        """True when the form passed its gate (or is the gate's reference itself)."""
         return self.reference or (self.report is not None and self.report.passed)
 
     def record(self) -> dict:
@@ -140,6 +146,9 @@ class FormResult:
 
 @dataclass
 class ExportReport:
+    """What an export did: the run and output folder, the ONNX plan, the files written by role, notes, each form's
+    result, stale forms (why, with the rebuild command), the engine's facts, calibration keys, the gate's tiles and
+    the wall seconds."""
     run_dir: Path
     out_dir: Path
     plan: ExportPlan
@@ -159,6 +168,7 @@ class ExportReport:
 
     @property
     def passed(self) -> bool:
+        """True when there was something to gate and every form passed."""
         return bool(self.results) and all(r.passed for r in self.results.values())
 
     def failure(self) -> str:
@@ -173,6 +183,7 @@ class ExportReport:
                 f"the report is in {Run(self.run_dir).rejected_dir}")
 
     def to_dict(self) -> dict:
+        """The report as JSON types (`export --json`), each form's gate record included."""
         return {"run_dir": str(self.run_dir), "out_dir": str(self.out_dir), "export": self.plan.to_dict(),
                 "files": self.files, "notes": self.notes, "engine": self.engine, "seconds": round(self.seconds, 2),
                 "calibration_keys": self.calibration_keys, "gate_tiles": self.gate_tiles,
@@ -354,14 +365,18 @@ class _Builder:
     (verdict, rounds, command) is kept in `report.results`. Forms are built in table order; one
     whose source failed is not built."""
 
+    # export form key (artifact.EXPORT_FORMS) -> the method that builds and gates it: with the
+    # form's row in the table, the one place a new form takes (tests/test_export.py checks both agree)
+    BUILDERS = {"fp32": "_fp32", "fp16": "_fp16", "int8": "_int8_form", "int8_cpu": "_int8_form",
+                "engine": "_engine", "int8_engine": "_engine", "argmax": "_head", "softmax": "_head"}
+
     def __init__(self, job: _Job, stage: Path, log: Callable[[str], None]) -> None:
         self.job, self.stage, self.log, self.opts = job, stage, log, job.opts
         self.report = ExportReport(job.run.root, job.run.export_dir, job.plan, calibration_keys=job.calib_keys,
                                    gate_tiles=job.reference.describe())
         self.proto32 = None
         self._int8: dict | None = None
-        self.builders = {"fp32": self._fp32, "fp16": self._fp16, "int8": self._int8_form, "int8_cpu": self._int8_form,
-                         "engine": self._engine, "int8_engine": self._engine, "argmax": self._head, "softmax": self._head}
+        self.builders = {key: getattr(self, method) for key, method in self.BUILDERS.items()}
 
     def build_all(self) -> None:
         for form in self.job.forms:
@@ -430,7 +445,7 @@ class _Builder:
 
         path, proto = self.stage / form.file, copy.deepcopy(self.proto32)
         add_head(proto, form.output, self.job.meta.num_classes)
-        set_metadata(proto, self.meta_for(form, self.source_of(form)), {"export": self.job.plan.to_dict(),
+        write_onnx_meta(proto, self.meta_for(form, self.source_of(form)), {"export": self.job.plan.to_dict(),
                                                                          "head": form.output})
         onnx.save(proto, str(path))
         return FormResult(form, self.gate(OrtBackend(path), form))
@@ -448,7 +463,7 @@ class _Builder:
 
         def write(kept: set[str], path: Path) -> None:
             proto16 = fp16_mod.convert(copy.deepcopy(proto32), kept)
-            set_metadata(proto16, meta, {"export": self.job.plan.to_dict(), "fp32_nodes": sorted(kept),
+            write_onnx_meta(proto16, meta, {"export": self.job.plan.to_dict(), "fp32_nodes": sorted(kept),
                                          "fp16_flops_share": round(fp16_mod.reduced_share(flops, kept), 4)})
             fp16_mod.save(proto16, path)
 
@@ -470,7 +485,7 @@ class _Builder:
             int8_mod.quantize(work["prepared"], path, self.job.calib_tiles, name, self.opts.calib_method, kept,
                               work["cache"])
             q = onnx.load(str(path))
-            set_metadata(q, meta, {"export": self.job.plan.to_dict(), "int8_form": name,
+            write_onnx_meta(q, meta, {"export": self.job.plan.to_dict(), "int8_form": name,
                                    "fp32_nodes": sorted(kept), "int8_flops_share": round(share(kept), 4),
                                    "calibration": {"method": self.opts.calib_method, "split": "train",
                                                    "keys": self.job.calib_keys}})

@@ -1,5 +1,6 @@
-"""Artifact -> backend. Adding a backend is one module and one entry in `_BACKENDS`; which file
-suffix it loads comes from the table of export forms (`artifact.EXPORT_FORMS`)."""
+"""Artifact -> backend. Adding a backend is one module (a `Backend` subclass) and its entry in
+`_BACKENDS`; which file suffix it loads comes from the table of export forms
+(`artifact.EXPORT_FORMS`). docs/ARCHITECTURE.md, "How to add a backend"."""
 
 from __future__ import annotations
 
@@ -44,10 +45,13 @@ def reference_backend(run: Run) -> Backend:
     which has no PyTorch model, the FP32 ONNX itself."""
     if run.model_format == "onnx":
         return backend_class("onnxruntime").load(run.export_path("fp32"), LoadOptions())
-    return backend_class("torch")(run.build_model(), run.meta, run.root)
+    from segdeploy.models import load_run_model
+
+    return backend_class("torch")(load_run_model(run), run.meta, run.root)
 
 
 def backend_class(name: str) -> type[Backend]:
+    """The Backend class registered as `name` in _BACKENDS, its module imported now (KeyError for an unknown name)."""
     module, cls = _BACKENDS[name]
     return getattr(importlib.import_module(module), cls)
 

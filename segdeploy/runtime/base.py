@@ -45,6 +45,9 @@ class LoadOptions:
 
 
 class Backend(ABC):
+    """One loaded model on one runtime: numpy in, numpy out. `backend(batch)` maps a normalised float32 N×B×H×W batch
+    to float32 N×C×H×W logits (a new array the caller owns); `prepare`/`run`/ `to_host` split that so bench can
+    time `run` alone. `meta` is the artifact's ModelMeta."""
     name: ClassVar[str]
     precision: str = "fp32"
     device: str = "cpu"
@@ -53,21 +56,34 @@ class Backend(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, path: Path, options: LoadOptions) -> Backend: ...
+    def load(cls, path: Path, options: LoadOptions) -> Backend:
+        """The artifact at `path` (a run directory, .onnx or .engine: the one this backend runs),
+        loaded with the `options` that apply to it (device, precision, threads, providers,
+        compile). The artifact is checked before the runtime: ArtifactError for a missing, corrupt
+        or stale file (naming the command that rebuilds it), then BackendUnavailable when this
+        machine lacks the runtime, device or precision."""
 
     @classmethod
     def available(cls, precision: str = "fp32") -> str:
         """'' when this backend can run at `precision` here, else why not (one line)."""
         return ""
 
+    @classmethod
+    def needs_gpu(cls, options: dict) -> bool:
+        """Whether a process running this backend with `options` (LoadOptions fields) needs a GPU:
+        what a Ray worker asks its cluster for. False here (CPU runtimes)."""
+        return False
+
     @abstractmethod
     def run(self, batch: object) -> object:
         """Logits for a batch already `prepare`d, left where the backend computed them."""
 
     def prepare(self, batch: np.ndarray) -> object:
+        """The batch where `run` needs it (e.g. a device tensor); here, unchanged."""
         return batch
 
     def to_host(self, logits: object) -> np.ndarray:
+        """`run`'s output as a float32 numpy N×C×H×W array on the host."""
         return np.asarray(logits, dtype=np.float32)
 
     def synchronize(self) -> None:
@@ -89,14 +105,16 @@ class Backend(ABC):
         return self.to_host(self.run(self.prepare(batch)))
 
     @property
-    def static_shape(self) -> tuple[int, int] | None:
-        """(H, W) when the artifact accepts only one spatial size."""
-        s = self.meta.static_size
-        return (s, s) if s else None
+    def static_size(self) -> int | None:
+        """The one H = W (px) the loaded artifact accepts (`ModelMeta.static_size`; an engine's
+        fixed profile), None when any multiple of the input divisor works."""
+        return self.meta.static_size
 
     @property
     def max_batch(self) -> int | None:
+        """The largest batch the artifact accepts (a fixed-batch import; an engine's profile), None: any."""
         return self.meta.static_batch
 
     def describe(self) -> str:
+        """'onnxruntime fp16 on CPU (path)': runtime, precision, device and artifact, for logs and reports."""
         return f"{self.name} {self.precision} on {self.device} ({self.path})"

@@ -59,6 +59,7 @@ class Choice:
 
     @property
     def label(self) -> str:
+        """How reports name what runs: "PyTorch", or the form's file, label and precision."""
         return "PyTorch" if self.form == "torch" else f"{EXPORT_FORMS[self.form].file} ({EXPORT_FORMS[self.form].label} " \
                                                         f"{EXPORT_FORMS[self.form].precision.upper()})"
 
@@ -70,6 +71,7 @@ class Choice:
         return f"model: {self.label}{on} — {self.reason}"
 
     def to_dict(self) -> dict:
+        """The choice as JSON-ready values (the path as a string): predict's `model`, eval's `model_choice`."""
         d = asdict(self)
         d["path"] = str(self.path)
         return d
@@ -102,6 +104,7 @@ def int8_fast(features: set[str] | None = None) -> str:
 
 
 def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo's "model name", else `platform.processor()`)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
         return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
@@ -129,6 +132,7 @@ def machine_fingerprint() -> dict:
 
 
 def ort_providers() -> list[str]:
+    """onnxruntime's execution providers here (`ort.get_available_providers()`), in its order."""
     import onnxruntime as ort
 
     return list(ort.get_available_providers())

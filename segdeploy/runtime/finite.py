@@ -62,6 +62,8 @@ class FiniteLogits:
         self._looked = False
 
     def fallback(self) -> Backend | None:
+        """The FP32 form the artifact was derived from (`fp32_source`), loaded on first use; None when there is none
+        (an FP32 artifact, or one deployed without its source)."""
         if not self._looked:
             self._looked = True
             self._fallback = fp32_source(self.backend)
@@ -79,7 +81,7 @@ class FiniteLogits:
         what = f"{name(bad[0])}{f' and {len(bad) - 1} more in its batch' if len(bad) > 1 else ''}"
         fallback = self.fallback()
         if fallback is None:
-            fix = ("check the input's scale (--input-max) and nodata" if self.backend.precision == "fp32" else
+            fix = ("check the input's scale (--max-pixel-value) and nodata" if self.backend.precision == "fp32" else
                    f"put the FP32 {EXPORT_FORMS['fp32'].file} it was exported from beside it, or use that one")
             raise NonFiniteError(f"{self.backend.describe()} gives non-finite logits (NaN/Inf) on {what}, and there "
                                  f"is no FP32 form to recompute it with; {fix}")
@@ -87,7 +89,7 @@ class FiniteLogits:
         still = [bad[k] for k in range(len(bad)) if not np.isfinite(redo[k]).all()]
         if still:
             raise NonFiniteError(f"{self.backend.describe()} gives non-finite logits on {name(still[0])}, and so does "
-                                 f"{self.fallback_name}; check the input's scale (--input-max) and nodata there")
+                                 f"{self.fallback_name}; check the input's scale (--max-pixel-value) and nodata there")
         logits[bad] = redo
         self.recomputed += [name(i) for i in bad]
         return logits

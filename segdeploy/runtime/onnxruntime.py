@@ -16,6 +16,8 @@ PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecution
 
 
 class OrtBackend(Backend):
+    """An exported ONNX file on onnxruntime (CPU, or the execution providers asked for, in order). ArtifactError for a
+    missing, unreadable or stale file; BackendUnavailable for a provider this onnxruntime lacks."""
     name = "onnxruntime"
 
     def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
@@ -64,15 +66,18 @@ class OrtBackend(Backend):
 
     @classmethod
     def load(cls, path: Path, options: LoadOptions = LoadOptions()) -> OrtBackend:
+        """The ONNX file at `path` with `options`' providers and CPU threads (see the class for the errors)."""
         return cls(Path(path), list(options.providers) if options.providers else None, options.threads)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 N×C×H×W logits for a float32 N×B×H×W batch. ArtifactError for another band count, or another H×W
+        than a static model's."""
         x = np.asarray(batch, dtype=np.float32)
         if x.shape[1] != self.meta.bands:
             raise ArtifactError(f"{self.path} expects {self.meta.bands} bands, got an image with {x.shape[1]}")
-        static = self.static_shape
-        if static and tuple(x.shape[-2:]) != static:
-            raise ArtifactError(f"{self.path} is static at {static[0]}×{static[1]}; got {x.shape[-2]}×{x.shape[-1]}")
+        static = self.static_size
+        if static and tuple(x.shape[-2:]) != (static, static):
+            raise ArtifactError(f"{self.path} is static at {static}×{static}; got {x.shape[-2]}×{x.shape[-1]}")
         (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
         return out if self.output == "labels" else out.astype(np.float32, copy=False)
 
@@ -91,7 +96,7 @@ class OrtBackend(Backend):
         """onnxruntime's CPU arena never shrinks by itself: one tiny run with arena shrinkage
         returns its free chunks (measured: RSS 443 -> 283 MB after batch-2 512² runs of the demo
         U-Net). Static models would need a whole tile: they keep their arena."""
-        if self.static_shape or self.device != "cpu":
+        if self.static_size or self.device != "cpu":
             return
         import onnxruntime as ort
 
@@ -102,4 +107,5 @@ class OrtBackend(Backend):
         self.session.run(None, {self.input_name: tiny}, opts)
 
     def describe(self) -> str:
+        """'onnxruntime <precision> on <first provider> (path)'."""
         return f"onnxruntime {self.precision} on {self.providers[0].removesuffix('ExecutionProvider')} ({self.path})"

@@ -20,6 +20,8 @@ MIN_TRT = (10, 12)
 
 
 def import_tensorrt():  # noqa: ANN201
+    """The tensorrt module; BackendUnavailable when it is not installed or older than MIN_TRT (strongly typed FP16
+    needs 10.12)."""
     try:
         import tensorrt as trt
     except Exception as exc:  # noqa: BLE001
@@ -33,11 +35,13 @@ def import_tensorrt():  # noqa: ANN201
 
 
 def parse_version(v: str) -> tuple[int, ...]:
+    """'10.12.0.36' -> (10, 12, 0): the first three integers of a version string."""
     return tuple(int(p) for p in re.findall(r"\d+", v)[:3])
 
 
 @dataclass
 class DeviceInfo:
+    """The GPU an engine is built on or run on: its name, compute capability ("8.9"), CUDA and TensorRT versions."""
     gpu_name: str
     compute_capability: str
     cuda_version: str
@@ -45,6 +49,7 @@ class DeviceInfo:
 
 
 def current_device() -> DeviceInfo:
+    """This machine's GPU and runtime versions; BackendUnavailable without TensorRT or a CUDA GPU."""
     import torch
 
     trt = import_tensorrt()
@@ -75,6 +80,9 @@ sidecar = engine_sidecar  # the engine's metadata file: named by artifact.py
 
 
 class TensorRTBackend(Backend):
+    """A serialized TensorRT engine with its JSON sidecar (the ModelMeta and the profile): strongly typed, so its
+    precision is the engine's. ArtifactError for a missing engine or sidecar, a stale engine, or one built for
+    another GPU/TensorRT; BackendUnavailable without TensorRT or a GPU."""
     name = "tensorrt"
     precision = "fp16"
     device = "cuda"
@@ -109,6 +117,7 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def available(cls, precision: str = "fp16") -> str:
+        """'' when TensorRT imports and a CUDA GPU is visible, else why not."""
         try:
             import tensorrt  # noqa: F401
         except ImportError:
@@ -116,27 +125,40 @@ class TensorRTBackend(Backend):
         return "" if torch.cuda.is_available() else "TensorRT needs a CUDA GPU"
 
     @classmethod
+    def needs_gpu(cls, options: dict) -> bool:
+        """Always: an engine runs only on the GPU it was built for."""
+        return True
+
+    @classmethod
     def load(cls, path: Path, options: LoadOptions | None = None) -> TensorRTBackend:
+        """The engine at `path` (its precision and profile are built in: `options` do not apply)."""
         return cls(Path(path))
 
     @property
     def max_batch(self) -> int:
+        """The largest batch of the engine's optimisation profile."""
         return int(self._max[0])
 
     @property
-    def static_shape(self) -> tuple[int, int] | None:
-        return (self._max[2], self._max[3]) if self._min[2:] == self._max[2:] else None
+    def static_size(self) -> int | None:
+        """The profile's one H = W when its min and max shapes agree (an engine built static)."""
+        return int(self._max[2]) if self._min[2:] == self._max[2:] else None
 
     def prepare(self, batch: object) -> torch.Tensor:
+        """The batch as a float32 CUDA tensor."""
         return torch.as_tensor(batch, dtype=torch.float32).to("cuda", non_blocking=True)
 
     def to_host(self, logits: torch.Tensor) -> object:
+        """The logits (a CUDA tensor) as a numpy array on the host."""
         return logits.cpu().numpy()
 
     def synchronize(self) -> None:
+        """Wait for the GPU (CUDA's synchronize)."""
         torch.cuda.synchronize()
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
+        """float32 N×C×H×W logits (a CUDA tensor) for an N×B×H×W batch; ArtifactError for a shape outside the engine's
+        profile, naming the export flags that rebuild it."""
         n, _, h, w = batch.shape
         if n > self._max[0] or h > self._max[2] or w > self._max[3] or h < self._min[2] or w < self._min[3]:
             raise ArtifactError(f"batch {tuple(batch.shape)} is outside the engine's profile {self._min}..{self._max}; "
