@@ -749,3 +749,27 @@ def form_of(path: Path) -> ExportForm | None:
             return form
     matches = [f for f in EXPORT_FORMS.values() if path.suffix in f.suffixes and (not f.tag or f"{f.tag}." in path.name)]
     return max(matches, key=lambda f: len(f.tag), default=None)
+
+
+def run_file_names() -> frozenset[str]:
+    """Every file name segdeploy gives a file of a run (this module's *_FILE/*_CKPT/*_PLOT/*_SUMMARY
+    constants, dict/tuple values of them, and the table of export forms' files): what a report
+    (`--json`, `--csv`, `--plot`) must never be written over."""
+    names: set[str] = {f.file for f in EXPORT_FORMS.values()}
+    for name, value in globals().items():
+        if name.isupper() and name.endswith(("_FILE", "_FILES", "_CKPT", "_SUMMARY", "_PLOT")):
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
+            names.update(v for v in values if isinstance(v, str))
+    return frozenset(names)
+
+
+def owning_run(path: Path) -> Path | None:
+    """The run directory whose own file `path` is (a name from `run_file_names` inside a run, its
+    export/ or eval/ folders), else None."""
+    path = Path(path)
+    if path.name not in run_file_names():
+        return None
+    for cand in path.parents[:3]:
+        if (cand / RECIPE_FILE).is_file() and (cand / META_FILE).is_file():
+            return cand
+    return None

@@ -2,9 +2,10 @@
 it to a model strictly, saying why when it does not fit.
 
 Reading never unpickles code: ``.safetensors`` through safetensors, anything else through
-``torch.load(weights_only=True)``. A file that needs more (a whole pickled model, a checkpoint
-with custom classes) is refused in one line that shows the two safe ways to save it, unless the
-caller passes ``trust_pickle`` (the user's explicit ``--trust-pickle``).
+``torch.load(weights_only=True)``. A file that needs more (a whole pickled model) is refused in
+one line that shows the two safe ways to save it, unless the caller passes ``trust_pickle`` (the
+user's explicit ``--trust-pickle``); a checkpoint whose weights are plain tensors beside entries
+that need classes (Lightning hyper-parameters) is read with those classes as inert placeholders.
 
 Matching is strict: every tensor the model needs must come from the file with its shape. Key
 prefixes that wrappers add (``module.`` DataParallel/DDP, ``model.`` Lightning, ``_orig_mod.``
@@ -18,6 +19,7 @@ from __future__ import annotations
 import itertools
 import re
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +84,8 @@ def read_object(path: Path, trust_pickle: bool = False, warn: Callable[[str], No
             raise ModelError(f"cannot read {path}: {type(exc).__name__}: {_first_line(text)}") from None
         needs = re.search(r"GLOBAL ([\w.]+)", text)
         what = f" (it needs the Python class {needs.group(1)})" if needs else ""
+        if not trust_pickle and (held := _weights_beside_objects(path, warn)) is not None:
+            return held
         if not trust_pickle:
             raise PickleRefused(f"{path} is a pickled Python object{what}, not plain tensors, and loading it would run "
                                 f"code from the file; {SAFE_WAYS}, or pass --trust-pickle if you trust the file") from None
@@ -92,6 +96,42 @@ def read_object(path: Path, trust_pickle: bool = False, warn: Callable[[str], No
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot unpickle {path}: {type(exc).__name__}: {_first_line(str(exc))} (the classes it "
                          f"was saved with must be importable here); {SAFE_WAYS}") from None
+
+
+class _Placeholder:
+    """What an object of a class a checkpoint names (and segdeploy does not trust) is read as: its
+    arguments and state kept as data, none of its code run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _weights_beside_objects(path: Path, warn: Callable[[str], None] | None) -> Any:
+    """A checkpoint whose weights are plain tensors beside entries that need Python classes (a
+    Lightning checkpoint's hyper-parameters: argparse.Namespace, an OmegaConf config, a Path): read
+    with `weights_only=True`, each such class replaced by an inert `_Placeholder` (torch's
+    `safe_globals` stand-ins), so no code from the file runs. Returned only when a state dict of
+    tensors is then found outside every placeholder (those entries are left out, and `warn` says
+    so); None otherwise — a whole pickled model stays refused."""
+    import torch
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stand_ins = [(type(n.rsplit(".", 1)[-1], (_Placeholder,), {}), n) for n in names]
+        with torch.serialization.safe_globals(stand_ins):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, Mapping):
+            return None
+        find_state_dict(obj, path)  # raises when no tensors are found outside the placeholders
+    except Exception:  # noqa: BLE001 - anything else: the plain refusal
+        return None
+    if warn is not None:
+        warn(f"{path.name}: entries that need Python classes ({', '.join(names[:3])}{' …' if len(names) > 3 else ''}) "
+             "were read as inert placeholders, without running their code, and left out: only its tensors are used")
+    return obj
 
 
 def _first_line(text: str) -> str:
@@ -190,7 +230,7 @@ class Match:
         out = []
         if self.stripped:
             out.append(f"key prefix{'es' if len(self.stripped) > 1 else ''} {' + '.join(self.stripped)} removed "
-                       "(DataParallel / Lightning / torch.compile wrappers)")
+                       "(wrappers: DataParallel, Lightning, torch.compile, a module attribute)")
         if self.dropped:
             out.append(f"{len(self.dropped)} tensor(s) outside the model left out: {', '.join(self.dropped[:3])}"
                        f"{' …' if len(self.dropped) > 3 else ''}")
@@ -208,11 +248,23 @@ def _strip(keys: list[str], chain: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _strip_all(key: str, prefixes: tuple[str, ...]) -> str:
+    """`key` without any leading run of `prefixes`, in any order."""
+    while (p := next((p for p in prefixes if key.startswith(p)), None)) is not None:
+        key = key[len(p):]
+    return key
+
+
 def best_prefix_chain(keys: list[str], target: Mapping[str, Any],
                       prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> tuple[str, ...]:
     """The shortest sequence of wrapper prefixes (up to three) whose removal fits the most keys
-    to `target`; () when removing none fits as many."""
+    to `target`; () when removing none fits as many. Besides `prefixes`, the first name that most
+    of the keys that do not fit share is tried (a LightningModule's ``self.net = smp.Unet(...)``
+    saves ``net.encoder…``): it is removed, like the others, only where more keys then fit."""
     best, best_score = (), sum(k in target for k in keys)
+    misfits = [_strip_all(k, prefixes) for k in keys if k not in target]
+    firsts = Counter(k.split(".", 1)[0] + "." for k in misfits if "." in k)
+    prefixes += tuple(p for p, n in firsts.most_common(2) if 2 * n >= len(misfits) and p not in prefixes)
     for n in (1, 2, 3):
         for chain in itertools.product(prefixes, repeat=n):
             if not any(k.startswith(chain[0]) for k in keys):

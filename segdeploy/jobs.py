@@ -13,7 +13,7 @@ from pathlib import Path
 
 from segdeploy.errors import UserError
 from segdeploy.predict import PredictOptions, PredictResult, predict_file
-from segdeploy.raster import output_for, partial_paths
+from segdeploy.raster import companion_paths, is_picture, output_for, partial_paths
 from segdeploy.vector import VectorOptions
 
 TileCallback = Callable[[int, int, int, int], None]  # (job index, tiles done, tiles in all, pixels)
@@ -45,7 +45,8 @@ class Outcome:
 
 
 def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool,
-              overwrite: bool = False, vector: VectorOptions | None = None) -> tuple[list[Job], list[Job]]:
+              overwrite: bool = False, vector: VectorOptions | None = None,
+              probs: bool = False) -> tuple[list[Job], list[Job]]:
     """(to run, already finished), by the rule every verb keeps: a finished output is replaced only
     with `overwrite`, an unfinished one continues only with `resume` (without it `predict_file`
     refuses to start it over, unless `overwrite`). With `resume` a finished output is skipped, but
@@ -53,16 +54,23 @@ def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool,
     polygons).
 
     Raises UserError, before any work, for an output name that cannot hold the result (a picture's
-    prediction is a PNG, a raster's a GeoTIFF; several inputs need a directory), two inputs that
-    would write one output (or one vector file), and finished outputs without --overwrite or --resume."""
+    prediction is a PNG, a raster's a GeoTIFF; several inputs need a directory), an output that is
+    one of the inputs, or whose overlay, preview or confidence raster (`probs`) would be (even with
+    --overwrite: predict never replaces what it reads), two inputs that
+    would write one output (or one vector file), finished outputs without --overwrite or --resume,
+    and a vector file that exists beside a raster that does not (not a finished output: replaced
+    only with --overwrite)."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one of them")
     check_output_name(files, out, many)
     todo: list[Job] = []
     finished: list[Job] = []
     seen: dict[Path, str] = {}
+    inputs = {_identity(Path(f)): Path(f) for f in files if not isinstance(f, str) and Path(f).is_file()}
     for i, src in enumerate(files):
         target = output_for(src, out, many)
+        _refuse_writing_an_input(inputs, [target, *companion_paths(target, is_picture(src), probs)]
+                                 + ([vector.path_for(target)] if vector is not None else []))
         if target in seen:
             raise UserError(f"{src} and {seen[target]} would both be written to {target}; "
                             "rename one or predict them into separate --out directories")
@@ -77,6 +85,9 @@ def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool,
         job = Job(i, src, target, resume=resume and state.is_file())
         done = target.is_file() and not state.is_file()
         vector_missing = vector is not None and not vector.path_for(target).is_file()
+        if vector is not None and not vector_missing and not done and not job.resume and not overwrite:
+            raise UserError(f"{vector.path_for(target)} already exists: a finished output is replaced only with "
+                            "--overwrite; pass --overwrite to replace it, or another --vector")
         (finished if done and not overwrite and not (resume and vector_missing) else todo).append(job)
     if finished and not resume:
         first = finished[0].out
@@ -85,6 +96,24 @@ def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool,
         raise UserError(f"{what}: a finished prediction is replaced only with --overwrite; pass --overwrite to "
                         "replace it, --resume to skip finished outputs, or another --out")
     return todo, finished
+
+
+def _refuse_writing_an_input(inputs: dict[tuple[int, int], Path], outputs: list[Path]) -> None:
+    """An output that is one of the inputs (the same file under any name; `inputs` by device and
+    inode) is refused: the input would be replaced by its own prediction, and `--overwrite` (which
+    replaces finished outputs) does not make it one."""
+    for output in outputs:
+        if output.exists() and (src := inputs.get(_identity(output))) is not None:
+            what = f"--out {output} is the input {src} itself" if output == outputs[0] else \
+                f"predict would write {output} beside --out {outputs[0]}, and that is the input {src}"
+            fix = outputs[0].with_name(outputs[0].stem + "_pred" + outputs[0].suffix)
+            raise UserError(f"{what}, and predict never replaces what it reads (not even with --overwrite); pass "
+                            f"another --out, e.g. --out {fix}")
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
 
 
 def check_output_name(files: list[Path | str], out: Path, many: bool) -> None:

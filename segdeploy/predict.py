@@ -34,6 +34,7 @@ from segdeploy.raster import (
     is_remote,
     partial_paths,
     remote_settings,
+    probs_path,
     write_picture_outputs,
 )
 from segdeploy.runtime.base import Backend
@@ -171,7 +172,10 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> t
         reader.notes.append(f"tile {fixed}: the model accepts only {fixed}×{fixed} inputs (trained at {tile})")
         tile = fixed
     if tile % meta.input_divisor:
-        raise UserError(f"--tile {tile} must be a multiple of the model's input divisor {meta.input_divisor}")
+        div, low = meta.input_divisor, max(meta.input_divisor, meta.min_tile_size or 0)
+        fits = sorted({t for t in (tile // div * div, -(-tile // div) * div) if t >= low} or {-(-low // div) * div})
+        raise UserError(f"--tile {tile} must be a multiple of the model's input divisor {div}; use "
+                        + " or ".join(f"--tile {t}" for t in fits))
     if meta.min_tile_size and tile < meta.min_tile_size:
         raise UserError(f"--tile {tile} is below the smallest tile {meta.min_tile_size} the model runs at; "
                         f"use --tile {meta.min_tile_size} or larger")
@@ -216,8 +220,10 @@ def resume_point(out: Path, opts: PredictOptions, settings: dict, stride: int) -
     if opts.resume and state_path.is_file():
         state = json.loads(state_path.read_text())
         if state.get("settings") != settings:
-            raise UserError(f"{state_path} was written with other settings {state.get('settings')}; "
-                            "rerun without --resume or with the same options")
+            theirs = state.get("settings") or {}
+            differ = ", ".join(f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in settings.items() if theirs.get(k) != v)
+            raise UserError(f"{state_path} was written with other settings: {differ}; continue it with those "
+                            "options plus --resume, or start it over with --overwrite instead of --resume")
         if not tmp.is_file():
             raise UserError(f"cannot resume {out}: its partial output {tmp.name} is gone; rerun without --resume")
         rows_on_disk = int(state["rows_on_disk"])
@@ -238,7 +244,10 @@ def predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpti
     a GDAL virtual path of a remote raster (`/vsicurl/https://…`, `/vsis3/…`, `/vsigs/…`)."""
     import rasterio
 
-    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(), **remote_settings()), RssSampler() as rss:
+    # the network settings only for a remote raster: their "no directory listing" would hide a local
+    # file's sidecars from GDAL (a .msk mask, a .tfw world file, an .aux.xml with nodata or CRS)
+    network = remote_settings() if is_remote(src) else {}
+    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(), **network), RssSampler() as rss:
         result = _predict_file(backend, src, Path(out), opts, progress)
     result.peak_rss_mb = round(rss.peak, 1)
     return result
@@ -405,7 +414,7 @@ class RowSink:
         os.replace(self.tmp, self.out)
         files = [str(self.out)]
         if self.probs_tmp:
-            probs_out = self.out.with_name(f"{self.out.stem}.probs.tif")
+            probs_out = probs_path(self.out)
             os.replace(self.probs_tmp, probs_out)
             files.append(str(probs_out))
         files += vector

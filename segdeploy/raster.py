@@ -19,7 +19,7 @@ from segdeploy.utils import atomic_path, raise_write_error
 
 RASTER = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
 PICTURE = {".png", ".jpg", ".jpeg", ".bmp"}
-SUPPORTED_DTYPES = {"uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
+SUPPORTED_DTYPES = {"int8", "uint8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -110,6 +110,26 @@ def output_for(src: Path | str, out: Path, many: bool) -> Path:
     return out / f"{input_stem(src)}_pred{'.png' if is_picture(src) else '.tif'}"
 
 
+def companion_paths(out: Path, picture: bool, probs: bool) -> list[Path]:
+    """The files predict writes beside an output: a picture's overlay; a raster's preview and, with
+    `probs`, its confidence raster."""
+    from segdeploy.viz import preview_path
+
+    if picture:
+        return [overlay_path(out)]
+    return [preview_path(out)] + ([probs_path(out)] if probs else [])
+
+
+def overlay_path(out: Path) -> Path:
+    """NAME_overlay.png beside a picture's class PNG `out`: the classes over the photo, with a legend."""
+    return out.with_name(f"{out.stem}_overlay.png")
+
+
+def probs_path(out: Path) -> Path:
+    """NAME.probs.tif beside a class GeoTIFF `out`: its confidence raster (--probs)."""
+    return out.with_name(f"{out.stem}.probs.tif")
+
+
 def partial_paths(out: Path) -> tuple[Path, Path]:
     """(resume state, unfinished raster) of an output: present only while it is unfinished."""
     return out.with_name(out.name + ".partial.json"), out.with_name(f".{out.stem}.partial.tif")
@@ -149,7 +169,9 @@ class SceneReader:
         self.georeferenced = self.georef.present
         if self.dtype not in SUPPORTED_DTYPES:
             src.close()
-            raise DataError(f"{path} has pixel type {self.dtype}; supported: {', '.join(sorted(SUPPORTED_DTYPES))}")
+            raise DataError(f"{path} has pixel type {self.dtype}; supported: {', '.join(sorted(SUPPORTED_DTYPES))}: "
+                            f"convert it first, e.g. `rio convert --dtype float32 {path} "
+                            f"{Path(str(path)).stem}_float32.tif` (rasterio's CLI)")
 
     def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(H×W×B pixels, H×W valid mask) for the in-image part of a window."""
@@ -312,12 +334,31 @@ def write_picture_outputs(reader: SceneReader, rows: list[tuple[np.ndarray, np.n
     im.putpalette(flat + [0] * (768 - len(flat)))
     with atomic_path(out) as tmp:
         im.save(tmp, format="PNG")
+    _georeference_picture(out, reader.georef)
     rgb = display_rgb(reader.array, meta.max_pixel_value)
-    ov_path = out.with_name(f"{out.stem}_overlay.png")
+    ov_path = overlay_path(out)
     save_overlay_picture(rgb, labels, meta.classes, [tuple(c) for c in meta.palette], ov_path,
                          background_index(meta.classes, meta.background),
                          title=f"{Path(str(reader.path)).name} · {reader.width} x {reader.height} px")
     return [str(out), str(ov_path)]
+
+
+def _georeference_picture(out: Path, georef) -> None:  # noqa: ANN001 - a decode.Georeference
+    """Give a class PNG its input's georeference (a world file's geotransform, its CRS) the way GDAL
+    keeps it for a PNG: in ``NAME.png.aux.xml``, which GDAL and QGIS read. An earlier output's
+    sidecar is removed when the new one has none (it would georeference the wrong picture)."""
+    sidecar = out.with_name(out.name + ".aux.xml")
+    sidecar.unlink(missing_ok=True)
+    if georef.transform is None:
+        return
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(out, "r+") as dst:
+            dst.transform = georef.transform
+            if georef.crs is not None:
+                dst.crs = georef.crs
 
 
 def pixel_agreement(pred: Path, labels: Path) -> float:

@@ -11,6 +11,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -362,9 +363,20 @@ def _inner_model(ann: Any) -> Any:
     return ann
 
 
+UNION_MEMBER = re.compile(r"^(function-|constrained-|literal\[|list\[|dict\[|tuple\[|nullable\[)|^(bool|int|float|str|none)$")
+
+
 def _format_error(err: ValidationError, source: str) -> str:
-    e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    """One line for the first failing key. A key whose type is a union (``data.cache: bool | int``)
+    fails once per member; the member's tag is left out of the key's name, and a constraint the
+    value broke (``≥ 0``) is said rather than another member's type mismatch."""
+    def key(e: Any) -> tuple:
+        return tuple(p for p in e["loc"] if not (isinstance(p, str) and UNION_MEMBER.search(p)))
+
+    errors = err.errors()
+    same = [e for e in errors if key(e) == key(errors[0])]
+    e = next((e for e in same if not e["type"].endswith(("_type", "_parsing")) and e["type"] != "literal_error"), same[0])
+    loc = key(e)
     dotted = ".".join(str(p) for p in loc) or "recipe"
     kind = e["type"]
     if kind == "extra_forbidden":
@@ -385,6 +397,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     got_s = json.dumps(got) if isinstance(got, (int, float, str, bool, type(None))) else type(got).__name__
     msg = str(e["msg"])
     msg = msg[0].lower() + msg[1:]
+    words = [str(o["ctx"]["expected"]) for o in same if o is not e and o["type"] == "literal_error" and "ctx" in o]
+    msg += "".join(f", or {w}" for w in words)  # crops_per_image: an integer, or 'auto'
     return f"{dotted}: {msg} (got {got_s}) in {source}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -213,13 +214,41 @@ REPORT_OPTIONS = ("json_out", "csv_out", "plot_out")
 
 
 def _check_report_targets(kwargs: dict[str, Any]) -> None:
-    """--json/--csv/--plot files that cannot be written fail before the work, not after it."""
-    from segdeploy.utils import writable_location
+    """--json/--csv/--plot files that cannot be written fail before the work, not after it: a
+    directory, an unwritable place, or a file the command itself reads or writes (its --out, an
+    input, another report), which the report would replace."""
+    import os
 
+    from segdeploy.artifact import owning_run
+    from segdeploy.utils import raise_write_error, writable_location
+
+    others = {key: value for key, value in kwargs.items() if key not in REPORT_OPTIONS}
+    taken: dict[str, str] = {}
     for key in REPORT_OPTIONS:
         target = kwargs.get(key)
-        if target is not None and str(target) != "-":
-            writable_location(Path(target))
+        if target is None or str(target) == "-":
+            continue
+        path = Path(target)
+        if path.is_dir():
+            raise_write_error(path, IsADirectoryError(errno.EISDIR, "is a directory", str(path)))
+        writable_location(path)
+        option = OUTPUT_OPTIONS[key]
+        if (run := owning_run(path)) is not None:
+            raise UserError(f"{option} {target} is a file of the run {run} (segdeploy's own {path.name}), which the "
+                            "report would replace; give the report a file of its own")
+        here = os.path.abspath(path)
+        for name, value in list(others.items()) + [(k, v) for k, v in taken.items()]:
+            for item in value if isinstance(value, list | tuple) else [value]:
+                named = isinstance(item, Path) or (isinstance(item, str) and (name in OUTPUT_OPTIONS or os.path.exists(item)))
+                if named and str(item) not in ("", "-") and os.path.abspath(str(item)) == here:
+                    what = OUTPUT_OPTIONS.get(name, "an input")
+                    raise UserError(f"{option} {target} is the same file as {what}, which the report would "
+                                    "replace; give the report a file of its own")
+        taken[key] = str(target)
+
+
+OUTPUT_OPTIONS = {"out": "--out", "out_arg": "--out", "vector": "--vector", "json_out": "--json", "csv_out": "--csv",
+                  "plot_out": "--plot"}  # parameter -> the flag a user typed
 
 
 def positive(value: float | None) -> float | None:

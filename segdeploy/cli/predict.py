@@ -84,14 +84,9 @@ def predict_cmd(
                           bands=band_list, max_pixel_value=max_pixel_value, preview=preview, cog=cog, vector=vector_opts,
                           **outputs)
     _check_head(choice.path, opts)
-    jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts)
-    try:
-        summary = _run(choice.path, options, jobs, opts, ray or ray_address is not None, ray_address, workers, progress)
-    except KeyboardInterrupt:
-        from segdeploy.errors import Interrupted
-
-        raise Interrupted("the rows already on disk are kept (hidden .partial files beside each output); continue "
-                          "with the same command plus --resume (and without --overwrite)") from None
+    jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts, opts.probs or opts.class_probs)
+    summary = _run_or_say(choice.path, options, jobs, opts, ray or ray_address is not None, ray_address, workers,
+                          progress, len(files))
     _report(choice, summary | {"decision": applied, "skipped": [str(j.src) for j in finished]}, json_out)
     if failures := summary["failures"]:
         raise UserError(f"{len(failures)} of {len(jobs)} rasters failed: "
@@ -100,8 +95,10 @@ def predict_cmd(
 
 
 def _report(choice, summary: dict, json_out: Path | None) -> None:  # noqa: ANN001 - a runtime.choose.Choice
-    """After the work (so that a refusal stays one line): the model-choice line, then the JSON summary."""
-    say_choice(choice)
+    """After the work (so that a refusal stays one line): the model-choice line (none when nothing ran),
+    then the JSON summary."""
+    if summary["results"] or summary["failures"]:
+        say_choice(choice)
     emit_json(summary | {"model": choice.to_dict()}, json_out)
 
 
@@ -130,6 +127,22 @@ def _check_head(model: Path, opts) -> None:  # noqa: ANN001 - PredictOptions
 
     form = form_of(Path(model)) if Path(model).is_file() else None
     check_head(form.output if form is not None else "logits", Path(model).name, opts)
+
+
+def _run_or_say(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: str | None,  # noqa: ANN001
+                workers: int | None, progress: bool, inputs: int) -> dict:
+    """`_run`, or with every output finished (--resume) a line saying so: no model loaded, no empty
+    progress bar. A Ctrl-C says what was kept and the command that continues."""
+    if not jobs:
+        console.print(f"nothing to predict: {inputs} of {inputs} outputs already finished (skipped)")
+        return {"backend": "", "ray": None, "seconds": 0.0, "megapixels_per_s": 0.0, "results": [], "failures": []}
+    try:
+        return _run(model, options, jobs, opts, use_ray, address, workers, progress)
+    except KeyboardInterrupt:
+        from segdeploy.errors import Interrupted
+
+        raise Interrupted("the rows already on disk are kept (hidden .partial files beside each output); continue "
+                          "with the same command plus --resume (and without --overwrite)") from None
 
 
 def _probs_and_decision(model: Path, probs: str | None, dtype: str, tta: str, threshold: float | None,
@@ -168,13 +181,13 @@ def _checked(blend: str, device: str, bands: str | None) -> list[int] | None:
 
 
 def _plan(files: list, out: Path, many: bool, resume: bool, overwrite: bool,  # noqa: ANN001
-          vector_opts) -> tuple[list, list]:
+          vector_opts, probs: bool = False) -> tuple[list, list]:
     """The jobs to run and those already finished (named); an unwritable output (raster or vector)
     fails before any progress is drawn."""
     from segdeploy.jobs import plan_jobs
     from segdeploy.utils import writable_location
 
-    jobs, finished = plan_jobs(files, out, many, resume, overwrite, vector_opts)
+    jobs, finished = plan_jobs(files, out, many, resume, overwrite, vector_opts, probs)
     for job in jobs:
         writable_location(job.out)
         if vector_opts is not None:

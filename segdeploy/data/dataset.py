@@ -331,7 +331,8 @@ class SampleReader:
         if self.cache is not None and (held := self.cache.get(s)) is not None:
             return held
         image, valid, source = self._read_image(s.image)
-        mask = decode_mask(read_mask(s.mask), s.mask, self.data.mask_encoding, self.classes.num_classes,
+        raw = read_mask(s.mask, colours=self.data.mask_encoding == "palette")
+        mask = decode_mask(raw, s.mask, self.data.mask_encoding, self.classes.num_classes,
                            self.classes.ignore_index, self.classes.palette)
         if image.shape[:2] != mask.shape[:2]:
             raise DataError(_size_mismatch(s, image, mask, source))

@@ -4,7 +4,8 @@ The same rules for every format and every verb:
 
 - PNG, JPEG and BMP through Pillow, decoded whole, with the EXIF orientation applied (all eight):
   pixels come out as the image is displayed, which is how labelling tools draw masks on it
-  (`read_mask` applies the same orientation to masks);
+  (`read_mask` applies the same orientation to masks); 16-bit colour PNGs, which Pillow cuts to
+  their high bytes, through GDAL, oriented the same way;
 - TIFF/GeoTIFF and every other GDAL raster (remote ones too) through rasterio, window by window,
   so memory is bounded by the window, never the scene;
 - ``.npy`` arrays (H×W or H×W×B), for training data;
@@ -229,6 +230,11 @@ def _picture_array(path: Path) -> tuple[np.ndarray, list[str], list[str], int, t
         orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
         stored = (im.height, im.width)
         notes = []
+        if (kinds := _deep_png_kinds(path)) is not None:  # Pillow would keep only each sample's high byte
+            arr = _orient(_gdal_pixels(path), orientation)
+            notes += [f"EXIF orientation {orientation} applied ({ORIENTATIONS[orientation]})"] \
+                if orientation in ORIENTATIONS else []
+            return arr, kinds, notes, orientation, stored
         if orientation in ORIENTATIONS:
             im = ImageOps.exif_transpose(im)
             notes.append(f"EXIF orientation {orientation} applied ({ORIENTATIONS[orientation]})")
@@ -255,6 +261,38 @@ def _picture_array(path: Path) -> tuple[np.ndarray, list[str], list[str], int, t
     return arr, kinds, notes, orientation, stored
 
 
+def _deep_png_kinds(path: Path) -> list[str] | None:
+    """The band kinds of a 16-bit colour PNG (RGB, RGBA, gray + alpha), None for any other file.
+    Pillow decodes those to 8 bits (the high byte of each sample), so GDAL reads them instead. PNG
+    header: 8-byte signature, IHDR length and type, width, height, then bit depth and colour type."""
+    if path.suffix.lower() != ".png":
+        return None
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[24] != 16:
+        return None
+    return {2: ["red", "green", "blue"], 4: ["gray", "alpha"], 6: ["red", "green", "blue", "alpha"]}.get(head[25])
+
+
+def _gdal_pixels(path: Path) -> np.ndarray:
+    """H×W×B pixels of a file as GDAL decodes it (all bands, the file's own sample type)."""
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NotGeoreferencedWarning: a picture has no georeference
+        with rasterio.open(path) as src:
+            return np.moveaxis(src.read(), 0, -1)
+
+
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """H×W×B pixels as stored → as displayed under EXIF `orientation` (what Pillow's
+    ``ImageOps.exif_transpose`` does to an image: the same eight cases)."""
+    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+           8: lambda a: np.rot90(a, 1)}
+    return np.ascontiguousarray(ops[orientation](arr)) if orientation in ops else arr
+
+
 def _open_picture(path: Path, bands: int, requested: list[int] | None) -> ArraySource:
     arr, kinds, notes, orientation, stored = _picture_array(path)
     valid = None
@@ -264,7 +302,33 @@ def _open_picture(path: Path, bands: int, requested: list[int] | None) -> ArrayS
             valid = None
     src = ArraySource(path, arr, kinds, valid, bands, requested, notes)
     src.is_picture, src.orientation, src.stored_size = True, orientation, stored
+    src.georef = _picture_georeference(path, orientation, src.notes)
     return src
+
+
+WORLD_FILE_SUFFIXES = {".png": (".pgw", ".pngw"), ".jpg": (".jgw", ".jpgw"), ".jpeg": (".jgw", ".jpegw"),
+                       ".bmp": (".bpw", ".bmpw")}  # GDAL's world-file names, besides .wld and NAME.aux.xml
+
+
+def _picture_georeference(path: Path, orientation: int, notes: list[str]) -> Georeference:
+    """A picture's georeference as GDAL reads it — a world file (``.pgw``, ``.jgw``, ``.wld``) or
+    GDAL's ``.aux.xml`` — or none. GDAL is asked only when such a sidecar exists (training reads
+    thousands of pictures). The georeference describes the stored pixels, so a picture whose EXIF
+    orientation turns them keeps none, and a note says so."""
+    sidecars = [path.with_suffix(s) for s in (*WORLD_FILE_SUFFIXES.get(path.suffix.lower(), ()), ".wld")]
+    if not any(p.is_file() for p in [*sidecars, path.with_name(path.name + ".aux.xml")]):
+        return Georeference()
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(path) as ds:
+            georef = Georeference.of(ds)
+    if georef.present and orientation in ORIENTATIONS:
+        notes.append(f"its georeference (world file) is left out: it describes the stored pixels, which EXIF "
+                     f"orientation {orientation} turns")
+        return Georeference()
+    return georef
 
 
 def _open_numpy(path: Path, bands: int, requested: list[int] | None) -> ArraySource:
@@ -413,9 +477,13 @@ def open_image(path: Path | str, bands: int, requested: list[int] | None = None)
         raise DataError(f"cannot read image {path}: {exc} (re-export or remove the file)") from None
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """A mask as stored: H×W (indices, binary; a paletted PNG's indices, never its colours) or
-    H×W×3 (palette colours), in the displayed orientation like its image (EXIF applied)."""
+def read_mask(path: Path, colours: bool = False) -> np.ndarray:
+    """A mask as stored: H×W (indices, binary; a paletted PNG's or GeoTIFF's indices) or H×W×3
+    (palette colours), in the displayed orientation like its image (EXIF applied).
+
+    With `colours` (``data.mask_encoding: palette``: classes are told by colour) a colour table is
+    expanded to the H×W×3 RGB it displays, as for images: a paletted mask's indices need not be the
+    classes' order, and its table may hold colours no pixel uses."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.is_file():
@@ -425,15 +493,12 @@ def read_mask(path: Path) -> np.ndarray:
         if suffix in NUMPY_SUFFIXES:
             return np.load(path, allow_pickle=False)
         if suffix not in PICTURE_SUFFIXES:
-            import rasterio
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with rasterio.open(path) as src:
-                    return src.read(1)
+            return _read_raster_mask(path, colours)
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             im.load()
+            if colours and im.mode in ("P", "PA"):
+                im = im.convert("RGB")
             if im.mode in ("RGBA", "LA", "PA"):
                 im = im.convert({"RGBA": "RGB", "LA": "L", "PA": "P"}[im.mode])
             return np.asarray(im)
@@ -441,3 +506,28 @@ def read_mask(path: Path) -> np.ndarray:
         raise DataError(f"cannot read mask {path}: {exc} (re-export or remove the file)") from None
     except Exception as exc:  # noqa: BLE001 - rasterio's own errors
         raise DataError(f"cannot read mask {path}: {exc} (re-export or remove the file)") from None
+
+
+def _read_raster_mask(path: Path, colours: bool) -> np.ndarray:
+    """Band 1 of a GDAL mask (its colour table expanded to RGB with `colours`; else 3 bands as RGB
+    when it has them and `colours`). A declared nodata value comes back masked (a numpy masked
+    array): `io.decode_mask` makes it ignore_index where it is no class."""
+    import rasterio
+    from rasterio.enums import ColorInterp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(path) as src:
+            band = src.read(1)
+            if colours and src.colorinterp[0] == ColorInterp.palette:
+                lut = np.zeros((max(256, int(band.max()) + 1), 3), np.uint8)
+                for index, rgba in src.colormap(1).items():
+                    if 0 <= index < len(lut):
+                        lut[index] = rgba[:3]
+                return lut[band]
+            if colours and src.count >= 3:
+                return np.moveaxis(src.read([1, 2, 3]), 0, -1)
+            nodata = src.nodatavals[0]
+            if nodata is not None and not math.isnan(nodata) and band.dtype.kind in "iu":
+                return np.ma.masked_equal(band, nodata) if (band == nodata).any() else band
+            return band

@@ -18,7 +18,19 @@ def decode_mask(
     ignore_index: int,
     palette: list[tuple[int, int, int]] | None = None,
 ) -> np.ndarray:
-    """H×W int64 class indices; values outside the classes (and not ignore) are an error."""
+    """H×W int64 class indices; values outside the classes (and not ignore) are an error.
+
+    A masked array (a GDAL mask's declared nodata, from `decode.read_mask`) has its masked pixels
+    made ignore_index where the nodata value is no class (a label raster's -1 or 15 for
+    "unlabelled"); a nodata value that is a class index (QGIS rasterizes with nodata 0, often the
+    background class) stays that class."""
+    if isinstance(raw, np.ma.MaskedArray):
+        nodata = np.ma.getmaskarray(raw)
+        raw = raw.data
+        value = raw[nodata][0]
+        if encoding == "index" and not 0 <= value < num_classes:
+            raw = raw.astype(np.int64)
+            raw[nodata] = ignore_index
     if encoding == "palette":
         if raw.ndim != 3 or raw.shape[-1] < 3:
             raise DataError(f"mask {path} is single-channel but data.mask_encoding is 'palette'; use 'index'")
