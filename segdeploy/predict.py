@@ -410,7 +410,7 @@ class RowSink:
         vector = [self.vector.finish()] if self.vector is not None else []
         if self.writer is None:
             return write_picture_outputs(self.reader, self.picture_rows, self.meta, self.out) + vector
-        self.writer.finish(cog=self.opts.cog)
+        self.writer.finish(cog=self.opts.cog, source=str(self.settings.get("input", "")))
         os.replace(self.tmp, self.out)
         files = [str(self.out)]
         if self.probs_tmp:
