@@ -45,7 +45,10 @@ THRESHOLD_FILE = "threshold.json"  # the decision threshold `eval --thresholds` 
 THRESHOLD_PLOT = "thresholds.png"  # its sweep, in the evaluation's folder
 REJECTED_DIR = "export-rejected"  # the last failed export's parity report (export/ itself is left as it was)
 STAGING_PREFIX = ".staging-"  # an export builds its forms in RUN/export/.staging-*/ and renames them when all pass
-EXPORT_FLAGS = ("--fp16", "--int8", "--trt")  # the flags that ask for export forms, in the order commands show them
+# the flags that ask for export forms, in the order commands show them (a head is `--head NAME`,
+# written `--head=NAME` so that each form's flags are single arguments)
+EXPORT_FLAGS = ("--fp16", "--int8", "--trt", "--head=argmax", "--head=softmax")
+SPEED_FILE = "speed.json"  # `segdeploy bench`'s measurements per machine, what `--backend auto` ranks by
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,11 @@ class ExportForm:
     sources come with it); source: the key of the form it is derived from ("weights" for the FP32
     ONNX); bench: whether bench measures it as the (backend, precision) candidate; size: its
     expected size relative to the FP32 ONNX, for export's disk-space check (4 bytes per weight
-    there, 2 in FP16, 1 in INT8 plus scales; engines a little more)."""
+    there, 2 in FP16, 1 in INT8 plus scales; engines a little more); output: what the graph returns
+    — "logits" (N×C×H×W float32), "probabilities" (a softmax head: N×C×H×W float32 summing to 1)
+    or "labels" (an argmax head: the N×H×W uint8 class map) — the runtime turns a head's output
+    back into logits-like scores for tiling (`runtime.onnxruntime`), and `--backend auto` picks
+    only forms that return logits."""
 
     key: str
     file: str
@@ -74,6 +81,7 @@ class ExportForm:
     source: str
     bench: bool
     size: float
+    output: str = "logits"
 
 
 EXPORT_FORMS = {f.key: f for f in (
@@ -89,6 +97,11 @@ EXPORT_FORMS = {f.key: f for f in (
                True, 0.6),
     ExportForm("int8_engine", "model.int8.engine", (".engine", ".plan"), ".int8", "tensorrt", "int8",
                "tensorrt (INT8)", ("--trt", "--int8"), "int8", True, 0.4),
+    # server heads on the FP32 graph (`export --head`): the class map (argmax in the graph) or the probabilities
+    ExportForm("argmax", "model.argmax.onnx", (".onnx",), ".argmax", "onnxruntime", "fp32", "onnxruntime (argmax head)",
+               ("--head=argmax",), "fp32", False, 1.0, "labels"),
+    ExportForm("softmax", "model.softmax.onnx", (".onnx",), ".softmax", "onnxruntime", "fp32",
+               "onnxruntime (softmax head)", ("--head=softmax",), "fp32", False, 1.0, "probabilities"),
 )}
 # derived from the table: a file suffix -> the backend that loads it; the precision names a user may type
 SUFFIX_BACKENDS = {s: f.backend for f in EXPORT_FORMS.values() for s in f.suffixes}
@@ -679,6 +692,35 @@ class Run:
         with atomic_path(folder / PARITY_SUMMARY) as tmp:
             tmp.write_text(summary)
         return {"parity": str(folder / PARITY_FILE), "parity_summary": str(folder / PARITY_SUMMARY)}
+
+
+    # -- speed measurements (speed.json: `segdeploy bench`'s, per machine, what `--backend auto` ranks by)
+    @property
+    def speed_path(self) -> Path:
+        """RUN/export/speed.json: `segdeploy bench`'s measurements per machine."""
+        return self.export_dir / SPEED_FILE
+
+    def speed_records(self) -> dict[str, dict[str, Any]]:
+        """Machine fingerprint key -> ``{"machine": facts, "measured_at": ISO time, "rows": [{"candidate":
+        form key | "torch" | "torch:cuda", "provider", "batch", "size", "images_per_s", "file_size",
+        "file_mtime_ns"}]}`` ({} when there is none or it is unreadable: a measurement is a hint,
+        never a reason to refuse a model)."""
+        try:
+            doc = json.loads(self.speed_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        machines = doc.get("machines") if isinstance(doc, dict) else None
+        return {k: v for k, v in machines.items() if isinstance(v, dict)} if isinstance(machines, dict) else {}
+
+    def write_speed_record(self, key: str, record: dict[str, Any]) -> Path:
+        """Replace this machine's measurements (`key`: its fingerprint) in speed.json, atomically,
+        keeping the other machines'."""
+        from segdeploy.utils import write_json
+
+        machines = self.speed_records() | {key: record}
+        self.export_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.speed_path, {"machines": machines})
+        return self.speed_path
 
 
 def engine_sidecar(engine_path: Path) -> Path:

@@ -60,6 +60,7 @@ class BenchRow:
     status: str
     reason: str = ""
     device: str = ""
+    provider: str = ""  # onnxruntime's execution provider ('' for other backends)
     threads: int | None = None
     iterations: int = 0
     p50_ms: float | None = None
@@ -110,6 +111,7 @@ class BenchOptions:
     warmup: int = 3
     accuracy: bool = True
     tta: str = "none"  # also time each row's batch test-time augmented (tiling.tta_forward), and --tiled with it
+    record: bool = False  # write the measured speeds into each run (`record_speeds`; the CLI's default)
 
 
 @dataclass
@@ -123,6 +125,8 @@ class BenchReport:
     miou_classes: dict[str, list[str]] = field(default_factory=dict)
     # model -> the tiles its accuracy columns come from ("16 × 64² tiles from the validation split")
     accuracy_tiles: dict[str, str] = field(default_factory=dict)
+    # run directory -> what `--backend auto` runs there now (runtime.choose.Choice), after this measurement
+    auto: dict[str, dict] = field(default_factory=dict)
     note: str = ("latency = backend forward only (normalised float32 in, logits out); "
                  "pre/post-processing excluded")
 
@@ -134,7 +138,7 @@ class BenchReport:
     def to_dict(self) -> dict:
         """The report as JSON types (what `bench --json` writes)."""
         return {"note": self.note, "threads": self.threads, "machine": self.machine,
-                "miou_classes": self.miou_classes, "accuracy_tiles": self.accuracy_tiles,
+                "miou_classes": self.miou_classes, "accuracy_tiles": self.accuracy_tiles, "auto": self.auto,
                 "rows": [r.to_dict() for r in self.rows]}
 
 
@@ -171,6 +175,9 @@ def candidates(model: Path, opts: BenchOptions) -> list[Candidate]:
             reason = "" if art else ("an imported ONNX model has no PyTorch model" if backend == "torch"
                                      else _missing(backend, precision))
             out.append(Candidate(str(model), backend, precision, art, reason, gate))
+    if is_run and "onnxruntime" in opts.backends and "fp32" in opts.precisions:  # server heads: timed, never auto's pick
+        out += [Candidate(str(model), f"onnxruntime {e.form.key} head", "fp32", e.path, "", e.gate)
+                for e in Run(model).exports() if e.form.output != "logits"]
     return out
 
 
@@ -278,7 +285,7 @@ def bench(models: list[Path], opts: BenchOptions, log=print,  # noqa: ANN001
     threads = opts.threads or cpu_count()  # every CPU backend runs with this many (torch: while it runs)
     report = BenchReport(threads=threads, machine=_machine())
     plan = [(Path(m), replace(opts, size=opts.size or model_size(Path(m)))) for m in models]
-    plan = [(m, o, candidates(m, o)) for m, o in plan]
+    plan = [(m, o, auto_candidates(m, o, log) if "auto" in o.backends else candidates(m, o)) for m, o in plan]
     total = sum(len(cands) * len(o.batches) for _, o, cands in plan)
     done = 0
     if progress:
@@ -300,7 +307,73 @@ def bench(models: list[Path], opts: BenchOptions, log=print,  # noqa: ANN001
             report.miou_classes[str(model)] = reference.classes
         if reference.ref is not None:
             report.accuracy_tiles[str(model)] = reference.ref.describe()
+        if model.is_dir() and run is not None:
+            _after_run(run, [r for r in report.rows if r.model == str(model)], report, mopts.record, log)
     return report
+
+
+def auto_candidates(model: Path, opts: BenchOptions, log) -> list[Candidate]:  # noqa: ANN001
+    """``--backend auto``: the one candidate `--backend auto` runs for a run directory (a file is
+    its own candidate)."""
+    from dataclasses import replace
+
+    from segdeploy.runtime.choose import resolve
+
+    everything = candidates(model, replace(opts, backends=BACKENDS, precisions=PRECISIONS))
+    if not model.is_dir():
+        return everything
+    choice = resolve(model)
+    log(choice.line())
+    backend, precision = ("torch", "fp32") if choice.form == "torch" else \
+        (EXPORT_FORMS[choice.form].backend, EXPORT_FORMS[choice.form].precision)
+    return [c for c in everything if (c.backend, c.precision) == (backend, precision)]
+
+
+def _after_run(run: Run, rows: list[BenchRow], report: BenchReport, record: bool, log) -> None:  # noqa: ANN001
+    """Record this machine's speeds in the run (what `--backend auto` ranks by next time), then
+    what auto picks now, in the report."""
+    from segdeploy.runtime.choose import choose
+
+    try:
+        path = record_speeds(run, rows) if record else None
+        if path is not None:
+            log(f"speeds recorded for this machine in {path} (`--backend auto` ranks by them)")
+        report.auto[str(run.root)] = choose(run.root).to_dict()
+    except (UserError, OSError) as exc:
+        log(f"--backend auto: {_one_line(exc)}")
+
+
+def _candidate_key(row: BenchRow) -> str | None:
+    """The `runtime.choose` candidate a row measured (None for a server head: auto never picks one)."""
+    if row.backend == "torch":  # auto runs PyTorch at FP32 (FP16 autocast is bench's own row)
+        return None if row.precision != "fp32" else "torch:cuda" if row.device.startswith("cuda") else "torch"
+    form = bench_form(row.backend, row.precision) if row.backend in BACKENDS else None
+    return form.key if form is not None else None
+
+
+def record_speeds(run: Run, rows: list[BenchRow]) -> Path | None:
+    """Merge the measured rows into the run's speed record of this machine (`Run.write_speed_record`,
+    keyed by `runtime.choose.machine_fingerprint`): a row replaces the one of the same candidate,
+    provider, batch and size. Returns the file, or None when nothing was measured."""
+    from datetime import datetime, timezone
+
+    from segdeploy.runtime.choose import candidate_file, file_stamp, machine_fingerprint
+
+    new = []
+    for r in rows:
+        key = _candidate_key(r)
+        if r.images_per_s is None or key is None or not candidate_file(run, key).is_file():
+            continue
+        new.append({"candidate": key, "provider": r.provider, "batch": r.batch, "size": r.size,
+                    "images_per_s": r.images_per_s, "threads": r.threads, **file_stamp(candidate_file(run, key))})
+    if not new:
+        return None
+    fp = machine_fingerprint()
+    ident = lambda d: (d.get("candidate"), d.get("provider"), d.get("batch"), d.get("size"))  # noqa: E731
+    replaced = {ident(n) for n in new}
+    old = [d for d in run.speed_records().get(fp["key"], {}).get("rows", []) if ident(d) not in replaced]
+    return run.write_speed_record(fp["key"], {"machine": fp, "rows": old + new,
+                                              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 def model_size(model: Path) -> int:
@@ -331,8 +404,9 @@ def _bench_candidate(cand: Candidate, opts: BenchOptions, threads: int, referenc
         return unavailable(_one_line(exc))
     acc = reference.accuracy(cand, backend) if opts.accuracy else Accuracy()
     common = {"device": backend.device, "threads": threads if backend.device == "cpu" else None,
+              "provider": (getattr(backend, "providers", None) or [""])[0],
               "miou": acc.miou, "mdice": acc.mdice, "agreement": acc.agreement,
-              **(_tiled(backend, opts) if opts.tiled else {}), **_engine_facts(cand)}
+              **(_tiled(backend, opts) if opts.tiled and getattr(backend, "output", "logits") != "labels" else {}), **_engine_facts(cand)}
     rows = []
     for batch in opts.batches:
         row = BenchRow(cand.model, cand.backend, cand.precision, batch, opts.size, OK, **common)
@@ -465,7 +539,8 @@ class AccuracyColumns:
             if self.ref is None:
                 self._make(backend.static_size or backend.meta.tile_size)
             logits = self.ref.logits_of(backend)
-            rep = self.ref.compare(logits, backend.meta, cand.backend, cand.precision, self.thresholds(cand))
+            rep = self.ref.compare(logits, backend.meta, cand.backend, cand.precision, self.thresholds(cand),
+                                   output=getattr(backend, "output", "logits"))
             cm = ConfusionMatrix(backend.meta.num_classes, backend.meta.ignore_index)
             cm.update(logits.argmax(1), self.ref.y)
             m = cm.compute(backend.meta.classes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +169,8 @@ def evaluate(
     scorer = _Scorer(backend, ds, rec.eval.overlays if overlays is None else overlays, progress,
                      2 if tta != "none" else 1)
     plan = default_plan(meta, min(batch_size, backend.max_batch or batch_size))
+    if getattr(backend, "output", "logits") == "labels":  # an argmax head: labels are not blended (predict.check_head)
+        plan = replace(plan, blend="crop")
     cm, seconds = scorer.score(plan, decision, sweep if tta == "none" else None, keep=True)
     mets = _metrics(cm, rec, meta)
     compared = None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from segdeploy.errors import UserError
 from segdeploy.predict import PredictOptions, PredictResult, predict_file
-from segdeploy.raster import companion_paths, is_picture, output_for, partial_paths
+from segdeploy.raster import companion_paths, is_picture, is_remote, output_for, partial_paths
 from segdeploy.vector import VectorOptions
 
 TileCallback = Callable[[int, int, int, int], None]  # (job index, tiles done, tiles in all, pixels)
@@ -88,6 +88,8 @@ def plan_jobs(files: list[Path | str], out: Path, many: bool, resume: bool,
         if vector is not None and not vector_missing and not done and not job.resume and not overwrite:
             raise UserError(f"{vector.path_for(target)} already exists: a finished output is replaced only with "
                             "--overwrite; pass --overwrite to replace it, or another --vector")
+        if done and resume and not overwrite:
+            _refuse_skipping_another_inputs_output(src, target)
         (finished if done and not overwrite and not (resume and vector_missing) else todo).append(job)
     if finished and not resume:
         first = finished[0].out
@@ -114,6 +116,18 @@ def _refuse_writing_an_input(inputs: dict[tuple[int, int], Path], outputs: list[
 def _identity(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_dev, st.st_ino
+
+
+def _refuse_skipping_another_inputs_output(src: Path | str, target: Path) -> None:
+    """--resume skips a finished output only when it was predicted from this input (the tag the
+    writer leaves, `raster.finished_source`); an output that does not say is skipped as before."""
+    from segdeploy.raster import finished_source
+
+    made_from = finished_source(target)
+    here = src if is_remote(src) else str(Path(src).resolve())
+    if made_from is not None and made_from != here:
+        raise UserError(f"{target} is a finished prediction of {made_from}, not of {src}: --resume skips only "
+                        "outputs of the same input; pass --overwrite to replace it, or another --out")
 
 
 def check_output_name(files: list[Path | str], out: Path, many: bool) -> None:

@@ -239,12 +239,31 @@ class ParityReference:
         return run_batched(backend, self.x)
 
     def compare(self, logits: torch.Tensor, meta: ModelMeta, backend: str, precision: str,
-                thresholds: GateThresholds | None = None, usage: PrecisionUse | None = None) -> ParityReport:
+                thresholds: GateThresholds | None = None, usage: PrecisionUse | None = None,
+                output: str = "logits") -> ParityReport:
         """The verdict (`compare`) on a candidate's float N×C×H×W `logits` on this reference's tiles,
         with `thresholds` (default: the recipe's ``parity.*`` for `precision`); `meta` gives the
-        classes and ignore_index. ParityError when the shapes differ."""
+        classes and ignore_index. A head's scores (`output` "probabilities" or "labels", as the
+        runtime returns them) are compared with the reference's turned into the same (`as_output`):
+        agreement and per-class IoU are then those of its probabilities' argmax / its class map.
+        ParityError when the shapes differ."""
         thresholds = thresholds or self.rec.parity.thresholds(precision)
-        return compare(self.logits, logits, self.y, meta, thresholds, backend, precision, self.split, usage)
+        return compare(as_output(self.logits, output), logits, self.y, meta, thresholds, backend, precision, self.split,
+                       usage)
+
+
+def as_output(logits: torch.Tensor, output: str) -> torch.Tensor:
+    """Reference logits (N×C×H×W) as a head's scores read by the runtime
+    (`runtime.onnxruntime.OrtBackend.to_host`): "logits" unchanged, "probabilities" the log of the
+    softmax (floored at 1e-30, as there), "labels" one-hot scores of the argmax (0 / -100)."""
+    if output == "probabilities":
+        return torch.log(torch.softmax(logits, 1).clamp_min(1e-30))
+    if output == "labels":
+        from segdeploy.runtime.base import OFF_CLASS_SCORE
+
+        scores = torch.full_like(logits, OFF_CLASS_SCORE)
+        return scores.scatter_(1, logits.argmax(1, keepdim=True), 0.0)
+    return logits
 
 
 def run_batched(backend: Backend, x: torch.Tensor, batch: int = 8) -> torch.Tensor:

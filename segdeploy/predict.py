@@ -183,9 +183,29 @@ def plan_tiles(backend: Backend, reader: SceneReader, opts: PredictOptions) -> t
     if opts.probs_dtype not in PROBS_DTYPES:
         raise UserError(f"--probs-dtype {opts.probs_dtype!r} is unknown; choose one of {', '.join(PROBS_DTYPES)}")
     opts.decision.check(meta.num_classes, str(backend.path))
+    check_head(getattr(backend, "output", "logits"), Path(backend.path).name, opts)
     batch = opts.batch if opts.batch is not None else (8 if backend.device.startswith("cuda") else 2)
     batch = min(batch, backend.max_batch or batch)
     return TilePlan(reader.height, reader.width, tile, overlap, opts.blend, batch=batch, tta=opts.tta), max_pixel_value
+
+
+def check_head(output: str, name: str, opts: PredictOptions) -> None:
+    """A model whose `output` (`artifact.ExportForm.output`) is "labels" — an argmax head, file
+    `name` — returns one class per pixel, no scores: labels cannot be blended where tiles overlap,
+    so it runs only with ``--blend crop`` (each pixel is decided by the tile whose centre holds it,
+    and the one-hot scores make that exact) and without what needs probabilities: ``--probs``,
+    ``--tta`` (it averages them), ``--threshold``/``--min-confidence``. Raises UserError."""
+    if output != "labels":
+        return
+    needs = [flag for flag, on in (("--probs", opts.probs or opts.class_probs), ("--tta", opts.tta != "none"),
+                                   ("--threshold/--min-confidence", not opts.decision.is_argmax)) if on]
+    if needs:
+        raise UserError(f"{name} is an argmax head, which returns the class map only, without the probabilities "
+                        f"{needs[0]} needs; drop {needs[0]}, or use the model.onnx beside it")
+    if opts.blend != "crop":
+        raise UserError(f"{name} is an argmax head, which returns the class map only, and cannot serve --blend "
+                        f"{opts.blend} (labels cannot be averaged where tiles overlap); pass --blend crop, or use the "
+                        "model.onnx beside it")
 
 
 def resume_point(out: Path, opts: PredictOptions, settings: dict, stride: int) -> tuple[int, int]:
@@ -386,7 +406,7 @@ class RowSink:
         vector = [self.vector.finish()] if self.vector is not None else []
         if self.writer is None:
             return write_picture_outputs(self.reader, self.picture_rows, self.meta, self.out) + vector
-        self.writer.finish(cog=self.opts.cog)
+        self.writer.finish(cog=self.opts.cog, source=str(self.settings.get("input", "")))
         os.replace(self.tmp, self.out)
         files = [str(self.out)]
         if self.probs_tmp:

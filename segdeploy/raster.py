@@ -304,17 +304,34 @@ class ClassRasterWriter:
                         dst.write_mask(np.where(valid, np.uint8(255), np.uint8(0)) if valid is not None
                                        else np.full(labels.shape, 255, np.uint8), window=win)
 
-    def finish(self, cog: bool = False) -> None:
-        """Mark the outputs complete; with `cog`, rewrite each as a Cloud-Optimized GeoTIFF in place
-        (internal tiles, overviews by *mode* for the class map: classes are never averaged)."""
+    def finish(self, cog: bool = False, source: str = "") -> None:
+        """Mark the outputs complete (with `source`, the input they were predicted from, in the
+        tag `FINISHED_SOURCE_TAG`: what `--resume` checks before it skips one); with `cog`, rewrite
+        each as a Cloud-Optimized GeoTIFF in place (internal tiles, overviews by *mode* for the
+        class map: classes are never averaged)."""
         import rasterio
 
         with self._failing_write():
             for p in self.paths:
                 with rasterio.open(p, "r+") as dst:
-                    dst.update_tags(segdeploy="complete")
+                    dst.update_tags(segdeploy="complete", **({FINISHED_SOURCE_TAG: source} if source else {}))
                 if cog:
                     _to_cog(p, "MODE" if p == self.paths[0] else "AVERAGE")
+
+
+FINISHED_SOURCE_TAG = "segdeploy_input"  # a finished output's input (absolute path, or the remote URL)
+
+
+def finished_source(path: Path) -> str | None:
+    """The input a finished GeoTIFF output was predicted from (its `FINISHED_SOURCE_TAG`), or None
+    when it does not say (an output of an older segdeploy, a picture's PNG, an unreadable file)."""
+    try:
+        import rasterio
+
+        with rasterio.open(path) as src:
+            return src.tags().get(FINISHED_SOURCE_TAG)
+    except Exception:  # noqa: BLE001 - undecidable: the caller keeps its old rule and says nothing new
+        return None
 
 
 def _to_cog(path: Path, resampling: str) -> None:

@@ -321,8 +321,20 @@ def swap_in(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> digest: a file is hashed once per change
+
+
 def file_sha256(path: Path | str) -> str:
-    """The file's SHA-256 as hex, read in 1 MiB chunks."""
+    """The file's sha256 (hex); remembered for the same path, size and modification time, so the
+    staleness checks of every export of a run hash each file once per process."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = _hash_file(path)
+    return _SHA256[key]
+
+
+def _hash_file(path: Path | str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -71,7 +71,9 @@ def test_one_table_of_export_forms_drives_suffixes_names_and_precisions(tmp_path
     assert form_of(Path("scene_copy.onnx")).key == "fp32" and form_of(Path("a.plan")).key == "engine"
     with pytest.raises(ArtifactError, match=r"expected a run directory or a .engine, .onnx, .plan file"):
         backend_for(tmp_path / "m.pt")
-    assert [f.key for f in forms_for(["--trt", "--int8"])] == list(EXPORT_FORMS)  # sources come along
+    # sources come along; the server heads only when asked
+    assert [f.key for f in forms_for(["--trt", "--int8"])] == [k for k, f in EXPORT_FORMS.items() if f.output == "logits"]
+    assert [f.key for f in forms_for(["--head=argmax"])] == ["fp32", "argmax"]
     assert [f.key for f in forms_for(["--int8"])] == ["fp32", "int8", "int8_cpu"]
     result = CliRunner().invoke(app, ["bench", str(tmp_path / "m.onnx"), "--precision", "int4"])
     assert result.exit_code == 2 and "--precision 'int4' is unknown; choose from fp32, fp16, int8" in result.output
@@ -80,7 +82,7 @@ def test_one_table_of_export_forms_drives_suffixes_names_and_precisions(tmp_path
 def test_cli_writes_json_csv_plot_and_keeps_going_past_bad_models(exported_run: Path, tmp_path: Path) -> None:
     (tmp_path / "broken.onnx").write_bytes(b"junk")
     result = CliRunner().invoke(app, [
-        "bench", str(exported_run), str(tmp_path / "broken.onnx"), "--backend", "torch,onnxruntime",
+        "bench", str(exported_run), str(tmp_path / "broken.onnx"), "--backend", "torch,onnxruntime", "--no-record",
         "--precision", "fp32", "--batch", "1", "--size", "64", "--iters", "3", "--seconds", "0", "--threads", "1",
         "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path / "b.png")])
     assert result.exit_code == 0, result.output

@@ -425,13 +425,14 @@ def test_fp16_and_int8_of_an_onnx_import_are_gated_against_the_onnx_itself(onnx_
 
 def test_bench_and_eval_take_an_onnx_import_like_their_own(onnx_run: Path, tmp_path: Path) -> None:
     result = cli("bench", onnx_run, "--backend", "torch,onnxruntime", "--precision", "fp32,int8", "--batch", 1,
-                 "--size", 64, "--iters", 2, "--seconds", 0.1, "--json", tmp_path / "b.json")
+                 "--size", 64, "--iters", 2, "--seconds", 0.1, "--json", tmp_path / "b.json", "--no-record")
     assert result.exit_code == 0, result.output
     rows = {(r["backend"], r["precision"]): r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
     assert rows[("onnxruntime", "fp32")]["status"] == "ok" and rows[("onnxruntime", "fp32")]["agreement"] == 1.0
     assert rows[("onnxruntime", "int8")]["status"] == "ok"
     assert rows[("torch", "fp32")]["reason"] == "an imported ONNX model has no PyTorch model"
-    result = cli("eval", onnx_run, "--split", "test", "--out", tmp_path / "eval", "--json", tmp_path / "e.json")
+    result = cli("eval", onnx_run, "--split", "test", "--out", tmp_path / "eval", "--json", tmp_path / "e.json",
+                 "--backend", "onnx")  # the imported model itself (auto would run the INT8 form exported here)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "e.json").read_text())["backend"].startswith("onnxruntime fp32")
     result = cli("info", onnx_run, "--json", tmp_path / "i.json")

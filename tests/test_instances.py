@@ -308,6 +308,30 @@ def test_a_report_is_never_written_over_a_runs_own_file(tmp_path: Path) -> None:
     assert "is a file of the run" not in result.output
 
 
+def test_resume_never_skips_an_output_predicted_from_another_input(tiny_onnx: Path, tmp_path: Path) -> None:
+    """`predict M big.tif --out c.tif`, then `predict M small.tif --out c.tif --resume` said "already
+    finished (skipped)" and kept big.tif's prediction as small.tif's."""
+    import rasterio
+
+    rng = np.random.default_rng(1)
+    first = tif(tmp_path / "first.tif", rng.integers(0, 255, (3, 40, 40)).astype(np.uint8))
+    second = tif(tmp_path / "second.tif", rng.integers(0, 255, (3, 24, 24)).astype(np.uint8))
+    out = tmp_path / "c.tif"
+    common = ["--out", out, "--no-progress", "--no-preview"]
+    assert run("predict", tiny_onnx, first, *common).exit_code == 0
+    with rasterio.open(out) as src:
+        assert src.tags()["segdeploy_input"] == str(first.resolve())
+    before = out.read_bytes()
+    line = one_line_error(run("predict", tiny_onnx, second, *common, "--resume"))
+    assert f"finished prediction of {first.resolve()}, not of {second}" in line and "--overwrite" in line
+    assert out.read_bytes() == before
+    result = run("predict", tiny_onnx, first, *common, "--resume")  # the same input: skipped as before
+    assert result.exit_code == 0 and out.read_bytes() == before, result.output
+    assert run("predict", tiny_onnx, second, *common, "--overwrite").exit_code == 0  # the fix it names
+    with rasterio.open(out) as src:
+        assert src.shape == (24, 24)
+
+
 def test_an_existing_vector_file_is_replaced_only_with_overwrite(tiny_onnx: Path, tmp_path: Path) -> None:
     pytest.importorskip("pyogrio")
     scene = tif(tmp_path / "a.tif", np.random.default_rng(0).integers(0, 255, (3, 40, 40)).astype(np.uint8))

@@ -97,7 +97,7 @@ def test_readme_examples_run_in_order(tmp_path: Path, monkeypatch: pytest.Monkey
                 continue
         assert result.exit_code == 0, (command, args, result.output)
         walked.append(args[0])
-    assert walked.count("predict") == 8 and walked.count("train") == 4 and "bench" in walked and "info" in walked
+    assert walked.count("predict") == 10 and walked.count("train") == 4 and "bench" in walked and "info" in walked
     for made in ("report.png", "runs/demo/model.safetensors", "runs/demo/export/model.fp16.onnx",
                  "runs/demo/export/model.int8.cpu.onnx", "metrics.json", "pred.tif", "pred.gpkg", "pred_bgrn.tif",
                  "preds/scene_pred.tif", "preds/test0000_sat_pred.png", "bench.csv", "bench.png", "pred_all.probs.tif",

@@ -19,7 +19,8 @@ def _split(value: str, kind: type = str) -> tuple:
 @guarded
 def bench_cmd(
     models: list[Path] = typer.Argument(..., help="Run directories and/or exported artifacts (.onnx, .engine)."),
-    backend: str = typer.Option("torch,onnxruntime,tensorrt", help="Backends to measure (comma-separated)."),
+    backend: str = typer.Option("torch,onnxruntime,tensorrt", help="Backends to measure (comma-separated), or auto: "
+                                "only what `predict RUN` runs here (--backend auto)."),
     precision: str = typer.Option("fp32,fp16,int8", help="Precisions to measure (comma-separated)."),
     batch: str = typer.Option("1,8", help="Batch sizes (comma-separated)."),
     size: int = typer.Option(None, min=16, help="Square input size in pixels (default: each model's tile size, "
@@ -34,6 +35,8 @@ def bench_cmd(
                                   "table of the demo model in about a minute on 2 CPU cores)."),
     progress: bool = typer.Option(True, help="Show progress with an estimate (plain lines when not on a terminal)."),
     accuracy: bool = typer.Option(True, help="Compute the accuracy columns."),
+    record: bool = typer.Option(True, help="Record the speeds measured in each run directory (RUN/export/speed.json, "
+                                "per machine), which `--backend auto` ranks by."),
     json_out: Path = typer.Option(None, "--json", help="Write every row as JSON ('-' for stdout)."),
     csv_out: Path = typer.Option(None, "--csv", help="Write every row as CSV."),
     plot_out: Path = typer.Option(None, "--plot", help="PNG chart: latency vs batch per backend."),
@@ -49,8 +52,8 @@ def bench_cmd(
     check_choice("--tta", tta, tuple(TTA_MODES))
     backends, precisions = _split(backend), _split(precision)
     for name in backends:
-        if name not in BACKENDS:
-            raise UserError(f"--backend {name!r} is unknown; choose from {', '.join(BACKENDS)}")
+        if name not in (*BACKENDS, "auto"):
+            raise UserError(f"--backend {name!r} is unknown; choose from {', '.join(BACKENDS)} or auto")
     for name in precisions:
         if name not in PRECISIONS:
             raise UserError(f"--precision {name!r} is unknown; choose from {', '.join(PRECISIONS)}")
@@ -62,7 +65,8 @@ def bench_cmd(
         raise UserError(f"--batch {batch!r} must be comma-separated integers ≥ 1, e.g. 1,8")
     opts = BenchOptions(backends=backends, precisions=precisions, batches=batches, size=size, threads=threads,
                         data=data, tiled=tiled, tiled_run=partial(time_file, tta=tta) if tiled else None, min_iters=iters,
-                        min_seconds=seconds, accuracy=accuracy, tta=tta)
+                        min_seconds=seconds, accuracy=accuracy, tta=tta,
+                        record=record)
     from segdeploy.progress import WorkProgress
 
     with WorkProgress(console, "bench", None, "rows", enabled=progress, transient=True) as bar:
@@ -75,6 +79,9 @@ def bench_cmd(
         report = bench(models, opts, log=lambda m: console.print(m, markup=False, highlight=False), progress=on_row)
     for table in render(report, console.width):  # the terminal's width, or COLUMNS when piped
         console.print(table)
+    for run_dir, choice in report.auto.items():
+        console.print(f"--backend auto in {run_dir}: {choice['path']} — {choice['reason']}", soft_wrap=True,
+                      highlight=False, markup=False)
     from segdeploy.bench import log_to_mlflow
 
     for note in log_to_mlflow(report):

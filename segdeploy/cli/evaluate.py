@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from segdeploy.cli.app import app, check_choice, console, emit_json, guarded
+from segdeploy.cli.predict import BACKEND_HELP, PROVIDER_HELP, say_choice
 
 
 @app.command("eval")
@@ -19,6 +20,8 @@ def eval_cmd(
     data: Path = typer.Option(None, "--data", help="Dataset directory (overrides the recipe's data.root)."),
     recipe: Path = typer.Option(None, help="Recipe, when MODEL is not inside a run directory."),
     out: Path = typer.Option(None, help="Where plots and metrics.json go (default: next to MODEL, eval/)."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    provider: str = typer.Option(None, "--provider", help=PROVIDER_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier evaluation in the output directory "
                                    "(without it, one is refused)."),
     tta: str = typer.Option("none", help="Also score with test-time augmentation (flips: 2 views, d4: 8) and "
@@ -39,20 +42,27 @@ def eval_cmd(
     if out is not None and len(models) > 1:
         raise UserError("--out takes one model; with several, each writes next to itself")
     from segdeploy.decision import parse_thresholds
+    from segdeploy.runtime import load_backend
+    from segdeploy.runtime.choose import resolve
     from segdeploy.tiling import TTA_MODES
 
     check_choice("--tta", tta, tuple(TTA_MODES))
     sweep = parse_thresholds(thresholds) if thresholds else None
-    reports = []
+    reports, choices = [], []
     for model in models:
+        choice = resolve(model, backend, provider)
+        choices.append(choice)
+        loaded = load_backend(choice.path, **choice.options)
         with WorkProgress(console, f"eval {model} · {split or 'default split'}", None, "images", enabled=progress,
                           transient=True) as bar:
             report = evaluate(model, split, recipe_path=recipe, data_root=data, out_dir=out, overwrite=overwrite,
+                              backend=loaded,
                               progress=lambda done, total: bar.update(done - bar.done, total=total), tta=tta,
                               thresholds=sweep)
         console.print(metrics_table(report.metrics, f"{model} · {report.split} · {report.images} images · "
                                                     f"{report.backend.split(' (')[0]}"))
         _print_tta_and_sweep(report)
+        say_choice(choice)  # after the work: a refusal stays one line
         for note in report.notes:
             console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
         if report.split_reason:
@@ -62,7 +72,8 @@ def eval_cmd(
     if len(reports) > 1:
         for table in comparison_tables(reports, console.width):
             console.print(table)
-    emit_json(reports[0].to_dict() if len(reports) == 1 else {"models": [r.to_dict() for r in reports]}, json_out)
+    docs = [r.to_dict() | {"model_choice": c.to_dict()} for r, c in zip(reports, choices, strict=True)]
+    emit_json(docs[0] if len(docs) == 1 else {"models": docs}, json_out)
 
 
 def _print_tta_and_sweep(report) -> None:  # noqa: ANN001 - an EvalReport

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from segdeploy.cli.app import app, console, emit_json, guarded, positive
+from segdeploy.cli.app import app, check_choice, console, emit_json, guarded, positive
 
 
 @app.command("export")
@@ -21,6 +21,9 @@ def export_cmd(
     calib_images: int = typer.Option(32, "--calib-images", min=1, help="INT8 calibration tiles (training split only; "
                                      "refused when the split holds fewer)."),
     calib_method: str = typer.Option("minmax", "--calib-method", help="INT8 calibration: minmax, entropy or percentile."),
+    head: list[str] = typer.Option([], "--head", help="Also an FP32 ONNX with a server head, behind the same gate: "
+                                   "argmax (model.argmax.onnx: the N×H×W uint8 class map) or softmax "
+                                   "(model.softmax.onnx: probabilities); repeat for both."),
     opset: int = typer.Option(17, min=17, help="ONNX opset (≥ 17)."),
     tile: int = typer.Option(None, min=1, help="Tile size prediction will use (default: the recipe's data.tile_size)."),
     batch: str = typer.Option("1:4:8", help="TensorRT batch profile MIN:OPT:MAX."),
@@ -43,7 +46,10 @@ def export_cmd(
     from segdeploy.export.tensorrt import parse_batch
 
     parse_batch(batch)  # a malformed --batch fails before minutes of export, not after
+    for name in head:
+        check_choice("--head", name, ("argmax", "softmax"))
     opts = ExportOptions(fp16=fp16, trt=trt, int8=int8, calib_images=calib_images, calib_method=calib_method,
+                         heads=sorted(set(head)),
                          opset=opset, tile=tile, batch=batch, workspace_gib=workspace, export_time_limit=export_time_limit,
                          data_root=data, parity_overrides=set_)
     from segdeploy.progress import Heartbeat

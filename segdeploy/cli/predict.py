@@ -9,6 +9,12 @@ import typer
 from segdeploy.cli.app import app, check_choice, console, emit_json, guarded, positive
 
 
+BACKEND_HELP = ("For a run directory: auto (the fastest of its forms that passed the gate and is current, on this "
+                "machine; said in one line), or force one: torch, onnx, fp16, int8, engine.")
+PROVIDER_HELP = ("onnxruntime execution provider: cpu, cuda or tensorrt; refused when onnxruntime here lacks it "
+                 "(never a silent fall-back to the CPU).")
+
+
 @app.command("predict")
 @guarded
 def predict_cmd(
@@ -48,6 +54,8 @@ def predict_cmd(
     min_area: str = typer.Option(None, help="Leave out polygons under this many map units² (250) or pixels (40px)."),
     simplify: float = typer.Option(None, min=0.0, help="Simplify polygons, tolerance in map units, neighbours edge to edge."),
     classes: str = typer.Option(None, help="Classes to polygonise, names or 0-based ids (water,urban; default: all)."),
+    backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
+    provider: str = typer.Option(None, "--provider", help=PROVIDER_HELP),
     device: str = typer.Option("auto", help="torch backend device: auto, cpu or cuda."),
     threads: int = typer.Option(None, min=1, help="CPU threads for the backend (per worker with --ray)."),
     ray: bool = typer.Option(False, "--ray", help="Predict the rasters on a Ray cluster: a local one on 127.0.0.1 "
@@ -65,27 +73,60 @@ def predict_cmd(
     from segdeploy.errors import UserError
     from segdeploy.predict import PredictOptions
     from segdeploy.raster import expand_inputs
-    from segdeploy.runtime import backend_for
-
     files = expand_inputs(inputs)
     band_list = _checked(blend, device, bands)
-    kind = backend_for(model)
+    choice, options = _model(model, backend, provider, device, threads)
     outputs, applied = _probs_and_decision(model, probs, probs_dtype, tta, threshold, min_confidence)
-    options: dict = ({"threads": threads} if threads else {}) | ({"device": device} if kind == "torch" else {})
     out = Path(out_arg)
     many = len(files) > 1 or out.is_dir() or out_arg.endswith(("/", "\\"))
     vector_opts = _vector_options(model, vector, vector_layers, min_area, simplify, classes, many)
     opts = PredictOptions(tile=tile, overlap=overlap, batch=batch, blend=blend, resume=resume, overwrite=overwrite,
                           bands=band_list, max_pixel_value=max_pixel_value, preview=preview, cog=cog, vector=vector_opts,
                           **outputs)
+    _check_head(choice.path, opts)
     jobs, finished = _plan(files, out, many, resume, overwrite, vector_opts, opts.probs or opts.class_probs)
-    summary = _run_or_say(model, options, jobs, opts, ray or ray_address is not None, ray_address, workers, progress,
-                          len(files))
-    emit_json(summary | {"decision": applied, "skipped": [str(j.src) for j in finished]}, json_out)
+    summary = _run_or_say(choice.path, options, jobs, opts, ray or ray_address is not None, ray_address, workers,
+                          progress, len(files))
+    _report(choice, summary | {"decision": applied, "skipped": [str(j.src) for j in finished]}, json_out)
     if failures := summary["failures"]:
         raise UserError(f"{len(failures)} of {len(jobs)} rasters failed: "
                         f"{', '.join(f['input'] for f in failures[:5])}{' …' if len(failures) > 5 else ''}"
                         " (reasons above); the others are written, and --resume skips them")
+
+
+def _report(choice, summary: dict, json_out: Path | None) -> None:  # noqa: ANN001 - a runtime.choose.Choice
+    """After the work (so that a refusal stays one line): the model-choice line (none when nothing ran),
+    then the JSON summary."""
+    if summary["results"] or summary["failures"]:
+        say_choice(choice)
+    emit_json(summary | {"model": choice.to_dict()}, json_out)
+
+
+def say_choice(choice) -> None:  # noqa: ANN001 - a runtime.choose.Choice
+    """The one line saying which of a run's forms ran and why (nothing for a file given as it is)."""
+    if choice.basis != "file":
+        console.print(choice.line(), soft_wrap=True, highlight=False, markup=False)
+
+
+def _model(model: Path, backend: str, provider: str | None, device: str, threads: int | None) -> tuple:
+    """(what runs: a `runtime.choose.Choice`, the options to load it with)."""
+    from segdeploy.runtime import backend_for
+    from segdeploy.runtime.choose import resolve
+
+    choice = resolve(model, backend, provider, device)
+    options: dict = ({"threads": threads} if threads else {}) | choice.options
+    if backend_for(choice.path) == "torch":
+        options.setdefault("device", device)
+    return choice, options
+
+
+def _check_head(model: Path, opts) -> None:  # noqa: ANN001 - PredictOptions
+    """An argmax head with options it cannot serve is refused before any raster (predict.check_head)."""
+    from segdeploy.artifact import form_of
+    from segdeploy.predict import check_head
+
+    form = form_of(Path(model)) if Path(model).is_file() else None
+    check_head(form.output if form is not None else "logits", Path(model).name, opts)
 
 
 def _run_or_say(model: Path, options: dict, jobs: list, opts, use_ray: bool, address: str | None,  # noqa: ANN001

@@ -359,3 +359,31 @@ def name_nodes(proto) -> None:  # noqa: ANN001
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{i}"
         seen.add(node.name)
+
+
+HEAD_OUTPUTS = {"labels": "labels", "probabilities": "probabilities"}  # a head's output: its graph output's name
+
+
+def add_head(proto, output: str, num_classes: int) -> None:  # noqa: ANN001 - onnx.ModelProto, changed in place
+    """Append a server head to an FP32 graph whose one output is N×C×H×W logits: ``output``
+    "labels" — ArgMax over the classes (axis 1, the first of equal scores, as numpy's argmax) then
+    Cast to uint8 (uint16 beyond 256 classes): the N×H×W class map; "probabilities" — Softmax over
+    axis 1: N×C×H×W float32. The graph's output is replaced by the head's, named after it."""
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    logits = graph.output[0]
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in logits.type.tensor_type.shape.dim]
+    name = HEAD_OUTPUTS[output]
+    if output == "labels":
+        dtype = TensorProto.UINT8 if num_classes <= 256 else TensorProto.UINT16
+        graph.node.extend([
+            helper.make_node("ArgMax", [logits.name], ["segdeploy_argmax"], name="segdeploy_head_argmax", axis=1,
+                             keepdims=0),
+            helper.make_node("Cast", ["segdeploy_argmax"], [name], name="segdeploy_head_cast", to=dtype)])
+        info = helper.make_tensor_value_info(name, dtype, [dims[0], *dims[2:]] if len(dims) == 4 else None)
+    else:
+        graph.node.append(helper.make_node("Softmax", [logits.name], [name], name="segdeploy_head_softmax", axis=1))
+        info = helper.make_tensor_value_info(name, TensorProto.FLOAT, dims or None)
+    del graph.output[:]
+    graph.output.append(info)

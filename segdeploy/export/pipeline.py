@@ -71,6 +71,7 @@ class ExportOptions:
     int8: bool = False
     calib_images: int = 32
     calib_method: str = "minmax"
+    heads: list[str] = field(default_factory=list)  # server heads on the FP32 graph: "argmax", "softmax"
     opset: int = 17
     tile: int | None = None
     batch: str = "1:4:8"
@@ -83,7 +84,8 @@ class ExportOptions:
     @property
     def flags(self) -> list[str]:
         """The export flags these options stand for (``--trt`` brings its FP16 source along)."""
-        return flag_order([f for f, on in (("--fp16", self.fp16), ("--int8", self.int8), ("--trt", self.trt)) if on])
+        asked = [f for f, on in (("--fp16", self.fp16), ("--int8", self.int8), ("--trt", self.trt)) if on]
+        return flag_order(asked + [f"--head={h}" for h in self.heads])
 
     def args(self, forms: list[ExportForm], gate: bool = True) -> list[str]:
         """The command-line arguments that make `forms` with these options: their flags, then every
@@ -366,7 +368,7 @@ class _Builder:
     # export form key (artifact.EXPORT_FORMS) -> the method that builds and gates it: with the
     # form's row in the table, the one place a new form takes (tests/test_export.py checks both agree)
     BUILDERS = {"fp32": "_fp32", "fp16": "_fp16", "int8": "_int8_form", "int8_cpu": "_int8_form",
-                "engine": "_engine", "int8_engine": "_engine"}
+                "engine": "_engine", "int8_engine": "_engine", "argmax": "_head", "softmax": "_head"}
 
     def __init__(self, job: _Job, stage: Path, log: Callable[[str], None]) -> None:
         self.job, self.stage, self.log, self.opts = job, stage, log, job.opts
@@ -391,7 +393,8 @@ class _Builder:
     def gate(self, backend, form: ExportForm, usage: PrecisionUse | None = None) -> ParityReport:  # noqa: ANN001
         """The verdict on one candidate (thresholds: the recipe's for its precision, with --set)."""
         ref = self.job.reference
-        rep = ref.compare(ref.logits_of(backend), self.job.meta, form.label, form.precision, usage=usage)
+        rep = ref.compare(ref.logits_of(backend), self.job.meta, form.label, form.precision, usage=usage,
+                          output=form.output)
         self.log(rep.summary())
         return rep
 
@@ -430,6 +433,21 @@ class _Builder:
         blocking = [f for f in findings if f.action.startswith("error")]
         if blocking and any(f.key in ("fp16", "engine") for f in self.job.forms):
             raise UserError(f"cannot build for TensorRT: {blocking[0]}")
+        return FormResult(form, self.gate(OrtBackend(path), form))
+
+    def _head(self, form: ExportForm) -> FormResult:
+        """The FP32 graph with a server head (`export.onnx.add_head`), gated like the FP32 form: its
+        class map (argmax head) or its probabilities (softmax head) against the reference's."""
+        import onnx
+
+        from segdeploy.export.onnx import add_head
+        from segdeploy.runtime.onnxruntime import OrtBackend
+
+        path, proto = self.stage / form.file, copy.deepcopy(self.proto32)
+        add_head(proto, form.output, self.job.meta.num_classes)
+        write_onnx_meta(proto, self.meta_for(form, self.source_of(form)), {"export": self.job.plan.to_dict(),
+                                                                         "head": form.output})
+        onnx.save(proto, str(path))
         return FormResult(form, self.gate(OrtBackend(path), form))
 
     def _fp16(self, form: ExportForm) -> FormResult:

@@ -21,6 +21,18 @@ import numpy as np
 from segdeploy.artifact import ModelMeta
 
 
+OFF_CLASS_SCORE = -100.0  # an argmax head's one-hot scores: 0 for the predicted class, this elsewhere
+
+
+def labels_as_scores(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """An N×H×W (or N×1×H×W) integer class map as N×C×H×W float32 one-hot scores (0 for the class,
+    `OFF_CLASS_SCORE` elsewhere), so the tiler and the gate read an argmax head like logits."""
+    labels = np.asarray(labels).reshape(len(labels), *labels.shape[-2:]).astype(np.int64)
+    scores = np.full((len(labels), num_classes, *labels.shape[-2:]), OFF_CLASS_SCORE, np.float32)
+    np.put_along_axis(scores, labels[:, None], 0.0, axis=1)
+    return scores
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """Every option a backend may take when loaded; each backend reads the ones that apply to it."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from segdeploy.artifact import check_source, form_of, read_onnx_meta
 from segdeploy.errors import ArtifactError, BackendUnavailable
-from segdeploy.runtime.base import Backend, LoadOptions
+from segdeploy.runtime.base import Backend, LoadOptions, labels_as_scores
 from segdeploy.utils import cpu_count
 
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -29,6 +29,7 @@ class OrtBackend(Backend):
         self.meta = read_onnx_meta(self.path)
         check_source(self.path, self.meta, read_onnx_meta)
         available = ort.get_available_providers()
+        asked = bool(providers)
         if providers:
             missing = [p for p in providers if p not in available]
             if missing:
@@ -46,9 +47,16 @@ class OrtBackend(Backend):
         except Exception as exc:  # noqa: BLE001
             raise ArtifactError(f"onnxruntime cannot load {self.path}: {str(exc).splitlines()[0][:200]}; "
                                 "re-export it with `segdeploy export`") from None
+        used = self.session.get_providers()
+        if asked and used[0] != providers[0]:  # onnxruntime falls back to the CPU with a log line only
+            raise BackendUnavailable(f"onnxruntime did not start {providers[0]} for {self.path} (it runs on "
+                                     f"{used[0]}): the provider is installed but cannot run here (check the CUDA/cuDNN/"
+                                     "TensorRT libraries it needs); pass --provider cpu to run on the CPU")
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
-        self.precision = form_of(self.path).precision  # type: ignore[union-attr] - an .onnx always has a form
+        form = form_of(self.path)
+        self.precision = form.precision  # type: ignore[union-attr] - an .onnx always has a form
+        self.output = form.output if form is not None else "logits"
         self.device = "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
         self.providers = self.session.get_providers()
         self.threads = opts.intra_op_num_threads
@@ -71,7 +79,18 @@ class OrtBackend(Backend):
         if static and tuple(x.shape[-2:]) != (static, static):
             raise ArtifactError(f"{self.path} is static at {static}×{static}; got {x.shape[-2]}×{x.shape[-1]}")
         (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})
-        return out.astype(np.float32, copy=False)
+        return out if self.output == "labels" else out.astype(np.float32, copy=False)
+
+    def to_host(self, out: np.ndarray) -> np.ndarray:
+        """Logits-like N×C×H×W float32 scores whose softmax is the model's probabilities: logits as
+        they come; a softmax head's probabilities as their logarithm (softmax(log p) = p); an argmax
+        head's class map as one-hot scores (0 for the class, -100 elsewhere: softmax ≈ 1 and
+        exp(-100) ≈ 4e-44, so its argmax is the class map exactly)."""
+        if self.output == "probabilities":
+            return np.log(np.maximum(out, np.float32(1e-30)), dtype=np.float32)
+        if self.output == "labels":
+            return labels_as_scores(out, self.meta.num_classes)
+        return np.asarray(out, dtype=np.float32)
 
     def trim(self) -> None:
         """onnxruntime's CPU arena never shrinks by itself: one tiny run with arena shrinkage
