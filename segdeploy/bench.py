@@ -71,6 +71,9 @@ class BenchRow:
     megapixels_per_s: float | None = None
     tflops: float | None = None
     peak_rss_mb: float | None = None
+    # PyTorch was already loaded in the bench process when the row was timed (the reference, a torch
+    # row, FLOP counting): its ~650 MB are in peak_rss_mb, whatever the row's backend
+    rss_includes_torch: bool = False
     peak_gpu_mb: float | None = None
     build_s: float | None = None
     engine_mb: float | None = None
@@ -433,7 +436,9 @@ def _time_row(row: BenchRow, backend: Backend, opts: BenchOptions, flops: FlopCa
         row.status, row.reason = UNAVAILABLE, f"engine profile allows batch ≤ {backend.max_batch}"
         return
     if opts.size % meta.input_divisor:
-        row.status, row.reason = UNAVAILABLE, f"--size must be a multiple of {meta.input_divisor}"
+        d = meta.input_divisor
+        fits = " or ".join(f"--size {n}" for n in (opts.size - opts.size % d, opts.size - opts.size % d + d) if n > 0)
+        row.status, row.reason = UNAVAILABLE, f"--size must be a multiple of {d}: {fits}"
         return
     if meta.min_tile_size and opts.size < meta.min_tile_size:
         row.status, row.reason = UNAVAILABLE, f"--size must be ≥ {meta.min_tile_size}, the smallest the model runs at"
@@ -446,6 +451,7 @@ def _time_row(row: BenchRow, backend: Backend, opts: BenchOptions, flops: FlopCa
         return
     for k, v in t.items():
         setattr(row, k, _round(v))
+    row.rss_includes_torch = "torch" in sys.modules
     row.megapixels_per_s = _round(t["images_per_s"] * opts.size**2 / 1e6)
     per_image = flops.get(meta.bands, opts.size)
     if per_image:

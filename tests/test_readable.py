@@ -125,6 +125,30 @@ def test_bench_table_leaves_out_columns_no_row_has_a_value_for() -> None:
     assert all(h in text for h in ("GPU MB", "tiled MP/s", "mIoU")) and "0.31" in text and "0.9612" in text
 
 
+def test_bench_says_when_its_rss_column_holds_pytorch_too(tiny_onnx: Path) -> None:
+    """Every onnxruntime row of `bench RUN` showed ~1070 MB: PyTorch, loaded for the reference and the
+    FLOP count, sits in the same process. The table says so (with the command that measures one form
+    alone), and the --size refusal names the sizes that work."""
+    from dataclasses import replace
+
+    from segdeploy.bench import OK, BenchOptions, BenchReport, BenchRow, bench
+    from segdeploy.cli.bench import render
+
+    row = BenchRow("runs/demo", "onnxruntime", "fp32", 1, 128, OK, p50_ms=68.6, std_ms=1.0, peak_rss_mb=1070)
+    plain = "\n".join(_lines(render(BenchReport(rows=[row], threads=2, machine={}), 200), 200))
+    assert "PyTorch was loaded" not in plain
+    loaded = "\n".join(_lines(render(BenchReport(rows=[replace(row, rss_includes_torch=True)], threads=2,
+                                                  machine={}), 200), 200))
+    assert "PyTorch was loaded" in " ".join(loaded.split()) and "--no-accuracy" in loaded
+    from segdeploy.artifact import artifact_meta
+
+    d = artifact_meta(tiny_onnx).input_divisor
+    size = 2 * d + 1
+    report = bench([tiny_onnx], BenchOptions(batches=(1,), size=size, accuracy=False, min_iters=1, min_seconds=0))
+    reason = report.rows[0].reason
+    assert f"--size {2 * d} or --size {3 * d}" in reason, reason
+
+
 def test_short_names_keep_what_tells_items_apart() -> None:
     from segdeploy.cli.render import short_names
 

@@ -141,6 +141,10 @@ def render(report, width: int) -> list[Table]:  # noqa: ANN001
         columns.insert(6, (f"MP/s {mode}", [f(r.tta_mp_per_s, 2) for r in rows]))
     # a column no row has a value for (GPU MB without a GPU, tiled MP/s without --tiled) is left out
     columns = columns[:1] + [c for c in columns[1:] if any(v != "-" for v in c[1])]
+    if any(r.rss_includes_torch and r.backend != "torch" for r in rows):
+        notes.append("RSS MB is the bench process's peak during each row, and PyTorch was loaded in it (the accuracy "
+                     "reference, a torch row or the FLOP count: about 650 MB on every later row); for one form's own "
+                     "footprint run `segdeploy bench FILE.onnx --no-accuracy`, or see predict's summary")
     for model, classes in report.miou_classes.items():
         notes.append(f"mIoU/mDice of {short[model] if model in short else Path(model).name}: mean over the "
                      f"{len(classes)} classes present in its accuracy tiles ({', '.join(classes)}), the same for every "
