@@ -175,8 +175,6 @@ def evaluate(
     mets = _metrics(cm, rec, meta)
     compared = None
     if tta != "none":
-        from dataclasses import replace
-
         tta_cm, tta_seconds = scorer.score(replace(plan, tta=tta), decision, sweep, keep=False)
         compared = TtaComparison(tta, _metrics(tta_cm, rec, meta), tta_seconds)
     notes = [n for n in (scorer.finite.summary(), decision_note) if n]

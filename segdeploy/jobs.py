@@ -127,7 +127,7 @@ def _refuse_skipping_another_inputs_output(src: Path | str, target: Path) -> Non
     here = src if is_remote(src) else str(Path(src).resolve())
     if made_from is not None and made_from != here:
         raise UserError(f"{target} is a finished prediction of {made_from}, not of {src}: --resume skips only "
-                        "outputs of the same input; pass --overwrite to replace it, or another --out")
+                        "outputs of the same input; to replace it, pass --overwrite instead of --resume (or another --out)")
 
 
 def check_output_name(files: list[Path | str], out: Path, many: bool) -> None:

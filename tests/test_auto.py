@@ -224,3 +224,23 @@ def test_on_a_gpu_onnxruntime_cuda_runs_the_fp16_form_and_agrees_with_the_cpu(ru
     assert gpu.providers[0] == "CUDAExecutionProvider" and gpu.device == "cuda"
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
     assert (gpu(x).argmax(1) == cpu(x).argmax(1)).mean() >= 0.999
+
+
+def test_eval_scores_an_argmax_head_with_crop_tiles_like_the_fp32_model(headed: Path, tmp_path: Path) -> None:
+    """`eval RUN/export/model.argmax.onnx` crashed (UnboundLocalError): it scores with crop tiles, and
+    its confusion matrix is the FP32 model's under the same crop tiles (labels = argmax of logits)."""
+    from dataclasses import replace
+
+    from segdeploy.data.dataset import SampleReader, discover
+    from segdeploy.evaluate import evaluate
+    from segdeploy.recipe import load
+    from segdeploy.runtime.onnxruntime import OrtBackend
+    from segdeploy.scoring import default_plan, score_split
+
+    report = evaluate(headed / "export/model.argmax.onnx", "val", out_dir=tmp_path / "ev")
+    fp32 = OrtBackend(headed / "export/model.onnx")
+    rec = load(headed / "recipe.yaml")
+    ds = SampleReader(discover(rec.data, "val"), rec.data, rec.classes, fp32.meta.mean, fp32.meta.std)
+    plan = replace(default_plan(fp32.meta, 8), blend="crop")
+    expected = score_split(fp32, ds, plan)
+    assert np.array_equal(report.metrics.matrix, expected.matrix)
