@@ -244,3 +244,20 @@ def test_eval_scores_an_argmax_head_with_crop_tiles_like_the_fp32_model(headed: 
     plan = replace(default_plan(fp32.meta, 8), blend="crop")
     expected = score_split(fp32, ds, plan)
     assert np.array_equal(report.metrics.matrix, expected.matrix)
+
+
+def test_when_auto_falls_back_to_pytorch_it_says_why_with_the_run_not_a_placeholder(tiny_onnx: Path,
+                                                                                     tmp_path: Path) -> None:
+    """The fallback line said "no gated ONNX export can run here (export one with `segdeploy export
+    RUN`)" even when the exports were only stale: now each export's reason (with its exact rebuild
+    command), or the command with this run's path when there is no export yet."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_onnx.parent.parent, run, ignore=shutil.ignore_patterns("eval", "speed.json"))
+    with open(run / "model.safetensors", "ab") as f:  # other weights: every export is now stale
+        f.write(b" ")
+    picked = choose(run)
+    assert picked.form == "torch" and "stale" in picked.reason and f"segdeploy export {run}" in picked.reason
+    assert "RUN" not in picked.reason
+    shutil.rmtree(run / "export")
+    picked = choose(run)
+    assert picked.form == "torch" and f"make one with `segdeploy export {run}`" in picked.reason

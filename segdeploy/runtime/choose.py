@@ -222,8 +222,11 @@ def choose(run_dir: Path, backend: str = "auto", provider: str | None = None, de
     if measured is not None:
         key, reason = measured
         return _choice(run, key, ready, ort_name, reason, "measured", skipped, device)
-    return _choice(run, candidates[0], ready, ort_name, _rule_reason(candidates[0], candidates, ort_name), "rule",
-                   skipped, device)
+    reason = _rule_reason(candidates[0], candidates, ort_name)
+    if candidates[0] == "torch":  # say why no export serves: none yet, or each one's reason with its fix
+        reason = (f"no export of {run.root} can serve ({'; '.join(skipped.values())})" if skipped else
+                  f"no ONNX export of {run.root} yet (make one with `segdeploy export {run.root}`)")
+    return _choice(run, candidates[0], ready, ort_name, reason, "rule", skipped, device)
 
 
 def rule_order(ort_name: str | None, has_torch_model: bool = True) -> list[str]:
