@@ -769,7 +769,5 @@ def owning_run(path: Path) -> Path | None:
     path = Path(path)
     if path.name not in run_file_names():
         return None
-    for cand in path.parents[:3]:
-        if (cand / RECIPE_FILE).is_file() and (cand / META_FILE).is_file():
-            return cand
-    return None
+    run = Run.find(path.parent)  # the parent itself, or up to two levels above it
+    return None if run is None else run.root

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from segdeploy.errors import UserError
 from segdeploy.predict import PredictOptions, PredictResult, predict_file
-from segdeploy.raster import companion_paths, is_picture, is_remote, output_for, partial_paths
+from segdeploy.raster import companion_paths, is_picture, output_for, partial_paths
 from segdeploy.vector import VectorOptions
 
 TileCallback = Callable[[int, int, int, int], None]  # (job index, tiles done, tiles in all, pixels)
@@ -121,11 +121,10 @@ def _identity(path: Path) -> tuple[int, int]:
 def _refuse_skipping_another_inputs_output(src: Path | str, target: Path) -> None:
     """--resume skips a finished output only when it was predicted from this input (the tag the
     writer leaves, `raster.finished_source`); an output that does not say is skipped as before."""
-    from segdeploy.raster import finished_source
+    from segdeploy.raster import finished_source, input_id
 
     made_from = finished_source(target)
-    here = src if is_remote(src) else str(Path(src).resolve())
-    if made_from is not None and made_from != here:
+    if made_from is not None and made_from != input_id(src):
         raise UserError(f"{target} is a finished prediction of {made_from}, not of {src}: --resume skips only "
                         "outputs of the same input; to replace it, pass --overwrite instead of --resume (or another --out)")
 

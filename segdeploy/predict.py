@@ -32,6 +32,7 @@ from segdeploy.raster import (
     SceneReader,
     full_scale_flag,
     gdal_cache_bytes,
+    input_id,
     is_remote,
     partial_paths,
     remote_settings,
@@ -277,7 +278,7 @@ def _predict_file(backend: Backend, src: Path | str, out: Path, opts: PredictOpt
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output directory {out.parent}: {exc.strerror}") from None
-    settings = {"input": src if is_remote(src) else str(Path(src).resolve()), "model": str(backend.path),
+    settings = {"input": input_id(src), "model": str(backend.path),
                 "tile": plan.tile, "overlap": plan.overlap, "blend": opts.blend, "probs": opts.probs}
     if opts.class_probs or opts.tta != "none" or not opts.decision.is_argmax:  # older state files stay valid
         settings |= {"class_probs": opts.class_probs and opts.probs_dtype, "tta": opts.tta,

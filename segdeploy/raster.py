@@ -319,7 +319,13 @@ class ClassRasterWriter:
                     _to_cog(p, "MODE" if p == self.paths[0] else "AVERAGE")
 
 
-FINISHED_SOURCE_TAG = "segdeploy_input"  # a finished output's input (absolute path, or the remote URL)
+FINISHED_SOURCE_TAG = "segdeploy_input"  # a finished output's input (`input_id`)
+
+
+def input_id(src: Path | str) -> str:
+    """How an output records the input it was made from: a remote raster's string as given, a
+    local file's absolute path (the resume state and the finished tag compare these)."""
+    return src if is_remote(src) else str(Path(src).resolve())
 
 
 def finished_source(path: Path) -> str | None:

@@ -127,13 +127,9 @@ def peak_rss_mb() -> float:
     import resource
     import sys
 
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
@@ -160,15 +156,21 @@ class RssSampler:
         self.peak = max(self.peak, _rss_mb())
 
 
-def _rss_mb() -> float:
+def _proc_status_mb(key: str) -> float | None:
+    """A memory line of /proc/self/status (VmRSS, VmHWM: kB there) in MiB; None where /proc has none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return peak_rss_mb()
+    return None
+
+
+def _rss_mb() -> float:
+    rss = _proc_status_mb("VmRSS")
+    return peak_rss_mb() if rss is None else rss
 
 
 def versions() -> dict[str, str]:

@@ -168,16 +168,12 @@ def artifact_names() -> tuple[set[str], set[str]]:
     dict/tuple values of them, the table of export forms' files, its *_DIR/*_PREFIX constants."""
     import segdeploy.artifact as art
 
-    files: set[str] = {f.file for f in art.EXPORT_FORMS.values()}
     dirs: set[str] = set()
     for name, value in vars(art).items():
         values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
-        strings = [v for v in values if isinstance(v, str)]
-        if name.endswith(("_FILE", "_FILES", "_CKPT", "_SUMMARY", "_PLOT")):
-            files.update(strings)
-        elif name.endswith(("_DIR", "_PREFIX")):
-            dirs.update(strings)
-    return files, dirs
+        if name.endswith(("_DIR", "_PREFIX")):
+            dirs.update(v for v in values if isinstance(v, str))
+    return set(art.run_file_names()), dirs
 
 
 def test_the_run_file_names_checked_are_artifacts_own() -> None:

@@ -222,10 +222,7 @@ def choose(run_dir: Path, backend: str = "auto", provider: str | None = None, de
     if measured is not None:
         key, reason = measured
         return _choice(run, key, ready, ort_name, reason, "measured", skipped, device)
-    reason = _rule_reason(candidates[0], candidates, ort_name)
-    if candidates[0] == "torch":  # say why no export serves: none yet, or each one's reason with its fix
-        reason = (f"no export of {run.root} can serve ({'; '.join(skipped.values())})" if skipped else
-                  f"no ONNX export of {run.root} yet (make one with `segdeploy export {run.root}`)")
+    reason = _rule_reason(candidates[0], candidates, ort_name, run, skipped)
     return _choice(run, candidates[0], ready, ort_name, reason, "rule", skipped, device)
 
 
@@ -252,15 +249,16 @@ def best_provider() -> str:
     return PROVIDERS["cuda"] if PROVIDERS["cuda"] in ort_providers() else PROVIDERS["cpu"]
 
 
-def _rule_reason(key: str, candidates: list[str], ort_name: str | None) -> str:
+def _rule_reason(key: str, candidates: list[str], ort_name: str | None, run: Run, skipped: dict[str, str]) -> str:
     others = [k for k in candidates if k != key]
     rest = f"; ahead of {', '.join(others[:3])}" if others else ""
     if key in ("engine", "int8_engine"):
         return f"TensorRT and an NVIDIA GPU ({', '.join(nvidia_gpus())}) are here{rest}"
     if key == "torch:cuda":
         return f"an NVIDIA GPU is visible and onnxruntime here has only its CPU provider{rest}"
-    if key == "torch":
-        return "no gated ONNX export can run here (export one with `segdeploy export RUN`)"
+    if key == "torch":  # why no export serves: none yet, or each one's reason with its fix
+        return (f"no export of {run.root} can serve ({'; '.join(skipped.values())})" if skipped else
+                f"no ONNX export of {run.root} yet (make one with `segdeploy export {run.root}`)")
     provider = ort_name or best_provider()
     if key == "int8_cpu":
         return (f"rule: INT8 is fast on this CPU ({int8_fast()}: U8S8 measured 1.44-2.00x FP32 on AVX2 alone, "
